@@ -1,0 +1,16 @@
+"""nemo_speechlm: give text LLMs speech ability with NeMo encoders and Hugging Face LLMs.
+
+Importing the package makes our classes instantiable by NeMo (target allow-list) and
+registers our prompt formatter and lhotse data types with NeMo's registries.
+"""
+from nemo.core.classes.common import ALLOWED_TARGET_PREFIXES
+
+# NeMo refuses to instantiate `target`/`_target_` paths outside its allow-list
+# (UnsafeTargetError), which would break `restore_from` of our own classes.
+if "nemo_speechlm." not in ALLOWED_TARGET_PREFIXES:
+    ALLOWED_TARGET_PREFIXES.append("nemo_speechlm.")
+
+from nemo_speechlm.parts import prompting as _prompting  # noqa: E402,F401  (registers the chat-template formatter)
+from nemo_speechlm.data import conversations as _conversations  # noqa: E402,F401  (registers data types)
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from nemo_speechlm.models.speechlm_model import SpeechLMModel
+
+__all__ = ["SpeechLMModel"]

@@ -1,0 +1,400 @@
+"""``SpeechLMModel``: speech encoder -> modality adapter -> Hugging Face LLM, as a NeMo ``ModelPT``.
+
+The shared core of every objective. It reuses speechlm2's perception module, audio
+splicing (``replace_placeholders_and_build_targets``), freezing and optimizer setup,
+and adds what SALM lacks for us: ``.nemo`` export (SALM is not a ``ModelPT``), any
+Hugging Face causal LM (not only Llama-style ``model.embed_tokens``), chat templates,
+and a text-in/text-out ``respond``. Subclasses change the objective by overriding
+:meth:`compute_losses`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from lhotse import Recording
+from nemo.collections.speechlm2.data.salm_dataset import left_collate_vectors
+from nemo.collections.speechlm2.models.salm import replace_placeholders_and_build_targets
+from nemo.collections.speechlm2.parts.encoder_chunking import encode_audio_with_optional_chunking
+from nemo.collections.speechlm2.parts.optim_setup import configure_optimizers, freeze_and_subset, is_frozen
+from nemo.core.classes import ModelPT
+from nemo.utils import logging
+from omegaconf import DictConfig, OmegaConf, open_dict
+from peft import LoraConfig, get_peft_model
+from transformers import GenerationConfig
+
+from nemo_speechlm.modules.perception import build_perception
+from nemo_speechlm.parts.llm import load_llm, load_tokenizer, pack_llm_files, resolve_llm_source, unpack_llm_files
+from nemo_speechlm.parts.prompting import encode_messages, resolve_prompt_formatter
+
+IGNORE_INDEX = -100
+LORA_PARAM_PATTERN = r"^.+\.lora_.+$"
+
+
+class SpeechLMModel(ModelPT):
+    """Speech LLM core. Config keys are documented in ``conf/speechlm.yaml``."""
+
+    def __init__(self, cfg: DictConfig, trainer=None) -> None:
+        super().__init__(cfg=cfg, trainer=trainer)
+        restoring = self._is_model_being_restored()
+        # A "trainable" checkpoint stores only what was trained; base weights come from the references.
+        load_base_weights = not restoring or self.cfg.get("checkpoint_scope", "full") == "trainable"
+        with tempfile.TemporaryDirectory() as tmp:
+            if restoring:
+                llm_dir = unpack_llm_files(self.register_artifact("llm_files", self.cfg.llm_files), Path(tmp))
+            else:
+                llm_dir = resolve_llm_source(self.cfg.pretrained_llm)
+            self.tokenizer = load_tokenizer(llm_dir, self.cfg.audio_locator_tag)
+            llm_source = resolve_llm_source(self.cfg.pretrained_llm) if load_base_weights else llm_dir
+            self.llm = load_llm(llm_source, pretrained_weights=load_base_weights)
+            if (Path(llm_dir) / "generation_config.json").is_file():
+                self.llm.generation_config = GenerationConfig.from_pretrained(llm_dir)
+        if not restoring:
+            self._register_llm_files()
+        self.perception = build_perception(self.cfg, self.llm, load_pretrained_asr=load_base_weights)
+        self._install_lora()
+        self._freeze()
+        self.prompt_formatter = resolve_prompt_formatter(self.cfg.get("prompt_format"), self.tokenizer)
+        counts = self.parameter_counts()
+        logging.info(
+            f"{type(self).__name__}: {counts['trainable']:,} trainable of {counts['total']:,} parameters "
+            f"({counts['trainable'] / counts['total']:.2%})"
+        )
+
+    # ------------------------------------------------------------------ construction helpers
+
+    def _register_llm_files(self) -> None:
+        """Bundle the LLM config + tokenizer as one artifact so ``.nemo`` files load offline."""
+        tar_path = Path(tempfile.mkdtemp(prefix="speechlm_llm_")) / "llm_files.tar"
+        pack_llm_files(self.llm, self.tokenizer, tar_path)
+        with open_dict(self._cfg):
+            self._cfg.llm_files = str(tar_path)
+        self.register_artifact("llm_files", str(tar_path))
+
+    def _install_lora(self) -> None:
+        if not self.cfg.get("lora"):
+            return
+        lora_cfg = OmegaConf.to_container(self.cfg.lora, resolve=True)
+        self.llm = get_peft_model(self.llm, LoraConfig(**lora_cfg))
+        with open_dict(self._cfg):
+            keep = list(self._cfg.get("prevent_freeze_params", []))
+            if LORA_PARAM_PATTERN not in keep:
+                self._cfg.prevent_freeze_params = keep + [LORA_PARAM_PATTERN]
+
+    def _freeze(self) -> None:
+        """Apply ``freeze_params``/``prevent_freeze_params`` regexes now, so counts and ``requires_grad`` are right
+        before training (speechlm2 applies them only inside ``configure_optimizers``)."""
+        for _ in freeze_and_subset(
+            self.named_parameters(),
+            exclude_patterns=list(self.cfg.get("freeze_params", [])),
+            keep_patterns=list(self.cfg.get("prevent_freeze_params", [])),
+        ):
+            pass
+
+    def parameter_counts(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"trainable": trainable, "total": total}
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def embed_tokens(self) -> torch.nn.Embedding:
+        return self.llm.get_input_embeddings()
+
+    @property
+    def audio_locator_tag(self) -> str:
+        return self.cfg.audio_locator_tag
+
+    @property
+    def audio_locator_tag_id(self) -> int:
+        return self.tokenizer.token_to_id(self.cfg.audio_locator_tag)
+
+    @property
+    def text_pad_id(self) -> int:
+        return self.tokenizer.tokenizer.pad_token_id
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.perception.preprocessor.featurizer.sample_rate
+
+    @property
+    def token_equivalent_duration(self) -> float:
+        """Seconds of audio per LLM input position (for bucketing by total tokens)."""
+        return self.perception.token_equivalent_duration
+
+    # ------------------------------------------------------------------ forward / loss
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embed ids; the locator and pad ids may lie outside the LLM's table, so embed them as id 0
+        (their positions are replaced by audio or masked out)."""
+        special = (input_ids == self.audio_locator_tag_id) | (input_ids == self.text_pad_id)
+        return self.embed_tokens(input_ids.masked_fill(special, 0))
+
+    def encode_audio(self, batch: dict) -> list[torch.Tensor]:
+        """One ``(frames, hidden)`` tensor per audio in the batch, in locator order."""
+        return encode_audio_with_optional_chunking(
+            self.perception,
+            batch["audios"],
+            batch["audio_lens"],
+            chunk_size_seconds=self.cfg.get("encoder_chunk_size_seconds", None),
+            sampling_rate=self.sampling_rate,
+        )
+
+    def splice_audio(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Embeddings with audio spliced at the locators (left-padded), targets (-100 except on
+        assistant tokens; ``None`` without ``loss_mask``) and the attention mask."""
+        input_ids = batch["input_ids"]
+        n_locators = int((input_ids == self.audio_locator_tag_id).sum())
+        n_audios = 0 if batch.get("audios") is None else len(batch["audio_lens"])
+        if n_locators != n_audios:
+            raise ValueError(f"The batch has {n_locators} audio locator tokens but {n_audios} audios.")
+        replacements = self.encode_audio(batch) if n_audios else []
+        targets = input_ids.where(batch["loss_mask"], IGNORE_INDEX) if "loss_mask" in batch else None
+        return replace_placeholders_and_build_targets(
+            input_ids=input_ids,
+            embeds=self.embed_text(input_ids),
+            padding_id=self.text_pad_id,
+            placeholder_id=self.audio_locator_tag_id,
+            replacements=replacements,
+            target_ids=targets,
+        )
+
+    def prepare_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Teacher-forcing inputs: position t predicts target t+1."""
+        embeds, target_ids, attention_mask = self.splice_audio(batch)
+        return {
+            "input_embeds": embeds[:, :-1],
+            "attention_mask": attention_mask[:, :-1],
+            "target_ids": target_ids[:, 1:],
+        }
+
+    def forward(self, input_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, T, V)`` of the LLM over spliced embeddings."""
+        return self.llm(inputs_embeds=input_embeds, attention_mask=attention_mask, use_cache=False).logits
+
+    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Objective hook. Returns ``{"loss": ..., <named terms>...}``; the base is CE on assistant tokens."""
+        inputs = self.prepare_inputs(batch)
+        logits = self(inputs["input_embeds"], inputs["attention_mask"])
+        return {"loss": cross_entropy(logits, inputs["target_ids"]), "num_target_tokens": _num_targets(inputs)}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        for module in (self.perception.preprocessor, self.perception.encoder, self.llm):
+            if is_frozen(module):
+                module.eval()  # no dropout in frozen parts
+        losses = self.compute_losses(batch)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("loss", losses["loss"], on_step=True, prog_bar=True, batch_size=batch_size)
+        for name, value in losses.items():
+            if name != "loss":
+                self.log(f"train_{name}", value.float(), on_step=True, batch_size=batch_size)
+        if self._trainer is not None:
+            self.log("learning_rate", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)
+        self.log(
+            "padding_ratio",
+            (batch["input_ids"] == self.text_pad_id).float().mean(),
+            on_step=True,
+            batch_size=batch_size,
+        )
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        batches = batch.items() if "input_ids" not in batch else [("", batch)]
+        for name, sub in batches:
+            if sub is None:
+                continue
+            inputs = self.prepare_inputs(sub)
+            logits = self(inputs["input_embeds"], inputs["attention_mask"])
+            targets = inputs["target_ids"]
+            loss = cross_entropy(logits, targets)
+            valid = targets != IGNORE_INDEX
+            acc = (logits.argmax(-1)[valid] == targets[valid]).float().mean()
+            suffix = f"_{name}" if name else ""
+            bs = sub["input_ids"].shape[0]
+            self.log(f"val_loss{suffix}", loss, on_epoch=True, batch_size=bs, prog_bar=not name)
+            self.log(f"val_acc{suffix}", acc, on_epoch=True, batch_size=bs)
+
+    def configure_optimizers(self):
+        return configure_optimizers(self)
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        audios: torch.Tensor | None = None,
+        audio_lens: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        **generation_kwargs,
+    ) -> torch.Tensor:
+        """Token-level generation. ``input_ids`` are left-padded prompts with one locator per audio;
+        returns only the new tokens ``(B, T_new)``."""
+        embeds, _, attention_mask = self.splice_audio({"input_ids": input_ids, "audios": audios, "audio_lens": audio_lens})
+        config = copy.deepcopy(generation_config or self.default_generation_config())
+        extra = config.update(**generation_kwargs)  # returns the kwargs that are not generation settings
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config, **extra)
+
+    def default_generation_config(self) -> GenerationConfig:
+        """Greedy decoding that stops at the LLM's end-of-turn token(s)."""
+        eos = getattr(self.llm.generation_config, "eos_token_id", None) or self.tokenizer.tokenizer.eos_token_id
+        return GenerationConfig(
+            do_sample=False,
+            max_new_tokens=self.cfg.get("max_new_tokens", 128),
+            eos_token_id=eos,
+            pad_token_id=self.text_pad_id,
+            bos_token_id=self.tokenizer.tokenizer.bos_token_id,
+        )
+
+    def encode_prompt(self, prompt: str, system_prompt: str | None = None) -> torch.Tensor:
+        """Token ids of a user prompt rendered for generation (assistant header appended)."""
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        return encode_messages(self.prompt_formatter, messages)["context_ids"]
+
+    @torch.no_grad()
+    def respond(
+        self,
+        audios: Sequence[Any],
+        prompts: Sequence[str],
+        batch_size: int = 8,
+        system_prompt: str | None = None,
+        **generation_kwargs,
+    ) -> list[str]:
+        """Answer each prompt about its audio; returns plain text.
+
+        ``audios[i]`` is a file path, a mono waveform at :attr:`sampling_rate` (numpy or
+        tensor), a list of those (one per locator in ``prompts[i]``), or ``None`` for a
+        text-only prompt. Generation kwargs go to Hugging Face ``generate``
+        (``max_new_tokens``, ``do_sample``, ``temperature``, ...).
+        """
+        if len(audios) != len(prompts):
+            raise ValueError(f"respond() got {len(audios)} audios but {len(prompts)} prompts; pass one audio per prompt.")
+        was_training = self.training
+        self.eval()
+        answers = []
+        try:
+            for start in range(0, len(prompts), batch_size):
+                ids, wavs = [], []
+                for i in range(start, min(start + batch_size, len(prompts))):
+                    item_audios = _as_list(audios[i])
+                    n_tags = prompts[i].count(self.audio_locator_tag)
+                    if n_tags != len(item_audios):
+                        raise ValueError(
+                            f"Prompt {i} has {n_tags} audio locator tags ({self.audio_locator_tag!r}) but "
+                            f"{len(item_audios)} audios were given for it: {prompts[i]!r}"
+                        )
+                    ids.append(self.encode_prompt(prompts[i], system_prompt))
+                    wavs.extend(self._load_waveform(a) for a in item_audios)
+                input_ids = left_collate_vectors(ids, padding_value=self.text_pad_id).to(self.device)
+                audio, audio_lens = _collate_waveforms(wavs, self.device)
+                out = self.generate(input_ids, audio, audio_lens, **generation_kwargs)
+                answers.extend(self.tokenizer.tokenizer.batch_decode(out, skip_special_tokens=True))
+        finally:
+            self.train(was_training)
+        return [a.strip() for a in answers]
+
+    def _load_waveform(self, audio: Any) -> torch.Tensor:
+        if isinstance(audio, (str, Path)):
+            if not Path(audio).is_file():
+                raise FileNotFoundError(f"Audio file not found: {audio}")
+            try:
+                recording = Recording.from_file(str(audio)).resample(self.sampling_rate)
+                samples = recording.load_audio()
+            except Exception as e:
+                raise ValueError(f"Cannot read audio file {audio}: {e}") from e
+            return torch.as_tensor(samples.mean(axis=0), dtype=torch.float32)
+        wav = torch.as_tensor(np.asarray(audio) if not torch.is_tensor(audio) else audio, dtype=torch.float32)
+        if wav.ndim != 1:
+            raise ValueError(f"Waveforms must be mono 1-D arrays at {self.sampling_rate} Hz, got shape {tuple(wav.shape)}")
+        return wav
+
+    # ------------------------------------------------------------------ export
+
+    def save_trainable_to(self, save_path: str) -> None:
+        """Write a small ``.nemo`` with only trained weights (adapter, LoRA, unfrozen parts);
+        restoring it re-loads the base LLM and ASR model from ``pretrained_llm``/``pretrained_asr``."""
+        with self._trainable_only():
+            self.save_to(save_path)
+
+    @contextlib.contextmanager
+    def _trainable_only(self):
+        previous = self.cfg.get("checkpoint_scope", "full")
+        with open_dict(self._cfg):
+            self._cfg.checkpoint_scope = "trainable"
+        self._state_dict_filter = {n for n, p in self.named_parameters() if not p.requires_grad}
+        try:
+            yield
+        finally:
+            self._state_dict_filter = None
+            with open_dict(self._cfg):
+                self._cfg.checkpoint_scope = previous
+
+    def state_dict(self, *args, **kwargs):
+        sd = super().state_dict(*args, **kwargs)
+        frozen = getattr(self, "_state_dict_filter", None)
+        if frozen:
+            sd = type(sd)((k, v) for k, v in sd.items() if k not in frozen)
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+        if self.cfg.get("checkpoint_scope", "full") != "trainable":
+            return super().load_state_dict(state_dict, strict=strict, **kwargs)
+        result = super().load_state_dict(state_dict, strict=False, **kwargs)
+        frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
+        missing = [k for k in result.missing_keys if k not in frozen]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"Trainable-only checkpoint does not match the model: missing trainable weights {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+        return result
+
+    # ------------------------------------------------------------------ ModelPT plumbing
+
+    def setup_training_data(self, train_data_config) -> None:
+        """Data lives outside the model config (see ``nemo_speechlm.data.datamodule``)."""
+
+    def setup_validation_data(self, val_data_config) -> None:
+        """Data lives outside the model config (see ``nemo_speechlm.data.datamodule``)."""
+
+    @classmethod
+    def list_available_models(cls) -> None:
+        return None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token CE over non-ignored targets (0 if there are none)."""
+    n = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(0, 1), reduction="sum", ignore_index=IGNORE_INDEX
+    )
+    return loss / n
+
+
+def _num_targets(inputs: dict) -> torch.Tensor:
+    return (inputs["target_ids"] != IGNORE_INDEX).sum()
+
+
+def _as_list(audio: Any) -> list:
+    if audio is None:
+        return []
+    return list(audio) if isinstance(audio, (list, tuple)) else [audio]
+
+
+def _collate_waveforms(wavs: list[torch.Tensor], device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if not wavs:
+        return None, None
+    lens = torch.tensor([len(w) for w in wavs], dtype=torch.long)
+    out = torch.zeros(len(wavs), int(lens.max()))
+    for i, w in enumerate(wavs):
+        out[i, : len(w)] = w
+    return out.to(device), lens.to(device)
+

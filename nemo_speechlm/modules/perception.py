@@ -1,0 +1,43 @@
+"""Speech perception: preprocessor -> encoder -> modality adapter -> projection.
+
+We reuse speechlm2's ``AudioPerceptionModule`` and its ``setup_speech_encoder`` (which
+copies a pretrained NeMo ASR model's preprocessor + encoder config and weights).
+This module only decides which of the two paths to take and sizes the output to the LLM.
+"""
+from __future__ import annotations
+
+from omegaconf import DictConfig, open_dict
+from nemo.collections.speechlm2.modules import AudioPerceptionModule
+from nemo.collections.speechlm2.parts.pretrained import setup_speech_encoder
+
+
+class _PerceptionHost:
+    """The minimal object ``setup_speech_encoder`` expects: ``cfg``, ``llm``, and a ``perception`` slot."""
+
+    def __init__(self, cfg: DictConfig, llm) -> None:
+        self.cfg, self.llm, self.perception = cfg, llm, None
+
+
+def build_perception(cfg: DictConfig, llm, load_pretrained_asr: bool) -> AudioPerceptionModule:
+    """Build the perception module for ``cfg`` (the model config), sized to ``llm``'s width.
+
+    With ``cfg.pretrained_asr`` set and ``load_pretrained_asr`` true, the encoder and
+    preprocessor come from that ASR model (config *and* weights, written back into
+    ``cfg.perception`` so a restored model rebuilds the same architecture). Otherwise the
+    encoder is built from ``cfg.perception.encoder`` alone (random init, or weights filled
+    later by ``restore_from``).
+    """
+    hidden = llm.config.hidden_size
+    with open_dict(cfg):
+        cfg.perception.output_dim = hidden
+        if "output_dim" in cfg.perception.modality_adapter:
+            cfg.perception.modality_adapter.output_dim = hidden
+    if cfg.get("pretrained_asr") and load_pretrained_asr:
+        # setup_speech_encoder would apply any encoder keys left in our config on top of the
+        # pretrained model's own; the pretrained architecture must win, so drop ours.
+        with open_dict(cfg):
+            cfg.perception.pop("encoder", None)
+        host = _PerceptionHost(cfg, llm)
+        setup_speech_encoder(host, pretrained_weights=True)
+        return host.perception
+    return AudioPerceptionModule(cfg.perception).train()

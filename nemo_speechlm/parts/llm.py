@@ -1,0 +1,126 @@
+"""Loading the Hugging Face LLM and its tokenizer, from a hub id, a directory or a ``.gguf`` file."""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import torch
+from nemo.collections.common.tokenizers import AutoTokenizer
+from nemo.collections.speechlm2.parts.pretrained import load_pretrained_hf
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoTokenizer as HFAutoTokenizer
+
+log = logging.getLogger(__name__)
+
+PAD_TOKEN = "<|speechlm_pad|>"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NEMO_SPEECHLM_CACHE", Path.home() / ".cache" / "nemo_speechlm"))
+
+
+def resolve_llm_source(pretrained_llm: str) -> str:
+    """Return something ``from_pretrained`` loads fast: a hub id, a directory, or a GGUF converted once.
+
+    Loading a GGUF file dequantizes it (~30 s for 135M parameters), so the first load writes
+    a normal Hugging Face directory to the cache, keyed by the file's path, size and mtime.
+    """
+    if not str(pretrained_llm).endswith(".gguf"):
+        return str(pretrained_llm)
+    gguf = Path(pretrained_llm).expanduser().resolve()
+    if not gguf.is_file():
+        raise FileNotFoundError(f"pretrained_llm: GGUF file not found: {gguf}")
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file():
+        return str(out)
+    log.info("Converting %s to a Hugging Face directory at %s (once)", gguf, out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = HFAutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
+    # A GGUF-loaded model carries a quantization_config and refuses save_pretrained:
+    # rebuild it from a clean config and copy the (already dequantized) weights.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    clean.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return str(out)
+
+
+def load_tokenizer(source: str, audio_locator_tag: str) -> AutoTokenizer:
+    """NeMo ``AutoTokenizer`` with the audio locator added as a special token, and a pad token
+    distinct from EOS (speechlm2 treats every pad-id token as padding, so pad == eos would hide
+    end-of-turn tokens from the loss and the attention)."""
+    tokenizer = AutoTokenizer(source, use_fast=True)
+    special = [audio_locator_tag]
+    hf = tokenizer.tokenizer
+    if hf.pad_token is None or hf.pad_token_id in {hf.eos_token_id, hf.bos_token_id}:
+        hf.pad_token = PAD_TOKEN
+        special.append(PAD_TOKEN)
+    tokenizer.add_special_tokens({"additional_special_tokens": special})
+    return tokenizer
+
+
+def load_llm(source: str, pretrained_weights: bool = True) -> torch.nn.Module:
+    """The causal LM in fp32 (Lightning's precision plugin casts for bf16 training)."""
+    llm = load_pretrained_hf(source, pretrained_weights=pretrained_weights)
+    check_can_splice(llm, source)
+    return llm
+
+
+def check_can_splice(llm, source: str) -> None:
+    """We feed the LLM ``inputs_embeds`` built from its own input embedding table."""
+    try:
+        emb = llm.get_input_embeddings()
+    except NotImplementedError:
+        emb = None
+    accepts = "inputs_embeds" in inspect.signature(llm.forward).parameters
+    if not isinstance(emb, torch.nn.Embedding) or not accepts:
+        raise TypeError(
+            f"Cannot splice audio into {type(llm).__name__} ({source}): nemo_speechlm needs a causal LM whose "
+            f"get_input_embeddings() returns an nn.Embedding and whose forward() accepts inputs_embeds "
+            f"(decoder-only Hugging Face LLMs such as Llama, Qwen, Gemma, Mistral, SmolLM)."
+        )
+
+
+def pack_llm_files(llm, tokenizer: AutoTokenizer, out_path: Path) -> Path:
+    """One tarball with the LLM config and tokenizer: a single-file NeMo artifact."""
+    staging = out_path.with_suffix(".d")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    config = llm.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(staging)
+    if getattr(llm, "generation_config", None) is not None:
+        llm.generation_config.save_pretrained(staging)
+    tokenizer.tokenizer.save_pretrained(staging)
+    with tarfile.open(out_path, "w") as tar:
+        tar.add(staging, arcname="llm")
+    shutil.rmtree(staging)
+    return out_path
+
+
+def unpack_llm_files(tar_path: str, dest: Path) -> str:
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(dest, filter="data")
+    return str(dest / "llm")
+
+
+def build_llm_from_config(source_dir: str) -> torch.nn.Module:
+    """Architecture only; ``restore_from`` fills in the weights."""
+    config = AutoConfig.from_pretrained(source_dir)
+    llm = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    check_can_splice(llm, source_dir)
+    return llm

@@ -1,0 +1,122 @@
+"""Turning chat messages into token ids and a loss mask.
+
+By default we use the LLM's own Hugging Face chat template, so any chat LLM works
+without writing a formatter. NeMo ``PromptFormatter`` names (``llama3``, ``qwen``,
+``gemma``, ...) are accepted as an alternative through :func:`resolve_prompt_formatter`.
+"""
+from __future__ import annotations
+
+import torch
+from nemo.collections.common.prompts.formatter import Modality, PromptFormatter
+
+CHAT_TEMPLATE_FORMAT = "speechlm_chat_template"
+
+ROLES = ("system", "user", "assistant")
+
+
+def tokenize_chat(hf_tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> dict:
+    """Render ``messages`` with the tokenizer's chat template; return ``input_ids`` and ``mask``.
+
+    ``mask`` is True exactly on the tokens of assistant turns (their text and the
+    end-of-turn marker the template writes after it), never on system/user turns or on
+    the assistant header. We render the conversation prefix by prefix and tokenize the
+    pieces separately, so the boundary between a header and an answer is exact.
+    """
+    if not getattr(hf_tokenizer, "chat_template", None):
+        raise ValueError(
+            f"The tokenizer {getattr(hf_tokenizer, 'name_or_path', '')!r} has no chat template: "
+            f"set `prompt_format` to a NeMo PromptFormatter name (e.g. llama3, qwen, gemma)."
+        )
+    for i, m in enumerate(messages):
+        if m.get("role") not in ROLES:
+            raise ValueError(f"Message {i} has role {m.get('role')!r}; expected one of {ROLES}.")
+        if not isinstance(m.get("content"), str) or (m["role"] == "assistant" and not m["content"].strip()):
+            raise ValueError(f"Message {i} ({m.get('role')}) has empty or non-string content: {m.get('content')!r}.")
+
+    def render(msgs, gen_prompt):
+        return hf_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+
+    pieces: list[tuple[str, bool]] = []  # (text, is_target)
+    rendered = ""
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            header = render(messages[:i], True)
+            pieces.append((_suffix_after(rendered, header), False))
+            rendered = header
+        full = render(messages[: i + 1], False)
+        pieces.append((_suffix_after(rendered, full), m["role"] == "assistant"))
+        rendered = full
+    if add_generation_prompt:
+        pieces.append((_suffix_after(rendered, render(messages, True)), False))
+
+    ids, mask = [], []
+    for text, is_target in pieces:
+        piece_ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        ids.extend(piece_ids)
+        mask.extend([is_target] * len(piece_ids))
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "mask": torch.tensor(mask, dtype=torch.bool)}
+
+
+def _suffix_after(prefix: str, text: str) -> str:
+    if not text.startswith(prefix):
+        raise ValueError(
+            "The chat template does not render conversations incrementally (a shorter conversation is not a "
+            "prefix of a longer one), so assistant turns cannot be masked exactly. Set `prompt_format` to a "
+            "NeMo PromptFormatter name instead."
+        )
+    return text[len(prefix) :]
+
+
+class ChatTemplatePromptFormatter(PromptFormatter):
+    """A NeMo ``PromptFormatter`` that delegates to the Hugging Face chat template.
+
+    Registering it under a name lets NeMo's lhotse dataloader (``prompt_format:``) and
+    its multimodal-conversation prompt function use any chat LLM's own template.
+    """
+
+    NAME = CHAT_TEMPLATE_FORMAT
+    OUTPUT_ROLE = "assistant"
+    TEMPLATE = {
+        role: {"template": "|message|", "slots": {"message": Modality.Text}} for role in ("system", "user", "assistant")
+    }
+
+    def encode_dialog(self, turns: list[dict]) -> dict[str, torch.Tensor]:
+        messages = []
+        for turn in turns:
+            role, slots = turn["role"], turn["slots"]
+            if role == "system_and_user":  # NeMo's convention for a system prompt on the first turn
+                messages.append({"role": "system", "content": slots["system"]})
+                role = "user"
+            messages.append({"role": role, "content": slots["message"]})
+        is_training = bool(messages) and messages[-1]["role"] == self.OUTPUT_ROLE
+        ans = tokenize_chat(_hf_tokenizer(self.tokenizer), messages, add_generation_prompt=not is_training)
+        if not is_training:
+            ans["context_ids"] = ans.pop("input_ids")
+            ans["input_ids"] = ans["context_ids"]
+            del ans["mask"]
+            return ans
+        # context = everything before the last assistant turn's first target token
+        last_context = int((~ans["mask"]).nonzero().max()) + 1 if (~ans["mask"]).any() else 0
+        ans["context_ids"] = ans["input_ids"][:last_context]
+        ans["answer_ids"] = ans["input_ids"][last_context:]
+        return ans
+
+
+def _hf_tokenizer(tokenizer):
+    """NeMo's ``AutoTokenizer`` wraps the Hugging Face tokenizer in ``.tokenizer``."""
+    return getattr(tokenizer, "tokenizer", tokenizer)
+
+
+def resolve_prompt_formatter(name: str | None, tokenizer) -> PromptFormatter:
+    """``None`` means the LLM's chat template; anything else is a NeMo PromptFormatter name."""
+    name = name or CHAT_TEMPLATE_FORMAT
+    return PromptFormatter.resolve(name)(tokenizer)
+
+
+def encode_messages(formatter: PromptFormatter, messages: list[dict]) -> dict[str, torch.Tensor]:
+    """Encode plain ``{"role", "content"}`` messages with any formatter (training or generation)."""
+    turns = [{"role": m["role"], "slots": {"message": m["content"]}} for m in messages]
+    if turns and turns[0]["role"] == "system" and not isinstance(formatter, ChatTemplatePromptFormatter):
+        system = turns.pop(0)["slots"]["message"]
+        turns[0] = {"role": "system_and_user", "slots": {"system": system, "message": turns[0]["slots"]["message"]}}
+    return formatter.encode_dialog(turns)

@@ -1,0 +1,35 @@
+"""nemo_speechlm: a NeMo plugin that gives text LLMs speech ability (MTBI and joint speech-text SFT)."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="nemo_speechlm",
+    version="0.1.0",
+    description="Speech LLMs from NeMo speech encoders and Hugging Face LLMs: MTBI and joint speech-text SFT",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nemo_speechlm", "nemo_speechlm.*"]),
+    # torch is deliberately not listed: the NeMo container ships its own build, and the
+    # dev/CI setup (Makefile) installs the CPU wheel first.
+    install_requires=[
+        "nemo_toolkit[asr]==3.0.0",
+        "lightning>=2.4,<2.5",
+        "transformers>=4.51",
+        "peft>=0.15",
+        "gguf>=0.10",
+        "librosa",
+        "sentencepiece",
+        "soundfile",
+        "tokenizers",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout"],
+    },
+    entry_points={
+        "console_scripts": [
+            "speechlm-train=nemo_speechlm.cli:train",
+        ],
+    },
+)
