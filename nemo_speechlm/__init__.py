@@ -10,6 +10,7 @@ from nemo.core.classes.common import ALLOWED_TARGET_PREFIXES
 if "nemo_speechlm." not in ALLOWED_TARGET_PREFIXES:
     ALLOWED_TARGET_PREFIXES.append("nemo_speechlm.")
 
+from nemo_speechlm.parts import offline_models as _offline_models  # noqa: E402,F401  (config resolvers)
 from nemo_speechlm.parts import prompting as _prompting  # noqa: E402,F401  (registers the chat-template formatter)
 from nemo_speechlm.data import conversations as _conversations  # noqa: E402,F401  (registers data types)
 

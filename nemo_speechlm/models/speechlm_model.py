@@ -21,7 +21,8 @@ from lhotse import Recording
 from nemo.collections.speechlm2.data.salm_dataset import left_collate_vectors
 from nemo.collections.speechlm2.models.salm import replace_placeholders_and_build_targets
 from nemo.collections.speechlm2.parts.encoder_chunking import encode_audio_with_optional_chunking
-from nemo.collections.speechlm2.parts.optim_setup import configure_optimizers, freeze_and_subset, is_frozen
+from nemo.collections.speechlm2.parts.optim_setup import freeze_and_subset, is_frozen
+from nemo.core.classes.common import safe_instantiate
 from nemo.core.classes import ModelPT
 from nemo.utils import logging
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -221,7 +222,13 @@ class SpeechLMModel(ModelPT):
             self.log(f"val_acc{suffix}", acc, on_epoch=True, batch_size=bs)
 
     def configure_optimizers(self):
-        return configure_optimizers(self)
+        """Optimizer over the parameters left trainable by :meth:`_freeze`, plus the LR scheduler."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = safe_instantiate(self.cfg.optimizer, params, _convert_="all")
+        if self.cfg.get("lr_scheduler") is None:
+            return optimizer
+        scheduler = safe_instantiate(self.cfg.lr_scheduler, optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     # ------------------------------------------------------------------ inference
 

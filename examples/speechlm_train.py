@@ -1,0 +1,20 @@
+"""Plain speech SFT (speech in, transcript/answer out): the baseline MTBI and joint SFT are compared with.
+
+    python examples/speechlm_train.py \
+        data.train_ds.input_cfg.0.manifest_filepath=train.jsonl \
+        data.validation_ds.input_cfg.0.manifest_filepath=dev.jsonl \
+        encoder=canary_1b_flash llm=qwen2_5_1_5b_instruct
+"""
+from nemo.core.config import hydra_runner
+
+from nemo_speechlm.models import SpeechLMModel
+from nemo_speechlm.recipe import train
+
+
+@hydra_runner(config_path="../conf", config_name="speechlm")
+def main(cfg) -> None:
+    train(cfg, SpeechLMModel)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Dataloaders: NeMo's lhotse machinery (speechlm2 ``DataModule`` + ``SALMDataset``) fed with our settings.
+
+The model decides three data settings, so users never have to keep them in sync by hand:
+the audio locator tag, the prompt format, and ``token_equivalent_duration`` (how many
+seconds of audio one LLM position stands for, used by token-based bucketing).
+"""
+from __future__ import annotations
+
+from nemo.collections.speechlm2.data import DataModule, SALMDataset
+from omegaconf import DictConfig, open_dict
+
+from nemo_speechlm.parts.prompting import CHAT_TEMPLATE_FORMAT
+
+SPLITS = ("train_ds", "validation_ds", "test_ds")
+
+
+def fill_model_settings(data_cfg: DictConfig, model) -> DictConfig:
+    """Set locator tag, prompt format and token_equivalent_duration on each split unless given."""
+    settings = {
+        "audio_locator_tag": model.audio_locator_tag,
+        "prompt_format": model.cfg.get("prompt_format") or CHAT_TEMPLATE_FORMAT,
+        "token_equivalent_duration": model.token_equivalent_duration,
+    }
+    with open_dict(data_cfg):
+        for split in SPLITS:
+            if data_cfg.get(split) is None:
+                continue
+            for key, value in settings.items():
+                if data_cfg[split].get(key) is None:
+                    data_cfg[split][key] = value
+    return data_cfg
+
+
+def build_datamodule(data_cfg: DictConfig, model) -> DataModule:
+    """A Lightning datamodule for ``trainer.fit(model, datamodule)``."""
+    fill_model_settings(data_cfg, model)
+    return DataModule(data_cfg, tokenizer=model.tokenizer, dataset=SALMDataset(model.tokenizer))

@@ -1,0 +1,37 @@
+"""The training recipe every example script runs: trainer + exp_manager + model + data -> fit -> ``.nemo``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Trainer
+from nemo.utils import logging
+from nemo.utils.exp_manager import exp_manager
+from nemo.utils.trainer_utils import resolve_trainer_cfg
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_speechlm.data.datamodule import build_datamodule
+
+
+def train(cfg: DictConfig, model_cls) -> Path:
+    """Train ``model_cls(cfg.model)`` on ``cfg.data``; returns the path of the written ``.nemo``.
+
+    Runs on CPU (``trainer.accelerator=cpu``) as well as on GPUs; no process group is
+    created by hand (Lightning's strategy does that when there are several devices).
+    Rerunning with the same ``exp_manager`` directory resumes from the last checkpoint.
+    """
+    logging.info(f"Config:\n{OmegaConf.to_yaml(cfg)}")
+    # Data configs are copied around by NeMo's loaders and lose their root: resolve
+    # interpolations such as ${model.audio_locator_tag} now.
+    OmegaConf.resolve(cfg.data)
+    torch.manual_seed(cfg.get("seed", 0))
+    trainer = Trainer(**resolve_trainer_cfg(cfg.trainer))
+    log_dir = exp_manager(trainer, cfg.get("exp_manager"))
+    model = model_cls(cfg.model, trainer=trainer)
+    datamodule = build_datamodule(cfg.data, model)
+    trainer.fit(model, datamodule)
+    nemo_path = Path(cfg.get("output_nemo") or Path(log_dir) / f"{cfg.get('name', 'speechlm')}.nemo")
+    if trainer.is_global_zero:
+        model.save_to(str(nemo_path))
+        logging.info(f"Saved {nemo_path}")
+    return nemo_path
