@@ -83,7 +83,7 @@ def check_can_splice(llm, source: str) -> None:
     """We feed the LLM ``inputs_embeds`` built from its own input embedding table."""
     try:
         emb = llm.get_input_embeddings()
-    except NotImplementedError:
+    except (NotImplementedError, AttributeError):
         emb = None
     accepts = "inputs_embeds" in inspect.signature(llm.forward).parameters
     if not isinstance(emb, torch.nn.Embedding) or not accepts:

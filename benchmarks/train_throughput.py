@@ -1,0 +1,298 @@
+"""Training throughput of a ``SpeechLMModel`` config, optionally against NeMo's own SALM.
+
+    python benchmarks/train_throughput.py [--config-name speechlm] [--steps 20] [--warmup 3]
+        [--device cuda|cpu] [--tiny] [--vs-salm] [hydra overrides ...]
+
+Batches come from the config's train dataloader and are fetched before timing (data loading is
+not timed; the host-to-device copy is). Each timed step is forward + backward + optimizer step.
+The last line is ``RESULT {json}`` for scripts.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import nemo_speechlm  # noqa: F401  (resolvers, data types, target allow-list)
+from nemo.collections.speechlm2 import SALM
+from nemo.collections.speechlm2.parts.optim_setup import is_frozen
+from nemo_speechlm.data.datamodule import build_datamodule
+from nemo_speechlm.models import SpeechLMModel
+from nemo_speechlm.parts.llm import resolve_llm_source
+from nemo_speechlm.tiny_assets import make_tiny_llm, make_wav_manifest
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+Batch = dict
+LossFn = Callable[[Batch], torch.Tensor]
+
+
+def parse_args() -> argparse.Namespace:
+    """CLI flags; everything else is a Hydra override."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-name", default="speechlm")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="build tiny offline assets (CPU smoke benchmark)")
+    p.add_argument("--vs-salm", action="store_true", help="also time nemo.collections.speechlm2.SALM")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. encoder=canary_1b_flash")
+    return p.parse_intermixed_args()
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    """Write a tiny Llama + 16 wavs under ``root``; return the overrides that use them."""
+    llm = make_tiny_llm(root / "llm")
+    manifest = make_wav_manifest(root / "data", n=16)
+    return [
+        "encoder=conformer_tiny",
+        "llm=hf",
+        f"model.pretrained_llm={llm}",
+        f"data.train_ds.input_cfg.0.manifest_filepath={manifest}",
+        "model.perception.modality_adapter.hidden_dim=64",
+    ]
+
+
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    """The same config ``examples/speechlm_train.py`` would get from these overrides."""
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hydra.compose(config_name=name, overrides=overrides)
+
+
+def machine_info(device: torch.device) -> dict:
+    """CPU model, cores, torch version, GPU name."""
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__, "gpu": gpu}
+
+
+def fetch_batches(cfg: DictConfig, model: SpeechLMModel, n: int) -> list[Batch]:
+    """``n`` training batches (on the host), tensors only. Only the train split is passed on
+    (speechlm2's DataModule fails on a split set to null, e.g. ``validation_ds: null``)."""
+    data_cfg = OmegaConf.create({"train_ds": cfg.data.train_ds})
+    loader = iter(build_datamodule(data_cfg, model).train_dataloader())
+    return [{k: v for k, v in next(loader).items() if torch.is_tensor(v)} for _ in range(n)]
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def set_train_mode(model: torch.nn.Module) -> None:
+    """As both ``training_step``s do: train mode, but frozen preprocessor/encoder/LLM in eval (no dropout)."""
+    model.train()
+    for module in (model.perception.preprocessor, model.perception.encoder, model.llm):
+        if is_frozen(module):
+            module.eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """GPU: peak allocated since the last reset. CPU: the process's peak RSS (never reset)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@torch.no_grad()
+def sequence_stats(prepare_inputs: Callable[[Batch], dict], batches: list[Batch], device: torch.device) -> dict:
+    """Attended and total LLM positions after audio splicing, and audio samples, over ``batches``."""
+    attended = total = samples = 0
+    for batch in batches:
+        mask = prepare_inputs(to_device(batch, device))["attention_mask"]
+        attended += int(mask.sum())
+        total += mask.numel()
+        samples += int(batch["audio_lens"].sum())
+    return {"attended": attended, "total": total, "samples": samples}
+
+
+def benchmark(model, loss_fn: LossFn, optimizer, batches: list[Batch], warmup: int, device, autocast) -> dict:
+    """Run ``warmup`` untimed then the remaining steps timed; returns throughput numbers."""
+    set_train_mode(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        with autocast():
+            loss = loss_fn(to_device(batch, device))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    seconds = time.perf_counter() - start
+    stats = sequence_stats(model.prepare_inputs, batches[warmup:], device)
+    return {
+        "steps": len(batches) - warmup,
+        "seconds": round(seconds, 4),
+        "steps_per_s": (len(batches) - warmup) / seconds,
+        "llm_tokens_per_s": stats["attended"] / seconds,
+        "audio_seconds_per_s": stats["samples"] / model.sampling_rate / seconds,
+        "padding_share": 1 - stats["attended"] / stats["total"],
+        "peak_memory_mib": peak_memory_mib(device),
+        "last_loss": float(loss),
+    }
+
+
+def build_salm(model: SpeechLMModel) -> tuple[SALM, list[str]]:
+    """SALM with our LLM architecture, perception config and freezing, and a copy of our weights."""
+    cfg = model.cfg
+    freeze = list(cfg.get("freeze_params", []))
+    if not model.embed_tokens.weight.requires_grad:
+        freeze.append(r"^embed_tokens\..+$")  # SALM keeps the embedding outside `llm`
+    salm_cfg = {
+        "pretrained_llm": resolve_llm_source(cfg.pretrained_llm),
+        "pretrained_weights": False,  # weights are copied from our model below
+        "audio_locator_tag": cfg.audio_locator_tag,
+        "perception": OmegaConf.to_container(cfg.perception, resolve=True),
+        "freeze_params": freeze,
+        "prevent_freeze_params": list(cfg.get("prevent_freeze_params", [])),
+        "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
+        "encoder_chunk_size_seconds": cfg.get("encoder_chunk_size_seconds"),
+    }
+    if cfg.get("lora"):
+        salm_cfg["lora"] = OmegaConf.to_container(cfg.lora, resolve=True)
+    salm = SALM(salm_cfg)
+    ours = {**model.state_dict(), "embed_tokens.weight": model.embed_tokens.weight}
+    target = salm.state_dict()
+    copy = {k: v for k, v in ours.items() if k in target and target[k].shape == v.shape}
+    salm.load_state_dict(copy, strict=False)
+    notes = [f"weights copied from ours: {len(copy)}/{len(target)} SALM tensors"]
+    if salm.audio_locator_tag_id != model.audio_locator_tag_id:
+        notes.append(f"audio locator id: ours {model.audio_locator_tag_id}, SALM {salm.audio_locator_tag_id} (remapped)")
+    if salm.text_pad_id != model.text_pad_id:
+        tok = salm.tokenizer.ids_to_tokens([salm.text_pad_id])[0]
+        notes.append(f"pad id: ours {model.text_pad_id} (dedicated), SALM {salm.text_pad_id} {tok!r} (remapped)")
+    return salm, notes
+
+
+def to_salm_batch(batch: Batch, model: SpeechLMModel, salm: SALM) -> Batch:
+    """Our batch with our pad/locator ids replaced by SALM's."""
+    ids = batch["input_ids"]
+    new = ids.masked_fill(ids == model.text_pad_id, salm.text_pad_id)
+    new = new.masked_fill(ids == model.audio_locator_tag_id, salm.audio_locator_tag_id)
+    return {**batch, "input_ids": new}
+
+
+def salm_loss(salm: SALM, batch: Batch) -> torch.Tensor:
+    """``SALM.training_step`` without logging."""
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    inputs = salm.prepare_inputs(batch)
+    logits = salm(inputs["input_embeds"], attention_mask=inputs["attention_mask"])["logits"]
+    num_frames = (inputs["target_ids"] != -100).long().sum()
+    with loss_parallel():
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), inputs["target_ids"].flatten(0, 1), reduction="sum", ignore_index=-100
+        )
+    return loss / num_frames
+
+
+@torch.no_grad()
+def eval_loss(model, loss_fn: LossFn, batch: Batch, device: torch.device) -> float:
+    """Loss without dropout, to check two models compute the same thing."""
+    model.eval()
+    return float(loss_fn(to_device(batch, device)))
+
+
+def _optimizer(configured) -> torch.optim.Optimizer:
+    """``configure_optimizers`` returns an optimizer or a Lightning dict; the scheduler is not stepped."""
+    return configured["optimizer"] if isinstance(configured, dict) else configured
+
+
+def _print_results(name: str, r: dict) -> None:
+    print(
+        f"[{name}] {r['steps_per_s']:.3f} steps/s | {r['llm_tokens_per_s']:,.0f} LLM tokens/s | "
+        f"{r['audio_seconds_per_s']:.1f} audio s/s | padding {r['padding_share']:.1%} | "
+        f"peak memory {r['peak_memory_mib']:,.0f} MiB | last loss {r['last_loss']:.4f}"
+    )
+
+
+def run_salm(model: SpeechLMModel, ours: dict, batches: list[Batch], warmup: int, device, autocast) -> dict:
+    """Build SALM from our current weights, check both losses agree, move ours off the device, time SALM."""
+    salm, notes = build_salm(model)
+    salm_batches = [to_salm_batch(b, model, salm) for b in batches]
+    salm = salm.to(device)
+    salm_optimizer = _optimizer(salm.configure_optimizers())  # applies SALM's freezing
+    trainable = sum(p.numel() for p in salm.parameters() if p.requires_grad)
+    notes.append(f"trainable parameters: ours {model.parameter_counts()['trainable']:,}, SALM {trainable:,}")
+    ours_loss = eval_loss(model, lambda b: model.compute_losses(b)["loss"], batches[0], device)
+    salm_eval = eval_loss(salm, lambda b: salm_loss(salm, b), salm_batches[0], device)
+    notes.append(f"same-weights loss on batch 0 (eval mode): ours {ours_loss:.5f}, SALM {salm_eval:.5f}")
+    model.cpu()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        notes.append("CPU peak memory is the process's peak RSS, so SALM's includes our run")
+    print("-" * 72 + "\nnemo.collections.speechlm2.SALM on the same batches\n" + "-" * 72)
+    for note in notes:
+        print(f"  - {note}")
+    theirs = benchmark(salm, lambda b: salm_loss(salm, b), salm_optimizer, salm_batches, warmup, device, autocast)
+    _print_results("SALM", theirs)
+    ratio = {k: ours[k] / theirs[k] for k in ("steps_per_s", "llm_tokens_per_s", "audio_seconds_per_s")}
+    print("ours / SALM: " + ", ".join(f"{k} x{v:.3f}" for k, v in ratio.items()))
+    return {"salm": theirs, "salm_notes": notes, "ours_over_salm": ratio}
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory(prefix="speechlm_bench_") as tmp:
+        overrides = (tiny_overrides(Path(tmp)) if args.tiny else []) + args.overrides
+        cfg = compose_config(args.config_name, overrides)
+        OmegaConf.resolve(cfg.data)
+        torch.manual_seed(cfg.get("seed", 0))
+        model = SpeechLMModel(cfg.model).to(device)
+        batches = fetch_batches(cfg, model, args.warmup + args.steps)
+        use_bf16 = str(cfg.trainer.get("precision", 32)).startswith("bf16")
+        header = {
+            "overrides": overrides,
+            "model_class": type(model).__name__,
+            "pretrained_llm": cfg.model.pretrained_llm,
+            "pretrained_asr": cfg.model.pretrained_asr,
+            "encoder": cfg.model.perception.encoder.get("_target_"),
+            "adapter": cfg.model.perception.modality_adapter.get("_target_"),
+            "parameters": model.parameter_counts(),
+            "batch": {k: v for k, v in cfg.data.train_ds.items() if k.startswith(("batch_", "use_", "num_"))},
+            "precision": "bf16 autocast" if use_bf16 else "fp32",
+            "machine": machine_info(device),
+            "device": str(device),
+            "timing": f"{args.warmup} warmup + {args.steps} timed steps; data loading not timed",
+        }
+        print("=" * 72 + "\nSpeechLM training throughput\n" + "=" * 72)
+        for key, value in header.items():
+            print(f"{key:>15}: {value}")
+
+        def autocast() -> contextlib.AbstractContextManager:
+            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+        optimizer = _optimizer(model.configure_optimizers())
+        ours = benchmark(model, lambda b: model.compute_losses(b)["loss"], optimizer, batches, args.warmup, device, autocast)
+        del optimizer  # frees the optimizer state before SALM runs
+        _print_results("ours", ours)
+        result = {"header": header, "ours": ours}
+        if args.vs_salm:
+            result.update(run_salm(model, ours, batches, args.warmup, device, autocast))
+        print("RESULT " + json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Shared tiny-but-real assets: a Llama LLM + BPE tokenizer, a NeMo CTC ``.nemo``, wav files + manifest."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+import nemo_speechlm  # noqa: F401  (allow-list, registries)
+from nemo_speechlm.tiny_assets import make_tiny_asr_nemo, make_tiny_llm, make_wav_manifest, tiny_conformer_config
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("assets")
+    return {
+        "llm": make_tiny_llm(root / "llm"),
+        "asr": make_tiny_asr_nemo(root / "asr.nemo"),
+        "manifest": make_wav_manifest(root / "data", n=8),
+        "root": root,
+    }
+
+
+def model_config(llm_dir, **overrides) -> OmegaConf:
+    """A SpeechLMModel config with the tiny conformer encoder and a frame-stacking adapter."""
+    cfg = {
+        "pretrained_llm": str(llm_dir),
+        "audio_locator_tag": "<|audio|>",
+        "freeze_params": [r"^llm\..+$"],
+        "perception": {
+            **tiny_conformer_config(),
+            "modality_adapter": {
+                "_target_": "nemo_speechlm.modules.adapters.FrameStackingAdapter",
+                "input_dim": "${..encoder.d_model}",
+                "output_dim": 0,
+                "stack": 2,
+                "hidden_dim": 64,
+            },
+        },
+        "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3},
+    }
+    cfg.update(overrides)
+    return OmegaConf.create(cfg)
+
+
+def run_python(code: str, cwd=None, timeout=600) -> str:
+    """Run ``code`` in a fresh Python process (a real restore has no state from this one)."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc.stdout

@@ -1,0 +1,168 @@
+"""SpeechLMModel: splicing, encoder swap, LoRA/freezing, inference, .nemo round trips in fresh processes."""
+import shutil
+
+import pytest
+import torch
+from nemo.collections.asr.models import ASRModel
+from nemo.core.classes.common import ALLOWED_TARGET_PREFIXES, safe_instantiate
+from omegaconf import OmegaConf
+
+from nemo_speechlm.models import SpeechLMModel
+from nemo_speechlm.parts.llm import check_can_splice
+from tests.conftest import model_config, run_python
+
+PROMPTS = ["Repeat exactly what is said in the audio: <|audio|>", "what do you hear <|audio|> ?"]
+
+
+@pytest.fixture(scope="module")
+def model(assets):
+    torch.manual_seed(0)
+    return SpeechLMModel(model_config(assets["llm"]))
+
+
+def wavs(assets, n=2):
+    return [str(p) for p in sorted((assets["root"] / "data" / "wav").glob("*.wav"))[:n]]
+
+
+def test_allow_list_has_our_prefix():
+    assert "nemo_speechlm." in ALLOWED_TARGET_PREFIXES
+    adapter = safe_instantiate({"_target_": "nemo_speechlm.modules.adapters.FrameStackingAdapter", "input_dim": 4, "output_dim": 8})
+    assert adapter(torch.randn(2, 4, 7), torch.tensor([7, 5]))[0].shape == (2, 8, 2)
+
+
+def test_only_adapter_trainable_with_frozen_llm(model):
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("perception.") for n in trainable)
+    counts = model.parameter_counts()
+    assert counts["trainable"] == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+
+
+def test_lora_adds_exactly_lora_parameters(assets):
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
+    base = SpeechLMModel(model_config(assets["llm"]))
+    with_lora = SpeechLMModel(model_config(assets["llm"], lora=lora))
+    before = {n for n, p in base.named_parameters() if p.requires_grad}
+    after = {n for n, p in with_lora.named_parameters() if p.requires_grad}
+    added = after - before
+    assert before <= after and added
+    assert all(".lora_A." in n or ".lora_B." in n for n in added)
+    assert all(("q_proj" in n or "v_proj" in n) for n in added)
+
+
+def test_several_audios_per_sample_are_spliced_in_order(model, assets):
+    a, b = wavs(assets, 2)
+    ids = model.encode_prompt("first <|audio|> then <|audio|> end")
+    audios, lens = torch.nn.utils.rnn.pad_sequence(
+        [model._load_waveform(a), model._load_waveform(b)], batch_first=True
+    ), torch.tensor([len(model._load_waveform(a)), len(model._load_waveform(b))])
+    embeds, _, mask = model.splice_audio({"input_ids": ids[None], "audios": audios, "audio_lens": lens})
+    audio_embs = model.encode_audio({"audios": audios, "audio_lens": lens})
+    loc = model.audio_locator_tag_id
+    first = int((ids == loc).nonzero()[0])
+    assert embeds.shape[1] == len(ids) - 2 + sum(e.shape[0] for e in audio_embs)
+    torch.testing.assert_close(embeds[0, first : first + audio_embs[0].shape[0]], audio_embs[0])
+    second = int((ids == loc).nonzero()[1]) - 1 + audio_embs[0].shape[0]
+    torch.testing.assert_close(embeds[0, second : second + audio_embs[1].shape[0]], audio_embs[1])
+    assert mask.all()
+
+
+def test_respond_batches_and_validates(model, assets):
+    answers = model.respond(wavs(assets, 2), PROMPTS, max_new_tokens=4)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    # batching does not change greedy answers
+    assert model.respond(wavs(assets, 2), PROMPTS, batch_size=1, max_new_tokens=4) == answers
+    with pytest.raises(ValueError, match="2 audio locator tags"):
+        model.respond(wavs(assets, 1), ["<|audio|> <|audio|>"])
+    with pytest.raises(ValueError, match="2 audios but 1 prompts"):
+        model.respond(wavs(assets, 2), PROMPTS[:1])
+    with pytest.raises(FileNotFoundError):
+        model.respond(["/nonexistent.wav"], PROMPTS[:1])
+
+
+def test_pretrained_asr_encoder_weights_are_copied(assets):
+    cfg = model_config(assets["llm"], pretrained_asr=str(assets["asr"]))
+    model = SpeechLMModel(cfg)
+    asr = ASRModel.restore_from(str(assets["asr"]))
+    for name, value in asr.encoder.state_dict().items():
+        torch.testing.assert_close(model.perception.encoder.state_dict()[name], value, rtol=0, atol=0)
+    assert model.cfg.perception.encoder.d_model == asr.cfg.encoder.d_model
+
+
+def test_unsupported_architecture_has_clear_error():
+    class NoEmbeddings(torch.nn.Module):
+        def forward(self, input_ids):
+            return input_ids
+
+    with pytest.raises(TypeError, match="Cannot splice audio into NoEmbeddings"):
+        check_can_splice(NoEmbeddings(), "some/model")
+
+
+ROUND_TRIP_CHECK = """
+import torch, nemo_speechlm
+from nemo_speechlm.models import SpeechLMModel
+expected = torch.load({ref!r})
+m = SpeechLMModel.restore_from({nemo!r})
+m.eval()
+with torch.no_grad():
+    inputs = m.prepare_inputs(expected["batch"])
+    logits = m(inputs["input_embeds"], inputs["attention_mask"])
+torch.testing.assert_close(logits, expected["logits"], atol=1e-5, rtol=0)
+assert m.respond({wavs!r}, {prompts!r}, max_new_tokens=6) == expected["answers"], "greedy output differs"
+print("ROUND_TRIP_OK", type(m).__name__)
+"""
+
+
+def reference_outputs(model, assets, path):
+    """Logits on a fixed batch and greedy answers, saved for the fresh process to compare."""
+    model.eval()
+    ids = [model.encode_prompt(p) for p in PROMPTS]
+    batch = {
+        "input_ids": torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=model.text_pad_id, padding_side="left"),
+        "loss_mask": torch.ones(2, max(len(i) for i in ids), dtype=torch.bool),
+    }
+    w = [model._load_waveform(p) for p in wavs(assets, 2)]
+    batch["audios"] = torch.nn.utils.rnn.pad_sequence(w, batch_first=True)
+    batch["audio_lens"] = torch.tensor([len(x) for x in w])
+    with torch.no_grad():
+        inputs = model.prepare_inputs(batch)
+        logits = model(inputs["input_embeds"], inputs["attention_mask"])
+    answers = model.respond(wavs(assets, 2), PROMPTS, max_new_tokens=6)
+    torch.save({"batch": batch, "logits": logits, "answers": answers}, path)
+
+
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_nemo_round_trip_in_fresh_process_without_original_files(assets, tmp_path, with_lora):
+    llm_copy, asr_copy = tmp_path / "llm_copy", tmp_path / "asr_copy.nemo"
+    shutil.copytree(assets["llm"], llm_copy)
+    shutil.copy(assets["asr"], asr_copy)
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"} if with_lora else None
+    torch.manual_seed(1)
+    model = SpeechLMModel(model_config(llm_copy, lora=lora, pretrained_asr=str(asr_copy)))
+    if with_lora:  # make LoRA non-trivial (B is zero-initialised)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.5)
+    nemo = tmp_path / "model.nemo"
+    model.save_to(str(nemo))
+    reference_outputs(model, assets, tmp_path / "ref.pt")
+    shutil.rmtree(llm_copy)  # the .nemo must be self-contained
+    asr_copy.unlink()
+    out = run_python(ROUND_TRIP_CHECK.format(ref=str(tmp_path / "ref.pt"), nemo=str(nemo), wavs=wavs(assets, 2), prompts=PROMPTS))
+    assert "ROUND_TRIP_OK SpeechLMModel" in out
+
+
+def test_trainable_only_export_is_small_and_equivalent(assets, tmp_path):
+    torch.manual_seed(2)
+    model = SpeechLMModel(model_config(assets["llm"], pretrained_asr=str(assets["asr"]), freeze_params=[r"^llm\..+$", r"^perception\.encoder\..+$", r"^perception\.preprocessor\..+$"]))
+    full, small = tmp_path / "full.nemo", tmp_path / "small.nemo"
+    model.save_to(str(full))
+    model.save_trainable_to(str(small))
+    assert model.cfg.checkpoint_scope == "full"
+    assert small.stat().st_size < full.stat().st_size
+    reference_outputs(model, assets, tmp_path / "ref.pt")
+    out = run_python(ROUND_TRIP_CHECK.format(ref=str(tmp_path / "ref.pt"), nemo=str(small), wavs=wavs(assets, 2), prompts=PROMPTS))
+    assert "ROUND_TRIP_OK" in out
+    restored = SpeechLMModel.restore_from(str(small))
+    assert restored.cfg.checkpoint_scope == "trainable"
+    sd = OmegaConf.to_container(restored.cfg)
+    assert sd["pretrained_llm"] == str(assets["llm"]) and sd["pretrained_asr"] == str(assets["asr"])

@@ -1,0 +1,78 @@
+import pytest
+
+from nemo_speechlm.parts.prompting import ChatTemplatePromptFormatter, encode_messages, resolve_prompt_formatter, tokenize_chat
+from nemo_speechlm.parts.llm import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(assets):
+    return load_tokenizer(str(assets["llm"]), "<|audio|>")
+
+
+def test_only_assistant_tokens_carry_loss_in_three_turns(tokenizer):
+    hf = tokenizer.tokenizer
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "repeat <|audio|>"},
+        {"role": "assistant", "content": "the cat sat"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "on the mat"},
+        {"role": "user", "content": "thanks"},
+        {"role": "assistant", "content": "please open the window"},
+    ]
+    out = tokenize_chat(hf, messages)
+    ids, mask = out["input_ids"], out["mask"]
+    assert hf.decode(ids) == hf.apply_chat_template(messages, tokenize=False)
+    # the masked spans, decoded, are exactly the three answers with their end-of-turn marker
+    spans, current = [], []
+    for tok, m in zip(ids.tolist(), mask.tolist()):
+        if m:
+            current.append(tok)
+        elif current:
+            spans.append(hf.decode(current)); current = []
+    if current:
+        spans.append(hf.decode(current))
+    assert spans == ["the cat sat<|im_end|>\n", "on the mat<|im_end|>\n", "please open the window<|im_end|>\n"]
+    # the locator is one token, in a user turn, never a target
+    loc = tokenizer.token_to_id("<|audio|>")
+    assert (ids == loc).sum() == 1 and not mask[ids == loc].any()
+
+
+def test_generation_prompt_ends_with_assistant_header(tokenizer):
+    hf = tokenizer.tokenizer
+    fmt = resolve_prompt_formatter(None, tokenizer)
+    assert isinstance(fmt, ChatTemplatePromptFormatter)
+    ids = encode_messages(fmt, [{"role": "user", "content": "hi"}])["context_ids"]
+    assert hf.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_nemo_prompt_formatter_names_work(tokenizer):
+    fmt = resolve_prompt_formatter("llama3", tokenizer)
+    out = encode_messages(fmt, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the cat"}])
+    assert out["mask"].any() and not out["mask"].all()
+    assert out["input_ids"].shape == out["mask"].shape
+
+
+def test_bad_messages_are_rejected(tokenizer):
+    hf = tokenizer.tokenizer
+    with pytest.raises(ValueError, match="role 'robot'"):
+        tokenize_chat(hf, [{"role": "robot", "content": "x"}])
+    with pytest.raises(ValueError, match="empty"):
+        tokenize_chat(hf, [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}])
+
+
+def test_non_incremental_template_is_refused(tokenizer):
+    hf = tokenizer.tokenizer
+    original = hf.chat_template
+    # a template that renders the number of messages first cannot be masked incrementally
+    hf.chat_template = "{{ messages|length }}" + original
+    try:
+        with pytest.raises(ValueError, match="incrementally"):
+            tokenize_chat(hf, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    finally:
+        hf.chat_template = original
+
+
+def test_pad_token_is_distinct_from_eos(tokenizer):
+    hf = tokenizer.tokenizer
+    assert hf.pad_token_id is not None and hf.pad_token_id != hf.eos_token_id
