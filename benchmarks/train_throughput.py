@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import tempfile
 import time
@@ -23,6 +22,7 @@ from typing import Callable
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.tensor.parallel import loss_parallel
 
 import nemo_speechlm  # noqa: F401  (resolvers, data types, target allow-list)
 from nemo.collections.speechlm2 import SALM
@@ -50,17 +50,18 @@ def parse_args() -> argparse.Namespace:
     return p.parse_intermixed_args()
 
 
-def tiny_overrides(root: Path) -> list[str]:
-    """Write a tiny Llama + 16 wavs under ``root``; return the overrides that use them."""
-    llm = make_tiny_llm(root / "llm")
-    manifest = make_wav_manifest(root / "data", n=16)
-    return [
+def tiny_overrides(root: Path, user_overrides: list[str]) -> list[str]:
+    """Write a tiny Llama + 16 wavs under ``root``; return the overrides that use them
+    (the adapter is shrunk only if the user keeps the default ``stack_mlp``)."""
+    overrides = [
         "encoder=conformer_tiny",
         "llm=hf",
-        f"model.pretrained_llm={llm}",
-        f"data.train_ds.input_cfg.0.manifest_filepath={manifest}",
-        "model.perception.modality_adapter.hidden_dim=64",
+        f"model.pretrained_llm={make_tiny_llm(root / 'llm')}",
+        f"data.train_ds.input_cfg.0.manifest_filepath={make_wav_manifest(root / 'data', n=16)}",
     ]
+    if not any(o.startswith("adapter=") and o != "adapter=stack_mlp" for o in user_overrides):
+        overrides.append("model.perception.modality_adapter.hidden_dim=64")
+    return overrides
 
 
 def compose_config(name: str, overrides: list[str]) -> DictConfig:
@@ -71,7 +72,7 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
 
 def machine_info(device: torch.device) -> dict:
     """CPU model, cores, torch version, GPU name."""
-    cpu = platform.processor() or "unknown"
+    cpu = "unknown"
     with contextlib.suppress(OSError):
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -98,11 +99,6 @@ def set_train_mode(model: torch.nn.Module) -> None:
             module.eval()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def peak_memory_mib(device: torch.device) -> float:
     """GPU: peak allocated since the last reset. CPU: the process's peak RSS (never reset)."""
     if device.type == "cuda":
@@ -122,22 +118,23 @@ def sequence_stats(prepare_inputs: Callable[[Batch], dict], batches: list[Batch]
     return {"attended": attended, "total": total, "samples": samples}
 
 
-def benchmark(model, loss_fn: LossFn, optimizer, batches: list[Batch], warmup: int, device, autocast) -> dict:
-    """Run ``warmup`` untimed then the remaining steps timed; returns throughput numbers."""
+def benchmark(model, loss_fn: LossFn, optimizer, batches: list[Batch], warmup: int, device: torch.device, bf16: bool) -> dict:
+    """Train on ``batches``: the first ``warmup`` steps untimed, the rest timed; returns throughput numbers."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     set_train_mode(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for i, batch in enumerate(batches):
         if i == warmup:
-            sync(device)
+            sync()
             start = time.perf_counter()
-        with autocast():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(to_device(batch, device))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    sync(device)
+    sync()
     seconds = time.perf_counter() - start
     stats = sequence_stats(model.prepare_inputs, batches[warmup:], device)
     return {
@@ -194,8 +191,6 @@ def to_salm_batch(batch: Batch, model: SpeechLMModel, salm: SALM) -> Batch:
 
 def salm_loss(salm: SALM, batch: Batch) -> torch.Tensor:
     """``SALM.training_step`` without logging."""
-    from torch.distributed.tensor.parallel import loss_parallel
-
     inputs = salm.prepare_inputs(batch)
     logits = salm(inputs["input_embeds"], attention_mask=inputs["attention_mask"])["logits"]
     num_frames = (inputs["target_ids"] != -100).long().sum()
@@ -204,13 +199,6 @@ def salm_loss(salm: SALM, batch: Batch) -> torch.Tensor:
             logits.flatten(0, 1), inputs["target_ids"].flatten(0, 1), reduction="sum", ignore_index=-100
         )
     return loss / num_frames
-
-
-@torch.no_grad()
-def eval_loss(model, loss_fn: LossFn, batch: Batch, device: torch.device) -> float:
-    """Loss without dropout, to check two models compute the same thing."""
-    model.eval()
-    return float(loss_fn(to_device(batch, device)))
 
 
 def _optimizer(configured) -> torch.optim.Optimizer:
@@ -226,16 +214,20 @@ def _print_results(name: str, r: dict) -> None:
     )
 
 
-def run_salm(model: SpeechLMModel, ours: dict, batches: list[Batch], warmup: int, device, autocast) -> dict:
+def run_salm(model: SpeechLMModel, ours: dict, batches: list[Batch], warmup: int, device: torch.device, bf16: bool) -> dict:
     """Build SALM from our current weights, check both losses agree, move ours off the device, time SALM."""
     salm, notes = build_salm(model)
     salm_batches = [to_salm_batch(b, model, salm) for b in batches]
+    clashes = sum(int(((b["input_ids"] == salm.text_pad_id) & (b["input_ids"] != model.text_pad_id)).sum()) for b in batches)
+    if clashes:
+        notes.append(f"{clashes} text tokens equal SALM's pad id: SALM drops them from attention and loss")
     salm = salm.to(device)
     salm_optimizer = _optimizer(salm.configure_optimizers())  # applies SALM's freezing
     trainable = sum(p.numel() for p in salm.parameters() if p.requires_grad)
     notes.append(f"trainable parameters: ours {model.parameter_counts()['trainable']:,}, SALM {trainable:,}")
-    ours_loss = eval_loss(model, lambda b: model.compute_losses(b)["loss"], batches[0], device)
-    salm_eval = eval_loss(salm, lambda b: salm_loss(salm, b), salm_batches[0], device)
+    with torch.no_grad():  # eval mode: no dropout, so equal weights must give equal losses
+        ours_loss = float(model.eval().compute_losses(to_device(batches[0], device))["loss"])
+        salm_eval = float(salm_loss(salm.eval(), to_device(salm_batches[0], device)))
     notes.append(f"same-weights loss on batch 0 (eval mode): ours {ours_loss:.5f}, SALM {salm_eval:.5f}")
     model.cpu()
     if device.type == "cuda":
@@ -245,7 +237,7 @@ def run_salm(model: SpeechLMModel, ours: dict, batches: list[Batch], warmup: int
     print("-" * 72 + "\nnemo.collections.speechlm2.SALM on the same batches\n" + "-" * 72)
     for note in notes:
         print(f"  - {note}")
-    theirs = benchmark(salm, lambda b: salm_loss(salm, b), salm_optimizer, salm_batches, warmup, device, autocast)
+    theirs = benchmark(salm, lambda b: salm_loss(salm, b), salm_optimizer, salm_batches, warmup, device, bf16)
     _print_results("SALM", theirs)
     ratio = {k: ours[k] / theirs[k] for k in ("steps_per_s", "llm_tokens_per_s", "audio_seconds_per_s")}
     print("ours / SALM: " + ", ".join(f"{k} x{v:.3f}" for k, v in ratio.items()))
@@ -256,13 +248,13 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="speechlm_bench_") as tmp:
-        overrides = (tiny_overrides(Path(tmp)) if args.tiny else []) + args.overrides
+        overrides = (tiny_overrides(Path(tmp), args.overrides) if args.tiny else []) + args.overrides
         cfg = compose_config(args.config_name, overrides)
         OmegaConf.resolve(cfg.data)
         torch.manual_seed(cfg.get("seed", 0))
         model = SpeechLMModel(cfg.model).to(device)
         batches = fetch_batches(cfg, model, args.warmup + args.steps)
-        use_bf16 = str(cfg.trainer.get("precision", 32)).startswith("bf16")
+        bf16 = str(cfg.trainer.get("precision", 32)).startswith("bf16")
         header = {
             "overrides": overrides,
             "model_class": type(model).__name__,
@@ -272,7 +264,7 @@ def main() -> None:
             "adapter": cfg.model.perception.modality_adapter.get("_target_"),
             "parameters": model.parameter_counts(),
             "batch": {k: v for k, v in cfg.data.train_ds.items() if k.startswith(("batch_", "use_", "num_"))},
-            "precision": "bf16 autocast" if use_bf16 else "fp32",
+            "precision": "bf16 autocast" if bf16 else "fp32",
             "machine": machine_info(device),
             "device": str(device),
             "timing": f"{args.warmup} warmup + {args.steps} timed steps; data loading not timed",
@@ -281,16 +273,13 @@ def main() -> None:
         for key, value in header.items():
             print(f"{key:>15}: {value}")
 
-        def autocast() -> contextlib.AbstractContextManager:
-            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
         optimizer = _optimizer(model.configure_optimizers())
-        ours = benchmark(model, lambda b: model.compute_losses(b)["loss"], optimizer, batches, args.warmup, device, autocast)
+        ours = benchmark(model, lambda b: model.compute_losses(b)["loss"], optimizer, batches, args.warmup, device, bf16)
         del optimizer  # frees the optimizer state before SALM runs
         _print_results("ours", ours)
         result = {"header": header, "ours": ours}
         if args.vs_salm:
-            result.update(run_salm(model, ours, batches, args.warmup, device, autocast))
+            result.update(run_salm(model, ours, batches, args.warmup, device, bf16))
         print("RESULT " + json.dumps(result, default=str))
 
 
