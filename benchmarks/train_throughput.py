@@ -3,19 +3,18 @@
     python benchmarks/train_throughput.py [--config-name speechlm] [--steps 20] [--warmup 3]
         [--device cuda|cpu] [--tiny] [--vs-salm] [hydra overrides ...]
 
-Batches come from the config's train dataloader and are fetched before timing (data loading is
-not timed; the host-to-device copy is). Each timed step is forward + backward + optimizer step.
-The last line is ``RESULT {json}`` for scripts.
+Batches are fetched from the train dataloader before timing (loading is not timed, the copy to
+the device is). A step is forward + backward + optimizer step. Last line: ``RESULT {json}``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +37,7 @@ LossFn = Callable[[Batch], torch.Tensor]
 
 
 def parse_args() -> argparse.Namespace:
-    """CLI flags; everything else is a Hydra override."""
+    """CLI flags; positional arguments are Hydra overrides."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-name", default="speechlm")
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
@@ -47,12 +46,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="build tiny offline assets (CPU smoke benchmark)")
     p.add_argument("--vs-salm", action="store_true", help="also time nemo.collections.speechlm2.SALM")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. encoder=canary_1b_flash")
-    return p.parse_intermixed_args()
+    args = p.parse_intermixed_args()
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    return args
 
 
 def tiny_overrides(root: Path, user_overrides: list[str]) -> list[str]:
     """Write a tiny Llama + 16 wavs under ``root``; return the overrides that use them
-    (the adapter is shrunk only if the user keeps the default ``stack_mlp``)."""
+    (the adapter is shrunk only while the user keeps the default ``stack_mlp``)."""
     overrides = [
         "encoder=conformer_tiny",
         "llm=hf",
@@ -65,34 +67,34 @@ def tiny_overrides(root: Path, user_overrides: list[str]) -> list[str]:
 
 
 def compose_config(name: str, overrides: list[str]) -> DictConfig:
-    """The same config ``examples/speechlm_train.py`` would get from these overrides."""
+    """The config ``examples/speechlm_train.py`` would get from these overrides."""
     with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return hydra.compose(config_name=name, overrides=overrides)
 
 
 def machine_info(device: torch.device) -> dict:
-    """CPU model, cores, torch version, GPU name."""
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    """CPU model, usable cores, torch version, GPU name."""
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__, "gpu": gpu}
 
 
 def fetch_batches(cfg: DictConfig, model: SpeechLMModel, n: int) -> list[Batch]:
-    """``n`` training batches (on the host), tensors only. Only the train split is passed on
-    (speechlm2's DataModule fails on a split set to null, e.g. ``validation_ds: null``)."""
+    """``n`` training batches on the host, tensors only. Only ``train_ds`` is passed on:
+    speechlm2's DataModule fails on a split set to null (``validation_ds: null``)."""
     data_cfg = OmegaConf.create({"train_ds": cfg.data.train_ds})
     loader = iter(build_datamodule(data_cfg, model).train_dataloader())
     return [{k: v for k, v in next(loader).items() if torch.is_tensor(v)} for _ in range(n)]
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Copy every tensor of ``batch`` to ``device``."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def set_train_mode(model: torch.nn.Module) -> None:
-    """As both ``training_step``s do: train mode, but frozen preprocessor/encoder/LLM in eval (no dropout)."""
+    """As both ``training_step``s do: train mode, frozen preprocessor/encoder/LLM in eval (no dropout)."""
     model.train()
     for module in (model.perception.preprocessor, model.perception.encoder, model.llm):
         if is_frozen(module):
@@ -100,31 +102,29 @@ def set_train_mode(model: torch.nn.Module) -> None:
 
 
 def peak_memory_mib(device: torch.device) -> float:
-    """GPU: peak allocated since the last reset. CPU: the process's peak RSS (never reset)."""
+    """GPU: peak allocated since the last reset. CPU: the process's peak RSS (cannot be reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @torch.no_grad()
-def sequence_stats(prepare_inputs: Callable[[Batch], dict], batches: list[Batch], device: torch.device) -> dict:
-    """Attended and total LLM positions after audio splicing, and audio samples, over ``batches``."""
-    attended = total = samples = 0
+def sequence_stats(model, batches: list[Batch], device: torch.device) -> tuple[int, int, float]:
+    """Attended and total LLM positions after audio splicing, and seconds of audio, over ``batches``."""
+    attended = total = 0
     for batch in batches:
-        mask = prepare_inputs(to_device(batch, device))["attention_mask"]
-        attended += int(mask.sum())
-        total += mask.numel()
-        samples += int(batch["audio_lens"].sum())
-    return {"attended": attended, "total": total, "samples": samples}
+        mask = model.prepare_inputs(to_device(batch, device))["attention_mask"]
+        attended, total = attended + int(mask.sum()), total + mask.numel()
+    return attended, total, sum(int(b["audio_lens"].sum()) for b in batches) / model.sampling_rate
 
 
-def benchmark(model, loss_fn: LossFn, optimizer, batches: list[Batch], warmup: int, device: torch.device, bf16: bool) -> dict:
-    """Train on ``batches``: the first ``warmup`` steps untimed, the rest timed; returns throughput numbers."""
+def benchmark(model, loss_fn: LossFn, optimizer, batches: list[Batch], warmup: int, bf16: bool) -> dict:
+    """Train on ``batches``: the first ``warmup`` steps untimed, the rest timed; returns the numbers."""
+    device = next(model.parameters()).device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     set_train_mode(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
     for i, batch in enumerate(batches):
         if i == warmup:
             sync()
@@ -136,57 +136,22 @@ def benchmark(model, loss_fn: LossFn, optimizer, batches: list[Batch], warmup: i
         optimizer.zero_grad(set_to_none=True)
     sync()
     seconds = time.perf_counter() - start
-    stats = sequence_stats(model.prepare_inputs, batches[warmup:], device)
+    attended, total, audio_seconds = sequence_stats(model, batches[warmup:], device)
     return {
         "steps": len(batches) - warmup,
-        "seconds": round(seconds, 4),
+        "seconds": seconds,
         "steps_per_s": (len(batches) - warmup) / seconds,
-        "llm_tokens_per_s": stats["attended"] / seconds,
-        "audio_seconds_per_s": stats["samples"] / model.sampling_rate / seconds,
-        "padding_share": 1 - stats["attended"] / stats["total"],
+        "llm_tokens_per_s": attended / seconds,
+        "audio_seconds_per_s": audio_seconds / seconds,
+        "padding_share": 1 - attended / total,
         "peak_memory_mib": peak_memory_mib(device),
         "last_loss": float(loss),
     }
 
 
-def build_salm(model: SpeechLMModel) -> tuple[SALM, list[str]]:
-    """SALM with our LLM architecture, perception config and freezing, and a copy of our weights."""
-    cfg = model.cfg
-    freeze = list(cfg.get("freeze_params", []))
-    if not model.embed_tokens.weight.requires_grad:
-        freeze.append(r"^embed_tokens\..+$")  # SALM keeps the embedding outside `llm`
-    salm_cfg = {
-        "pretrained_llm": resolve_llm_source(cfg.pretrained_llm),
-        "pretrained_weights": False,  # weights are copied from our model below
-        "audio_locator_tag": cfg.audio_locator_tag,
-        "perception": OmegaConf.to_container(cfg.perception, resolve=True),
-        "freeze_params": freeze,
-        "prevent_freeze_params": list(cfg.get("prevent_freeze_params", [])),
-        "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
-        "encoder_chunk_size_seconds": cfg.get("encoder_chunk_size_seconds"),
-    }
-    if cfg.get("lora"):
-        salm_cfg["lora"] = OmegaConf.to_container(cfg.lora, resolve=True)
-    salm = SALM(salm_cfg)
-    ours = {**model.state_dict(), "embed_tokens.weight": model.embed_tokens.weight}
-    target = salm.state_dict()
-    copy = {k: v for k, v in ours.items() if k in target and target[k].shape == v.shape}
-    salm.load_state_dict(copy, strict=False)
-    notes = [f"weights copied from ours: {len(copy)}/{len(target)} SALM tensors"]
-    if salm.audio_locator_tag_id != model.audio_locator_tag_id:
-        notes.append(f"audio locator id: ours {model.audio_locator_tag_id}, SALM {salm.audio_locator_tag_id} (remapped)")
-    if salm.text_pad_id != model.text_pad_id:
-        tok = salm.tokenizer.ids_to_tokens([salm.text_pad_id])[0]
-        notes.append(f"pad id: ours {model.text_pad_id} (dedicated), SALM {salm.text_pad_id} {tok!r} (remapped)")
-    return salm, notes
-
-
-def to_salm_batch(batch: Batch, model: SpeechLMModel, salm: SALM) -> Batch:
-    """Our batch with our pad/locator ids replaced by SALM's."""
-    ids = batch["input_ids"]
-    new = ids.masked_fill(ids == model.text_pad_id, salm.text_pad_id)
-    new = new.masked_fill(ids == model.audio_locator_tag_id, salm.audio_locator_tag_id)
-    return {**batch, "input_ids": new}
+def speechlm_loss(model: SpeechLMModel, batch: Batch) -> torch.Tensor:
+    """Our objective, as in ``SpeechLMModel.training_step``."""
+    return model.compute_losses(batch)["loss"]
 
 
 def salm_loss(salm: SALM, batch: Batch) -> torch.Tensor:
@@ -201,6 +166,77 @@ def salm_loss(salm: SALM, batch: Batch) -> torch.Tensor:
     return loss / num_frames
 
 
+def build_salm(model: SpeechLMModel) -> tuple[SALM, list[str]]:
+    """SALM with our LLM architecture, perception config and freezing, holding a copy of our weights."""
+    cfg = model.cfg
+    freeze = list(cfg.get("freeze_params", []))
+    if not model.embed_tokens.weight.requires_grad:
+        freeze.append(r"^embed_tokens\..+$")  # SALM keeps the embedding outside `llm`
+    salm_cfg = {
+        "pretrained_llm": resolve_llm_source(cfg.pretrained_llm),
+        "pretrained_weights": False,  # no ASR/LLM download: the weights are copied from ours below
+        "audio_locator_tag": cfg.audio_locator_tag,
+        "perception": OmegaConf.to_container(cfg.perception, resolve=True),
+        "freeze_params": freeze,
+        "prevent_freeze_params": list(cfg.get("prevent_freeze_params", [])),
+        "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
+        "encoder_chunk_size_seconds": cfg.get("encoder_chunk_size_seconds"),
+    }
+    if cfg.get("lora"):
+        salm_cfg["lora"] = OmegaConf.to_container(cfg.lora, resolve=True)
+    salm = SALM(salm_cfg)
+    ours = {**model.state_dict(), "embed_tokens.weight": model.embed_tokens.weight}
+    target = salm.state_dict()
+    copied = {k: v for k, v in ours.items() if k in target and target[k].shape == v.shape}
+    salm.load_state_dict(copied, strict=False)
+    notes = [f"weights copied from ours: {len(copied)}/{len(target)} SALM tensors"]
+    if salm.audio_locator_tag_id != model.audio_locator_tag_id:
+        ids = f"ours {model.audio_locator_tag_id}, SALM {salm.audio_locator_tag_id}"
+        notes.append(f"audio locator id: {ids} (remapped)")
+    if salm.text_pad_id != model.text_pad_id:
+        token = salm.tokenizer.ids_to_tokens([salm.text_pad_id])[0]
+        notes.append(f"pad id: ours {model.text_pad_id} (dedicated), SALM {salm.text_pad_id} {token!r} (remapped)")
+    return salm, notes
+
+
+def to_salm_batch(batch: Batch, model: SpeechLMModel, salm: SALM) -> Batch:
+    """Our batch with our pad/locator ids replaced by SALM's."""
+    ids = batch["input_ids"]
+    new = ids.masked_fill(ids == model.text_pad_id, salm.text_pad_id)
+    return {**batch, "input_ids": new.masked_fill(ids == model.audio_locator_tag_id, salm.audio_locator_tag_id)}
+
+
+def run_salm(model: SpeechLMModel, ours: dict, batches: list[Batch], warmup: int, bf16: bool) -> dict:
+    """Build SALM from our current weights, check both losses agree, move ours off the device, time SALM."""
+    device = next(model.parameters()).device
+    salm, notes = build_salm(model)
+    salm_batches = [to_salm_batch(b, model, salm) for b in batches]
+    clashes = sum(int(((b["input_ids"] == salm.text_pad_id) & (b["input_ids"] != model.text_pad_id)).sum())
+                  for b in batches)
+    if clashes:
+        notes.append(f"{clashes} text tokens equal SALM's pad id: SALM drops them from attention and loss")
+    salm = salm.to(device)
+    salm_optimizer = _optimizer(salm.configure_optimizers())  # applies SALM's freezing
+    trainable = sum(p.numel() for p in salm.parameters() if p.requires_grad)
+    notes.append(f"trainable parameters: ours {model.parameter_counts()['trainable']:,}, SALM {trainable:,}")
+    with torch.no_grad():  # eval mode: no dropout, so equal weights must give equal losses
+        ours_loss = float(speechlm_loss(model.eval(), to_device(batches[0], device)))
+        their_loss = float(salm_loss(salm.eval(), to_device(salm_batches[0], device)))
+    notes.append(f"same-weights loss on batch 0 (eval mode): ours {ours_loss:.5f}, SALM {their_loss:.5f}")
+    model.cpu()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        notes.append("CPU peak memory is the process's peak RSS, so SALM's includes our run")
+    print("-" * 72 + "\nnemo.collections.speechlm2.SALM on the same batches\n" + "-" * 72)
+    print("\n".join(f"  - {note}" for note in notes))
+    theirs = benchmark(salm, partial(salm_loss, salm), salm_optimizer, salm_batches, warmup, bf16)
+    _print_results("SALM", theirs)
+    ratio = {k: ours[k] / theirs[k] for k in ("steps_per_s", "llm_tokens_per_s", "audio_seconds_per_s")}
+    print("ours / SALM: " + ", ".join(f"{k} x{v:.3f}" for k, v in ratio.items()))
+    return {"salm": theirs, "salm_notes": notes, "ours_over_salm": ratio}
+
+
 def _optimizer(configured) -> torch.optim.Optimizer:
     """``configure_optimizers`` returns an optimizer or a Lightning dict; the scheduler is not stepped."""
     return configured["optimizer"] if isinstance(configured, dict) else configured
@@ -212,36 +248,6 @@ def _print_results(name: str, r: dict) -> None:
         f"{r['audio_seconds_per_s']:.1f} audio s/s | padding {r['padding_share']:.1%} | "
         f"peak memory {r['peak_memory_mib']:,.0f} MiB | last loss {r['last_loss']:.4f}"
     )
-
-
-def run_salm(model: SpeechLMModel, ours: dict, batches: list[Batch], warmup: int, device: torch.device, bf16: bool) -> dict:
-    """Build SALM from our current weights, check both losses agree, move ours off the device, time SALM."""
-    salm, notes = build_salm(model)
-    salm_batches = [to_salm_batch(b, model, salm) for b in batches]
-    clashes = sum(int(((b["input_ids"] == salm.text_pad_id) & (b["input_ids"] != model.text_pad_id)).sum()) for b in batches)
-    if clashes:
-        notes.append(f"{clashes} text tokens equal SALM's pad id: SALM drops them from attention and loss")
-    salm = salm.to(device)
-    salm_optimizer = _optimizer(salm.configure_optimizers())  # applies SALM's freezing
-    trainable = sum(p.numel() for p in salm.parameters() if p.requires_grad)
-    notes.append(f"trainable parameters: ours {model.parameter_counts()['trainable']:,}, SALM {trainable:,}")
-    with torch.no_grad():  # eval mode: no dropout, so equal weights must give equal losses
-        ours_loss = float(model.eval().compute_losses(to_device(batches[0], device))["loss"])
-        salm_eval = float(salm_loss(salm.eval(), to_device(salm_batches[0], device)))
-    notes.append(f"same-weights loss on batch 0 (eval mode): ours {ours_loss:.5f}, SALM {salm_eval:.5f}")
-    model.cpu()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    else:
-        notes.append("CPU peak memory is the process's peak RSS, so SALM's includes our run")
-    print("-" * 72 + "\nnemo.collections.speechlm2.SALM on the same batches\n" + "-" * 72)
-    for note in notes:
-        print(f"  - {note}")
-    theirs = benchmark(salm, lambda b: salm_loss(salm, b), salm_optimizer, salm_batches, warmup, device, bf16)
-    _print_results("SALM", theirs)
-    ratio = {k: ours[k] / theirs[k] for k in ("steps_per_s", "llm_tokens_per_s", "audio_seconds_per_s")}
-    print("ours / SALM: " + ", ".join(f"{k} x{v:.3f}" for k, v in ratio.items()))
-    return {"salm": theirs, "salm_notes": notes, "ours_over_salm": ratio}
 
 
 def main() -> None:
@@ -270,16 +276,14 @@ def main() -> None:
             "timing": f"{args.warmup} warmup + {args.steps} timed steps; data loading not timed",
         }
         print("=" * 72 + "\nSpeechLM training throughput\n" + "=" * 72)
-        for key, value in header.items():
-            print(f"{key:>15}: {value}")
-
+        print("\n".join(f"{key:>15}: {value}" for key, value in header.items()))
         optimizer = _optimizer(model.configure_optimizers())
-        ours = benchmark(model, lambda b: model.compute_losses(b)["loss"], optimizer, batches, args.warmup, device, bf16)
+        ours = benchmark(model, partial(speechlm_loss, model), optimizer, batches, args.warmup, bf16)
         del optimizer  # frees the optimizer state before SALM runs
         _print_results("ours", ours)
         result = {"header": header, "ours": ours}
         if args.vs_salm:
-            result.update(run_salm(model, ours, batches, args.warmup, device, bf16))
+            result.update(run_salm(model, ours, batches, args.warmup, bf16))
         print("RESULT " + json.dumps(result, default=str))
 
 

@@ -25,7 +25,10 @@ def train(cfg: DictConfig, model_cls) -> Path:
     # interpolations such as ${model.audio_locator_tag} now.
     OmegaConf.resolve(cfg.data)
     torch.manual_seed(cfg.get("seed", 0))
-    trainer = Trainer(**resolve_trainer_cfg(cfg.trainer))
+    trainer_cfg = resolve_trainer_cfg(cfg.trainer)
+    if cfg.data.get("validation_ds") is None:
+        trainer_cfg["limit_val_batches"] = 0  # Lightning rejects a missing val dataloader otherwise
+    trainer = Trainer(**trainer_cfg)
     log_dir = exp_manager(trainer, cfg.get("exp_manager"))
     model = model_cls(cfg.model, trainer=trainer)
     datamodule = build_datamodule(cfg.data, model)

@@ -24,7 +24,7 @@ def test_train_script_two_steps_then_restore(assets, tmp_path):
         "trainer.accelerator=cpu",
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",
-        f"+data.validation_ds={{input_cfg: [{{type: speechlm_manifest, manifest_filepath: {assets['manifest']}, "
+        f"data.validation_ds={{input_cfg: [{{type: speechlm_manifest, manifest_filepath: {assets['manifest']}, "
         "prompt: 'Repeat: <|audio|>'}], batch_size: 4}",
         "trainer.limit_val_batches=1",
         f"exp_manager.exp_dir={tmp_path / 'runs'}",

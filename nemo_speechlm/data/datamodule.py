@@ -23,6 +23,8 @@ def fill_model_settings(data_cfg: DictConfig, model) -> DictConfig:
     }
     with open_dict(data_cfg):
         for split in SPLITS:
+            if split in data_cfg and data_cfg[split] is None:
+                del data_cfg[split]  # speechlm2's DataModule expects absent, not null, splits
             if data_cfg.get(split) is None:
                 continue
             for key, value in settings.items():
