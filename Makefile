@@ -14,7 +14,7 @@ else
 PY := $(VENV)/bin/python
 endif
 
-.PHONY: setup test demo clean
+.PHONY: setup container-setup test demo clean
 
 setup: $(if $(filter 1,$(NEMO_CONTAINER)),container-setup,$(STAMP))
 
