@@ -27,9 +27,4 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout"],
     },
-    entry_points={
-        "console_scripts": [
-            "speechlm-train=nemo_speechlm.cli:train",
-        ],
-    },
 )
