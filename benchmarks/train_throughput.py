@@ -81,10 +81,8 @@ def machine_info(device: torch.device) -> dict:
 
 
 def fetch_batches(cfg: DictConfig, model: SpeechLMModel, n: int) -> list[Batch]:
-    """``n`` training batches on the host, tensors only. Only ``train_ds`` is passed on:
-    speechlm2's DataModule fails on a split set to null (``validation_ds: null``)."""
-    data_cfg = OmegaConf.create({"train_ds": cfg.data.train_ds})
-    loader = iter(build_datamodule(data_cfg, model).train_dataloader())
+    """``n`` training batches on the host, tensors only."""
+    loader = iter(build_datamodule(cfg.data, model).train_dataloader())
     return [{k: v for k, v in next(loader).items() if torch.is_tensor(v)} for _ in range(n)]
 
 
