@@ -34,6 +34,8 @@ from nemo_speechlm.parts.llm import load_llm, load_tokenizer, pack_llm_files, re
 from nemo_speechlm.parts.prompting import encode_messages, resolve_prompt_formatter
 
 IGNORE_INDEX = -100
+# Artifacts must outlive __init__ (save_to copies them later); one directory per process, removed at exit.
+_ARTIFACT_DIR = tempfile.TemporaryDirectory(prefix="speechlm_artifacts_")
 LORA_PARAM_PATTERN = r"^.+\.lora_.+$"
 
 
@@ -71,7 +73,7 @@ class SpeechLMModel(ModelPT):
 
     def _register_llm_files(self) -> None:
         """Bundle the LLM config + tokenizer as one artifact so ``.nemo`` files load offline."""
-        tar_path = Path(tempfile.mkdtemp(prefix="speechlm_llm_")) / "llm_files.tar"
+        tar_path = Path(_ARTIFACT_DIR.name) / f"llm_files_{id(self)}.tar"
         pack_llm_files(self.llm, self.tokenizer, tar_path)
         with open_dict(self._cfg):
             self._cfg.llm_files = str(tar_path)
@@ -381,7 +383,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean token CE over non-ignored targets (0 if there are none)."""
     n = (targets != IGNORE_INDEX).sum().clamp(min=1)
     loss = torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(0, 1), reduction="sum", ignore_index=IGNORE_INDEX
+        logits.flatten(0, 1), targets.flatten(0, 1), reduction="sum", ignore_index=IGNORE_INDEX
     )
     return loss / n
 
