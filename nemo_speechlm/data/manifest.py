@@ -161,10 +161,3 @@ def _parse_line(path, line_no, raw, required_text_fields, has_audio, check_audio
     if has_audio:
         validate_audio_fields(path, line_no, data, duration_tolerance, check_audio)
     return data
-
-
-def write_jsonl(path: str | Path, rows) -> None:
-    """Write rows as JSONL (UTF-8, one object per line)."""
-    with Path(path).open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from nemo.collections.common.tokenizers import AutoTokenizer
 from nemo.collections.speechlm2.parts.pretrained import load_pretrained_hf
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 from transformers import AutoTokenizer as HFAutoTokenizer
 
 log = logging.getLogger(__name__)
@@ -116,11 +116,3 @@ def unpack_llm_files(tar_path: str, dest: Path) -> str:
     with tarfile.open(tar_path) as tar:
         tar.extractall(dest, filter="data")
     return str(dest / "llm")
-
-
-def build_llm_from_config(source_dir: str) -> torch.nn.Module:
-    """Architecture only; ``restore_from`` fills in the weights."""
-    config = AutoConfig.from_pretrained(source_dir)
-    llm = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-    check_can_splice(llm, source_dir)
-    return llm
