@@ -166,3 +166,16 @@ def test_trainable_only_export_is_small_and_equivalent(assets, tmp_path):
     assert restored.cfg.checkpoint_scope == "trainable"
     sd = OmegaConf.to_container(restored.cfg)
     assert sd["pretrained_llm"] == str(assets["llm"]) and sd["pretrained_asr"] == str(assets["asr"])
+
+
+def test_optimizer_gets_only_trainable_parameters_and_a_scheduler(assets):
+    cfg = model_config(
+        assets["llm"],
+        lr_scheduler={"_target_": "nemo.core.optim.lr_scheduler.CosineAnnealing", "max_steps": 10, "warmup_steps": 2, "min_lr": 1e-6},
+    )
+    model = SpeechLMModel(cfg)
+    out = model.configure_optimizers()
+    optimized = {id(p) for group in out["optimizer"].param_groups for p in group["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert optimized == trainable and len(trainable) < len(list(model.parameters()))
+    assert out["lr_scheduler"]["interval"] == "step"
