@@ -23,8 +23,13 @@ setup(
         "sentencepiece",
         "soundfile",
         "tokenizers",
+        "jiwer>=3",
+        "sacrebleu>=2.4",
+        "rouge-score>=0.1.2",
+        "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout"],
+        # ctranslate2 only checks the Whisper converter against the reference runtime.
+        "dev": ["pytest>=8", "pytest-timeout", "ctranslate2>=4"],
     },
 )
