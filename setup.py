@@ -27,6 +27,7 @@ setup(
         "sacrebleu>=2.4",
         "rouge-score>=0.1.2",
         "tqdm",
+        "num2words",
     ],
     extras_require={
         # ctranslate2 only checks the Whisper converter against the reference runtime.

@@ -68,6 +68,34 @@ def make_tiny_llm(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 
     return out_dir
 
 
+def make_tiny_whisper(out_dir: str | Path, d_model: int = 32, seed: int = 0) -> Path:
+    """A random-weight Hugging Face Whisper checkpoint (80 mel bins) saved with ``save_pretrained``."""
+    from transformers import WhisperConfig, WhisperModel
+
+    torch.manual_seed(seed)
+    config = WhisperConfig(
+        d_model=d_model, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=2 * d_model,
+        decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=2 * d_model, num_mel_bins=80,
+    )
+    WhisperModel(config).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def tiny_whisper_perception(whisper_dir: str | Path, d_model: int = 32, pad_to_window: bool = False) -> dict:
+    """``model.perception`` preprocessor + encoder entries for :func:`make_tiny_whisper` (as ``conf/encoder/whisper.yaml``)."""
+    return {
+        "preprocessor": {"_target_": "nemo_speechlm.modules.whisper.WhisperLogMel", "pad_to_window": pad_to_window},
+        "encoder": {
+            "_target_": "nemo_speechlm.modules.whisper.WhisperEncoder",
+            "pretrained_model": str(whisper_dir),
+            "d_model": d_model,
+            "pad_to_window": pad_to_window,
+            "load_pretrained_weights": True,
+            "architecture": None,
+        },
+    }
+
+
 def tiny_conformer_config(feat_in: int = 32, d_model: int = 32, n_layers: int = 1) -> dict:
     """Preprocessor + FastConformer-style encoder (8x subsampling) small enough for CPU tests."""
     return {

@@ -6,9 +6,11 @@ seconds of audio one LLM position stands for, used by token-based bucketing).
 """
 from __future__ import annotations
 
-from nemo.collections.speechlm2.data import DataModule, SALMDataset
+from nemo.collections.speechlm2.data import DataModule
 from omegaconf import DictConfig, open_dict
 
+from nemo_speechlm.data.dataset import SpeechLMDataset
+from nemo_speechlm.data.feature_cache import FeatureCache
 from nemo_speechlm.parts.prompting import CHAT_TEMPLATE_FORMAT
 
 SPLITS = ("train_ds", "validation_ds", "test_ds")
@@ -33,7 +35,7 @@ def fill_model_settings(data_cfg: DictConfig, model) -> DictConfig:
     return data_cfg
 
 
-def build_datamodule(data_cfg: DictConfig, model) -> DataModule:
-    """A Lightning datamodule for ``trainer.fit(model, datamodule)``."""
+def build_datamodule(data_cfg: DictConfig, model, feature_cache: FeatureCache | None = None) -> DataModule:
+    """A Lightning datamodule for ``trainer.fit(model, datamodule)``; batches read ``feature_cache`` when given."""
     fill_model_settings(data_cfg, model)
-    return DataModule(data_cfg, tokenizer=model.tokenizer, dataset=SALMDataset(model.tokenizer))
+    return DataModule(data_cfg, tokenizer=model.tokenizer, dataset=SpeechLMDataset(model.tokenizer, feature_cache))

@@ -23,7 +23,7 @@ from nemo.collections.speechlm2.models.salm import replace_placeholders_and_buil
 from nemo.collections.speechlm2.parts.encoder_chunking import encode_audio_with_optional_chunking
 from nemo.collections.speechlm2.parts.optim_setup import freeze_and_subset, is_frozen
 from nemo.core.classes.common import safe_instantiate
-from nemo.core.classes import ModelPT
+from nemo.core.classes import ModelPT, typecheck
 from nemo.utils import logging
 from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import LoraConfig, get_peft_model
@@ -139,22 +139,60 @@ class SpeechLMModel(ModelPT):
         special = (input_ids == self.audio_locator_tag_id) | (input_ids == self.text_pad_id)
         return self.embed_tokens(input_ids.masked_fill(special, 0))
 
-    def encode_audio(self, batch: dict) -> list[torch.Tensor]:
-        """One ``(frames, hidden)`` tensor per audio in the batch, in locator order."""
+    @property
+    def encoder_frame_duration(self) -> float:
+        """Seconds per encoder output frame (before the adapter)."""
+        featurizer = self.perception.preprocessor.featurizer
+        return featurizer.hop_length / featurizer.sample_rate * self.perception.encoder.subsampling_factor
+
+    def encode_speech(self, audios: torch.Tensor, audio_lens: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder outputs ``(frames, d_model)`` per waveform: what the feature cache stores."""
         return encode_audio_with_optional_chunking(
-            self.perception,
-            batch["audios"],
-            batch["audio_lens"],
+            _EncoderStage(self.perception),
+            audios,
+            audio_lens,
             chunk_size_seconds=self.cfg.get("encoder_chunk_size_seconds", None),
             sampling_rate=self.sampling_rate,
         )
+
+    def encode_audio(self, batch: dict) -> list[torch.Tensor]:
+        """One ``(positions, hidden)`` tensor per audio locator, in locator order.
+
+        Whole utterances are encoded once (or read from ``encoder_features``, the feature
+        cache), then each locator's segment (``audio_segments``: row, start s, end s) is
+        sliced out by time and passed through the adapter on its own.
+        """
+        if batch.get("encoder_features") is not None:
+            feats = [f[:, :n].T for f, n in zip(batch["encoder_features"].to(self.device), batch["encoder_feature_lens"])]
+        else:
+            feats = self.encode_speech(batch["audios"], batch["audio_lens"])
+        segments = batch.get("audio_segments")
+        if segments is None:
+            return self.adapt(feats)
+        frame = self.encoder_frame_duration
+        pieces = []
+        for row, start, end in segments.tolist():
+            full = feats[int(row)]
+            first = min(int(round(start / frame)), len(full) - 1)
+            last = len(full) if end == float("inf") else min(max(int(round(end / frame)), first + 1), len(full))
+            pieces.append(full[first:last])
+        return self.adapt(pieces)
+
+    def adapt(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Modality adapter + projection over encoder outputs ``(frames, d_model)`` -> LLM embeddings."""
+        lens = torch.tensor([len(f) for f in features], device=self.device)
+        padded = torch.nn.utils.rnn.pad_sequence(list(features), batch_first=True).transpose(1, 2)
+        with typecheck.disable_checks():  # a NeMo ConformerEncoder adapter would reject these types, as in speechlm2
+            adapted, adapted_lens = self.perception.modality_adapter(audio_signal=padded, length=lens)
+        adapted = self.perception.proj(adapted.transpose(1, 2))
+        return [a[:n] for a, n in zip(adapted, adapted_lens.tolist())]
 
     def splice_audio(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Embeddings with audio spliced at the locators (left-padded), targets (-100 except on
         assistant tokens; ``None`` without ``loss_mask``) and the attention mask."""
         input_ids = batch["input_ids"]
         n_locators = int((input_ids == self.audio_locator_tag_id).sum())
-        n_audios = 0 if batch.get("audios") is None else len(batch["audio_lens"])
+        n_audios = _count_audios(batch)
         if n_locators != n_audios:
             raise ValueError(f"The batch has {n_locators} audio locator tokens but {n_audios} audios.")
         replacements = self.encode_audio(batch) if n_audios else []
@@ -379,6 +417,26 @@ class SpeechLMModel(ModelPT):
         return None
 
 
+class _EncoderStage:
+    """The preprocessor -> spec augment -> encoder part of ``AudioPerceptionModule.forward``.
+
+    speechlm2 runs encoder and adapter in one call; we need the encoder output on its
+    own (to cache it and to slice interleaved speech spans before the adapter).
+    """
+
+    def __init__(self, perception) -> None:
+        self.perception = perception
+        self.preprocessor = perception.preprocessor  # read by speechlm2's chunking helper
+
+    def __call__(self, input_signal: torch.Tensor, input_signal_length: torch.Tensor):
+        p = self.perception
+        feats, feat_lens = p.preprocessor(input_signal=input_signal, length=input_signal_length)
+        if p.spec_augmentation is not None and p.training:
+            feats = p.spec_augmentation(input_spec=feats, length=feat_lens)
+        encoded, encoded_lens = p.encoder(audio_signal=feats, length=feat_lens)
+        return encoded.transpose(1, 2), encoded_lens
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean token CE over non-ignored targets (0 if there are none)."""
     n = (targets != IGNORE_INDEX).sum().clamp(min=1)
@@ -390,6 +448,12 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _num_targets(inputs: dict) -> torch.Tensor:
     return (inputs["target_ids"] != IGNORE_INDEX).sum()
+
+
+def _count_audios(batch: dict) -> int:
+    if batch.get("audio_segments") is not None:
+        return len(batch["audio_segments"])
+    return 0 if batch.get("audios") is None else len(batch["audio_lens"])
 
 
 def _as_list(audio: Any) -> list:

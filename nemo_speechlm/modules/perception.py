@@ -40,4 +40,13 @@ def build_perception(cfg: DictConfig, llm, load_pretrained_asr: bool) -> AudioPe
         host = _PerceptionHost(cfg, llm)
         setup_speech_encoder(host, pretrained_weights=True)
         return host.perception
-    return AudioPerceptionModule(cfg.perception).train()
+    with open_dict(cfg):
+        if "load_pretrained_weights" in cfg.perception.encoder:
+            # Encoders with their own checkpoint (Whisper) load it only for a new model.
+            cfg.perception.encoder.load_pretrained_weights = load_pretrained_asr
+    perception = AudioPerceptionModule(cfg.perception).train()
+    if hasattr(perception.encoder, "architecture_config"):
+        with open_dict(cfg):
+            # Keep the encoder's architecture in the model config so a .nemo restores without the hub.
+            cfg.perception.encoder.architecture = perception.encoder.architecture_config()
+    return perception

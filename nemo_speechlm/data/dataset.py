@@ -1,0 +1,94 @@
+"""Batches of conversations: speechlm2's ``SALMDataset`` plus speech spans and cached features.
+
+Each audio locator in a conversation stands for an *audio segment*: a whole utterance,
+or (speech-text interleaving) a time span of one. A span's cut carries where its
+utterance lies in the recording (``SPAN_SOURCE_START``/``SPAN_SOURCE_DURATION`` in
+``cut.custom``); the batch holds each distinct utterance once, plus
+``audio_segments[i] = (utterance row, start s, end s)`` for locator ``i``. The model
+encodes whole utterances and slices the encoder output by time, so a span's features
+are the same whether they come from audio or from the feature cache, and a frozen
+encoder's cache only ever needs whole utterances.
+
+Why not SALMDataset as is: it loads one audio per locator, which would re-encode every
+span on its own (without the rest of the utterance as context) and defeat the cache.
+"""
+from __future__ import annotations
+
+import torch
+from lhotse import CutSet, fastcopy
+from lhotse.cut import Cut
+from nemo.collections.common.data.lhotse.text_adapters import AudioTurn
+from nemo.collections.speechlm2.data import SALMDataset
+from nemo.collections.speechlm2.data.salm_dataset import drop_in_memory_data, left_collate_vectors
+
+from nemo_speechlm.data.feature_cache import FeatureCache, utterance_key
+
+SPAN_SOURCE_START = "span_source_start"
+SPAN_SOURCE_DURATION = "span_source_duration"
+
+
+def speech_span(utterance: Cut, start: float, end: float) -> Cut:
+    """The part ``[start, end)`` seconds of ``utterance`` (a lhotse cut by time), remembering its utterance."""
+    if not 0.0 <= start < end <= utterance.duration + 1e-6:
+        raise ValueError(f"Span [{start}, {end}) s is outside utterance {utterance.id} ({utterance.duration} s).")
+    span = utterance.truncate(offset=start, duration=min(end, utterance.duration) - start)
+    span.id = f"{utterance.id}_{start:.2f}_{end:.2f}"
+    span.custom = {**(span.custom or {}), SPAN_SOURCE_START: utterance.start, SPAN_SOURCE_DURATION: utterance.duration}
+    return span
+
+
+def source_utterance(cut: Cut) -> tuple[Cut, float, float]:
+    """The whole utterance a locator's cut belongs to, and the cut's start/end inside it."""
+    custom = cut.custom or {}
+    if SPAN_SOURCE_START not in custom:
+        return cut, 0.0, float("inf")
+    start, duration = custom[SPAN_SOURCE_START], custom[SPAN_SOURCE_DURATION]
+    source = fastcopy(cut, id=f"{cut.recording.id}_{start:.4f}", start=start, duration=duration, supervisions=[], custom={})
+    return source, cut.start - start, cut.end - start
+
+
+class SpeechLMDataset(SALMDataset):
+    """Collates conversations into ``input_ids``/``loss_mask`` plus, per batch, either
+    ``audios``/``audio_lens`` (one row per distinct utterance) or, with a feature cache,
+    ``encoder_features`` ``(B, D, T)``/``encoder_feature_lens``; always ``audio_segments``."""
+
+    def __init__(self, tokenizer, feature_cache: FeatureCache | None = None) -> None:
+        super().__init__(tokenizer)
+        self.feature_cache = feature_cache
+
+    def __getitem__(self, conversations: CutSet) -> dict:
+        conversations = list(conversations)
+        sources, rows, segments = [], {}, []
+        for conversation in conversations:
+            for turn in conversation.turns:
+                if isinstance(turn, AudioTurn):
+                    source, start, end = source_utterance(turn.cut)
+                    key = utterance_key(source)
+                    if key not in rows:
+                        rows[key] = len(sources)
+                        sources.append(source)
+                    segments.append((rows[key], start, end))
+        batch = {
+            "input_ids": left_collate_vectors([c.input_ids for c in conversations], padding_value=self.pad_id),
+            "loss_mask": left_collate_vectors(
+                [getattr(c, "mask", torch.empty(0)) for c in conversations], padding_value=0
+            ).to(torch.bool),
+            "audio_segments": torch.tensor(segments, dtype=torch.float64).reshape(-1, 3),
+            "conversations": drop_in_memory_data(CutSet(conversations)),
+        }
+        if not sources:
+            batch["audios"], batch["audio_lens"] = None, None
+        elif self.feature_cache is not None:
+            feats = [self.feature_cache.load(s) for s in sources]
+            batch["encoder_feature_lens"] = torch.tensor([len(f) for f in feats])
+            batch["encoder_features"] = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).transpose(1, 2)
+        else:
+            batch["audios"], batch["audio_lens"] = self._load(sources)
+        return batch
+
+    def _load(self, sources: list[Cut]) -> tuple[torch.Tensor, torch.Tensor]:
+        audios, audio_lens, loaded = self.load_audio(CutSet(sources))
+        if len(loaded) != len(sources):
+            failed = sorted({s.recording.sources[0].source for s in sources} - {c.recording.sources[0].source for c in loaded})
+            raise RuntimeError(f"Could not read audio: {failed}")
+        return audios, audio_lens

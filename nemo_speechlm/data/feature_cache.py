@@ -1,0 +1,119 @@
+"""Frozen-encoder feature cache: run the speech encoder once over the training audio.
+
+With a frozen encoder (MTBI's default), every epoch would recompute identical encoder
+outputs. The cache stores them on disk, one ``.npy`` per utterance, under
+``<dir>/<fingerprint>/``:
+
+* the key of an utterance is its audio file, offset and duration;
+* the fingerprint hashes the preprocessor + encoder config and weights, so a changed
+  encoder reads from a new directory and never sees stale features;
+* each file is written to a temporary name and renamed, so a crash leaves no partial
+  file and :func:`fill_feature_cache` resumes with the utterances still missing.
+
+Interleaved speech spans are slices of their whole utterance's features (see
+``nemo_speechlm.data.dataset``), so only whole utterances are ever cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from lhotse.cut import Cut
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from nemo.utils import logging
+
+# Filled in after the encoder is built or restored: not part of what it computes.
+_NON_ARCHITECTURE_KEYS = ("load_pretrained_weights",)
+
+
+def encoder_fingerprint(perception: torch.nn.Module, perception_cfg: DictConfig) -> str:
+    """16 hex digits over the preprocessor/encoder config and every encoder weight."""
+    digest = hashlib.sha256()
+    for part in ("preprocessor", "encoder"):
+        cfg = OmegaConf.to_container(perception_cfg.get(part) or {}, resolve=True)
+        for key in _NON_ARCHITECTURE_KEYS:
+            cfg.pop(key, None)
+        digest.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for module in (perception.preprocessor, perception.encoder):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def utterance_key(cut: Cut) -> str:
+    """Key of the audio a cut covers: source file (or recording id), offset and duration."""
+    sources = cut.recording.sources
+    source = sources[0].source if sources and sources[0].type == "file" else cut.recording.id
+    return hashlib.sha1(f"{os.path.abspath(source)}|{cut.start:.4f}|{cut.duration:.4f}".encode()).hexdigest()
+
+
+class FeatureCache:
+    """Encoder outputs ``(frames, d_model)`` on disk, keyed by :func:`utterance_key`."""
+
+    def __init__(self, directory: str | Path, fingerprint: str) -> None:
+        self.root = Path(directory) / fingerprint
+        self.fingerprint = fingerprint
+
+    def path(self, cut: Cut) -> Path:
+        key = utterance_key(cut)
+        return self.root / key[:2] / f"{key}.npy"
+
+    def __contains__(self, cut: Cut) -> bool:
+        return self.path(cut).is_file()
+
+    def load(self, cut: Cut) -> torch.Tensor:
+        path = self.path(cut)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"No cached encoder features for {cut.recording.sources[0].source} "
+                f"(offset {cut.start}, duration {cut.duration}) in {self.root}; run the feature "
+                "cache fill first (the training recipe does it when feature_cache.dir is set)."
+            )
+        return torch.from_numpy(np.load(path))
+
+    def save(self, cut: Cut, features: torch.Tensor) -> None:
+        path = self.path(cut)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, features.detach().cpu().float().numpy())
+        os.replace(tmp, path)
+
+
+@torch.no_grad()
+def fill_feature_cache(model, cache: FeatureCache, cuts: list[Cut], batch_size: int = 8) -> dict[str, int]:
+    """Encode every cut not yet in ``cache`` (resumable); returns counts for the log."""
+    todo, seen = [], set()
+    for cut in cuts:
+        key = utterance_key(cut)
+        if key not in seen and cut not in cache:
+            todo.append(cut)
+        seen.add(key)
+    counts = {"utterances": len(seen), "cached_before": len(seen) - len(todo), "encoded": 0}
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=len(seen), initial=counts["cached_before"], desc="Caching encoder features", unit="utt") as bar:
+            for start in range(0, len(todo), batch_size):
+                batch_cuts = todo[start : start + batch_size]
+                wavs = [
+                    torch.as_tensor(c.resample(model.sampling_rate).load_audio().mean(axis=0), dtype=torch.float32)
+                    for c in batch_cuts
+                ]
+                lens = torch.tensor([len(w) for w in wavs])
+                audio = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)
+                for cut, feats in zip(batch_cuts, model.encode_speech(audio.to(model.device), lens.to(model.device))):
+                    cache.save(cut, feats)
+                counts["encoded"] += len(batch_cuts)
+                bar.update(len(batch_cuts))
+    finally:
+        model.train(was_training)
+    logging.info(f"Feature cache {cache.root}: {counts}")
+    return counts
