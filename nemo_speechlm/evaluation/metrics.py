@@ -1,0 +1,243 @@
+"""Text metrics for scoring a speech LLM's answers.
+
+Thin wrappers over the standard libraries, so every evaluation in the project normalizes
+and counts the same way: jiwer (WER/CER), sacrebleu (BLEU/chrF), rouge_score (ROUGE-L) and
+Whisper's English text normalizer.
+
+Argument order is always ``(reference(s), hypothesis/prediction(s))``, also where the
+library underneath takes hypotheses first (sacrebleu).
+
+Empty and missing input:
+- ``None`` or any other non-string text raises ``TypeError`` naming the argument (and the
+  index inside a list); a single string passed where a list is expected raises ``TypeError``
+  too (it would otherwise be scored character by character).
+- Lists of different lengths, or empty lists, raise ``ValueError``.
+- An empty string is a valid answer (a model may say nothing) and gets a defined score:
+  an error rate over a reference with no words/characters is 0.0 when the hypothesis is
+  empty too and ``inf`` otherwise (NeMo's ``word_error_rate`` convention; jiwer would report
+  the insertion count); BLEU, chrF and ROUGE-L of an empty side are 0.0 (the libraries'
+  own values); ``exact_match`` compares the (normalized) strings, so two empty strings match;
+  ``is_transcript_copy`` is False when either side is empty.
+"""
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+from importlib.resources import files
+
+import jiwer
+import sacrebleu
+from rouge_score import rouge_scorer, tokenizers
+from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+logger = logging.getLogger(__name__)
+
+TRANSCRIPT_COPY_MAX_WER = 0.1
+
+
+# --------------------------------------------------------------------------- normalization
+
+
+def _load_spelling_mapping() -> dict[str, str]:
+    """OpenAI's British->American spelling table (``english.json``, 1.7k words).
+
+    transformers' ``EnglishTextNormalizer`` takes the table as an argument and normally gets
+    it with a Whisper tokenizer from the model hub, which is unreachable offline. The
+    ``whisper_normalizer`` package, installed with ``nemo_toolkit[asr]``, ships the same file.
+    """
+    try:
+        text = files("whisper_normalizer").joinpath("normalizers/english.json").read_text(encoding="utf-8")
+    except (ModuleNotFoundError, FileNotFoundError):
+        logger.warning(
+            "whisper_normalizer (with normalizers/english.json) is not installed: English "
+            "normalization runs without British->American spelling standardization."
+        )
+        return {}
+    return json.loads(text)
+
+
+@lru_cache(maxsize=1)
+def _english_normalizer() -> EnglishTextNormalizer:
+    # transformers' class rather than whisper_normalizer's own (which NeMo's speechlm2 metrics
+    # use): transformers' copy is OpenAI's code verbatim, while whisper_normalizer adds rules
+    # ("cause" -> "because", "kinda", ...) that make scores differ from Whisper-style ones.
+    return EnglishTextNormalizer(_load_spelling_mapping())
+
+
+def normalize_english(text: str) -> str:
+    """Whisper's English normalization: lower case, no punctuation, "Mr." -> "mister",
+    spelled numbers -> digits ("twenty dollars" -> "$20"), American spelling, fillers removed.
+
+    Meant for English; other languages lose their diacritics ("était" -> "etait") and may
+    meet English contraction rules, which is harmless for equality tests but not a proper
+    normalization for them.
+    """
+    _require_text(text, "text")
+    return _english_normalizer()(text).strip()
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _require_text(value: object, name: str) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+
+
+def _require_pairs(references: Sequence[str], hypotheses: Sequence[str]) -> None:
+    for name, values in (("references", references), ("hypotheses", hypotheses)):
+        if isinstance(values, str) or not isinstance(values, Sequence):
+            raise TypeError(f"{name} must be a list of strings, got {type(values).__name__}")
+        for i, value in enumerate(values):
+            _require_text(value, f"{name}[{i}]")
+    if len(references) != len(hypotheses):
+        raise ValueError(f"got {len(references)} references but {len(hypotheses)} hypotheses")
+    if not references:
+        raise ValueError("references and hypotheses are empty: nothing to score")
+
+
+def _rate(errors: int, reference_units: int) -> float:
+    """Errors per reference unit; a reference with nothing in it scores 0 only if nothing was said."""
+    if reference_units == 0:
+        return 0.0 if errors == 0 else math.inf
+    return errors / reference_units
+
+
+# --------------------------------------------------------------------------- WER / CER
+
+
+def word_error_rate(references: Sequence[str], hypotheses: Sequence[str], normalize: bool = True) -> dict:
+    """Corpus WER (total edits / total reference words) and its counts, via jiwer.
+
+    Returns ``{"wer", "substitutions", "deletions", "insertions", "hits", "reference_words"}``.
+    ``normalize`` applies :func:`normalize_english` to both sides first; without it, words
+    are whitespace-separated tokens compared exactly.
+    """
+    _require_pairs(references, hypotheses)
+    if normalize:
+        references = [normalize_english(r) for r in references]
+        hypotheses = [normalize_english(h) for h in hypotheses]
+    out = jiwer.process_words(list(references), list(hypotheses))
+    n_ref = out.hits + out.substitutions + out.deletions
+    return {
+        "wer": _rate(out.substitutions + out.deletions + out.insertions, n_ref),
+        "substitutions": out.substitutions,
+        "deletions": out.deletions,
+        "insertions": out.insertions,
+        "hits": out.hits,
+        "reference_words": n_ref,
+    }
+
+
+def char_error_rate(references: Sequence[str], hypotheses: Sequence[str], normalize: bool = True) -> dict:
+    """Corpus CER and its counts, via jiwer; spaces count as characters (jiwer's default).
+
+    Returns ``{"cer", "substitutions", "deletions", "insertions", "hits", "reference_chars"}``.
+    """
+    _require_pairs(references, hypotheses)
+    if normalize:
+        references = [normalize_english(r) for r in references]
+        hypotheses = [normalize_english(h) for h in hypotheses]
+    out = jiwer.process_characters(list(references), list(hypotheses))
+    n_ref = out.hits + out.substitutions + out.deletions
+    return {
+        "cer": _rate(out.substitutions + out.deletions + out.insertions, n_ref),
+        "substitutions": out.substitutions,
+        "deletions": out.deletions,
+        "insertions": out.insertions,
+        "hits": out.hits,
+        "reference_chars": n_ref,
+    }
+
+
+def utterance_wer(reference: str, hypothesis: str, normalize: bool = True) -> float:
+    """WER of one utterance, for per-utterance output (0.0 / inf for an empty reference)."""
+    _require_text(reference, "reference")
+    _require_text(hypothesis, "hypothesis")
+    return word_error_rate([reference], [hypothesis], normalize=normalize)["wer"]
+
+
+# --------------------------------------------------------------------------- BLEU / chrF
+# sacrebleu's defaults on raw (detokenized) text: BLEU with the 13a tokenizer and exp
+# smoothing, chrF2 (character 6-grams, beta 2). No normalization, so scores are comparable
+# with published sacrebleu numbers.
+
+
+def bleu(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Corpus BLEU (0-100), one reference per hypothesis."""
+    _require_pairs(references, hypotheses)
+    return sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score
+
+
+def chrf(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Corpus chrF (0-100), one reference per hypothesis."""
+    _require_pairs(references, hypotheses)
+    return sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score
+
+
+def sentence_bleu(reference: str, hypothesis: str) -> float:
+    """BLEU (0-100) of one item; sacrebleu's sentence variant (effective order, exp smoothing)."""
+    _require_text(reference, "reference")
+    _require_text(hypothesis, "hypothesis")
+    return sacrebleu.sentence_bleu(hypothesis, [reference]).score
+
+
+def sentence_chrf(reference: str, hypothesis: str) -> float:
+    """chrF (0-100) of one item."""
+    _require_text(reference, "reference")
+    _require_text(hypothesis, "hypothesis")
+    return sacrebleu.sentence_chrf(hypothesis, [reference]).score
+
+
+# --------------------------------------------------------------------------- ROUGE-L / EM
+
+
+class _UnicodeWordTokenizer(tokenizers.Tokenizer):
+    """rouge_score's default tokenizer keeps only [a-z0-9] and would turn "était" into "tait"
+    (and erase non-Latin text); answers here can be French, German or Spanish. On ASCII text
+    this gives the same tokens as the default: lower-cased runs of letters and digits."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return re.findall(r"[^\W_]+", text.lower())
+
+
+@lru_cache(maxsize=1)
+def _rouge_l_scorer() -> rouge_scorer.RougeScorer:
+    # No stemming: the Porter stemmer is English-only, and reference and prediction are
+    # answers of the same LLM, whose exact word forms are part of what should match.
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=_UnicodeWordTokenizer())
+
+
+def rouge_l(reference: str, prediction: str) -> float:
+    """ROUGE-L F-measure (0-1) from the longest common word subsequence; 0.0 if a side is empty."""
+    _require_text(reference, "reference")
+    _require_text(prediction, "prediction")
+    return _rouge_l_scorer().score(reference, prediction)["rougeL"].fmeasure
+
+
+def exact_match(reference: str, prediction: str, normalize: bool = True) -> bool:
+    """Whether the two strings are equal after :func:`normalize_english` (or after stripping
+    surrounding whitespace when ``normalize`` is False)."""
+    _require_text(reference, "reference")
+    _require_text(prediction, "prediction")
+    if normalize:
+        return normalize_english(reference) == normalize_english(prediction)
+    return reference.strip() == prediction.strip()
+
+
+def is_transcript_copy(answer: str, transcript: str, threshold: float = TRANSCRIPT_COPY_MAX_WER) -> bool:
+    """Whether the answer is (nearly) just the transcript: a common failure of speech LLMs,
+    which repeat what they heard instead of doing the task.
+
+    Rule: after :func:`normalize_english` on both, the WER of the answer against the
+    transcript is at most ``threshold`` (default 0.1: about one edit per ten transcript
+    words). An empty answer or transcript is not a copy. A short prefix such as "The audio
+    says:" counts as insertions, so it still passes as a copy only on long transcripts.
+    """
+    _require_text(answer, "answer")
+    _require_text(transcript, "transcript")
+    if not normalize_english(answer) or not normalize_english(transcript):
+        return False
+    return utterance_wer(transcript, answer) <= threshold
