@@ -13,5 +13,6 @@ if "nemo_speechlm." not in ALLOWED_TARGET_PREFIXES:
 from nemo_speechlm.parts import offline_models as _offline_models  # noqa: E402,F401  (config resolvers)
 from nemo_speechlm.parts import prompting as _prompting  # noqa: E402,F401  (registers the chat-template formatter)
 from nemo_speechlm.data import conversations as _conversations  # noqa: E402,F401  (registers data types)
+from nemo_speechlm.data import behaviors as _behaviors  # noqa: E402,F401  (registers mtbi_behaviors)
 
 __version__ = "0.1.0"

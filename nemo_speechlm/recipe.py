@@ -10,7 +10,8 @@ from nemo.utils.exp_manager import exp_manager
 from nemo.utils.trainer_utils import resolve_trainer_cfg
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_speechlm.data.datamodule import build_datamodule
+from nemo_speechlm.data.datamodule import build_datamodule, fill_model_settings
+from nemo_speechlm.data.feature_cache import prepare_feature_cache
 
 
 def train(cfg: DictConfig, model_cls) -> Path:
@@ -31,7 +32,9 @@ def train(cfg: DictConfig, model_cls) -> Path:
     trainer = Trainer(**trainer_cfg)
     log_dir = exp_manager(trainer, cfg.get("exp_manager"))
     model = model_cls(cfg.model, trainer=trainer)
-    datamodule = build_datamodule(cfg.data, model)
+    fill_model_settings(cfg.data, model)
+    feature_cache = prepare_feature_cache(cfg.get("feature_cache"), model, cfg.data)
+    datamodule = build_datamodule(cfg.data, model, feature_cache)
     trainer.fit(model, datamodule)
     nemo_path = Path(cfg.get("output_nemo") or Path(log_dir) / f"{cfg.get('name', 'speechlm')}.nemo")
     if trainer.is_global_zero:

@@ -9,23 +9,26 @@ lhotse dataloader and speechlm2's ``SALMDataset``.
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from lhotse import CutSet, Recording
 from lhotse.cut import Cut
 from nemo.collections.common.data.lhotse import NeMoMultimodalConversation
 from nemo.collections.common.data.lhotse.cutset import data_type_parser
 from nemo.collections.common.data.lhotse.text_adapters import AudioTurn, TextTurn
+from nemo.collections.common.data.prompt_fn import registered_prompt_format_fn
 
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
+from nemo_speechlm.parts.prompting import ChatTemplatePromptFormatter
 
 DATA_TYPE = "speechlm_manifest"
 
 
 def split_prompt(prompt: str, audio_locator_tag: str) -> list[str]:
-    """Split a prompt at its audio locators: ``"a <A> b"`` -> ``["a", "b"]`` (one more piece than audios)."""
-    return [piece.strip() for piece in prompt.split(audio_locator_tag)]
+    """Split a prompt at its audio locators: ``"a <A> b"`` -> ``["a ", " b"]`` (one more piece than audios)."""
+    return prompt.split(audio_locator_tag)
 
 
 def cut_for_audio(audio_path: str, offset: float = 0.0, duration: float | None = None, cut_id: str | None = None) -> Cut:
@@ -87,67 +90,85 @@ def entry_to_conversation(
     return NeMoMultimodalConversation(id=cut_id, turns=turns, token_equivalent_duration=token_equivalent_duration)
 
 
-class SpeechLMManifestAdapter:
-    """Lazily iterates a manifest as conversations (picklable, so it runs in dataloader workers)."""
+class ManifestConversations:
+    """Lazily iterates a manifest as conversations (picklable, so it runs in dataloader workers).
+
+    ``to_conversation(entry, iteration)`` builds one conversation per line; ``iteration``
+    counts passes over the file so random choices (interleaving spans) differ per epoch.
+    """
 
     def __init__(
         self,
         manifest_filepath: str,
-        audio_locator_tag: str,
-        token_equivalent_duration: float,
-        prompt: str | None = None,
-        answer_field: str = "text",
-        system_prompt: str | None = None,
+        to_conversation: Callable[[ManifestEntry, int], NeMoMultimodalConversation],
+        required_text_fields: tuple[str, ...] = (),
         skip_invalid: bool = False,
     ) -> None:
         self.manifest_filepath = manifest_filepath
-        self.audio_locator_tag = audio_locator_tag
-        self.token_equivalent_duration = token_equivalent_duration
-        self.prompt = prompt
-        self.answer_field = answer_field
-        self.system_prompt = system_prompt
+        self.to_conversation = to_conversation
+        self.required_text_fields = required_text_fields
         self.skip_invalid = skip_invalid
         self.summary = SkipSummary()
+        self.iteration = 0
 
     def __iter__(self) -> Iterator[NeMoMultimodalConversation]:
+        self.iteration += 1
         for entry in read_manifest(
             self.manifest_filepath,
-            required_text_fields=(),
+            required_text_fields=self.required_text_fields,
             skip_invalid=self.skip_invalid,
             summary=self.summary,
         ):
             try:
-                yield entry_to_conversation(
-                    entry,
-                    self.prompt,
-                    self.audio_locator_tag,
-                    self.token_equivalent_duration,
-                    self.answer_field,
-                    self.system_prompt,
-                )
+                yield self.to_conversation(entry, self.iteration)
             except ManifestError as e:
                 if not self.skip_invalid:
                     raise
                 self.summary.add(e)
 
 
-@data_type_parser(DATA_TYPE)
-def read_speechlm_manifest(config) -> tuple[CutSet, bool]:
-    """NeMo lhotse parser for ``type: speechlm_manifest`` (see module docstring for the keys)."""
-    for key in ("manifest_filepath", "audio_locator_tag", "token_equivalent_duration"):
-        if config.get(key) is None:
-            raise ValueError(f"Data config of type {DATA_TYPE!r} needs `{key}` (got {dict(config)}).")
-    cuts = CutSet(
-        SpeechLMManifestAdapter(
-            manifest_filepath=config.manifest_filepath,
-            audio_locator_tag=config.audio_locator_tag,
-            token_equivalent_duration=config.token_equivalent_duration,
-            prompt=config.get("prompt"),
-            answer_field=config.get("answer_field", "text"),
-            system_prompt=config.get("system_prompt"),
-            skip_invalid=config.get("skip_invalid", False),
-        )
-    )
+def finish_parsing(config, adapter: ManifestConversations) -> tuple[CutSet, bool]:
+    """A lazy, endless (unless ``force_finite``) CutSet over ``adapter`` for NeMo's lhotse loader."""
+    cuts = CutSet(adapter)
     if not config.get("force_finite", False):
         cuts = cuts.repeat()
     return cuts, True
+
+
+def require_keys(config, data_type: str, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if config.get(key) is None:
+            raise ValueError(f"Data config of type {data_type!r} needs `{key}` (got {dict(config)}).")
+
+
+@registered_prompt_format_fn(NeMoMultimodalConversation, ChatTemplatePromptFormatter)
+def concatenate_turns_prompt_fn(example: NeMoMultimodalConversation, formatter: ChatTemplatePromptFormatter, **kwargs):
+    """Consecutive same-role turns are concatenated exactly (NeMo's default inserts a space),
+    so the text around an audio locator is what the prompt says, as at inference time."""
+    turns = []
+    for turn in example.turns:
+        piece = turn.value if isinstance(turn, TextTurn) else turn.audio_locator_tag
+        if turns and turns[-1]["role"] == turn.role:
+            turns[-1]["slots"]["message"] += piece
+        else:
+            turns.append({"role": turn.role, "slots": {"message": piece}})
+    return formatter.encode_dialog(turns, **kwargs)
+
+
+@data_type_parser(DATA_TYPE)
+def read_speechlm_manifest(config) -> tuple[CutSet, bool]:
+    """NeMo lhotse parser for ``type: speechlm_manifest`` (see module docstring for the keys)."""
+    require_keys(config, DATA_TYPE, ("manifest_filepath", "audio_locator_tag", "token_equivalent_duration"))
+    build = partial(
+        _line_to_conversation,
+        default_prompt=config.get("prompt"),
+        audio_locator_tag=config.audio_locator_tag,
+        token_equivalent_duration=config.token_equivalent_duration,
+        answer_field=config.get("answer_field", "text"),
+        system_prompt=config.get("system_prompt"),
+    )
+    return finish_parsing(config, ManifestConversations(config.manifest_filepath, build, skip_invalid=config.get("skip_invalid", False)))
+
+
+def _line_to_conversation(entry: ManifestEntry, iteration: int, **kwargs) -> NeMoMultimodalConversation:
+    return entry_to_conversation(entry, **kwargs)

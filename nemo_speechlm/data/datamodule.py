@@ -36,6 +36,9 @@ def fill_model_settings(data_cfg: DictConfig, model) -> DictConfig:
 
 
 def build_datamodule(data_cfg: DictConfig, model, feature_cache: FeatureCache | None = None) -> DataModule:
-    """A Lightning datamodule for ``trainer.fit(model, datamodule)``; batches read ``feature_cache`` when given."""
+    """A Lightning datamodule for ``trainer.fit(model, datamodule)``; batches read ``feature_cache`` when given,
+    and carry the text-teacher inputs when the model asks for them (``model.needs_text_teacher``)."""
     fill_model_settings(data_cfg, model)
-    return DataModule(data_cfg, tokenizer=model.tokenizer, dataset=SpeechLMDataset(model.tokenizer, feature_cache))
+    teacher = model.prompt_formatter if getattr(model, "needs_text_teacher", False) else None
+    dataset = SpeechLMDataset(model.tokenizer, feature_cache, text_teacher_formatter=teacher)
+    return DataModule(data_cfg, tokenizer=model.tokenizer, dataset=dataset)

@@ -17,11 +17,12 @@ from __future__ import annotations
 import torch
 from lhotse import CutSet, fastcopy
 from lhotse.cut import Cut
-from nemo.collections.common.data.lhotse.text_adapters import AudioTurn
+from nemo.collections.common.data.lhotse.text_adapters import AudioTurn, TextTurn
 from nemo.collections.speechlm2.data import SALMDataset
 from nemo.collections.speechlm2.data.salm_dataset import drop_in_memory_data, left_collate_vectors
 
 from nemo_speechlm.data.feature_cache import FeatureCache, utterance_key
+from nemo_speechlm.parts.prompting import encode_messages
 
 SPAN_SOURCE_START = "span_source_start"
 SPAN_SOURCE_DURATION = "span_source_duration"
@@ -47,14 +48,33 @@ def source_utterance(cut: Cut) -> tuple[Cut, float, float]:
     return source, cut.start - start, cut.end - start
 
 
+def as_text_messages(conversation) -> list[dict]:
+    """``{"role", "content"}`` messages with each audio turn read as its text (same-role turns concatenated)."""
+    messages = []
+    for turn in conversation.turns:
+        text = turn.value if isinstance(turn, TextTurn) else turn.text
+        if not isinstance(text, str):
+            raise ValueError(f"Conversation {conversation.id}: an audio turn has no text to stand in for it")
+        if messages and messages[-1]["role"] == turn.role:
+            messages[-1]["content"] += text
+        else:
+            messages.append({"role": turn.role, "content": text})
+    return messages
+
+
 class SpeechLMDataset(SALMDataset):
     """Collates conversations into ``input_ids``/``loss_mask`` plus, per batch, either
     ``audios``/``audio_lens`` (one row per distinct utterance) or, with a feature cache,
-    ``encoder_features`` ``(B, D, T)``/``encoder_feature_lens``; always ``audio_segments``."""
+    ``encoder_features`` ``(B, D, T)``/``encoder_feature_lens``; always ``audio_segments``.
 
-    def __init__(self, tokenizer, feature_cache: FeatureCache | None = None) -> None:
+    With ``text_teacher_formatter`` (MTBI's KL term), also ``teacher_input_ids``/``teacher_loss_mask``:
+    the same conversations with every audio turn replaced by the text it stands for.
+    """
+
+    def __init__(self, tokenizer, feature_cache: FeatureCache | None = None, text_teacher_formatter=None) -> None:
         super().__init__(tokenizer)
         self.feature_cache = feature_cache
+        self.text_teacher_formatter = text_teacher_formatter
 
     def __getitem__(self, conversations: CutSet) -> dict:
         conversations = list(conversations)
@@ -76,6 +96,10 @@ class SpeechLMDataset(SALMDataset):
             "audio_segments": torch.tensor(segments, dtype=torch.float64).reshape(-1, 3),
             "conversations": drop_in_memory_data(CutSet(conversations)),
         }
+        if self.text_teacher_formatter is not None:
+            teacher = [encode_messages(self.text_teacher_formatter, as_text_messages(c)) for c in conversations]
+            batch["teacher_input_ids"] = left_collate_vectors([t["input_ids"] for t in teacher], padding_value=self.pad_id)
+            batch["teacher_loss_mask"] = left_collate_vectors([t["mask"] for t in teacher], padding_value=0).to(torch.bool)
         if not sources:
             batch["audios"], batch["audio_lens"] = None, None
         elif self.feature_cache is not None:

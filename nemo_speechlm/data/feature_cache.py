@@ -117,3 +117,41 @@ def fill_feature_cache(model, cache: FeatureCache, cuts: list[Cut], batch_size: 
         model.train(was_training)
     logging.info(f"Feature cache {cache.root}: {counts}")
     return counts
+
+
+def utterances_in(data_cfg: DictConfig) -> list[Cut]:
+    """Every distinct whole utterance the train/validation data will ask for (one pass over the data)."""
+    from nemo.collections.common.data.lhotse.cutset import read_cutset_from_config
+    from nemo.collections.common.data.lhotse.text_adapters import AudioTurn
+
+    from nemo_speechlm.data.dataset import source_utterance
+
+    found: dict[str, Cut] = {}
+    for split in ("train_ds", "validation_ds"):
+        if data_cfg.get(split) is None:
+            continue
+        split_cfg = OmegaConf.merge(data_cfg[split], {"force_finite": True})
+        conversations, _ = read_cutset_from_config(split_cfg)
+        for conversation in conversations:
+            for turn in getattr(conversation, "turns", []):
+                if isinstance(turn, AudioTurn):
+                    source = source_utterance(turn.cut)[0]
+                    found.setdefault(utterance_key(source), source)
+    return list(found.values())
+
+
+def prepare_feature_cache(cache_cfg: DictConfig | None, model, data_cfg: DictConfig) -> FeatureCache | None:
+    """The cache for ``model``'s encoder, filled for ``data_cfg`` (``feature_cache`` config; None when off)."""
+    if not cache_cfg or not cache_cfg.get("dir"):
+        return None
+    perception = model.perception
+    trainable = [n for n, p in perception.named_parameters() if p.requires_grad and not n.startswith(("modality_adapter", "proj"))]
+    if trainable or perception.spec_augmentation is not None:
+        raise ValueError(
+            "feature_cache needs a frozen encoder without spec augmentation (cached features never change); "
+            f"trainable encoder parameters: {trainable[:3]}, spec_augment: {perception.spec_augmentation is not None}. "
+            "Freeze it with model.freeze_params: ['^perception\\\\.(preprocessor|encoder)\\\\..+$', ...] or set feature_cache.dir=null."
+        )
+    cache = FeatureCache(cache_cfg.dir, encoder_fingerprint(perception, model.cfg.perception))
+    fill_feature_cache(model, cache, utterances_in(data_cfg), batch_size=cache_cfg.get("batch_size", 8))
+    return cache

@@ -1,0 +1,19 @@
+"""Train an MTBI speech LLM on behaviors (see README "MTBI end to end").
+
+    python examples/mtbi_train.py \
+        data.train_ds.input_cfg.0.manifest_filepath=behaviors.jsonl \
+        encoder=whisper_small llm=qwen2_5_1_5b_instruct trainer.max_steps=20000
+"""
+from nemo.core.config import hydra_runner
+
+from nemo_speechlm.models import MTBIModel
+from nemo_speechlm.recipe import train
+
+
+@hydra_runner(config_path="../conf", config_name="mtbi")
+def main(cfg) -> None:
+    train(cfg, MTBIModel)
+
+
+if __name__ == "__main__":
+    main()

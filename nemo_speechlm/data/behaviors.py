@@ -1,0 +1,139 @@
+"""MTBI training data: a behaviors JSONL line -> a conversation, registered as ``type: mtbi_behaviors``.
+
+A behaviors line is a manifest line (``audio_filepath``, ``duration``, ``text``, optional
+``offset``/``words``) plus ``task``, ``prompt`` (with ``{input}`` where the utterance
+goes) and ``response`` (the text LLM's answer to the transcript; written by
+``examples/generate_behaviors.py``). The user turn is the prompt with the speech in place
+of ``{input}``, or, for a share ``interleave.prob`` of lines, text and speech spans of the
+utterance alternating (``nemo_speechlm.data.interleaving``). Each audio turn also
+carries the text it stands for, so the KL teacher can read the same turn as text.
+
+Data config keys: ``manifest_filepath``, ``interleave`` ({prob, text_span_words,
+speech_span_words}), ``catalog`` (task catalog path; null = ``conf/mtbi/tasks.yaml``),
+``system_prompt``, ``seed``, ``skip_invalid``; ``audio_locator_tag`` and
+``token_equivalent_duration`` are filled in from the model.
+"""
+from __future__ import annotations
+
+import random
+from functools import partial
+
+from lhotse.cut import Cut
+from nemo.collections.common.data.lhotse import NeMoMultimodalConversation
+from nemo.collections.common.data.lhotse.cutset import data_type_parser
+from nemo.collections.common.data.lhotse.text_adapters import AudioTurn, TextTurn
+
+from nemo_speechlm.data.conversations import ManifestConversations, cut_for_audio, finish_parsing, require_keys
+from nemo_speechlm.data.dataset import speech_span
+from nemo_speechlm.data.interleaving import InterleaveConfig, choose_spans, validate_words
+from nemo_speechlm.data.manifest import ManifestEntry, ManifestError
+from nemo_speechlm.data.task_catalog import HELDOUT, INPUT_PLACEHOLDER, TaskCatalog
+
+DATA_TYPE = "mtbi_behaviors"
+BEHAVIOR_FIELDS = ("text", "task", "prompt", "response")
+
+
+def behavior_to_conversation(
+    entry: ManifestEntry,
+    audio_locator_tag: str,
+    token_equivalent_duration: float,
+    catalog: TaskCatalog,
+    interleave: InterleaveConfig = InterleaveConfig(),
+    rng: random.Random | None = None,
+    system_prompt: str | None = None,
+) -> NeMoMultimodalConversation:
+    """The training conversation of one behaviors line; errors name the file, line and field."""
+    _check_behavior(entry, catalog)
+    words = entry.get("words")
+    if words is not None:
+        try:
+            validate_words(words, entry["duration"])
+        except ValueError as e:
+            raise ManifestError(entry.path, entry.line, str(e), "words") from None
+    rng = rng or random.Random(0)
+    cut_id = f"{entry.path.rsplit('/', 1)[-1]}-{entry.line}"
+    cut = cut_for_audio(entry["audio_filepath"], entry.get("offset", 0.0) or 0.0, entry["duration"], cut_id)
+    before, after = entry["prompt"].split(INPUT_PLACEHOLDER)
+    if interleave.prob > 0 and rng.random() < interleave.prob:
+        if not words:
+            raise ManifestError(
+                entry.path, entry.line,
+                "interleaving needs word alignments: add them with examples/align_words.py or set interleave.prob=0",
+                "words",
+            )
+        pieces = _interleaved_pieces(cut, words, interleave, rng, audio_locator_tag)
+    else:
+        pieces = [AudioTurn(cut=cut, role="user", audio_locator_tag=audio_locator_tag, text=entry["text"])]
+    turns = [TextTurn(value=system_prompt, role="system")] if system_prompt else []
+    turns += [t for t in [TextTurn(value=before, role="user"), *pieces, TextTurn(value=after, role="user")]
+              if not (isinstance(t, TextTurn) and not t.value)]
+    turns.append(TextTurn(value=entry["response"], role="assistant"))
+    return NeMoMultimodalConversation(id=cut_id, turns=turns, token_equivalent_duration=token_equivalent_duration)
+
+
+def _interleaved_pieces(utterance: Cut, words: list[dict], cfg: InterleaveConfig, rng: random.Random, tag: str) -> list:
+    """Text runs as text, speech runs as time spans of the utterance, separated by single spaces."""
+    pieces = []
+    for i, span in enumerate(choose_spans(words, cfg, rng)):
+        sep = " " if i else ""
+        if span.is_speech:
+            if sep:
+                pieces.append(TextTurn(value=sep, role="user"))
+            pieces.append(AudioTurn(cut=speech_span(utterance, span.start, span.end), role="user", audio_locator_tag=tag, text=span.text))
+        else:
+            pieces.append(TextTurn(value=sep + span.text, role="user"))
+    # Merge adjacent text so the conversation stays small.
+    merged = []
+    for p in pieces:
+        if merged and isinstance(p, TextTurn) and isinstance(merged[-1], TextTurn):
+            merged[-1] = TextTurn(value=merged[-1].value + p.value, role="user")
+        else:
+            merged.append(p)
+    return merged
+
+
+def _check_behavior(entry: ManifestEntry, catalog: TaskCatalog) -> None:
+    task = entry["task"]
+    if task not in catalog:
+        raise ManifestError(entry.path, entry.line, f"unknown task {task!r}; the catalog {catalog.path} has {list(catalog.names)}", "task")
+    if catalog.task(task).split == HELDOUT:
+        raise ManifestError(entry.path, entry.line, f"task {task!r} is held out in {catalog.path}: it must not be trained on", "task")
+    heldout_prompts = {p.text for p in catalog.task(task).prompts_in(HELDOUT)}
+    if entry["prompt"] in heldout_prompts:
+        raise ManifestError(entry.path, entry.line, "this prompt is held out in the catalog: it must not be trained on", "prompt")
+    if entry["prompt"].count(INPUT_PLACEHOLDER) != 1:
+        raise ManifestError(entry.path, entry.line, f"the prompt must contain {INPUT_PLACEHOLDER} exactly once", "prompt")
+
+
+def _line_to_conversation(entry: ManifestEntry, iteration: int, seed: int, catalog_path: str | None, **kwargs):
+    # Seeded per (seed, line, pass over the data): reproducible, yet new spans every epoch.
+    rng = random.Random(f"{seed}-{entry.line}-{iteration}")
+    return behavior_to_conversation(entry, catalog=_catalog(catalog_path), rng=rng, **kwargs)
+
+
+_CATALOGS: dict = {}
+
+
+def _catalog(path: str | None) -> TaskCatalog:
+    if path not in _CATALOGS:
+        _CATALOGS[path] = TaskCatalog.load(path)
+    return _CATALOGS[path]
+
+
+@data_type_parser(DATA_TYPE)
+def read_mtbi_behaviors(config) -> tuple:
+    """NeMo lhotse parser for ``type: mtbi_behaviors`` (keys in the module docstring)."""
+    require_keys(config, DATA_TYPE, ("manifest_filepath", "audio_locator_tag", "token_equivalent_duration"))
+    build = partial(
+        _line_to_conversation,
+        seed=config.get("seed", 0),
+        catalog_path=config.get("catalog"),
+        audio_locator_tag=config.audio_locator_tag,
+        token_equivalent_duration=config.token_equivalent_duration,
+        interleave=InterleaveConfig.from_config(config.get("interleave")),
+        system_prompt=config.get("system_prompt"),
+    )
+    adapter = ManifestConversations(
+        config.manifest_filepath, build, required_text_fields=BEHAVIOR_FIELDS, skip_invalid=config.get("skip_invalid", False)
+    )
+    return finish_parsing(config, adapter)

@@ -1,0 +1,246 @@
+"""MTBI: interleaving spans, behaviors data, the CE/KL objective, and the frozen-encoder feature cache."""
+import json
+import random
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from omegaconf import OmegaConf
+
+from nemo_speechlm.data.behaviors import behavior_to_conversation
+from nemo_speechlm.data.datamodule import build_datamodule
+from nemo_speechlm.data.dataset import as_text_messages
+from nemo_speechlm.data.feature_cache import FeatureCache, encoder_fingerprint, fill_feature_cache, utterances_in
+from nemo_speechlm.data.interleaving import InterleaveConfig, choose_spans
+from nemo_speechlm.data.manifest import ManifestError, read_manifest
+from nemo_speechlm.data.task_catalog import TaskCatalog, render_prompt
+from nemo_speechlm.models import MTBIModel
+from nemo_speechlm.models.mtbi_model import token_kl
+from nemo_speechlm.models.speechlm_model import IGNORE_INDEX
+from nemo_speechlm.tiny_assets import make_tiny_whisper, tiny_whisper_perception
+from tests.conftest import model_config
+
+TAG = "<|audio|>"
+
+
+def _words(text: str, duration: float) -> list[dict]:
+    """Evenly spaced word times (the synthetic test audio has no real words)."""
+    tokens = text.split()
+    step = duration / len(tokens)
+    return [{"word": w, "start": round(i * step, 3), "end": round((i + 0.8) * step, 3)} for i, w in enumerate(tokens)]
+
+
+@pytest.fixture(scope="module")
+def behaviors(assets, tmp_path_factory):
+    catalog = TaskCatalog.load()
+    prompts = catalog.training_prompts()
+    rows = []
+    for i, line in enumerate(open(assets["manifest"])):
+        entry = json.loads(line)
+        prompt = prompts[(7 * i) % len(prompts)]
+        entry.update(
+            words=_words(entry["text"], entry["duration"]),
+            task=prompt.task,
+            prompt=prompt.text,
+            response=entry["text"].upper() if i % 2 else f"it says {entry['text']}",
+            split="train",
+        )
+        rows.append(entry)
+    path = tmp_path_factory.mktemp("behaviors") / "behaviors.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def whisper_dir(tmp_path_factory):
+    return make_tiny_whisper(tmp_path_factory.mktemp("whisper") / "tiny")
+
+
+def _entries(path):
+    return list(read_manifest(path, required_text_fields=()))
+
+
+# ------------------------------------------------------------------ interleaving
+
+
+def test_spans_cover_replaced_words_and_keep_text_in_order():
+    words = _words("one two three four five six seven eight nine ten", 5.0)
+    for seed in range(50):
+        spans = choose_spans(words, InterleaveConfig(prob=1.0, text_span_words=(1, 3), speech_span_words=(1, 3)), random.Random(seed))
+        assert [s.first for s in spans] == [0] + [s.last for s in spans[:-1]] and spans[-1].last == len(words)
+        assert {s.is_speech for s in spans} == {True, False}
+        for s in spans:
+            assert s.text == " ".join(w["word"] for w in words[s.first : s.last])
+            if s.is_speech:
+                assert (s.start, s.end) == (words[s.first]["start"], words[s.last - 1]["end"])
+                assert 1 <= s.last - s.first <= 3
+
+
+def test_interleaved_conversation_cuts_audio_by_time(behaviors):
+    entry = next(e for e in _entries(behaviors) if len(set(e["text"].split())) == len(e["text"].split()))
+    conv = behavior_to_conversation(entry, TAG, 0.08, TaskCatalog.load(), InterleaveConfig(prob=1.0), random.Random(3))
+    audio_turns = [t for t in conv.turns if not hasattr(t, "value")]
+    assert audio_turns
+    for turn in audio_turns:
+        span_words = turn.text.split()
+        match = [w for w in entry["words"] if w["word"] in span_words]
+        assert turn.cut.start == pytest.approx(match[0]["start"]) and turn.cut.end == pytest.approx(match[-1]["end"])
+    user = as_text_messages(conv)[0]["content"]
+    assert user == render_prompt(entry["prompt"], " ".join(w["word"] for w in entry["words"]))
+
+
+def test_ratio_zero_is_the_plain_speech_input(behaviors):
+    entry = _entries(behaviors)[1]
+    conv = behavior_to_conversation(entry, TAG, 0.08, TaskCatalog.load(), InterleaveConfig(prob=0.0), random.Random(0))
+    audio_turns = [t for t in conv.turns if not hasattr(t, "value")]
+    assert len(audio_turns) == 1 and audio_turns[0].cut.duration == pytest.approx(entry["duration"])
+    assert as_text_messages(conv)[0]["content"] == render_prompt(entry["prompt"], entry["text"])
+    assert conv.turns[-1].value == entry["response"]
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"response": None}, "response"),
+        ({"task": "no_such_task"}, "task"),
+        ({"task": "translate_de"}, "task"),  # held out in the catalog
+        ({"words": "reverse"}, "words"),
+        ({"words": "too_long"}, "words"),
+    ],
+)
+def test_bad_behavior_lines_are_clear_errors(behaviors, tmp_path, change, field):
+    row = json.loads(open(behaviors).readline())
+    key, value = next(iter(change.items()))
+    if value == "reverse":
+        row["words"] = list(reversed(row["words"]))
+    elif value == "too_long":
+        row["words"][-1]["end"] = row["duration"] + 5
+    elif value is None:
+        del row[key]
+    else:
+        row[key] = value
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ManifestError) as err:
+        entries = list(read_manifest(bad, required_text_fields=("text", "task", "prompt", "response")))
+        behavior_to_conversation(entries[0], TAG, 0.08, TaskCatalog.load())
+    assert f"{bad}:1" in str(err.value) and field in str(err.value)
+
+
+# ------------------------------------------------------------------ objective
+
+
+def test_token_kl_is_zero_for_identical_inputs_and_positive_otherwise():
+    logits = torch.randn(2, 5, 11)
+    targets = torch.full((2, 5), IGNORE_INDEX)
+    targets[0, 3:] = torch.tensor([1, 2])
+    shifted = torch.full((2, 7, 11), 0.0)
+    shifted[:, 2:] = logits  # the teacher has a longer prefix: response tokens are matched by order
+    t_targets = torch.full((2, 7), IGNORE_INDEX)
+    t_targets[0, 5:] = torch.tensor([1, 2])
+    assert token_kl(logits, targets, shifted, t_targets).item() == pytest.approx(0.0, abs=1e-6)
+    assert token_kl(logits, targets, torch.randn(2, 7, 11), t_targets).item() > 0
+    t_targets[0, 6] = 3
+    with pytest.raises(ValueError, match="responses differ"):
+        token_kl(logits, targets, shifted, t_targets)
+
+
+def _mtbi_model(assets, whisper_dir, **overrides):
+    cfg = model_config(assets["llm"], target="nemo_speechlm.models.MTBIModel", **overrides)
+    cfg.perception.update(tiny_whisper_perception(whisper_dir))
+    cfg.perception.modality_adapter.stack = 4
+    cfg.freeze_params = [r"^llm\..+$", r"^perception\.preprocessor\..+$", r"^perception\.encoder\..+$"]
+    return MTBIModel(cfg)
+
+
+def _data_cfg(behaviors, prob=1.0, batch_size=4):
+    return OmegaConf.create(
+        {
+            "train_ds": {
+                "input_cfg": [{"type": "mtbi_behaviors", "manifest_filepath": str(behaviors), "interleave": {"prob": prob}}],
+                "batch_size": batch_size,
+                "shuffle": False,
+                "num_workers": 0,
+                "seed": 0,
+                "shard_seed": 0,
+            }
+        }
+    )
+
+
+def _first_batch(model, behaviors, cache=None, prob=1.0):
+    dm = build_datamodule(_data_cfg(behaviors, prob), model, cache)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def test_kl_is_zero_when_the_student_reads_the_same_text(assets, whisper_dir, behaviors):
+    model = _mtbi_model(assets, whisper_dir, mtbi={"kl_weight": 1.0}).eval()
+    batch = _first_batch(model, behaviors)
+    text_only = {"input_ids": batch["teacher_input_ids"], "loss_mask": batch["teacher_loss_mask"], **{
+        k: batch[k] for k in ("teacher_input_ids", "teacher_loss_mask")}}
+    with torch.no_grad():
+        losses = model.compute_losses(text_only)
+        speech = model.compute_losses(batch)
+    assert losses["kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert speech["kl"].item() > 100 * max(losses["kl"].item(), 1e-7)  # speech in place of text does change it
+
+
+def test_ce_and_kl_decrease_with_training(assets, whisper_dir, behaviors, tmp_path):
+    torch.manual_seed(0)
+    # Only the connector trains, against a tiny random frozen LLM: its distributions are nearly
+    # flat, so KL starts small (weight it up) and CE can only move a little (6.01 -> 5.95 here).
+    model = _mtbi_model(assets, whisper_dir, mtbi={"kl_weight": 50.0}, optimizer={"_target_": "torch.optim.AdamW", "lr": 1e-2})
+    fixed = _first_batch(model, behaviors, prob=0.0)
+    with torch.no_grad():
+        before = {k: v.item() for k, v in model.eval().compute_losses(fixed).items()}
+    trainer = Trainer(accelerator="cpu", max_steps=60, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, limit_val_batches=0, use_distributed_sampler=False,
+                      default_root_dir=tmp_path)
+    trainer.fit(model.train(), build_datamodule(_data_cfg(behaviors, prob=0.5), model))
+    with torch.no_grad():
+        after = {k: v.item() for k, v in model.eval().compute_losses(fixed).items()}
+    assert after["ce"] < before["ce"] - 0.03, (before, after)
+    assert after["kl"] < 0.7 * before["kl"], (before, after)
+
+
+# ------------------------------------------------------------------ feature cache
+
+
+def test_cached_features_give_the_same_loss_with_interleaving(assets, whisper_dir, behaviors, tmp_path):
+    model = _mtbi_model(assets, whisper_dir).eval()
+    fingerprint = encoder_fingerprint(model.perception, model.cfg.perception)
+    cache = FeatureCache(tmp_path / "features", fingerprint)
+    data_cfg = _data_cfg(behaviors)
+    from nemo_speechlm.data.datamodule import fill_model_settings
+
+    fill_model_settings(data_cfg, model)
+    utterances = utterances_in(data_cfg)
+    assert len(utterances) == 8  # spans map back to their 8 whole utterances
+    first = fill_feature_cache(model, cache, utterances[:3])
+    rest = fill_feature_cache(model, cache, utterances)  # resumes: only the missing ones are encoded
+    assert (first["encoded"], rest["cached_before"], rest["encoded"]) == (3, 3, 5)
+    with torch.no_grad():
+        plain = model.compute_losses(_first_batch(model, behaviors))
+        cached_batch = _first_batch(model, behaviors, cache)
+        assert "audios" not in cached_batch and cached_batch["encoder_features"].shape[0] == 4
+        cached = model.compute_losses(cached_batch)
+    assert cached["loss"].item() == pytest.approx(plain["loss"].item(), rel=1e-5)
+
+
+def test_a_whole_utterance_segment_equals_encoding_it_alone(assets, whisper_dir, behaviors):
+    model = _mtbi_model(assets, whisper_dir).eval()
+    batch = _first_batch(model, behaviors, prob=0.0)
+    with torch.no_grad():
+        sliced = model.encode_audio(batch)
+        alone = model.adapt(model.encode_speech(batch["audios"], batch["audio_lens"]))
+    for a, b in zip(sliced, alone):
+        torch.testing.assert_close(a, b)
+
+
+def test_changed_encoder_weights_change_the_fingerprint(assets, whisper_dir):
+    model = _mtbi_model(assets, whisper_dir)
+    before = encoder_fingerprint(model.perception, model.cfg.perception)
+    with torch.no_grad():
+        next(model.perception.encoder.parameters()).add_(1e-3)
+    assert encoder_fingerprint(model.perception, model.cfg.perception) != before
