@@ -1,0 +1,31 @@
+"""Shared machinery of the data generation jobs (behaviors, speech QA, mixed-modal, references).
+
+* :mod:`.runner` — :func:`run_resumable`: batched, incremental, crash-safe, resumable output;
+* :mod:`.chat_generator` — answering chat conversations with a text LLM (HF or vLLM backend);
+* :mod:`.filters` — :func:`degenerate_reason`: rejecting empty, echoed, refused, looping or
+  truncated answers.
+
+A job is then a small ``process_batch(items) -> [record | Rejected(reason)]`` function.
+"""
+from nemo_speechlm.generation.chat_generator import (
+    ChatGenerator,
+    GenerationResult,
+    HFChatGenerator,
+    VLLMChatGenerator,
+    build_chat_generator,
+)
+from nemo_speechlm.generation.filters import degenerate_reason
+from nemo_speechlm.generation.runner import Outcome, Rejected, RunSummary, run_resumable
+
+__all__ = [
+    "ChatGenerator",
+    "GenerationResult",
+    "HFChatGenerator",
+    "VLLMChatGenerator",
+    "build_chat_generator",
+    "degenerate_reason",
+    "Outcome",
+    "Rejected",
+    "RunSummary",
+    "run_resumable",
+]

@@ -1,0 +1,103 @@
+"""MTBI behavior generation: the text LLM answers each transcript under task prompts.
+
+One item per (utterance, task, prompt): the prompts of each utterance are drawn from the
+catalog's *training* prompts of *training* tasks (held-out tasks and prompts never get
+training behaviors), deterministically per utterance, so a resumed job asks the same
+questions. The job itself is a small ``process_batch`` for the shared resumable runner.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+from nemo_speechlm.data.manifest import ManifestEntry, SkipSummary, read_manifest
+from nemo_speechlm.data.task_catalog import TaskCatalog
+from nemo_speechlm.generation.chat_generator import ChatGenerator
+from nemo_speechlm.generation.filters import degenerate_reason
+from nemo_speechlm.generation.runner import Outcome, Rejected
+
+# Manifest fields copied into each behavior line (plus anything else the line has).
+_RESERVED = ("key", "task", "prompt", "prompt_id", "response", "split", "teacher")
+
+
+def behavior_items(
+    manifest: str | Path,
+    catalog: TaskCatalog,
+    tasks_per_utterance: int,
+    prompts_per_task: int,
+    seed: int = 0,
+    skip_invalid: bool = False,
+    summary: SkipSummary | None = None,
+) -> Iterator[dict]:
+    """Items ``{"key", "entry", "prompt": TaskPrompt}`` for every utterance of ``manifest``."""
+    n_tasks = min(tasks_per_utterance, len(catalog.training_tasks))
+    for entry in read_manifest(manifest, skip_invalid=skip_invalid, summary=summary):
+        utt_id = utterance_id(entry)
+        for prompt in catalog.sample_training_prompts(utt_id, n_tasks, prompts_per_task, seed=seed):
+            yield {"key": f"{utt_id}|{prompt.id}", "entry": entry, "prompt": prompt}
+
+
+def utterance_id(entry: ManifestEntry) -> str:
+    """Stable id of a manifest line: its audio and offset (line numbers shift when files are edited)."""
+    return f"{entry['audio_filepath']}@{float(entry.get('offset', 0.0) or 0.0):.3f}"
+
+
+def behavior_job(
+    generator: ChatGenerator,
+    catalog: TaskCatalog,
+    max_new_tokens: int,
+    system_prompt: str | None = None,
+    ground_truth_tasks: tuple[str, ...] = (),
+) -> Callable[[list[dict]], list[Outcome]]:
+    """``process_batch`` for the runner: ask the LLM, reject degenerate answers, write behavior lines.
+
+    ``ground_truth_tasks`` take the task's ground-truth field (e.g. the transcript for
+    ``repeat``) as the response instead of the LLM's answer: small teachers paraphrase
+    when asked to repeat, and a repeat behavior should be the words said.
+    """
+    settings = {**generator.generation_settings(), "max_new_tokens": max_new_tokens, "system_prompt": system_prompt}
+
+    def process(items: list[dict]) -> list[Outcome]:
+        outcomes: list[Outcome | None] = [None] * len(items)
+        by_cap: dict[int, list[int]] = {}
+        for i, item in enumerate(items):
+            task = catalog.task(item["prompt"].task)
+            if task.name in ground_truth_tasks:
+                if task.ground_truth is None:
+                    raise ValueError(f"Task {task.name!r} has no ground_truth in {catalog.path}; it cannot take one as response.")
+                outcomes[i] = _record(item, item["entry"][task.ground_truth.field], {"source": "ground_truth", "field": task.ground_truth.field})
+                continue
+            by_cap.setdefault(min(max_new_tokens, task.max_new_tokens or max_new_tokens), []).append(i)
+        for cap, indices in by_cap.items():
+            conversations = [_messages(items[i], system_prompt) for i in indices]
+            for i, result in zip(indices, generator.generate(conversations, max_new_tokens=cap)):
+                item = items[i]
+                rendered = item["prompt"].render(item["entry"]["text"])
+                reason = degenerate_reason(result.text, rendered, result.finished, transcript=item["entry"]["text"])
+                if reason:
+                    outcomes[i] = Rejected(reason, result.text[:200])
+                else:
+                    outcomes[i] = _record(item, result.text, {**settings, "max_new_tokens": cap, "source": "llm"})
+        return outcomes
+
+    return process
+
+
+def _messages(item: dict, system_prompt: str | None) -> list[dict]:
+    user = {"role": "user", "content": item["prompt"].render(item["entry"]["text"])}
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [user]
+
+
+def _record(item: dict, response: str, teacher: dict) -> dict:
+    entry, prompt = item["entry"], item["prompt"]
+    fields = {k: v for k, v in entry.data.items() if k not in _RESERVED}
+    return {
+        **fields,
+        "key": item["key"],
+        "task": prompt.task,
+        "prompt": prompt.text,
+        "prompt_id": prompt.id,
+        "split": prompt.split,
+        "response": response,
+        "teacher": teacher,
+    }

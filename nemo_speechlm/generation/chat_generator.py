@@ -1,0 +1,303 @@
+"""Answering chat conversations with a text LLM, in batches: the LLM side of data generation.
+
+Generation jobs only need ``generate(conversations) -> [GenerationResult]``; the backend is a
+choice of speed, not of behavior:
+
+* :class:`HFChatGenerator` — ``transformers`` on CPU or GPU, always available;
+* :class:`VLLMChatGenerator` — vLLM on GPU, when ``vllm`` is installed.
+
+Both render conversations with the LLM's own chat template (with the generation prompt),
+decode greedily unless sampling is asked for, and report whether each answer ended by itself
+(``finished``) or hit the ``max_new_tokens`` cap, which the degenerate-answer filter needs.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+# End-of-turn tokens of common chat templates. A model's config often names only its
+# end-of-text token as EOS, while its template closes every turn with one of these.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One answer: its text (stripped, special tokens removed) and whether it ended by itself
+    (end-of-turn/EOS) rather than by hitting ``max_new_tokens``."""
+
+    text: str
+    finished: bool
+
+
+@runtime_checkable
+class ChatGenerator(Protocol):
+    """What a generation job needs from an LLM backend."""
+
+    def generate(self, conversations: list[list[dict]], max_new_tokens: int | None = None) -> list[GenerationResult]:
+        """One result per conversation (``[{"role", "content"}, ...]``), in input order."""
+
+    def generation_settings(self) -> dict:
+        """model, backend, do_sample, temperature, top_p, max_new_tokens, seed: recorded with outputs."""
+
+
+class HFChatGenerator:
+    """Batched ``model.generate`` over chat-templated, left-padded prompts.
+
+    Within a call, prompts are sorted by length before batching (``batch_size`` at a time) to
+    reduce padding; results come back in input order. Greedy decoding is deterministic and
+    gives the same answers batched or one by one. With ``do_sample=True``, each batch is seeded
+    from ``seed`` and its prompts, so a rerun of the same batch samples the same answers.
+    The decoding settings are pinned (not inherited from the model's ``generation_config``) so
+    :meth:`generation_settings` describes them completely.
+    """
+
+    backend = "hf"
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        device: str = "auto",
+        dtype: str | torch.dtype | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 16,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if isinstance(model, (str, os.PathLike)):
+            self.model_name = str(model)
+            source = _loadable_source(str(model))
+            self.device = _resolve_device(device)
+            self.model = AutoModelForCausalLM.from_pretrained(source, dtype=_resolve_dtype(dtype, self.device))
+            self.model.to(self.device)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(source)
+        else:
+            self.model = model
+            self.model_name = getattr(model, "name_or_path", "") or type(model).__name__
+            # "auto" leaves a given model where it is (it may be dispatched over devices).
+            self.device = model.device if device == "auto" else _resolve_device(device)
+            if device != "auto":
+                self.model.to(self.device)
+            if dtype is not None:
+                self.model.to(_resolve_dtype(dtype, self.device))
+            if tokenizer is None:
+                if not getattr(model, "name_or_path", ""):
+                    raise ValueError("HFChatGenerator: pass tokenizer= with a model object that has no name_or_path")
+                tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+        self.model.eval()
+        # NeMo's AutoTokenizer wraps the Hugging Face tokenizer.
+        if not hasattr(tokenizer, "apply_chat_template") and hasattr(tokenizer, "tokenizer"):
+            tokenizer = tokenizer.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"HFChatGenerator: the tokenizer of {self.model_name} has no chat template")
+        self.tokenizer = tokenizer
+        self.eos_ids = _end_token_ids(self.model, tokenizer)
+        if not self.eos_ids:
+            raise ValueError(f"HFChatGenerator: found no EOS / end-of-turn token for {self.model_name}")
+        # Generation-only padding (left, masked): any id works, EOS if there is no pad token.
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.do_sample = do_sample
+        self.temperature = temperature
+        self.top_p = top_p
+        self.seed = seed
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+
+    def generate(self, conversations: list[list[dict]], max_new_tokens: int | None = None) -> list[GenerationResult]:
+        """Answer each conversation (its last turn is the user's); ``max_new_tokens`` overrides the default cap."""
+        cap = max_new_tokens or self.max_new_tokens
+        prompts = [self.encode(conversation) for conversation in conversations]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            for i, result in zip(chunk, self._generate_batch([prompts[i] for i in chunk], cap)):
+                results[i] = result
+        return results
+
+    def encode(self, conversation: list[dict]) -> list[int]:
+        """Token ids of the conversation rendered by the chat template, ready for the assistant turn."""
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        # The template already writes BOS/turn markers; the tokenizer must not add its own.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generation_settings(self) -> dict:
+        return {
+            "backend": self.backend,
+            "model": self.model_name,
+            "do_sample": self.do_sample,
+            "temperature": self.temperature if self.do_sample else None,
+            "top_p": self.top_p if self.do_sample else None,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+        }
+
+    def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[GenerationResult]:
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+        with torch.inference_mode(), self._seeded(prompts):
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                generation_config=self._generation_config(max_new_tokens),
+            )
+        results = []
+        for tokens in output[:, width:].tolist():
+            end = next((j for j, t in enumerate(tokens) if t in self.eos_ids), None)
+            text = self.tokenizer.decode(tokens if end is None else tokens[:end], skip_special_tokens=True)
+            results.append(GenerationResult(text=text.strip(), finished=end is not None))
+        return results
+
+    def _generation_config(self, max_new_tokens: int):
+        from transformers import GenerationConfig
+
+        sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": 0} if self.do_sample else {}
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=self.do_sample,
+            num_beams=1,
+            repetition_penalty=1.0,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id,
+            **sampling,
+        )
+
+    def _seeded(self, prompts: list[list[int]]):
+        if not self.do_sample:
+            return contextlib.nullcontext()
+        return _seeded_rng(self.seed + zlib.crc32(repr(prompts).encode()), self.device)
+
+
+class VLLMChatGenerator:
+    """The same interface on vLLM (``LLM.chat`` with ``SamplingParams``); needs ``pip install vllm``."""
+
+    backend = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        **llm_kwargs,
+    ) -> None:
+        try:
+            import vllm
+        except ImportError as exc:
+            raise ImportError(
+                "backend='vllm' needs vLLM (pip install vllm, on a CUDA machine); use backend='hf' otherwise"
+            ) from exc
+        self._vllm = vllm
+        self.model_name = str(model)
+        self.llm = vllm.LLM(model=_loadable_source(str(model)), seed=seed, **llm_kwargs)
+        self.do_sample = do_sample
+        self.temperature = temperature
+        self.top_p = top_p
+        self.seed = seed
+        self.max_new_tokens = max_new_tokens
+
+    def generate(self, conversations: list[list[dict]], max_new_tokens: int | None = None) -> list[GenerationResult]:
+        params = self._vllm.SamplingParams(
+            max_tokens=max_new_tokens or self.max_new_tokens,
+            temperature=self.temperature if self.do_sample else 0.0,
+            top_p=self.top_p if self.do_sample else 1.0,
+            seed=self.seed if self.do_sample else None,
+        )
+        outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=False)
+        return [
+            GenerationResult(text=o.outputs[0].text.strip(), finished=o.outputs[0].finish_reason == "stop")
+            for o in outputs
+        ]
+
+    def generation_settings(self) -> dict:
+        return {
+            "backend": self.backend,
+            "model": self.model_name,
+            "do_sample": self.do_sample,
+            "temperature": self.temperature if self.do_sample else None,
+            "top_p": self.top_p if self.do_sample else None,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+        }
+
+
+BACKENDS = {"hf": HFChatGenerator, "vllm": VLLMChatGenerator}
+
+
+def build_chat_generator(backend: str = "hf", **kwargs) -> ChatGenerator:
+    """``HFChatGenerator(**kwargs)`` or ``VLLMChatGenerator(**kwargs)``, by name (for configs)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown generation backend {backend!r}; expected one of {sorted(BACKENDS)}")
+    return BACKENDS[backend](**kwargs)
+
+
+def _loadable_source(model: str) -> str:
+    """A hub id or directory as is; a ``.gguf`` file converted (once, cached) to an HF directory."""
+    if not model.endswith(".gguf"):
+        return model
+    from nemo_speechlm.parts.llm import resolve_llm_source
+
+    return resolve_llm_source(model)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 is slower on common CPUs), bf16 (else fp16) on GPU, unless given."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        return getattr(torch, str(dtype).removeprefix("torch."))
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _end_token_ids(model, tokenizer) -> set[int]:
+    """EOS ids of the model and tokenizer, plus the chat template's end-of-turn token."""
+    ids = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], tokenize=False
+        )
+    except Exception:  # a template with unusual role rules: rely on the EOS ids above
+        rendered = ""
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in rendered and token in vocab)
+    return ids
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: int, device: torch.device):
+    """Seed torch inside the block without disturbing the caller's random state."""
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

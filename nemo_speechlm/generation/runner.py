@@ -1,0 +1,279 @@
+"""One resumable, batched runner for every data generation job (behaviors, SQA, mixed-modal, ...).
+
+A job is a function ``process_batch(items) -> outcomes`` (one outcome per item, same order);
+the runner owns everything that makes long jobs safe to run:
+
+* **Output.** Each accepted item becomes one JSON line in ``output_path``; each rejected item
+  one ``{"key", "reason"[, "detail"]}`` line in ``<output>.rejected.jsonl``. Lines are appended
+  in input order, flushed and fsync'ed after every batch, so a crash loses at most the batch
+  being computed.
+* **Resume.** On start both files are read; items whose key is already in either are skipped,
+  so a rerun after a crash or Ctrl-C continues where it stopped and never duplicates a line.
+  Because pending items keep their input order, an interrupted-then-resumed run writes the same
+  file as an uninterrupted one (given a deterministic ``process_batch``).
+* **Crash mid-write.** A final line without its newline is a torn write: it is cut away (with a
+  warning) and its item recomputed. Any other unreadable line means the file is not ours or was
+  edited, and is an error naming the file and line.
+* **Summary.** A :class:`RunSummary` (counts, rejections by reason, throughput) is returned,
+  logged and written to ``<output>.summary.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Union
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+REJECTED_SUFFIX = ".rejected.jsonl"
+SUMMARY_SUFFIX = ".summary.json"
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Outcome of an item that produced no output record (e.g. a degenerate LLM answer).
+
+    ``reason`` is a short key counted in the summary (``"empty"``, ``"refusal"``, ...);
+    ``detail`` (optional) is stored in the sidecar file to help inspect the rejections.
+    """
+
+    reason: str
+    detail: str | None = None
+
+
+Outcome = Union[dict, Rejected]
+KeyFn = Callable[[dict], Any]
+
+
+@dataclass
+class RunSummary:
+    """What one call of :func:`run_resumable` did. ``rejected`` counts this run's rejections by
+    reason, ``rejected_before`` those found in the sidecar from earlier runs."""
+
+    output_path: str
+    total: int = 0
+    done_before: int = 0
+    written: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    rejected_before: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    status: str = "running"  # then "done", "interrupted" (Ctrl-C) or "failed" (an exception)
+
+    @property
+    def processed(self) -> int:
+        return self.written + sum(self.rejected.values())
+
+    @property
+    def items_per_s(self) -> float:
+        return self.processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.done_before - self.processed
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "processed": self.processed, "items_per_s": round(self.items_per_s, 3),
+                "remaining": self.remaining}
+
+    def __str__(self) -> str:
+        def reasons(counts: dict[str, int]) -> str:
+            return ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
+
+        return (
+            f"{self.output_path}: {self.status}; {self.total} items, {self.done_before} already done, "
+            f"{self.written} written, {sum(self.rejected.values())} rejected ({reasons(self.rejected)}), "
+            f"{self.remaining} remaining; rejected in earlier runs: {reasons(self.rejected_before)}; "
+            f"{self.elapsed_s:.1f} s, {self.items_per_s:.2f} items/s"
+        )
+
+
+def run_resumable(
+    items: Iterable[dict],
+    process_batch: Callable[[list[dict]], list[Outcome]],
+    output_path: str | Path,
+    batch_size: int,
+    desc: str,
+    key: KeyFn | str = "key",
+) -> RunSummary:
+    """Run ``process_batch`` over the items not yet in ``output_path``, appending as it goes.
+
+    ``key`` names the field (or is a function) that gives an item's unique key; the same
+    field/function must give the same key for the item's output record, which is how a rerun
+    knows what is done. Items are processed in input order, ``batch_size`` at a time.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    key_of = _key_function(key)
+    output_path = Path(output_path)
+    rejected_path = Path(str(output_path) + REJECTED_SUFFIX)
+    items = list(items)
+    keys = [key_of(item) for item in items]
+    _check_unique(keys, desc)
+
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    done = {key_of(rec) for rec in _read_jsonl(output_path, key_of, what="output record")}
+    earlier_rejections = _read_jsonl(rejected_path, _key_function("key"), what="rejection")
+    rejected_before = Counter(rec.get("reason", "unknown") for rec in earlier_rejections)
+    done |= {rec["key"] for rec in earlier_rejections}
+    pending = [item for item, k in zip(items, keys) if k not in done]
+    summary = RunSummary(
+        output_path=str(output_path), total=len(items), done_before=len(items) - len(pending),
+        rejected_before=dict(rejected_before),
+    )
+    if summary.done_before:
+        log.info("%s: resuming %s, %d of %d items already done", desc, output_path, summary.done_before, len(items))
+
+    start = time.perf_counter()
+    rejected = Counter()
+    bar = tqdm(total=len(items), initial=summary.done_before, desc=desc, unit="item", dynamic_ncols=True)
+    with open(output_path, "a", encoding="utf-8") as out, open(rejected_path, "a", encoding="utf-8") as rej:
+        try:
+            for begin in range(0, len(pending), batch_size):
+                batch = pending[begin : begin + batch_size]
+                outcomes = process_batch(batch)
+                _check_outcomes(batch, outcomes, key_of, desc)
+                for item, outcome in zip(batch, outcomes):
+                    if isinstance(outcome, Rejected):
+                        line = {"key": key_of(item), "reason": outcome.reason}
+                        if outcome.detail is not None:
+                            line["detail"] = outcome.detail
+                        rej.write(json.dumps(line, ensure_ascii=False) + "\n")
+                        rejected[outcome.reason] += 1
+                    else:
+                        out.write(json.dumps(outcome, ensure_ascii=False) + "\n")
+                        summary.written += 1
+                _sync(out, rej)
+                summary.rejected = dict(rejected)
+                bar.update(len(batch))
+                bar.set_postfix(written=summary.written, rejected=sum(rejected.values()), refresh=False)
+            summary.status = "done"
+        except KeyboardInterrupt as exc:
+            _sync(out, rej)
+            summary.status = "interrupted"
+            raise KeyboardInterrupt(
+                f"{desc} interrupted: {summary.written} records written to {output_path} are kept; "
+                "rerun the same command to resume where it stopped."
+            ) from exc
+        except BaseException:
+            _sync(out, rej)
+            summary.status = "failed"
+            raise
+        finally:
+            bar.close()
+            summary.elapsed_s = time.perf_counter() - start
+            summary.rejected = dict(rejected)
+            _write_summary(output_path, summary)
+    log.info("%s: %s", desc, summary)
+    return summary
+
+
+def _key_function(key: KeyFn | str) -> KeyFn:
+    if callable(key):
+        return key
+    field_name = key
+
+    def get(record: dict) -> Any:
+        if field_name not in record:
+            raise KeyError(f"record has no key field {field_name!r}: {json.dumps(record)[:200]}")
+        return record[field_name]
+
+    return get
+
+
+def _check_unique(keys: list, desc: str) -> None:
+    first_index: dict = {}
+    for index, k in enumerate(keys):
+        if not isinstance(k, (str, int)):
+            raise TypeError(f"{desc}: item {index} has key {k!r} of type {type(k).__name__}; keys must be str (or int)")
+        if k in first_index:
+            raise ValueError(
+                f"{desc}: duplicate item key {k!r} (items {first_index[k]} and {index}); each item needs a "
+                "unique key, otherwise resuming cannot tell which ones are done."
+            )
+        first_index[k] = index
+
+
+def _check_outcomes(batch: list[dict], outcomes: list[Outcome], key_of: KeyFn, desc: str) -> None:
+    if not isinstance(outcomes, list) or len(outcomes) != len(batch):
+        got = len(outcomes) if isinstance(outcomes, list) else type(outcomes).__name__
+        raise ValueError(f"{desc}: process_batch must return a list with one outcome per item: {len(batch)} items, got {got}")
+    for item, outcome in zip(batch, outcomes):
+        if isinstance(outcome, Rejected):
+            continue
+        if not isinstance(outcome, dict):
+            raise TypeError(f"{desc}: an outcome must be a dict record or a Rejected, got {type(outcome).__name__}")
+        if key_of(outcome) != key_of(item):
+            raise ValueError(
+                f"{desc}: the output record for item {key_of(item)!r} carries key {key_of(outcome)!r}; "
+                "records must carry their item's key so that a rerun can resume."
+            )
+
+
+def _read_jsonl(path: Path, key_of: KeyFn, what: str) -> list[dict]:
+    """Records of a JSONL file we append to, after repairing a torn final line (see module doc)."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        tail = data[cut:]
+        if _parse_object(tail) is not None:
+            # The record is complete and only its newline is missing: keep it.
+            with open(path, "ab") as f:
+                f.write(b"\n")
+            data += b"\n"
+        else:
+            log.warning(
+                "%s: the last line (%d bytes, line %d) is incomplete, as after a crash mid-write; removing it, "
+                "its item will be recomputed",
+                path, len(tail), data.count(b"\n") + 1,
+            )
+            with open(path, "r+b") as f:
+                f.truncate(cut)
+                f.flush()
+                os.fsync(f.fileno())
+            data = data[:cut]
+    records = []
+    for line_no, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = _parse_object(line)
+        if record is None:
+            raise ValueError(
+                f"{path}:{line_no}: not a JSON object ({line[:80]!r}...). Only a torn final line is repaired "
+                f"automatically; fix or remove this line (or the file) and rerun."
+            )
+        try:
+            key_of(record)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{line_no}: {what} without its key: {exc}") from exc
+        records.append(record)
+    return records
+
+
+def _parse_object(text: str | bytes) -> dict | None:
+    try:
+        value = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _sync(*files) -> None:
+    for f in files:
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_summary(output_path: Path, summary: RunSummary) -> None:
+    path = Path(str(output_path) + SUMMARY_SUFFIX)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,55 @@
+"""MTBI behavior generation: catalog split rules, resumability after a real kill, the record format."""
+import json
+import subprocess
+import sys
+import time
+
+from nemo_speechlm.data.task_catalog import HELDOUT, TaskCatalog
+from nemo_speechlm.generation.behaviors import behavior_items
+from tests.conftest import REPO
+
+
+def test_heldout_tasks_and_prompts_never_get_training_behaviors(assets):
+    catalog = TaskCatalog.load()
+    items = list(behavior_items(assets["manifest"], catalog, tasks_per_utterance=20, prompts_per_task=11))
+    seen_tasks = {item["prompt"].task for item in items}
+    assert seen_tasks == {t.name for t in catalog.training_tasks}
+    assert all(item["prompt"].split != HELDOUT for item in items)
+    assert len({item["key"] for item in items}) == len(items)
+
+
+def _cmd(assets, output):
+    return [
+        sys.executable, str(REPO / "examples" / "generate_behaviors.py"),
+        "--manifest", str(assets["manifest"]), "--output", str(output), "--teacher", str(assets["llm"]),
+        "--batch-size", "1", "--max-new-tokens", "12", "--tasks-per-utterance", "3", "--ground-truth-tasks", "repeat",
+    ]
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_killed_run_resumes_to_the_same_output(assets, tmp_path):
+    full = tmp_path / "full.jsonl"
+    subprocess.run(_cmd(assets, full), check=True, capture_output=True, timeout=600)
+    total = len(_lines(full)) + len(_lines(tmp_path / "full.jsonl.rejected.jsonl"))
+    assert total == 24  # 8 utterances x 3 tasks, each written or rejected
+
+    part = tmp_path / "part.jsonl"
+    rejected = tmp_path / "part.jsonl.rejected.jsonl"
+    proc = subprocess.Popen(_cmd(assets, part), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(_lines(part)) + len(_lines(rejected)) < 6 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL: no cleanup, as in a crash
+    proc.wait()
+    interrupted_at = len(_lines(part)) + len(_lines(rejected))
+    assert 6 <= interrupted_at < 24, "the run must be interrupted part way for this test to mean anything"
+
+    done = subprocess.run(_cmd(assets, part), check=True, capture_output=True, text=True, timeout=600)
+    assert f"{interrupted_at} already done" in done.stdout
+    assert _lines(part) == _lines(full)
+    assert _lines(rejected) == _lines(tmp_path / "full.jsonl.rejected.jsonl")
+    record = json.loads(_lines(full)[0])
+    assert {"audio_filepath", "duration", "text", "task", "prompt", "response", "split", "teacher"} <= set(record)
