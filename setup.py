@@ -11,6 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["nemo_speechlm", "nemo_speechlm.*"]),
+    package_data={"nemo_speechlm": ["resources/*.txt"]},
     # torch is deliberately not listed: the NeMo container ships its own build, and the
     # dev/CI setup (Makefile) installs the CPU wheel first.
     install_requires=[
@@ -28,6 +29,7 @@ setup(
         "rouge-score>=0.1.2",
         "tqdm",
         "num2words",
+        "soxr",
     ],
     extras_require={
         # ctranslate2 only checks the Whisper converter against the reference runtime.

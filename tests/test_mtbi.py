@@ -149,7 +149,7 @@ def _mtbi_model(assets, whisper_dir, **overrides):
     cfg = model_config(assets["llm"], target="nemo_speechlm.models.MTBIModel", **overrides)
     cfg.perception.update(tiny_whisper_perception(whisper_dir))
     cfg.perception.modality_adapter.stack = 4
-    cfg.freeze_params = [r"^llm\..+$", r"^perception\.preprocessor\..+$", r"^perception\.encoder\..+$"]
+    cfg.freeze_params = [r"^llm\..+$", r"^perception\.encoder\..+$"]
     return MTBIModel(cfg)
 
 
@@ -244,3 +244,36 @@ def test_changed_encoder_weights_change_the_fingerprint(assets, whisper_dir):
     with torch.no_grad():
         next(model.perception.encoder.parameters()).add_(1e-3)
     assert encoder_fingerprint(model.perception, model.cfg.perception) != before
+
+
+def test_mtbi_script_trains_from_cached_features_and_exports(assets, whisper_dir, behaviors, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, run_python
+
+    nemo = tmp_path / "mtbi.nemo"
+    cmd = [
+        sys.executable, str(REPO / "examples" / "mtbi_train.py"),
+        "encoder=whisper", f"model.perception.encoder.pretrained_model={whisper_dir}", "model.perception.encoder.d_model=32",
+        "model.perception.encoder.pad_to_window=false",
+        "llm=hf", f"model.pretrained_llm={assets['llm']}", "model.perception.modality_adapter.hidden_dim=64",
+        "model.mtbi.kl_weight=0.5", "model.lr_scheduler.warmup_steps=1",
+        f"data.train_ds.input_cfg.0.manifest_filepath={behaviors}", "data.train_ds.batch_size=4",
+        f"feature_cache.dir={tmp_path / 'features'}",
+        "trainer.accelerator=cpu", "trainer.max_steps=3", f"exp_manager.exp_dir={tmp_path / 'runs'}", f"output_nemo={nemo}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert "'encoded': 8" in log and "train_kl" in log or "`max_steps=3` reached" in log
+    assert len(list((tmp_path / "features").rglob("*.npy"))) == 8
+    wav = json.loads(open(behaviors).readline())["audio_filepath"]
+    out = run_python(
+        "import nemo_speechlm\n"
+        "from nemo_speechlm.models import MTBIModel, SpeechLMModel\n"
+        f"m = SpeechLMModel.restore_from({str(nemo)!r})\n"
+        "assert isinstance(m, MTBIModel), type(m)\n"
+        f"print('ANSWER', repr(m.respond([{wav!r}], ['Summarize: <|audio|>'], max_new_tokens=3)[0]))\n"
+    )
+    assert "ANSWER" in out

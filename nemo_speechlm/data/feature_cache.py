@@ -130,7 +130,8 @@ def utterances_in(data_cfg: DictConfig) -> list[Cut]:
     for split in ("train_ds", "validation_ds"):
         if data_cfg.get(split) is None:
             continue
-        split_cfg = OmegaConf.merge(data_cfg[split], {"force_finite": True})
+        split_cfg = OmegaConf.create(OmegaConf.to_container(data_cfg[split], resolve=True))
+        split_cfg.force_finite = True  # one pass, not the endless training stream
         conversations, _ = read_cutset_from_config(split_cfg)
         for conversation in conversations:
             for turn in getattr(conversation, "turns", []):
@@ -150,7 +151,7 @@ def prepare_feature_cache(cache_cfg: DictConfig | None, model, data_cfg: DictCon
         raise ValueError(
             "feature_cache needs a frozen encoder without spec augmentation (cached features never change); "
             f"trainable encoder parameters: {trainable[:3]}, spec_augment: {perception.spec_augmentation is not None}. "
-            "Freeze it with model.freeze_params: ['^perception\\\\.(preprocessor|encoder)\\\\..+$', ...] or set feature_cache.dir=null."
+            "Freeze it with model.freeze_params: ['^perception\\\\.encoder\\\\..+$', ...] or set feature_cache.dir=null."
         )
     cache = FeatureCache(cache_cfg.dir, encoder_fingerprint(perception, model.cfg.perception))
     fill_feature_cache(model, cache, utterances_in(data_cfg), batch_size=cache_cfg.get("batch_size", 8))
