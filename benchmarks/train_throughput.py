@@ -1,7 +1,7 @@
 """Training throughput of a ``SpeechLMModel`` config, optionally against NeMo's own SALM.
 
     python benchmarks/train_throughput.py [--config-name speechlm] [--steps 20] [--warmup 3]
-        [--device cuda|cpu] [--tiny] [--vs-salm] [hydra overrides ...]
+        [--device cuda|cpu] [--tiny] [--vs-salm] [--cache] [hydra overrides ...]
 
 Batches are fetched from the train dataloader before timing (loading is not timed, the copy to
 the device is). A step is forward + backward + optimizer step. Last line: ``RESULT {json}``.
@@ -45,6 +45,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="build tiny offline assets (CPU smoke benchmark)")
     p.add_argument("--vs-salm", action="store_true", help="also time nemo.collections.speechlm2.SALM")
+    p.add_argument("--cache", action="store_true", help="also time the same batches read from the frozen-encoder "
+                   "feature cache (freezes the encoder)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. encoder=canary_1b_flash")
     args = p.parse_intermixed_args()
     if args.steps < 1 or args.warmup < 0:
@@ -80,9 +82,9 @@ def machine_info(device: torch.device) -> dict:
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__, "gpu": gpu}
 
 
-def fetch_batches(cfg: DictConfig, model: SpeechLMModel, n: int) -> list[Batch]:
+def fetch_batches(cfg: DictConfig, model: SpeechLMModel, n: int, feature_cache=None) -> list[Batch]:
     """``n`` training batches on the host, tensors only."""
-    loader = iter(build_datamodule(cfg.data, model).train_dataloader())
+    loader = iter(build_datamodule(cfg.data, model, feature_cache).train_dataloader())
     return [{k: v for k, v in next(loader).items() if torch.is_tensor(v)} for _ in range(n)]
 
 
@@ -113,6 +115,8 @@ def sequence_stats(model, batches: list[Batch], device: torch.device) -> tuple[i
     for batch in batches:
         mask = model.prepare_inputs(to_device(batch, device))["attention_mask"]
         attended, total = attended + int(mask.sum()), total + mask.numel()
+    if "encoder_feature_lens" in batches[0]:  # read from the feature cache: count the encoded seconds
+        return attended, total, sum(int(b["encoder_feature_lens"].sum()) for b in batches) * model.encoder_frame_duration
     return attended, total, sum(int(b["audio_lens"].sum()) for b in batches) / model.sampling_rate
 
 
@@ -235,6 +239,32 @@ def run_salm(model: SpeechLMModel, ours: dict, batches: list[Batch], warmup: int
     return {"salm": theirs, "salm_notes": notes, "ours_over_salm": ratio}
 
 
+def run_cached(cfg: DictConfig, model: SpeechLMModel, ours: dict, batches: list[Batch], args, tmp: str) -> dict:
+    """Fill a feature cache for the same batches, check they and the loss match, time training from it."""
+    from nemo_speechlm.data.feature_cache import prepare_feature_cache
+
+    start = time.perf_counter()
+    cache = prepare_feature_cache(OmegaConf.create({"dir": f"{tmp}/features"}), model, cfg.data)
+    fill_seconds = time.perf_counter() - start
+    cached = fetch_batches(cfg, model, len(batches), cache)
+    if any(not torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, cached)):
+        raise RuntimeError("The cached run drew different batches; the comparison would not be like for like.")
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        audio_loss = float(speechlm_loss(model.eval(), to_device(batches[0], device)))
+        cache_loss = float(speechlm_loss(model.eval(), to_device(cached[0], device)))
+    print("-" * 72 + "\nSame batches, encoder outputs read from the feature cache\n" + "-" * 72)
+    print(f"  - cache filled in {fill_seconds:.1f} s (whole data set, once); batch-0 loss: audio {audio_loss:.5f}, "
+          f"cache {cache_loss:.5f}")
+    optimizer = _optimizer(model.configure_optimizers())
+    result = benchmark(model, partial(speechlm_loss, model), optimizer, cached, args.warmup, False)
+    _print_results("cached", result)
+    speedup = result["steps_per_s"] / ours["steps_per_s"]
+    print(f"cache on / off: steps/s x{speedup:.2f}")
+    return {"cached": result, "cache_fill_seconds": fill_seconds, "cache_speedup": speedup,
+            "batch0_loss": {"audio": audio_loss, "cache": cache_loss}}
+
+
 def _optimizer(configured) -> torch.optim.Optimizer:
     """``configure_optimizers`` returns an optimizer or a Lightning dict; the scheduler is not stepped."""
     return configured["optimizer"] if isinstance(configured, dict) else configured
@@ -253,6 +283,8 @@ def main() -> None:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="speechlm_bench_") as tmp:
         overrides = (tiny_overrides(Path(tmp), args.overrides) if args.tiny else []) + args.overrides
+        if args.cache:  # cached features need a frozen encoder
+            overrides.append("model.freeze_params=['^llm\\..+$','^perception\\.encoder\\..+$']")
         cfg = compose_config(args.config_name, overrides)
         OmegaConf.resolve(cfg.data)
         torch.manual_seed(cfg.get("seed", 0))
@@ -280,6 +312,8 @@ def main() -> None:
         del optimizer  # frees the optimizer state before SALM runs
         _print_results("ours", ours)
         result = {"header": header, "ours": ours}
+        if args.cache:
+            result.update(run_cached(cfg, model, ours, batches, args, tmp))
         if args.vs_salm:
             result.update(run_salm(model, ours, batches, args.warmup, bf16))
         print("RESULT " + json.dumps(result, default=str))

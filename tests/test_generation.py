@@ -1,0 +1,287 @@
+"""The shared generation machinery: batched chat generation, the resumable runner, answer filters."""
+import json
+import logging
+import sys
+
+import pytest
+import torch
+
+from nemo_speechlm.generation import (
+    GenerationResult,
+    HFChatGenerator,
+    Rejected,
+    build_chat_generator,
+    degenerate_reason,
+    run_resumable,
+)
+from nemo_speechlm.tiny_assets import make_tiny_llm
+from tests.conftest import REPO, run_python
+
+PROMPTS = [
+    "the cat",
+    "please open the window, it is raining again today",
+    "we walked to the station",
+    "my brother likes green tea and the meeting starts at nine",
+]
+
+
+def conversations(prompts=PROMPTS):
+    return [[{"role": "user", "content": p}] for p in prompts]
+
+
+# ---------------------------------------------------------------- HFChatGenerator
+
+
+@pytest.fixture(scope="module")
+def tiny_generator(tmp_path_factory):
+    llm_dir = make_tiny_llm(tmp_path_factory.mktemp("tiny_llm"))
+    return HFChatGenerator(str(llm_dir), device="cpu", batch_size=4, max_new_tokens=12)
+
+
+def test_greedy_batched_equals_one_by_one(tiny_generator):
+    lengths = {len(tiny_generator.encode(c)) for c in conversations()}
+    assert len(lengths) == 4  # the batch really is left-padded
+    batched = tiny_generator.generate(conversations())
+    single = [tiny_generator.generate([c])[0] for c in conversations()]
+    assert batched == single
+    assert all(isinstance(r, GenerationResult) and r.text for r in batched)
+    # random weights never say end-of-turn within the cap
+    assert not any(r.finished for r in batched)
+    assert tiny_generator.generate(conversations()) == batched  # deterministic
+    settings = tiny_generator.generation_settings()
+    assert settings["backend"] == "hf" and settings["do_sample"] is False and settings["max_new_tokens"] == 12
+
+
+def test_finished_when_the_model_says_end_of_turn(tiny_generator):
+    """Make the tiny model emit end-of-turn where it would emit its 4th answer token; the answer is
+    then the first 3 tokens, ``finished``, while the other prompts still hit the cap."""
+    from transformers import AutoModelForCausalLM
+
+    source = tiny_generator.model.name_or_path
+    prompt = torch.tensor([tiny_generator.encode(conversations()[1])])
+    with torch.inference_mode():
+        reference = tiny_generator.model.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+            pad_token_id=tiny_generator.pad_id,
+        )[0, prompt.shape[1]:].tolist()
+    assert len(reference) == 12
+    k = next(i for i in range(3, 12) if reference[i] not in reference[:i])
+    model = AutoModelForCausalLM.from_pretrained(source)
+    eos = tiny_generator.tokenizer.eos_token_id
+    with torch.no_grad():  # equal logits for EOS and token k; argmax takes the lower id, EOS
+        model.lm_head.weight[eos] = model.lm_head.weight[reference[k]]
+    assert eos < reference[k]
+    generator = HFChatGenerator(model, tiny_generator.tokenizer, batch_size=4, max_new_tokens=12)
+    results = generator.generate(conversations())
+    expected = tiny_generator.tokenizer.decode(reference[:k], skip_special_tokens=True).strip()
+    assert results[1] == GenerationResult(text=expected, finished=True)
+
+
+def test_unknown_backend_and_missing_vllm():
+    with pytest.raises(ValueError, match="expected one of"):
+        build_chat_generator("onnx", model="x")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install vllm"):
+            build_chat_generator("vllm", model="x")
+
+
+@pytest.mark.timeout(600)
+def test_smollm2_answers_two_prompts_in_one_batch():
+    """The real SmolLM2-135M-Instruct (GGUF, converted once to the user cache) answers greedily."""
+    from nemo_speechlm.parts.offline_models import smollm2_gguf_path
+
+    generator = HFChatGenerator(smollm2_gguf_path(), device="cpu", batch_size=2, max_new_tokens=32)
+    prompts = ["What is the capital of France? Answer in one sentence.", "Name three colors."]
+    results = generator.generate(conversations(prompts))
+    assert all(r.text and r.finished for r in results), results
+    assert "paris" in results[0].text.lower()
+    assert [degenerate_reason(r.text, p, r.finished) for r, p in zip(results, prompts)] == [None, None]
+
+
+# ---------------------------------------------------------------- run_resumable
+
+ITEMS = [{"key": f"utt{i:02d}", "text": f"sentence number {i}"} for i in range(23)]
+
+
+def job(batch):
+    """A deterministic job: every 5th item is rejected."""
+    return [
+        Rejected("empty", detail=item["text"]) if int(item["key"][3:]) % 5 == 0
+        else {"key": item["key"], "answer": item["text"].upper()}
+        for item in batch
+    ]
+
+
+def counting(calls):
+    def process(batch):
+        calls.extend(item["key"] for item in batch)
+        return job(batch)
+
+    return process
+
+
+def full_run(path):
+    summary = run_resumable(ITEMS, job, path, batch_size=4, desc="full")
+    return path.read_text(), summary
+
+
+def test_full_run_writes_records_rejections_and_summary(tmp_path):
+    text, summary = full_run(tmp_path / "out.jsonl")
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [r["key"] for r in lines] == [i["key"] for i in ITEMS if int(i["key"][3:]) % 5]
+    assert summary.total == 23 and summary.written == 18 and summary.rejected == {"empty": 5}
+    assert summary.done_before == 0 and summary.status == "done" and summary.items_per_s > 0
+    assert "18 written" in str(summary) and "empty=5" in str(summary)
+    saved = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
+    assert saved["written"] == 18 and saved["rejected"] == {"empty": 5}
+    rejected = [json.loads(line) for line in (tmp_path / "out.jsonl.rejected.jsonl").read_text().splitlines()]
+    assert rejected[0] == {"key": "utt00", "reason": "empty", "detail": "sentence number 0"}
+
+
+def test_rerun_after_a_real_crash_continues_without_duplicates(tmp_path):
+    expected, _ = full_run(tmp_path / "full.jsonl")
+    out = tmp_path / "crashed.jsonl"
+    # A subprocess killed by SIGKILL while computing its 4th batch: no exception handler runs.
+    crash = f"""
+import os, signal
+from nemo_speechlm.generation import run_resumable
+from tests.test_generation import ITEMS, job
+batches = []
+def process(batch):
+    batches.append(batch)
+    if len(batches) == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return job(batch)
+run_resumable(ITEMS, process, {str(out)!r}, batch_size=4, desc="crash")
+"""
+    with pytest.raises(AssertionError, match="subprocess failed"):
+        run_python(crash, cwd=REPO)
+    assert len(out.read_text().splitlines()) + len(out.with_name("crashed.jsonl.rejected.jsonl").read_text().splitlines()) == 12
+
+    calls = []
+    summary = run_resumable(ITEMS, counting(calls), out, batch_size=4, desc="resume")
+    assert summary.done_before == 12 and summary.written + sum(summary.rejected.values()) == 11
+    assert summary.rejected_before == {"empty": 3}
+    assert calls == [i["key"] for i in ITEMS[12:]]  # neither written nor rejected items recomputed
+    assert out.read_text() == expected
+    keys = [json.loads(line)["key"] for line in out.read_text().splitlines()]
+    assert len(keys) == len(set(keys))
+
+
+def test_rejected_items_are_not_recomputed(tmp_path):
+    out = tmp_path / "out.jsonl"
+    full_run(out)
+    calls = []
+    summary = run_resumable(ITEMS, counting(calls), out, batch_size=4, desc="rerun")
+    assert calls == [] and summary.done_before == 23 and summary.written == 0
+    assert summary.rejected_before == {"empty": 5}
+
+
+def test_torn_final_line_is_cut_away_and_recomputed(tmp_path, caplog):
+    expected, _ = full_run(tmp_path / "full.jsonl")
+    out = tmp_path / "out.jsonl"
+    run_resumable(ITEMS[:7], job, out, batch_size=4, desc="part")
+    with open(out, "a") as f:
+        f.write('{"key": "utt07", "answer": "SENT')  # crash mid-write
+    with caplog.at_level(logging.WARNING, logger="nemo_speechlm.generation.runner"):
+        run_resumable(ITEMS, job, out, batch_size=4, desc="resume")
+    assert "incomplete" in caplog.text and str(out) in caplog.text
+    assert out.read_text() == expected
+
+
+def test_complete_final_record_missing_its_newline_is_kept(tmp_path):
+    expected, _ = full_run(tmp_path / "full.jsonl")
+    out = tmp_path / "out.jsonl"
+    out.write_text(expected.rstrip("\n"))
+    calls = []
+    run_resumable(ITEMS, counting(calls), out, batch_size=4, desc="resume")
+    assert out.read_text() == expected
+    assert json.loads(expected.splitlines()[-1])["key"] not in calls
+
+
+def test_corrupt_line_is_an_error_naming_file_and_line(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"key": "utt01", "answer": "A"}\nnot json\n{"key": "utt02", "answer": "B"}\n')
+    with pytest.raises(ValueError, match=r"out\.jsonl:2: not a JSON object"):
+        run_resumable(ITEMS, job, out, batch_size=4, desc="x")
+    out.write_text('{"answer": "A"}\n')
+    with pytest.raises(ValueError, match=r"out\.jsonl:1: output record without its key"):
+        run_resumable(ITEMS, job, out, batch_size=4, desc="x")
+
+
+def test_duplicate_input_keys_are_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"duplicate item key 'utt03' \(items 3 and 23\)"):
+        run_resumable(ITEMS + [ITEMS[3]], job, tmp_path / "out.jsonl", batch_size=4, desc="dup")
+
+
+def test_records_must_carry_their_key_and_callable_keys_work(tmp_path):
+    with pytest.raises(ValueError, match="carries key"):
+        run_resumable(ITEMS, lambda b: [{"key": "other"} for _ in b], tmp_path / "a.jsonl", 4, "x")
+    items = [{"utt": i["key"], "task": t} for i in ITEMS[:3] for t in ("sum", "rep")]
+    key = lambda r: f"{r['utt']}/{r['task']}"  # noqa: E731
+    summary = run_resumable(items, lambda b: [dict(r, answer="a") for r in b], tmp_path / "b.jsonl", 4, "x", key=key)
+    assert summary.written == 6
+    assert run_resumable(items, job, tmp_path / "b.jsonl", 4, "x", key=key).done_before == 6
+
+
+def test_ctrl_c_keeps_written_lines_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "out.jsonl"
+    calls = []
+
+    def interrupted(batch):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return job(batch)
+
+    with pytest.raises(KeyboardInterrupt, match="rerun the same command to resume"):
+        run_resumable(ITEMS, interrupted, out, batch_size=4, desc="ctrl-c")
+    assert len(out.read_text().splitlines()) == 3  # utt01..utt03 (utt00 rejected)
+    assert json.loads((tmp_path / "out.jsonl.summary.json").read_text())["status"] == "interrupted"
+    assert run_resumable(ITEMS, job, out, batch_size=4, desc="resume").done_before == 4
+
+
+# ---------------------------------------------------------------- degenerate_reason
+
+TRANSCRIPT = "i cannot come to the meeting tomorrow because my car broke down"
+
+
+@pytest.mark.parametrize(
+    "answer, prompt, finished, transcript, reason",
+    [
+        ("", "Summarize the text.", True, None, "empty"),
+        (" ... ", "Summarize the text.", True, None, "empty"),
+        ("Summarize the following text.", f"Summarize the following text. {TRANSCRIPT}", True, TRANSCRIPT,
+         "repeats_prompt"),
+        (f"Summarize the following text: {TRANSCRIPT}", f"Summarize the following text: {TRANSCRIPT}", True,
+         TRANSCRIPT, "repeats_prompt"),
+        ("I'm sorry, but I can't help with that.", "Summarize the text.", True, None, "refusal"),
+        ("As an AI language model, I do not have opinions.", "What do you think?", True, None, "refusal"),
+        ("I cannot provide that information.", "Who is this?", True, None, "refusal"),
+        ("the cat the cat the cat the cat the cat the cat", "Continue.", True, None, "repetition_loop"),
+        ("It is late. I am here. I am here. I am here. I am here. I am here.", "Continue.", False, None,
+         "repetition_loop"),
+        ("The speaker explains that the car broke down and", "Summarize.", False, TRANSCRIPT, "truncated"),
+        ("The speaker explains that the car bro", "Summarize.", False, TRANSCRIPT, "truncated"),
+        # negatives: normal answers
+        ("The speaker cannot attend tomorrow's meeting because their car broke down.",
+         f"Summarize: {TRANSCRIPT}", True, TRANSCRIPT, None),
+        ("I cannot come to the meeting tomorrow because my car broke down.", f"Repeat: {TRANSCRIPT}", True,
+         TRANSCRIPT, None),  # a faithful repeat, not a refusal nor an echo
+        ("I cannot make it tomorrow, my car is broken.", f"Paraphrase: {TRANSCRIPT}", True, TRANSCRIPT, None),
+        ("They are sorry, but the car broke down, so they cannot come.", f"Explain: {TRANSCRIPT}", True,
+         TRANSCRIPT, None),
+        ("I'm sorry to hear that your car broke down.", f"Respond: {TRANSCRIPT}", True, TRANSCRIPT, None),
+        ("No, no, no. That is not what she said.", "Did she agree?", True, None, None),
+        ("The speaker's car broke down.", "Summarize.", False, TRANSCRIPT, None),  # cap hit at a sentence end
+        ('He said "stop!"', "Quote him.", False, None, None),
+    ],
+)
+def test_degenerate_reason(answer, prompt, finished, transcript, reason):
+    assert degenerate_reason(answer, prompt, finished, transcript) == reason
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
