@@ -30,6 +30,7 @@ setup(
         "tqdm",
         "num2words",
         "soxr",
+        "matplotlib",
     ],
     extras_require={
         # ctranslate2 only checks the Whisper converter against the reference runtime.
