@@ -84,3 +84,14 @@ def test_whisper_speechlm_restores_without_the_checkpoint(assets, whisper_dir, t
         f"print('ANSWER', repr(m.respond([{wav!r}], ['Repeat: <|audio|>'], max_new_tokens=4)[0]))\n"
     )
     assert f"ANSWER {before!r}" in out
+
+
+def test_encoder_lora_is_the_only_trainable_encoder_part(assets, whisper_dir):
+    cfg = model_config(assets["llm"])
+    cfg.perception.update(tiny_whisper_perception(whisper_dir))
+    cfg.perception.encoder.lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    cfg.freeze_params = [r"^llm\..+$", r"^perception\.encoder\..+$"]
+    model = SpeechLMModel(cfg)
+    trainable = [n for n, p in model.perception.encoder.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert len(trainable) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)

@@ -80,14 +80,15 @@ class SpeechLMModel(ModelPT):
         self.register_artifact("llm_files", str(tar_path))
 
     def _install_lora(self) -> None:
-        if not self.cfg.get("lora"):
-            return
-        lora_cfg = OmegaConf.to_container(self.cfg.lora, resolve=True)
-        self.llm = get_peft_model(self.llm, LoraConfig(**lora_cfg))
-        with open_dict(self._cfg):
-            keep = list(self._cfg.get("prevent_freeze_params", []))
-            if LORA_PARAM_PATTERN not in keep:
-                self._cfg.prevent_freeze_params = keep + [LORA_PARAM_PATTERN]
+        encoder_lora = (self.cfg.perception.get("encoder") or {}).get("lora")  # installed by the encoder itself
+        if self.cfg.get("lora"):
+            lora_cfg = OmegaConf.to_container(self.cfg.lora, resolve=True)
+            self.llm = get_peft_model(self.llm, LoraConfig(**lora_cfg))
+        if self.cfg.get("lora") or encoder_lora:
+            with open_dict(self._cfg):
+                keep = list(self._cfg.get("prevent_freeze_params", []))
+                if LORA_PARAM_PATTERN not in keep:
+                    self._cfg.prevent_freeze_params = keep + [LORA_PARAM_PATTERN]
 
     def _freeze(self) -> None:
         """Apply ``freeze_params``/``prevent_freeze_params`` regexes now, so counts and ``requires_grad`` are right

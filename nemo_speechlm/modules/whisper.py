@@ -87,6 +87,8 @@ class WhisperEncoder(nn.Module):
         load_pretrained_weights: False builds the architecture only (weights come from a
             ``.nemo`` restore); the model sets this itself.
         n_mels: expected mel bins (the preprocessor's); checked against the checkpoint.
+        lora: peft ``LoraConfig`` kwargs (e.g. ``{r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}``)
+            to adapt a frozen encoder; the model keeps the ``lora_`` parameters trainable.
         architecture: the checkpoint's ``config.json`` as a dict, stored in the model
             config so a ``.nemo`` restores with no hub access; filled in automatically.
     """
@@ -95,7 +97,7 @@ class WhisperEncoder(nn.Module):
 
     def __init__(self, pretrained_model: str | None = None, d_model: int | None = None, pad_to_window: bool = True,
                  load_pretrained_weights: bool = True, architecture: dict | None = None,
-                 n_mels: int | None = None) -> None:
+                 n_mels: int | None = None, lora: dict | None = None) -> None:
         super().__init__()
         if architecture is None and pretrained_model is None:
             raise ValueError("WhisperEncoder needs pretrained_model (a hub id or a directory) or architecture.")
@@ -113,6 +115,12 @@ class WhisperEncoder(nn.Module):
                 f"encoder.d_model={d_model} but the Whisper checkpoint {pretrained_model} has d_model={self.d_model}; "
                 "fix d_model in the encoder config (the adapter's input width follows it)."
             )
+        if lora:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            if isinstance(lora, DictConfig):
+                lora = OmegaConf.to_container(lora, resolve=True)
+            self.encoder = inject_adapter_in_model(LoraConfig(**lora), self.encoder)
         if n_mels is not None and n_mels != self.encoder.config.num_mel_bins:
             raise ValueError(
                 f"encoder.n_mels={n_mels} but the Whisper checkpoint {pretrained_model} expects "
