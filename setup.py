@@ -32,6 +32,7 @@ setup(
         "soxr",
         "matplotlib",
     ],
+    entry_points={"console_scripts": ["speechlm-infer = nemo_speechlm.inference:main"]},
     extras_require={
         # ctranslate2 only checks the Whisper converter against the reference runtime.
         "dev": ["pytest>=8", "pytest-timeout", "ctranslate2>=4"],

@@ -1,0 +1,205 @@
+"""Inference CLI and standard evaluations (ASR, AST, SQA, text retention) on a tiny LoRA model."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nemo_speechlm import inference
+from nemo_speechlm.data.manifest import ManifestError, SkipSummary
+from nemo_speechlm.evaluation import standard
+from nemo_speechlm.evaluation.metrics import utterance_wer, word_error_rate
+from nemo_speechlm.models import SpeechLMModel
+from tests.conftest import REPO, model_config
+
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
+
+
+@pytest.fixture(scope="module")
+def tiny(assets, tmp_path_factory):
+    """A tiny SpeechLMModel with untrained LoRA (peft initialises B to zero), and its .nemo."""
+    torch.manual_seed(0)
+    model = SpeechLMModel(model_config(assets["llm"], lora=LORA)).eval()
+    nemo = tmp_path_factory.mktemp("infer") / "model.nemo"
+    model.save_to(str(nemo))
+    return model, nemo
+
+
+def manifest_lines(assets) -> list[dict]:
+    return [json.loads(line) for line in assets["manifest"].read_text().splitlines()]
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+# --------------------------------------------------------------------------- inference CLI
+
+
+def test_cli_prints_one_answer_per_audio_and_appends_the_locator(tiny, assets):
+    model, nemo = tiny
+    wavs = [row["audio_filepath"] for row in manifest_lines(assets)[:2]]
+    proc = subprocess.run(
+        [sys.executable, "examples/infer.py", str(nemo), *wavs, "--prompt", "Repeat:", "--max-new-tokens", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = model.respond(wavs, ["Repeat:\n<|audio|>"] * 2, max_new_tokens=3)
+    assert proc.stdout == "".join(a + "\n" for a in expected)  # only answers on stdout, NeMo logs go to stderr
+    assert proc.stderr.count("no audio locator") == 1
+
+
+def test_cli_missing_audio_is_a_clear_error(tiny, capsys):
+    with pytest.raises(SystemExit) as exc:
+        inference.main([str(tiny[1]), "/nonexistent/a.wav", "--prompt", "Repeat:"])
+    assert exc.value.code == 2
+    assert "audio file not found: /nonexistent/a.wav" in capsys.readouterr().err
+
+
+def test_manifest_mode_writes_answers_and_resumes_only_what_is_missing(tiny, assets, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    argv = [str(tiny[1]), "--manifest", str(assets["manifest"]), "--output", str(out), "--prompt", "Repeat: <|audio|>",
+            "--max-new-tokens", "3", "--batch-size", "3"]
+    inference.main(argv)
+    first = out.read_text().splitlines()
+    records = [json.loads(line) for line in first]
+    assert len(records) == 8
+    assert [r["text"] for r in records] == [row["text"] for row in manifest_lines(assets)]
+    assert all(isinstance(r["answer"], str) and r["prompt"] == "Repeat: <|audio|>" for r in records)
+
+    out.write_text("".join(line + "\n" for line in first[:-1]))  # as if interrupted before the last line
+    inference.main(argv)
+    summary = json.loads((tmp_path / "answers.jsonl.summary.json").read_text())
+    assert (summary["done_before"], summary["written"]) == (7, 1)
+    assert out.read_text().splitlines() == first
+
+    with pytest.raises(ValueError, match="other settings.*max_new_tokens"):
+        inference.infer_manifest(tiny[0], assets["manifest"], out, prompt="Repeat: <|audio|>", max_new_tokens=5,
+                                 do_sample=False, model_name=inference.model_id(tiny[1]))
+
+
+def test_manifest_line_with_missing_audio_is_skipped_and_counted(tiny, assets, tmp_path):
+    rows = manifest_lines(assets)[:2]
+    rows.insert(1, {**rows[0], "audio_filepath": str(tmp_path / "gone.wav")})
+    manifest = write_jsonl(tmp_path / "m.jsonl", rows)
+    with pytest.raises(ManifestError, match=r"m\.jsonl:2 field 'audio_filepath': audio file does not exist"):
+        inference.infer_manifest(tiny[0], manifest, tmp_path / "a.jsonl", prompt="Repeat:", max_new_tokens=2)
+    skipped = SkipSummary()
+    summary = inference.infer_manifest(tiny[0], manifest, tmp_path / "b.jsonl", prompt="Repeat:", skip_invalid=True,
+                                       skipped=skipped, max_new_tokens=2)
+    assert (summary.written, skipped.total, dict(skipped.counts)) == (2, 1, {"audio_filepath": 1})
+
+
+# --------------------------------------------------------------------------- standard evaluations
+
+
+def test_asr_eval_writes_per_utterance_wer_and_corpus_wer(tiny, assets, tmp_path):
+    metrics = standard.evaluate_asr(tiny[0], assets["manifest"], tmp_path, batch_size=4, max_new_tokens=4)
+    records = [json.loads(line) for line in (tmp_path / "asr_predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and metrics["num_utterances"] == 8
+    assert records[0]["prompt"] == "Transcribe the content to English, with punctuations and capitalizations.\n<|audio|>"
+    refs, hyps = [r["reference"] for r in records], [r["prediction"] for r in records]
+    assert refs == [row["text"] for row in manifest_lines(assets)]
+    assert all(r["wer"] == utterance_wer(r["reference"], r["prediction"]) for r in records)
+    assert metrics["wer"] == word_error_rate(refs, hyps)["wer"]
+    assert json.loads((tmp_path / "asr_metrics.json").read_text())["wer"] == metrics["wer"]
+
+
+def test_canary_style_prompts():
+    assert standard.canary_prompt("en", "de", pnc=False) == (
+        "Translate the English content to German, ignoring punctuations and capitalizations.")
+    assert standard.canary_prompt("en", "en", pnc=True) == (
+        "Transcribe the content to English, with punctuations and capitalizations.")
+
+
+def test_ast_eval_scores_per_language_and_names_a_line_without_target_lang(tiny, assets, tmp_path):
+    rows = manifest_lines(assets)[:2]
+    rows = [{**rows[0], "source_lang": "en", "target_lang": "de", "pnc": "no", "answer": "die Katze sitzt"},
+            {**rows[1], "source_lang": "en", "target_lang": "fr", "pnc": "yes", "answer": "Ouvrez la fenêtre."}]
+    metrics = standard.evaluate_ast(tiny[0], write_jsonl(tmp_path / "ast.jsonl", rows), tmp_path / "out", max_new_tokens=3)
+    assert set(metrics["by_target_lang"]) == {"de", "fr"} and 0 <= metrics["bleu"] <= 100 and 0 <= metrics["chrf"] <= 100
+    prompts = [json.loads(line)["prompt"] for line in (tmp_path / "out" / "ast_predictions.jsonl").read_text().splitlines()]
+    assert prompts[1] == "Translate the English content to French, with punctuations and capitalizations.\n<|audio|>"
+
+    del rows[1]["target_lang"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ManifestError, match=r"bad\.jsonl:2 field 'target_lang': missing"):
+        standard.evaluate_ast(tiny[0], bad, tmp_path / "out2")
+
+
+def test_sqa_scoring_on_fixed_predictions():
+    metrics = standard.score_sqa(["Paris", "the cat sat on the mat"], ["paris.", "the cat sat"])
+    assert metrics["exact_match"] == 0.5  # "paris." normalizes to "paris"
+    # ROUGE-L of the second: LCS 3 words, precision 3/3, recall 3/6 -> F = 2/3; the first is 1.0
+    assert metrics["rouge_l"] == pytest.approx((1.0 + 2 / 3) / 2)
+    assert metrics["num_items"] == 2
+
+
+def test_agreement_scoring_on_fixed_answers():
+    metrics = standard.score_agreement(["Hello there.", "", "a b c d"], ["Hello there.", "", "a b x y"])
+    assert metrics["agreement_exact_match"] == pytest.approx(2 / 3)
+    assert metrics["agreement_rouge_l"] == pytest.approx((1 + 1 + 0.5) / 3)
+
+
+CONVERSATIONS = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the cat sat"},
+                  {"role": "assistant", "content": "on the mat"}, {"role": "user", "content": "please open the window"},
+                  {"role": "assistant", "content": "it is raining"}]},
+    {"conversations": [{"from": "User", "value": "what is said in the audio"}]},
+]
+
+
+def test_conversations_in_both_formats_keep_context_and_reference(tmp_path):
+    convs = standard.read_conversations(write_jsonl(tmp_path / "c.jsonl", CONVERSATIONS))
+    assert [m["role"] for m in convs[0]["messages"]] == ["system", "user", "assistant", "user"]
+    assert convs[0]["reference"] == "it is raining" and convs[1]["reference"] is None
+    assert convs[1]["messages"] == [{"role": "user", "content": "what is said in the audio"}]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [CONVERSATIONS[1], {"conversations": [{"from": "Bot", "value": "hi"}]}])
+    with pytest.raises(ManifestError, match=r"bad\.jsonl:2 field 'conversations': turn 0"):
+        standard.read_conversations(bad)
+
+
+def test_text_retention_agreement_with_lora_disabled(tiny, tmp_path):
+    model = tiny[0]
+    path = write_jsonl(tmp_path / "chat.jsonl", CONVERSATIONS)
+    metrics = standard.evaluate_text_retention(model, path, tmp_path / "zero", max_new_tokens=4)
+    assert (metrics["agreement_rouge_l"], metrics["agreement_exact_match"]) == (1.0, 1.0)  # B = 0: LoRA is a no-op
+    assert "LoRA adapters disabled" in metrics["base_llm"] and metrics["num_with_reference"] == 1
+    zero = [json.loads(line) for line in (tmp_path / "zero" / "text_retention_predictions.jsonl").read_text().splitlines()]
+    assert zero[0]["context"][0] == {"role": "system", "content": "Be brief."}
+
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    saved = [p.detach().clone() for p in lora_b]
+    try:
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for p in lora_b:
+                p.normal_(std=0.5)
+        metrics = standard.evaluate_text_retention(model, path, tmp_path / "trained", max_new_tokens=4)
+    finally:
+        with torch.no_grad():
+            for p, value in zip(lora_b, saved):
+                p.copy_(value)
+    trained = [json.loads(line) for line in (tmp_path / "trained" / "text_retention_predictions.jsonl").read_text().splitlines()]
+    assert [r["base"] for r in trained] == [r["base"] for r in zero]  # the base side ignores the adapters
+    assert metrics["agreement_rouge_l"] == standard.score_agreement([r["base"] for r in trained], [r["trained"] for r in trained])["agreement_rouge_l"]
+    assert any(r["trained"] != r["base"] for r in trained)
+
+
+def test_text_retention_rejects_audio_in_conversations(tiny, tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hear <|audio|>"}]}])
+    with pytest.raises(ManifestError, match=r"chat\.jsonl:1: contains the audio locator"):
+        standard.evaluate_text_retention(tiny[0], path, tmp_path / "out")
+
+
+def test_evaluate_cli_subcommands_parse():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    standard.add_arguments(parser.add_subparsers(dest="mode", required=True))
+    args = parser.parse_args(["ast", "--model", "m.nemo", "--manifest", "x.jsonl", "--out-dir", "o", "--max-new-tokens", "7"])
+    assert (args.mode, args.reference_field, args.max_new_tokens, args.device) == ("ast", "answer", 7, "auto")
+    args = parser.parse_args(["text-retention", "--model", "m.nemo", "--conversations", "c.jsonl", "--out-dir", "o"])
+    assert args.mode in standard.MODES
