@@ -277,3 +277,15 @@ def test_mtbi_script_trains_from_cached_features_and_exports(assets, whisper_dir
         f"print('ANSWER', repr(m.respond([{wav!r}], ['Summarize: <|audio|>'], max_new_tokens=3)[0]))\n"
     )
     assert "ANSWER" in out
+
+
+def test_alignment_times_rounded_past_the_end_are_clipped(assets):
+    from nemo_speechlm.data.conversations import cut_for_audio
+    from nemo_speechlm.data.dataset import speech_span
+
+    entry = _entries(assets["manifest"])[0]
+    cut = cut_for_audio(entry["audio_filepath"], 0.0, entry["duration"])
+    span = speech_span(cut, 0.2, entry["duration"] + 0.00004)
+    assert span.end == pytest.approx(cut.duration)
+    with pytest.raises(ValueError, match="outside utterance"):
+        speech_span(cut, 0.2, entry["duration"] + 1.0)

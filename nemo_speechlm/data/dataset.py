@@ -28,11 +28,16 @@ SPAN_SOURCE_START = "span_source_start"
 SPAN_SOURCE_DURATION = "span_source_duration"
 
 
-def speech_span(utterance: Cut, start: float, end: float) -> Cut:
-    """The part ``[start, end)`` seconds of ``utterance`` (a lhotse cut by time), remembering its utterance."""
-    if not 0.0 <= start < end <= utterance.duration + 1e-6:
+def speech_span(utterance: Cut, start: float, end: float, tolerance: float = 0.1) -> Cut:
+    """The part ``[start, end)`` seconds of ``utterance`` (a lhotse cut by time), remembering its utterance.
+
+    ``end`` may pass the utterance's end by ``tolerance`` (rounded alignment times, as in
+    ``validate_words``); the span is clipped to the audio.
+    """
+    end = min(end, utterance.duration) if end <= utterance.duration + tolerance else end
+    if not 0.0 <= start < end <= utterance.duration:
         raise ValueError(f"Span [{start}, {end}) s is outside utterance {utterance.id} ({utterance.duration} s).")
-    span = utterance.truncate(offset=start, duration=min(end, utterance.duration) - start)
+    span = utterance.truncate(offset=start, duration=end - start)
     span.id = f"{utterance.id}_{start:.2f}_{end:.2f}"
     span.custom = {**(span.custom or {}), SPAN_SOURCE_START: utterance.start, SPAN_SOURCE_DURATION: utterance.duration}
     return span
