@@ -1,0 +1,197 @@
+"""Mixed-modal conversations (VoiceTextBlender): part of a text instruction is replaced by its speech.
+
+For each text SFT conversation, the first user turn is split into sentences; a random
+contiguous run of sentences (any run, uniformly, so a one-sentence instruction is always
+fully spoken) is normalized for TTS (:func:`normalize_for_tts`), spoken by a random speaker,
+and replaced by the audio locator tag; the text before and after stays as it was
+(whitespace included). The choices are seeded by ``seed`` and the conversation id, so a
+rerun makes the same choices. The wav is written (atomically) before its manifest line, so
+a line in the output always points at a complete file.
+
+Output line::
+
+    {"id", ["system",] "conversations": [{"from": "User", "value": "text before <|audio|> text after"},
+                                          {"from": "Assistant", "value": ...}, ...],
+     "audio_filepath", "duration", "spoken_text", "speaker"}
+
+``spoken_text`` is the normalized text the audio says. Conversations that cannot be used
+are rejected (counted by the shared runner): the :class:`SFTFormatError` reasons
+(``no_user_turn``, ``empty_text``, ``unknown_role``, ...), ``locator_in_text`` (the user text
+already contains the locator tag), ``too_long`` (no run of sentences fits
+``max_spoken_words``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import soundfile
+
+from nemo_speechlm.data.manifest import ManifestError, SkipSummary
+from nemo_speechlm.data.text_sft import SFTFormatError, read_records, to_conversation
+from nemo_speechlm.evaluation.task_checks import split_sentences
+from nemo_speechlm.generation.runner import Outcome, Rejected
+from nemo_speechlm.tts.base import SpeechSynthesizer, Synthesis
+from nemo_speechlm.tts.normalize import normalize_for_tts
+
+DEFAULT_LOCATOR = "<|audio|>"
+SAMPLE_RATE = 16000
+
+
+def mixed_modal_items(
+    path: str | Path, skip_invalid: bool = False, summary: SkipSummary | None = None
+) -> Iterator[dict]:
+    """Items ``{"id", "record", "source"}`` for every record of a text SFT file (JSONL or JSON array).
+
+    The id is the record's ``id``, or else a hash of its content (``-2``, ``-3``, ... for repeats),
+    so it survives edits elsewhere in the file. Records are converted and checked in the job,
+    where unusable ones become counted rejections; a repeated ``id`` is an error here.
+    """
+    first_line: dict[str, int] = {}
+    repeats: dict[str, int] = {}
+    for line, record in read_records(path, skip_invalid, summary):
+        given = record.get("id") if isinstance(record, dict) else None
+        if given is None:
+            digest = hashlib.sha1(json.dumps(record, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+            repeats[digest] = repeats.get(digest, 0) + 1
+            conv_id = digest if repeats[digest] == 1 else f"{digest}-{repeats[digest]}"
+        else:
+            conv_id = str(given)
+        if conv_id in first_line:
+            err = ManifestError(path, line, f"duplicate id {conv_id!r} (first on line {first_line[conv_id]})", "id")
+            if not skip_invalid:
+                raise err
+            if summary is not None:
+                summary.add(err)
+            continue
+        first_line[conv_id] = line
+        yield {"id": conv_id, "record": record, "source": f"{path}:{line}"}
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Character ``(start, end)`` of each sentence of ``text``, in order (see ``split_sentences``)."""
+    spans, pos = [], 0
+    for sentence in split_sentences(text):
+        start = text.index(sentence, pos)
+        spans.append((start, start + len(sentence)))
+        pos = start + len(sentence)
+    return spans
+
+
+def choose_spoken_span(text: str, rng: random.Random, max_spoken_words: int | None = None) -> tuple[int, int] | str:
+    """Character span of a random contiguous run of sentences to speak, or the rejection reason.
+
+    Every run with something speakable (and at most ``max_spoken_words`` words once normalized)
+    is equally likely.
+    """
+    spans = sentence_spans(text)
+    spoken = [normalize_for_tts(text[start:end]) for start, end in spans]
+    speakable = [any(c.isalnum() for c in s) for s in spoken]
+    n_words = [len(s.split()) for s in spoken]
+    runs, too_long = [], False
+    for i in range(len(spans)):
+        for j in range(i + 1, len(spans) + 1):
+            if not any(speakable[i:j]):
+                continue
+            if max_spoken_words is not None and sum(n_words[i:j]) > max_spoken_words:
+                too_long = True
+                continue
+            runs.append((spans[i][0], spans[j - 1][1]))
+    if not runs:
+        return "too_long" if too_long else "empty_text"
+    return rng.choice(runs)
+
+
+def mixed_modal_job(
+    speakers: Sequence[SpeechSynthesizer],
+    audio_dir: str | Path,
+    seed: int = 0,
+    audio_locator_tag: str = DEFAULT_LOCATOR,
+    max_spoken_words: int | None = 100,
+    sample_rate: int = SAMPLE_RATE,
+) -> Callable[[list[dict]], list[Outcome]]:
+    """``process_batch`` for the runner: speak part of each first user turn, write the wav and the line."""
+    if not speakers:
+        raise ValueError("mixed_modal_job needs at least one speaker")
+    audio_dir = Path(audio_dir).resolve()
+    audio_dir.mkdir(parents=True, exist_ok=True)
+
+    def process(items: list[dict]) -> list[Outcome]:
+        return [
+            mixed_modal_example(item, speakers, audio_dir, seed, audio_locator_tag, max_spoken_words, sample_rate)
+            for item in items
+        ]
+
+    return process
+
+
+def mixed_modal_example(
+    item: dict,
+    speakers: Sequence[SpeechSynthesizer],
+    audio_dir: Path,
+    seed: int,
+    audio_locator_tag: str,
+    max_spoken_words: int | None,
+    sample_rate: int,
+) -> Outcome:
+    """One conversation -> its mixed-modal line (after writing its wav), or a :class:`Rejected`."""
+    try:
+        conversation = to_conversation(item["record"])
+    except SFTFormatError as e:
+        return Rejected(e.reason, f"{item['source']}: {e.problem}" + (f" ({e.field})" if e.field else ""))
+    turns = conversation["conversations"]
+    text = turns[0]["value"]
+    if audio_locator_tag in text:
+        return Rejected("locator_in_text", f"{item['source']}: the user turn already contains {audio_locator_tag!r}")
+    rng = random.Random(f"{seed}|{item['id']}")
+    tts = speakers[rng.randrange(len(speakers))]
+    span = choose_spoken_span(text, rng, max_spoken_words)
+    if isinstance(span, str):
+        return Rejected(span, f"{item['source']}: {text[:150]}")
+    start, end = span
+    syn = _synthesize(tts, normalize_for_tts(text[start:end]), sample_rate)
+    wav = audio_dir / _wav_name(item["id"])
+    _write_wav_atomic(wav, syn.audio, sample_rate)
+    user = {"from": "User", "value": text[:start] + audio_locator_tag + text[end:]}
+    record = {"id": item["id"]}
+    if "system" in conversation:
+        record["system"] = conversation["system"]
+    record.update({
+        "conversations": [user, *turns[1:]],
+        "audio_filepath": str(wav),
+        "duration": round(len(syn.audio) / sample_rate, 4),
+        "spoken_text": syn.text,
+        "speaker": tts.speaker,
+    })
+    return record
+
+
+def _synthesize(tts: SpeechSynthesizer, text: str, sample_rate: int) -> Synthesis:
+    syn = tts.synthesize(text)
+    if syn.sample_rate != sample_rate:
+        import soxr
+
+        syn.audio = soxr.resample(syn.audio, syn.sample_rate, sample_rate).astype(np.float32)
+        syn.sample_rate = sample_rate
+    syn.text = syn.text or text
+    return syn
+
+
+def _wav_name(conv_id: str) -> str:
+    """The id as a file name; ids with other characters get a hash suffix so names stay unique."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", conv_id)[:80].strip(".") or "conv"
+    if safe == conv_id:
+        return f"{safe}.wav"
+    return f"{safe}-{hashlib.sha1(conv_id.encode()).hexdigest()[:10]}.wav"
+
+
+def _write_wav_atomic(path: Path, audio: np.ndarray, sample_rate: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    soundfile.write(str(tmp), np.clip(audio, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+    os.replace(tmp, path)
