@@ -14,5 +14,6 @@ from nemo_speechlm.parts import offline_models as _offline_models  # noqa: E402,
 from nemo_speechlm.parts import prompting as _prompting  # noqa: E402,F401  (registers the chat-template formatter)
 from nemo_speechlm.data import conversations as _conversations  # noqa: E402,F401  (registers data types)
 from nemo_speechlm.data import behaviors as _behaviors  # noqa: E402,F401  (registers mtbi_behaviors)
+from nemo_speechlm.data import joint_sft as _joint_sft  # noqa: E402,F401  (registers the joint_* SFT types)
 
 __version__ = "0.1.0"

@@ -103,11 +103,15 @@ class ManifestConversations:
         to_conversation: Callable[[ManifestEntry, int], NeMoMultimodalConversation],
         required_text_fields: tuple[str, ...] = (),
         skip_invalid: bool = False,
+        has_audio: bool = True,
     ) -> None:
         self.manifest_filepath = manifest_filepath
         self.to_conversation = to_conversation
         self.required_text_fields = required_text_fields
         self.skip_invalid = skip_invalid
+        # False for lines without exactly one `audio_filepath` (text-only, or several audios that
+        # ``to_conversation`` validates itself).
+        self.has_audio = has_audio
         self.summary = SkipSummary()
         self.iteration = 0
 
@@ -116,6 +120,7 @@ class ManifestConversations:
         for entry in read_manifest(
             self.manifest_filepath,
             required_text_fields=self.required_text_fields,
+            has_audio=self.has_audio,
             skip_invalid=self.skip_invalid,
             summary=self.summary,
         ):
