@@ -1,0 +1,27 @@
+"""Evaluate speech LLMs (``.nemo``): the prompt/task generalization benchmark and standard evaluations.
+
+    python examples/evaluate.py benchmark --model mtbi=mtbi.nemo --model sft=sft.nemo \
+        --manifest heldout.jsonl --out-dir eval/ [--asr-model stt_en_fastconformer_ctc_large]
+    python examples/evaluate.py asr --model m.nemo --manifest test.jsonl --out-dir eval/
+    python examples/evaluate.py ast | sqa | text-retention ...
+
+Every mode writes per-item predictions (JSONL, resumable: rerun to continue) and a metrics JSON;
+the benchmark also writes results.md (tables per split and task) and splits.png.
+"""
+import argparse
+
+from nemo_speechlm.evaluation import benchmark, standard
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = parser.add_subparsers(dest="mode", required=True)
+    benchmark.add_arguments(modes.add_parser(
+        "benchmark", help="prompt/task generalization vs. the text LLM on the transcript (MTBI's question)"))
+    standard.add_arguments(modes)
+    args = parser.parse_args(argv)
+    return standard.main(args) if args.mode in standard.MODES else benchmark.main(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The generalization benchmark end to end on a tiny real SpeechLMModel: outputs, catalog splits,
+resume, bad input, and the scores of hand-made answers."""
+import argparse
+import json
+import shutil
+
+import pytest
+import torch
+
+from nemo_speechlm.data.task_catalog import EVALUATION_SPLITS, TaskCatalog, UnknownTaskError
+from nemo_speechlm.evaluation import benchmark
+from nemo_speechlm.evaluation.benchmark import (
+    CASCADE,
+    UPPER_BOUND,
+    copy_expected,
+    parse_model_specs,
+    run_benchmark,
+    score_answer,
+    summarize_lines,
+)
+from nemo_speechlm.models import SpeechLMModel
+from tests.conftest import model_config
+
+# Three seen tasks (one with a WER ground truth, one with BLEU) and two held-out tasks.
+TASKS = ["repeat", "summarize", "translate_fr", "translate_de", "mentions_person"]
+N_UTTERANCES = 4
+SETTINGS = dict(tasks=TASKS, prompts_per_task=1, max_new_tokens=8, batch_size=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def setup(assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("benchmark")
+    torch.manual_seed(0)
+    nemo = root / "tiny.nemo"
+    SpeechLMModel(model_config(assets["llm"])).save_to(str(nemo))
+    other = root / "other.nemo"  # a second model (other adapter weights) to compare side by side
+    SpeechLMModel(model_config(assets["llm"])).save_to(str(other))
+    lines = [json.loads(l) for l in assets["manifest"].read_text().splitlines()[:N_UTTERANCES]]
+    for line in lines[:2]:
+        line["translation_fr"] = "le chat est assis sur le tapis"
+    missing = {"audio_filepath": str(root / "gone.wav"), "duration": 1.0, "text": "this audio was deleted"}
+    manifest = root / "heldout.jsonl"
+    manifest.write_text("".join(json.dumps(l) + "\n" for l in lines[:2] + [missing] + lines[2:]))
+    out, asr = root / "out", str(assets["asr"])
+    metrics = run_benchmark({"tiny": str(nemo)}, manifest, out, asr_model=asr, **SETTINGS)
+    return {"nemo": nemo, "other": other, "manifest": manifest, "out": out, "metrics": metrics, "asr": asr}
+
+
+def read_jsonl(path):
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def test_all_four_outputs_exist_and_parse(setup):
+    out = setup["out"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["systems"]) == {"tiny", CASCADE, UPPER_BOUND}
+    for system in metrics["systems"].values():
+        assert set(system["splits"]) == set(EVALUATION_SPLITS)
+        assert system["overall"]["count"] == len(read_jsonl(out / "predictions.jsonl")) // 3
+    results = (out / "results.md").read_text()
+    assert "| Split | n | tiny | cascade | text_upper_bound |" in results
+    for title in benchmark.SPLIT_TITLES.values():
+        assert f"## {title}" in results
+    assert (out / "splits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / "splits.png").shape[2] in (3, 4)
+
+
+def test_items_and_splits_follow_the_catalog(setup):
+    catalog = TaskCatalog.load().select(TASKS)
+    lines = read_jsonl(setup["out"] / "predictions.jsonl")
+    for line in lines:
+        task, index = line["prompt_id"].split("/")
+        prompt = catalog.task(task).prompts[int(index)]
+        assert line["split"] == catalog.evaluation_split(prompt)
+        assert line["prompt"] == prompt.text
+    assert {l["split"] for l in lines} == set(EVALUATION_SPLITS)
+    expected = {(s, p.id) for s in EVALUATION_SPLITS for p in catalog.evaluation_prompts(s, 1, seed=0)}
+    for system in ("tiny", CASCADE, UPPER_BOUND):
+        own = [l for l in lines if l["system"] == system]
+        assert len(own) == N_UTTERANCES * len(expected)
+        assert {(l["split"], l["prompt_id"]) for l in own} == expected
+
+
+def test_references_are_cached_and_the_upper_bound_is_the_reference(setup):
+    refs = {r["key"]: r["reference"] for r in read_jsonl(setup["out"] / "references.jsonl")}
+    upper = [l for l in read_jsonl(setup["out"] / "predictions.jsonl") if l["system"] == UPPER_BOUND]
+    assert len(refs) == len(upper)
+    for line in upper:
+        assert line["prediction"] == line["reference"] == refs[line["key"]]
+        assert line["scores"]["rouge_l"] == pytest.approx(1.0) or not line["reference"].strip()
+
+
+def test_ground_truth_scored_only_where_task_and_line_have_it(setup):
+    for line in read_jsonl(setup["out"] / "predictions.jsonl"):
+        gt_keys = {k for k in line["scores"] if k.startswith("gt_")}
+        if line["task"] == "repeat":
+            assert gt_keys == {"gt_wer"} and line["copy_expected"]
+        elif line["task"] == "translate_fr" and "ground_truth" in line:
+            assert gt_keys == {"gt_bleu"} and line["ground_truth"]["field"] == "translation_fr"
+        else:
+            assert not gt_keys  # translate_de: no translation_de in the manifest -> not scored, no error
+    tasks = setup["metrics"]["systems"]["tiny"]["tasks"]
+    assert tasks["translate_fr"]["gt_bleu_count"] == 2 * 2  # 2 lines with the field x 2 prompts (two splits)
+    assert "gt_bleu" not in tasks["translate_de"]
+
+
+def test_missing_audio_is_skipped_and_counted(setup):
+    skipped = setup["metrics"]["skipped_lines"]
+    assert skipped["total"] == 1 and skipped["counts"] == {"audio_filepath": 1}
+    assert "gone.wav" in skipped["examples"]["audio_filepath"]
+    assert all("gone.wav" not in l["audio_filepath"] for l in read_jsonl(setup["out"] / "predictions.jsonl"))
+    assert "1 bad line(s) skipped" in (setup["out"] / "results.md").read_text()
+
+
+def test_interrupted_predictions_resume_without_recomputing(setup, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(setup["out"], out)
+    path = out / "predictions.jsonl"
+    full = path.read_text().splitlines()
+    n_items = len(full) // 3
+    kept = full[: len(full) - n_items - 3]  # drop every upper-bound line and the speech model's last 3
+    path.write_text("".join(l + "\n" for l in kept))
+
+    metrics = run_benchmark({"tiny": str(setup["nemo"])}, setup["manifest"], out, asr_model=setup["asr"], **SETTINGS)
+    runs = metrics["runs"]
+    assert runs["references"]["written"] == 0 and runs["references"]["done_before"] == n_items
+    assert runs["asr_transcripts"]["written"] == 0
+    assert runs[CASCADE]["written"] == 0
+    assert runs["tiny"]["written"] == 3 and runs["tiny"]["done_before"] == n_items - 3
+    assert runs[UPPER_BOUND]["written"] == n_items
+    resumed = path.read_text().splitlines()
+    assert resumed[: len(kept)] == kept
+    assert resumed == full  # greedy answers are the same batched differently
+
+    with pytest.raises(ValueError, match="max_new_tokens"):  # cached answers of other settings are not mixed in
+        run_benchmark({"tiny": str(setup["nemo"])}, setup["manifest"], out, **{**SETTINGS, "max_new_tokens": 9})
+
+
+def test_cli_compares_models_side_by_side_reusing_cached_answers(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(setup["out"], out)
+    parser = benchmark.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([
+        "--model", f"tiny={setup['nemo']}", "--model", str(setup["other"]), "--manifest", str(setup["manifest"]),
+        "--out-dir", str(out), "--tasks", *TASKS, "--prompts-per-task", "1", "--max-new-tokens", "8",
+        "--asr-model", setup["asr"], "--device", "cpu",
+    ])
+    metrics = benchmark.main(args)
+    printed = capsys.readouterr().out
+    assert "| Split | n | tiny | other | cascade | text_upper_bound |" in printed
+    assert str(out / "results.md") in printed and str(out / "splits.png") in printed
+    runs = metrics["runs"]
+    assert runs["other"]["written"] == runs["other"]["total"] > 0  # only the new model is computed
+    assert all(run["written"] == 0 for name, run in runs.items() if name != "other")
+    assert "| tiny | other | cascade | text_upper_bound |" in (out / "results.md").read_text()
+
+
+def test_unknown_task_is_a_clear_error(setup, tmp_path):
+    with pytest.raises(UnknownTaskError, match="unknown task 'summarise'.*known tasks: repeat, continue"):
+        run_benchmark({"tiny": str(setup["nemo"])}, setup["manifest"], tmp_path, tasks=["summarise"])
+
+
+def test_model_specs():
+    assert parse_model_specs(["a=x/m1.nemo", "y/m2.nemo"]) == {"a": "x/m1.nemo", "m2": "y/m2.nemo"}
+    with pytest.raises(ValueError, match="two models named 'm'"):
+        parse_model_specs(["a/m.nemo", "b/m.nemo"])
+
+
+def test_scores_of_hand_made_answers():
+    catalog = TaskCatalog.load()
+    repeat, summarize, translate = (catalog.task(t) for t in ("repeat", "summarize", "translate_fr"))
+    text = "the cat sat on the mat"
+    same = score_answer(repeat, text, text, text, ground_truth=text)
+    assert same["rouge_l"] == 1.0 and same["chrf"] == pytest.approx(100.0)
+    assert same["gt_wer"] == 0.0 and same["follows_task"] and same["transcript_copy"]
+    assert copy_expected(repeat) and not copy_expected(summarize)
+    half = score_answer(summarize, "the cat sat", "the cat sat on the mat", text, ground_truth=None)
+    assert half["rouge_l"] == pytest.approx(2 * 1.0 * 0.5 / 1.5)  # P=3/3, R=3/6
+    assert "gt_wer" not in half and half["follows_task"]
+    fr = "le chat est assis sur le tapis"
+    assert score_answer(translate, fr, fr, text, ground_truth=fr)["gt_bleu"] == pytest.approx(100.0)
+
+    def line(copy, expected, rouge):
+        return {"scores": {"rouge_l": rouge, "chrf": 0.0, "follows_task": True, "transcript_copy": copy},
+                "copy_expected": expected}
+
+    summary = summarize_lines([line(True, True, 1.0), line(True, False, 0.5), line(False, False, 0.0)])
+    assert summary["count"] == 3 and summary["rouge_l"] == pytest.approx(0.5)
+    assert summary["transcript_copy"] == pytest.approx(0.5) and summary["transcript_copy_count"] == 2
+    assert summary["transcript_copy_where_expected"] == 1.0
+
+
+def test_text_upper_bound_turns_lora_off(assets):
+    """References come from the plain text LLM, not from the LoRA-tuned one."""
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
+    torch.manual_seed(0)
+    tuned = SpeechLMModel(model_config(assets["llm"], lora=lora)).eval()
+    for name, p in tuned.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    plain = SpeechLMModel(model_config(assets["llm"])).eval()
+    prompt = TaskCatalog.load().task("summarize").prompts[0]
+    item = {"prompt": prompt, "entry": {"text": "the cat sat on the mat"}}
+    answer = benchmark._text_answerer(benchmark._LazyModel(lambda: tuned), lambda it: it["entry"]["text"], {})
+    expected = plain.respond([None], [prompt.render("the cat sat on the mat")], max_new_tokens=8)
+    assert answer([item], 8) == expected
+    assert tuned.respond([None], [prompt.render("the cat sat on the mat")], max_new_tokens=8) != expected
