@@ -79,6 +79,25 @@ def test_respond_batches_and_validates(model, assets):
         model.respond(["/nonexistent.wav"], PROMPTS[:1])
 
 
+def test_generation_continues_after_one_row_finishes(model):
+    """A finished row is fed the pad id while others generate: it must be a real LLM token id."""
+    from itertools import combinations
+
+    from nemo_speechlm.models.speechlm_model import left_collate_vectors
+    from nemo_speechlm.tiny_assets import SENTENCES
+
+    for pair in combinations(SENTENCES, 2):  # text-only prompts whose greedy answers differ somewhere
+        ids = left_collate_vectors([model.encode_prompt(p) for p in pair], padding_value=model.text_pad_id)
+        free = model.generate(ids, max_new_tokens=8)
+        only_row0 = [t for t in free[0].tolist()[:4] if t not in free[1].tolist()]  # stops row 0 early
+        if only_row0:
+            break
+    assert only_row0, "no prompt pair with different answers"
+    assert model.default_generation_config().pad_token_id < model.embed_tokens.num_embeddings
+    stopped = model.generate(ids, max_new_tokens=8, eos_token_id=only_row0[0])
+    assert stopped[1].tolist() == free[1].tolist()  # row 1 went on after row 0 stopped (no IndexError on the pad id)
+
+
 def test_pretrained_asr_encoder_weights_are_copied(assets):
     cfg = model_config(assets["llm"], pretrained_asr=str(assets["asr"]))
     model = SpeechLMModel(cfg)

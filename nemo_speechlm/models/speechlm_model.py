@@ -296,7 +296,9 @@ class SpeechLMModel(ModelPT):
             do_sample=False,
             max_new_tokens=self.cfg.get("max_new_tokens", 128),
             eos_token_id=eos,
-            pad_token_id=self.text_pad_id,
+            # Finished rows are fed this id while others still generate: it must be inside the LLM's
+            # embedding table, which our dedicated pad token (added to the tokenizer only) is not.
+            pad_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
             bos_token_id=self.tokenizer.tokenizer.bos_token_id,
         )
 
