@@ -289,3 +289,20 @@ def test_alignment_times_rounded_past_the_end_are_clipped(assets):
     assert span.end == pytest.approx(cut.duration)
     with pytest.raises(ValueError, match="outside utterance"):
         speech_span(cut, 0.2, entry["duration"] + 1.0)
+
+
+def test_behaviors_bucket_by_total_tokens(assets, whisper_dir, behaviors):
+    """GPU recipe batching: lhotse dynamic bucketing where audio counts as duration / token_equivalent_duration."""
+    model = _mtbi_model(assets, whisper_dir)
+    cfg = _data_cfg(behaviors, prob=0.0)
+    cfg.train_ds.pop("batch_size")
+    cfg.train_ds.update({"use_multimodal_sampling": True, "batch_tokens": 200, "use_bucketing": True,
+                         "num_buckets": 2, "bucket_buffer_size": 100, "shuffle": True,
+                         "concurrent_bucketing": False})  # its background thread would keep pytest from exiting
+    dm = build_datamodule(cfg, model)
+    dm.setup("fit")
+    batches = [b for _, b in zip(range(6), dm.train_dataloader())]
+    sizes = [b["input_ids"].shape[0] for b in batches]
+    assert all(1 <= n <= 8 for n in sizes) and len(set(sizes)) >= 1
+    with torch.no_grad():
+        assert torch.isfinite(model.compute_losses(batches[0])["loss"])
