@@ -301,3 +301,30 @@ def _seeded_rng(seed: int, device: torch.device):
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
+
+
+def add_teacher_arguments(parser, teacher_help: str = "") -> None:
+    """The flags every generation script shares: which LLM, how it decodes, how it is batched."""
+    parser.add_argument("--teacher", default=None, help="HF hub id, local HF directory or .gguf (default: offline "
+                        f"SmolLM2-135M-Instruct){teacher_help}")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="cap per answer")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="hf")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 on GPUs (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--system-prompt", default=None)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (and prompt choice where a job has one)")
+
+
+def teacher_from_arguments(args) -> ChatGenerator:
+    """The generator that :func:`add_teacher_arguments`' flags describe."""
+    from nemo_speechlm.parts.offline_models import smollm2_gguf_path
+
+    kwargs = {"device": args.device, "dtype": args.dtype, "batch_size": args.batch_size} if args.backend == "hf" else {}
+    return build_chat_generator(
+        args.backend, model=args.teacher or smollm2_gguf_path(), do_sample=args.sample,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, **kwargs,
+    )
