@@ -157,7 +157,7 @@ def test_conversations_in_both_formats_keep_context_and_reference(tmp_path):
     assert convs[0]["reference"] == "it is raining" and convs[1]["reference"] is None
     assert convs[1]["messages"] == [{"role": "user", "content": "what is said in the audio"}]
     bad = write_jsonl(tmp_path / "bad.jsonl", [CONVERSATIONS[1], {"conversations": [{"from": "Bot", "value": "hi"}]}])
-    with pytest.raises(ManifestError, match=r"bad\.jsonl:2 field 'conversations': turn 0"):
+    with pytest.raises(ManifestError, match=r"bad\.jsonl:2 field 'conversations\[0\]\.from': unknown role 'Bot'"):
         standard.read_conversations(bad)
 
 

@@ -60,8 +60,11 @@ class SFTFormatError(ValueError):
         self.problem, self.field, self.reason = problem, field, reason
 
 
-def to_conversation(record: dict) -> dict:
-    """Our format from one record of any accepted format (see module doc); raises :class:`SFTFormatError`."""
+def to_conversation(record: dict, require_answer: bool = True) -> dict:
+    """Our format from one record of any accepted format (see module doc); raises :class:`SFTFormatError`.
+
+    ``require_answer=False`` also accepts a conversation that ends with a user turn (a prompt to answer).
+    """
     if not isinstance(record, dict):
         raise SFTFormatError(f"expected a JSON object, got {type(record).__name__}", reason="unknown_format")
     if "conversations" in record:
@@ -77,7 +80,7 @@ def to_conversation(record: dict) -> dict:
             reason="unknown_format",
         )
     system, turns = _take_system(record, turns)
-    _check_turns(turns)
+    _check_turns(turns, require_answer)
     out: dict = {}
     if record.get("id") is not None:
         out["id"] = record["id"]
@@ -145,7 +148,7 @@ def _take_system(record: dict, turns: list[_Turn]) -> tuple[str | None, list[_Tu
     return (system.strip() or None) if system else None, turns
 
 
-def _check_turns(turns: list[_Turn]) -> None:
+def _check_turns(turns: list[_Turn], require_answer: bool = True) -> None:
     if not turns or turns[0].role != USER:
         where = turns[0].role_field if turns else None
         got = f", got {turns[0].role}" if turns else ""
@@ -157,7 +160,7 @@ def _check_turns(turns: list[_Turn]) -> None:
                                  turn.role_field, "not_alternating")
         if not turn.text.strip():
             raise SFTFormatError(f"empty {turn.role} turn", turn.text_field, "empty_text")
-    if turns[-1].role != ASSISTANT:
+    if require_answer and turns[-1].role != ASSISTANT:
         raise SFTFormatError("the conversation must end with an assistant turn (the training target)",
                              turns[-1].role_field, "no_assistant_turn")
 
@@ -195,12 +198,14 @@ def read_records(
                     summary.add(err)
 
 
-def read_text_sft(path: str | Path, skip_invalid: bool = False, summary: SkipSummary | None = None) -> Iterator[dict]:
-    """Conversations of ``path`` in our format; bad records raise :class:`ManifestError` naming
-    file, line and field, or with ``skip_invalid`` are skipped and counted in ``summary``."""
+def read_text_sft(
+    path: str | Path, skip_invalid: bool = False, summary: SkipSummary | None = None, require_answer: bool = True
+) -> Iterator[tuple[int, dict]]:
+    """``(line, conversation)`` of ``path`` in our format; bad records raise :class:`ManifestError`
+    naming file, line and field, or with ``skip_invalid`` are skipped and counted in ``summary``."""
     for line_no, record in read_records(path, skip_invalid, summary):
         try:
-            yield to_conversation(record)
+            yield line_no, to_conversation(record, require_answer)
         except SFTFormatError as e:
             err = ManifestError(path, line_no, e.problem, e.field)
             if not skip_invalid:
@@ -224,7 +229,7 @@ def prepare_text_sft(
     try:
         with tmp.open("w", encoding="utf-8") as out:
             for path in inputs:
-                for conversation in read_text_sft(path, skip_invalid, summary):
+                for _, conversation in read_text_sft(path, skip_invalid, summary):
                     out.write(json.dumps(conversation, ensure_ascii=False) + "\n")
                     count += 1
         os.replace(tmp, output)

@@ -30,6 +30,7 @@ import torch
 from nemo.collections.speechlm2.data.salm_dataset import left_collate_vectors
 
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
+from nemo_speechlm.data.text_sft import read_text_sft
 from nemo_speechlm.evaluation.metrics import (
     bleu,
     char_error_rate,
@@ -363,52 +364,19 @@ def read_conversations(path: str | Path) -> list[dict]:
     the last user turn (earlier turns and a system prompt are kept as context), ``reference``
     is the assistant turn that followed it in the file, if any.
 
-    Accepts OpenAI-style ``messages: [{role, content}]`` or VoiceTextBlender/ShareGPT-style
-    ``conversations: [{from: User|Assistant|System, value}]`` (optional top-level ``system``).
+    Any format ``examples/prepare_text_sft.py`` accepts (ours / ShareGPT ``conversations``,
+    OpenAI ``messages``, Alpaca), read by the same code.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Conversations file not found: {path}")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if raw.strip():
-                out.append({"line": line_no, **_parse_conversation(path, line_no, raw)})
+    for line_no, conversation in read_text_sft(path, require_answer=False):
+        system = [{"role": "system", "content": conversation["system"]}] if conversation.get("system") else []
+        messages = system + [{"role": t["from"].lower(), "content": t["value"]} for t in conversation["conversations"]]
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        answer = messages[last_user + 1]["content"] if last_user + 1 < len(messages) else None
+        out.append({"line": line_no, "messages": messages[: last_user + 1], "reference": answer})
     if not out:
         raise ValueError(f"{path}: no conversations")
     return out
-
-
-_ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
-
-
-def _parse_conversation(path: Path, line_no: int, raw: str) -> dict:
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ManifestError(path, line_no, f"not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(data, dict):
-        raise ManifestError(path, line_no, f"expected a JSON object, got {type(data).__name__}")
-    field = "messages" if "messages" in data else "conversations"
-    turns = data.get(field)
-    if not isinstance(turns, list) or not turns:
-        raise ManifestError(path, line_no, "expected a non-empty list of turns ('messages' with role/content, or "
-                            "'conversations' with from/value)", field)
-    messages = [{"role": "system", "content": data["system"]}] if isinstance(data.get("system"), str) and data["system"] else []
-    role_key, text_key = ("role", "content") if field == "messages" else ("from", "value")
-    for i, turn in enumerate(turns):
-        turn = turn if isinstance(turn, dict) else {}
-        role, content = _ROLE_NAMES.get(str(turn.get(role_key)).lower()), turn.get(text_key)
-        if role is None or not isinstance(content, str):
-            raise ManifestError(path, line_no, f"turn {i} must have {role_key!r} (user/assistant/system) and a string "
-                                f"{text_key!r}, got {json.dumps(turns[i])[:120]}", field)
-        messages.append({"role": role, "content": content})
-    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-    if not users:
-        raise ManifestError(path, line_no, "no user turn to answer", field)
-    last = users[-1]
-    after = messages[last + 1] if last + 1 < len(messages) else None
-    return {"messages": messages[: last + 1], "reference": after["content"] if after and after["role"] == "assistant" else None}
 
 
 def respond_to_messages(
