@@ -45,10 +45,10 @@ from nemo_speechlm.data.conversations import (
     require_keys,
 )
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, validate_audio_fields
+from nemo_speechlm.data import text_sft
 
 TEXT_SFT, ASR_AST, SQA, MIXED_MODAL = "joint_text_sft", "joint_asr_ast", "joint_sqa", "joint_mixed_modal"
 SOURCE_FIELD = "source"
-ROLES = {"user": "user", "assistant": "assistant"}
 ASR_TASKS = ("asr",)
 AST_TASKS = ("ast", "s2t_translation")
 # Canary language codes -> the names its instructions use.
@@ -109,32 +109,17 @@ def _language(entry: ManifestEntry, field_name: str) -> str:
 # ------------------------------------------------------------------ conversations
 
 
-def parse_turns(entry: ManifestEntry, field_name: str = "conversations") -> list[tuple[str, str]]:
-    """``(role, text)`` pairs of a ``conversations`` list, checked: known roles, alternating from
-    the user to a final assistant turn, no empty assistant turn."""
-    turns = entry.get(field_name)
-    if not isinstance(turns, list) or not turns:
-        raise ManifestError(entry.path, entry.line, f"expected a non-empty list of turns, got {turns!r}", field_name)
-    parsed = []
-    for i, turn in enumerate(turns):
-        where = f"{field_name}[{i}]"
-        if not isinstance(turn, dict):
-            raise ManifestError(entry.path, entry.line, f"expected {{'from', 'value'}}, got {turn!r}", where)
-        role = ROLES.get(str(turn.get("from", "")).lower())
-        if role is None:
-            raise ManifestError(entry.path, entry.line, f"unknown role {turn.get('from')!r}; expected User or Assistant", f"{where}.from")
-        value = turn.get("value")
-        if not isinstance(value, str) or (role == "assistant" and not value.strip()):
-            raise ManifestError(entry.path, entry.line, f"empty or non-string {role} turn: {value!r}", f"{where}.value")
-        expected = "user" if i % 2 == 0 else "assistant"
-        if role != expected:
-            raise ManifestError(
-                entry.path, entry.line, f"turns must alternate User, Assistant, ...; turn {i} should be {expected}, got {role}", f"{where}.from"
-            )
-        parsed.append((role, value))
-    if parsed[-1][0] != "assistant":
-        raise ManifestError(entry.path, entry.line, "the last turn must be the assistant's (it is what the model learns)", field_name)
-    return parsed
+def parse_turns(entry: ManifestEntry) -> list[tuple[str, str]]:
+    """``(role, text)`` pairs of the line's ``conversations``, checked by the text SFT reader
+    (known roles, alternating from the user to a final assistant turn, no empty turn)."""
+    try:
+        conversation = text_sft.to_conversation({"conversations": entry.get("conversations")})
+    except text_sft.SFTFormatError as e:
+        raise ManifestError(entry.path, entry.line, e.problem, e.field) from None
+    if "system" in conversation:
+        raise ManifestError(entry.path, entry.line, "a system turn belongs in the line's top-level `system` field",
+                            "conversations[0].from")
+    return [(turn["from"].lower(), turn["value"]) for turn in conversation["conversations"]]
 
 
 def audio_cuts(entry: ManifestEntry) -> list[Cut]:
