@@ -34,15 +34,15 @@ class MTBIModel(SpeechLMModel):
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         opts = self._mtbi
         inputs = self.prepare_inputs(batch)
-        logits = self(inputs["input_embeds"], inputs["attention_mask"])
-        ce = cross_entropy(logits, inputs["target_ids"])
+        logits, targets = self.response_logits(inputs["input_embeds"], inputs["attention_mask"], inputs["target_ids"])
+        ce = cross_entropy(logits, targets)
         losses = {"ce": ce, "num_target_tokens": (inputs["target_ids"] != IGNORE_INDEX).sum()}
         loss = opts["ce_weight"] * ce
         if opts["kl_weight"] > 0:
             if "teacher_input_ids" not in batch:
                 raise ValueError("mtbi.kl_weight > 0 needs teacher_input_ids in the batch (build the data with build_datamodule).")
             teacher_logits, teacher_targets = self.text_teacher_logits(batch["teacher_input_ids"], batch["teacher_loss_mask"])
-            kl = token_kl(logits, inputs["target_ids"], teacher_logits, teacher_targets, opts["kl_temperature"])
+            kl = token_kl(logits, targets, teacher_logits, teacher_targets, opts["kl_temperature"])
             losses["kl"] = kl
             loss = loss + opts["kl_weight"] * kl
         losses["loss"] = loss
@@ -54,8 +54,7 @@ class MTBIModel(SpeechLMModel):
         embeds = self.embed_text(input_ids)
         attention_mask = input_ids != self.text_pad_id
         with self._adapters_disabled():
-            logits = self(embeds[:, :-1], attention_mask[:, :-1])
-        return logits, input_ids.where(loss_mask, IGNORE_INDEX)[:, 1:]
+            return self.response_logits(embeds[:, :-1], attention_mask[:, :-1], input_ids.where(loss_mask, IGNORE_INDEX)[:, 1:])
 
     def _adapters_disabled(self):
         return self.llm.disable_adapter() if hasattr(self.llm, "disable_adapter") else contextlib.nullcontext()

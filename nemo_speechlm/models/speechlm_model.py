@@ -216,15 +216,31 @@ class SpeechLMModel(ModelPT):
             "target_ids": target_ids[:, 1:],
         }
 
-    def forward(self, input_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, T, V)`` of the LLM over spliced embeddings."""
-        return self.llm(inputs_embeds=input_embeds, attention_mask=attention_mask, use_cache=False).logits
+    def forward(
+        self, input_embeds: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int | torch.Tensor = 0
+    ) -> torch.Tensor:
+        """Logits ``(B, T', V)`` of the LLM over spliced embeddings (``logits_to_keep`` as in HF; 0 = all)."""
+        return self.llm(
+            inputs_embeds=input_embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=logits_to_keep
+        ).logits
+
+    def response_logits(
+        self, input_embeds: torch.Tensor, attention_mask: torch.Tensor, target_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and targets at only the positions that some row is trained on.
+
+        The LM head over a 49k-150k vocabulary is a large share of a step, and most positions
+        (system prompt, instruction, speech) have no target; answers sit at the end of the
+        left-padded rows, so the kept columns are few.
+        """
+        keep = (target_ids != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+        return self(input_embeds, attention_mask, logits_to_keep=keep), target_ids[:, keep]
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Objective hook. Returns ``{"loss": ..., <named terms>...}``; the base is CE on assistant tokens."""
         inputs = self.prepare_inputs(batch)
-        logits = self(inputs["input_embeds"], inputs["attention_mask"])
-        return {"loss": cross_entropy(logits, inputs["target_ids"]), "num_target_tokens": _num_targets(inputs)}
+        logits, targets = self.response_logits(inputs["input_embeds"], inputs["attention_mask"], inputs["target_ids"])
+        return {"loss": cross_entropy(logits, targets), "num_target_tokens": _num_targets(inputs)}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         for module in (self.perception.preprocessor, self.perception.encoder, self.llm):
@@ -252,8 +268,7 @@ class SpeechLMModel(ModelPT):
             if sub is None:
                 continue
             inputs = self.prepare_inputs(sub)
-            logits = self(inputs["input_embeds"], inputs["attention_mask"])
-            targets = inputs["target_ids"]
+            logits, targets = self.response_logits(inputs["input_embeds"], inputs["attention_mask"], inputs["target_ids"])
             loss = cross_entropy(logits, targets)
             valid = targets != IGNORE_INDEX
             acc = (logits.argmax(-1)[valid] == targets[valid]).float().mean()
