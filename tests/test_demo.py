@@ -79,7 +79,7 @@ def test_behaviors_use_training_prompts_and_training_speech_only(demo):
 
 def test_every_stage_reports_and_the_nemo_answers_in_a_fresh_process(demo):
     out, first, _ = demo
-    for expected in ("[whisper_tiny_en own decoder] WER", "[mtbi] repeat WER", "[untrained_connector] repeat WER",
+    for expected in ("[whisper own decoder] WER", "[mtbi] repeat WER", "[untrained_connector] repeat WER",
                      "| Seen task, seen prompt |", "text_upper_bound", "answer:"):
         assert expected in first, expected
     assert str(out / "mtbi.nemo") in first  # artifact paths are printed
