@@ -44,6 +44,7 @@ from nemo_speechlm.generation.chat_generator import build_chat_generator
 from nemo_speechlm.generation.runner import run_resumable
 from nemo_speechlm.inference import load_model
 from nemo_speechlm.models import MTBIModel
+from nemo_speechlm.parts.llm import resolve_llm_source
 from nemo_speechlm.recipe import train
 from nemo_speechlm.tts import EspeakTTS, load_sentences, speakers, synthesize_corpus
 
@@ -228,8 +229,10 @@ def main() -> None:
     evaluate(out, {"mtbi": nemo, "untrained_connector": untrained}, heldout, args.benchmark_utterances)
     answer_spoken_question(out, nemo)
     stage(f"done in {(time.time() - start) / 60:.1f} min; artifacts")
-    for path in (train_manifest, heldout, behaviors, out / "features", nemo, untrained, out / "eval",
-                 out / "benchmark" / "results.md", out / "benchmark" / "splits.png", out / "question.wav"):
+    encoder = cfg.model.perception.encoder.get("pretrained_model") or cfg.model.get("pretrained_asr")
+    for path in (train_manifest, heldout, encoder, resolve_llm_source(teacher), behaviors, out / "features", nemo,
+                 untrained, out / "eval", out / "benchmark" / "results.md", out / "benchmark" / "splits.png",
+                 out / "question.wav"):
         print(f"  {path}")
     print(json.dumps({"minutes": round((time.time() - start) / 60, 1)}))
 
