@@ -16,7 +16,7 @@ from nemo_speechlm.data.manifest import ManifestError, read_manifest
 from nemo_speechlm.data.task_catalog import TaskCatalog, render_prompt
 from nemo_speechlm.models import MTBIModel
 from nemo_speechlm.models.mtbi_model import token_kl
-from nemo_speechlm.models.speechlm_model import IGNORE_INDEX
+from nemo_speechlm.models.speechlm_model import IGNORE_INDEX, cross_entropy
 from nemo_speechlm.tiny_assets import make_tiny_whisper, tiny_whisper_perception
 from tests.conftest import model_config
 
@@ -184,6 +184,25 @@ def test_kl_is_zero_when_the_student_reads_the_same_text(assets, whisper_dir, be
         speech = model.compute_losses(batch)
     assert losses["kl"].item() == pytest.approx(0.0, abs=1e-6)
     assert speech["kl"].item() > 100 * max(losses["kl"].item(), 1e-7)  # speech in place of text does change it
+
+
+def test_losses_from_response_logits_equal_full_vocabulary_logits(assets, whisper_dir, behaviors):
+    """The LM head runs only where a target is; CE and KL must not change (interleaved rows included)."""
+    model = _mtbi_model(assets, whisper_dir, mtbi={"kl_weight": 1.0}).eval()
+    batch = _first_batch(model, behaviors, prob=0.5)
+    with torch.no_grad():
+        inputs = model.prepare_inputs(batch)
+        full = model(inputs["input_embeds"], inputs["attention_mask"])
+        kept, kept_targets = model.response_logits(inputs["input_embeds"], inputs["attention_mask"], inputs["target_ids"])
+        teacher = model(model.embed_text(batch["teacher_input_ids"])[:, :-1],
+                        (batch["teacher_input_ids"] != model.text_pad_id)[:, :-1])
+        teacher_targets = batch["teacher_input_ids"].where(batch["teacher_loss_mask"], IGNORE_INDEX)[:, 1:]
+        losses = model.compute_losses(batch)
+    assert kept.shape[1] < full.shape[1]  # prompt and speech positions were dropped
+    assert losses["ce"].item() == pytest.approx(cross_entropy(full, inputs["target_ids"]).item(), rel=1e-6)
+    full_kl = token_kl(full, inputs["target_ids"], teacher, teacher_targets)
+    assert losses["kl"].item() == pytest.approx(full_kl.item(), rel=1e-5)
+    assert torch.equal(kept_targets[kept_targets != IGNORE_INDEX], inputs["target_ids"][inputs["target_ids"] != IGNORE_INDEX])
 
 
 def test_ce_and_kl_decrease_with_training(assets, whisper_dir, behaviors, tmp_path):
