@@ -73,7 +73,7 @@ def make_corpus(out: Path, heldout: int, num_sentences: int | None) -> tuple[Pat
     return train_manifest, heldout_manifest
 
 
-def encoder_ceiling(out: Path, heldout: Path, encoder_cfg: DictConfig, batch_size: int = 8) -> dict | None:
+def whisper_reference_wer(out: Path, heldout: Path, encoder_cfg: DictConfig, batch_size: int = 8) -> None:
     """WER of a Whisper encoder's own decoder on the held-out speech (padded windows, greedy), cached.
 
     The speech LLM reads only the encoder's features; what the decoder trained with them makes of
@@ -82,7 +82,7 @@ def encoder_ceiling(out: Path, heldout: Path, encoder_cfg: DictConfig, batch_siz
     stage("2/6 encoder (frozen)")
     if "Whisper" not in encoder_cfg.get("_target_", ""):
         print(f"encoder {encoder_cfg.get('_target_')} (no own-decoder reference for it)")
-        return None
+        return
     source = encoder_cfg.pretrained_model
     print(f"whisper {source}")
     result_path = out / "eval" / "whisper_own_decoder.json"
@@ -105,7 +105,6 @@ def encoder_ceiling(out: Path, heldout: Path, encoder_cfg: DictConfig, batch_siz
     result = json.loads(result_path.read_text())
     print(f"[whisper own decoder] WER {result['wer']:.1%} on the held-out speech "
           f"(the frozen encoder's features read by the decoder trained with them)")
-    return result
 
 
 def make_behaviors(out: Path, train_manifest: Path, teacher: str, llm_utterances: int, batch_size: int) -> Path:
@@ -222,7 +221,7 @@ def main() -> None:
         train_manifest, heldout = Path(args.manifest), Path(args.heldout_manifest)
     else:
         train_manifest, heldout = make_corpus(out, args.heldout, args.sentences)
-    encoder_ceiling(out, heldout, cfg.model.perception.encoder)
+    whisper_reference_wer(out, heldout, cfg.model.perception.encoder)
     teacher = cfg.model.pretrained_llm  # MTBI: the behaviors come from the LLM the speech model decodes with
     behaviors = make_behaviors(out, train_manifest, teacher, args.llm_utterances, args.batch_size)
     nemo, untrained = train_model(out, cfg)
