@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["nemo_speechlm", "nemo_speechlm.*"]),
-    package_data={"nemo_speechlm": ["resources/*.txt"]},
+    package_data={"nemo_speechlm": ["resources/*.txt", "resources/*.yaml", "conf/*.yaml", "conf/*/*.yaml"]},
     # torch is deliberately not listed: the NeMo container ships its own build, and the
     # dev/CI setup (Makefile) installs the CPU wheel first.
     install_requires=[

@@ -31,7 +31,7 @@ from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.parts.llm import resolve_llm_source
 from nemo_speechlm.tiny_assets import make_tiny_llm, make_wav_manifest
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = nemo_speechlm.CONF_DIR
 Batch = dict
 LossFn = Callable[[Batch], torch.Tensor]
 

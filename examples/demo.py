@@ -14,7 +14,7 @@ Stages (each reuses what an earlier run produced and skips to what changed):
   6. export and use: the .nemo answers a spoken question in a fresh process
 
     python examples/demo.py [--out demo_out] [--steps 150] [--llm-utterances 128] [--sentences N]
-        [--manifest TRAIN --heldout-manifest TEST] [hydra overrides of conf/mtbi.yaml ...]
+        [--manifest TRAIN --heldout-manifest TEST] [hydra overrides of nemo_speechlm/conf/mtbi.yaml ...]
 """
 from __future__ import annotations
 
@@ -126,14 +126,14 @@ def make_behaviors(out: Path, train_manifest: Path, teacher: str, llm_utterances
 
 
 def training_config(out: Path, steps: int, overrides: list[str]) -> DictConfig:
-    """``conf/mtbi.yaml`` for the demo; user overrides (encoder=, llm=, trainer.*) come last and win."""
+    """``nemo_speechlm/conf/mtbi.yaml`` for the demo; user overrides (encoder=, llm=, trainer.*) come last and win."""
     demo = [
         f"data.train_ds.input_cfg.0.manifest_filepath={out / 'behaviors.jsonl'}",
         f"trainer.max_steps={steps}", "trainer.log_every_n_steps=10", "model.lr_scheduler.warmup_steps=10",
         f"feature_cache.dir={out / 'features'}", f"exp_manager.exp_dir={out / 'runs'}",
         f"output_nemo={out / 'mtbi.nemo'}", "name=mtbi_demo",
     ]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
         return compose("mtbi", overrides=demo + overrides)
 
 
@@ -208,7 +208,7 @@ def main() -> None:
                    help="training utterances that get an LLM task behavior (0 = all)")
     p.add_argument("--benchmark-utterances", type=int, default=5, help="held-out utterances in the benchmark")
     p.add_argument("--batch-size", type=int, default=16, help="teacher generation batch")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides of conf/mtbi.yaml, e.g. encoder=whisper_small "
+    p.add_argument("overrides", nargs="*", help="Hydra overrides of nemo_speechlm/conf/mtbi.yaml, e.g. encoder=whisper_small "
                    "llm=qwen2_5_1_5b_instruct trainer.precision=bf16-true")
     args = p.parse_intermixed_args()
     if bool(args.manifest) != bool(args.heldout_manifest):

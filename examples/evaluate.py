@@ -4,13 +4,14 @@
         --manifest heldout.jsonl --out-dir eval/ [--asr-model stt_en_fastconformer_ctc_large]
     python examples/evaluate.py asr --model m.nemo --manifest test.jsonl --out-dir eval/
     python examples/evaluate.py ast | sqa | text-retention ...
+    python examples/evaluate.py listening --model m.nemo --manifest heldout.jsonl --train-manifest train.jsonl --out-dir eval/
 
 Every mode writes per-item predictions (JSONL, resumable: rerun to continue) and a metrics JSON;
 the benchmark also writes results.md (tables per split and task) and splits.png.
 """
 import argparse
 
-from nemo_speechlm.evaluation import benchmark, standard
+from nemo_speechlm.evaluation import benchmark, listening, standard
 
 
 def main(argv=None) -> dict:
@@ -19,7 +20,11 @@ def main(argv=None) -> dict:
     benchmark.add_arguments(modes.add_parser(
         "benchmark", help="prompt/task generalization vs. the text LLM on the transcript (MTBI's question)"))
     standard.add_arguments(modes)
+    listening.add_arguments(modes.add_parser(
+        "listening", help="does the model use the audio? text oracle, zero and shuffled audio, training subset"))
     args = parser.parse_args(argv)
+    if args.mode == "listening":
+        return listening.main(args)
     return standard.main(args) if args.mode in standard.MODES else benchmark.main(args)
 
 

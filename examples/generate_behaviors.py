@@ -21,7 +21,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", required=True, help="NeMo manifest: audio_filepath, duration, text[, offset, words]")
     p.add_argument("--output", required=True, help="behaviors JSONL (appended to; reruns resume)")
-    p.add_argument("--catalog", default=None, help="task catalog YAML (default: conf/mtbi/tasks.yaml)")
+    p.add_argument("--catalog", default=None, help="task catalog YAML (default: nemo_speechlm/conf/mtbi/tasks.yaml)")
     p.add_argument("--tasks", nargs="*", default=None, help="only these training tasks")
     p.add_argument("--tasks-per-utterance", type=int, default=4)
     p.add_argument("--prompts-per-task", type=int, default=1)

@@ -14,7 +14,7 @@ from nemo_speechlm.models import JointSFTModel
 from nemo_speechlm.recipe import train
 
 
-@hydra_runner(config_path="../conf", config_name="joint_sft")
+@hydra_runner(config_path="../nemo_speechlm/conf", config_name="joint_sft")
 def main(cfg) -> None:
     train(cfg, JointSFTModel)
 

@@ -10,7 +10,7 @@ from nemo_speechlm.models import MTBIModel
 from nemo_speechlm.recipe import train
 
 
-@hydra_runner(config_path="../conf", config_name="mtbi")
+@hydra_runner(config_path="../nemo_speechlm/conf", config_name="mtbi")
 def main(cfg) -> None:
     train(cfg, MTBIModel)
 

@@ -11,7 +11,7 @@ from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.recipe import train
 
 
-@hydra_runner(config_path="../conf", config_name="speechlm")
+@hydra_runner(config_path="../nemo_speechlm/conf", config_name="speechlm")
 def main(cfg) -> None:
     train(cfg, SpeechLMModel)
 

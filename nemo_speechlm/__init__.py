@@ -3,7 +3,12 @@
 Importing the package makes our classes instantiable by NeMo (target allow-list) and
 registers our prompt formatter and lhotse data types with NeMo's registries.
 """
+from pathlib import Path
+
 from nemo.core.classes.common import ALLOWED_TARGET_PREFIXES
+
+# The shipped Hydra configs (recipes and the encoder/adapter/llm groups) and the MTBI task catalog.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 # NeMo refuses to instantiate `target`/`_target_` paths outside its allow-list
 # (UnsafeTargetError), which would break `restore_from` of our own classes.

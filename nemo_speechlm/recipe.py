@@ -11,7 +11,8 @@ from nemo.utils.trainer_utils import resolve_trainer_cfg
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_speechlm.data.datamodule import build_datamodule, fill_model_settings
-from nemo_speechlm.data.feature_cache import prepare_feature_cache
+from nemo_speechlm.data.feature_cache import prepare_feature_cache, transcribed_utterances
+from nemo_speechlm.parts.connector_ctc import pretrain_connector_ctc
 
 
 def train(cfg: DictConfig, model_cls) -> Path:
@@ -34,6 +35,7 @@ def train(cfg: DictConfig, model_cls) -> Path:
     model = model_cls(cfg.model, trainer=trainer)
     fill_model_settings(cfg.data, model)
     feature_cache = prepare_feature_cache(cfg.get("feature_cache"), model, cfg.data)
+    pre_align_connector(cfg.get("connector_pretraining"), model, cfg.data, feature_cache, resuming=bool(trainer.ckpt_path))
     datamodule = build_datamodule(cfg.data, model, feature_cache)
     trainer.fit(model, datamodule)
     nemo_path = Path(cfg.get("output_nemo") or Path(log_dir) / f"{cfg.get('name', 'speechlm')}.nemo")
@@ -41,3 +43,17 @@ def train(cfg: DictConfig, model_cls) -> Path:
         model.save_to(str(nemo_path))
         logging.info(f"Saved {nemo_path}")
     return nemo_path
+
+
+def pre_align_connector(pre_cfg: DictConfig | None, model, data_cfg: DictConfig, feature_cache, resuming: bool) -> None:
+    """``connector_pretraining.steps`` CTC steps on the connector alone before ``fit``
+    (see ``nemo_speechlm.parts.connector_ctc``); skipped when resuming (the checkpoint has the connector)."""
+    if not pre_cfg or not pre_cfg.get("steps"):
+        return
+    if resuming:
+        logging.info("Connector pre-alignment skipped: resuming from a checkpoint")
+        return
+    utterances = transcribed_utterances(data_cfg)
+    pretrain_connector_ctc(model, utterances, pre_cfg.steps, lr=pre_cfg.get("lr", 2e-3),
+                           batch_size=pre_cfg.get("batch_size", 16), feature_cache=feature_cache,
+                           seed=pre_cfg.get("seed", 0))

@@ -82,7 +82,7 @@ def make_tiny_whisper(out_dir: str | Path, d_model: int = 32, seed: int = 0) -> 
 
 
 def tiny_whisper_perception(whisper_dir: str | Path, d_model: int = 32, pad_to_window: bool = False) -> dict:
-    """``model.perception`` preprocessor + encoder entries for :func:`make_tiny_whisper` (as ``conf/encoder/whisper.yaml``)."""
+    """``model.perception`` preprocessor + encoder entries for :func:`make_tiny_whisper` (as ``nemo_speechlm/conf/encoder/whisper.yaml``)."""
     return {
         "preprocessor": {"_target_": "nemo_speechlm.modules.whisper.WhisperLogMel", "pad_to_window": pad_to_window},
         "encoder": {

@@ -80,8 +80,8 @@ def model(assets):
 
 
 def _joint_data_cfg(data, **train_overrides):
-    """``data`` of conf/joint_sft.yaml (the shipped weights) pointed at the test files."""
-    cfg = OmegaConf.load(REPO / "conf" / "joint_sft.yaml").data
+    """``data`` of nemo_speechlm/conf/joint_sft.yaml (the shipped weights) pointed at the test files."""
+    cfg = OmegaConf.load(nemo_speechlm.CONF_DIR / "joint_sft.yaml").data
     audio = cfg.train_ds.audio.input_cfg
     for item, name in zip(audio, ("asr", "ast", "sqa", "mixed_modal")):
         item.manifest_filepath = str(data[name])
@@ -130,7 +130,7 @@ def test_asr_ast_user_turn_is_the_canary_instruction_before_the_audio(data):
 
 
 def test_audio_text_split_and_source_shares_follow_the_config_weights(model, data):
-    """400 batches from the real dataloader of conf/joint_sft.yaml. Tolerance: 4 binomial standard
+    """400 batches from the real dataloader of nemo_speechlm/conf/joint_sft.yaml. Tolerance: 4 binomial standard
     deviations, sqrt(p(1-p)/n), of each share (n = batches for the split, audio examples per source)."""
     cfg = _joint_data_cfg(data)
     cfg.train_ds.audio.input_cfg[0].tags.source = "asr_from_tags"  # the source name comes from `tags`
@@ -283,7 +283,7 @@ def test_audio_and_text_losses_and_source_counts_are_logged(assets, data, tmp_pa
 
 
 def test_config_has_the_published_recipe():
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
         cfg = compose("joint_sft")
     m, train = cfg.model, cfg.data.train_ds
     assert (m.lora.r, m.lora.lora_alpha, m.lora.lora_dropout) == (32, 32, 0.0)

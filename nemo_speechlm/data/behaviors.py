@@ -9,7 +9,7 @@ utterance alternating (``nemo_speechlm.data.interleaving``). Each audio turn als
 carries the text it stands for, so the KL teacher can read the same turn as text.
 
 Data config keys: ``manifest_filepath``, ``interleave`` ({prob, text_span_words,
-speech_span_words}), ``catalog`` (task catalog path; null = ``conf/mtbi/tasks.yaml``),
+speech_span_words}), ``catalog`` (task catalog path; null = ``nemo_speechlm/conf/mtbi/tasks.yaml``),
 ``system_prompt``, ``seed``, ``skip_invalid``; ``audio_locator_tag`` and
 ``token_equivalent_duration`` are filled in from the model.
 """

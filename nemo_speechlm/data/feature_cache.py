@@ -119,14 +119,13 @@ def fill_feature_cache(model, cache: FeatureCache, cuts: list[Cut], batch_size: 
     return counts
 
 
-def utterances_in(data_cfg: DictConfig) -> list[Cut]:
-    """Every distinct whole utterance the train/validation data will ask for (one pass over the data)."""
+def _audio_turns(data_cfg: DictConfig):
+    """``(whole utterance cut, start s, end s, turn)`` for every audio turn of the train/validation data (one pass)."""
     from nemo.collections.common.data.lhotse.cutset import read_cutset_from_config
     from nemo.collections.common.data.lhotse.text_adapters import AudioTurn
 
     from nemo_speechlm.data.dataset import source_utterance
 
-    found: dict[str, Cut] = {}
     for split in ("train_ds", "validation_ds"):
         if data_cfg.get(split) is None:
             continue
@@ -136,8 +135,24 @@ def utterances_in(data_cfg: DictConfig) -> list[Cut]:
         for conversation in conversations:
             for turn in getattr(conversation, "turns", []):
                 if isinstance(turn, AudioTurn):
-                    source = source_utterance(turn.cut)[0]
-                    found.setdefault(utterance_key(source), source)
+                    yield (*source_utterance(turn.cut), turn)
+
+
+def utterances_in(data_cfg: DictConfig) -> list[Cut]:
+    """Every distinct whole utterance the train/validation data will ask for (one pass over the data)."""
+    found: dict[str, Cut] = {}
+    for source, _, _, _ in _audio_turns(data_cfg):
+        found.setdefault(utterance_key(source), source)
+    return list(found.values())
+
+
+def transcribed_utterances(data_cfg: DictConfig) -> list[tuple[Cut, str]]:
+    """Every distinct whole utterance whose audio turn carries its transcript, with that transcript
+    (speech spans of interleaved examples are skipped: they stand for part of an utterance)."""
+    found: dict[str, tuple[Cut, str]] = {}
+    for source, start, end, turn in _audio_turns(data_cfg):
+        if start == 0.0 and end == float("inf") and isinstance(turn.text, str) and turn.text.strip():
+            found.setdefault(utterance_key(source), (source, turn.text))
     return list(found.values())
 
 

@@ -2,7 +2,7 @@
 
 Behavior generation draws training prompts from here, and the benchmark draws its
 three evaluation splits from here, so both sides agree on which prompts and tasks
-were never trained on. The catalog is a YAML file (``conf/mtbi/tasks.yaml`` documents
+were never trained on. The catalog is a YAML file (``nemo_speechlm/conf/mtbi/tasks.yaml`` documents
 the schema); everything is validated on load with errors that name the file, the
 line, the task and the field.
 """
@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
-DEFAULT_CATALOG = Path(__file__).resolve().parents[2] / "conf" / "mtbi" / "tasks.yaml"
+DEFAULT_CATALOG = Path(__file__).resolve().parents[1] / "conf" / "mtbi" / "tasks.yaml"
 INPUT_PLACEHOLDER = "{input}"
 
 TRAIN, HELDOUT = "train", "heldout"
@@ -116,7 +116,7 @@ class TaskCatalog:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "TaskCatalog":
-        """Read and validate a catalog file (default: the shipped ``conf/mtbi/tasks.yaml``)."""
+        """Read and validate a catalog file (default: the shipped ``nemo_speechlm/conf/mtbi/tasks.yaml``)."""
         path = Path(path) if path is not None else DEFAULT_CATALOG
         try:
             with open(path, encoding="utf-8") as f:

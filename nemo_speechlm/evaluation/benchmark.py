@@ -710,7 +710,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--manifest", required=True,
                         help="held-out NeMo manifest (audio_filepath, duration, text, ...)")
     parser.add_argument("--out-dir", required=True, help="output directory; rerun the same command to resume")
-    parser.add_argument("--catalog", default=None, help="task catalog YAML (default: conf/mtbi/tasks.yaml)")
+    parser.add_argument("--catalog", default=None, help="task catalog YAML (default: nemo_speechlm/conf/mtbi/tasks.yaml)")
     parser.add_argument("--tasks", nargs="+", default=None, help="only these tasks of the catalog")
     parser.add_argument("--prompts-per-task", type=int, default=2, help="prompts per task and split (seeded choice)")
     parser.add_argument("--asr-model", default=None, help="NeMo ASR .nemo or model name: adds the cascade baseline")

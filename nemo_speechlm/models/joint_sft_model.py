@@ -38,7 +38,7 @@ def batch_sources(batch: dict) -> list[str]:
 
 
 class JointSFTModel(SpeechLMModel):
-    """Speech LLM trained on a blend of speech and text conversations (``conf/joint_sft.yaml``)."""
+    """Speech LLM trained on a blend of speech and text conversations (``nemo_speechlm/conf/joint_sft.yaml``)."""
 
     def __init__(self, cfg: DictConfig, trainer=None) -> None:
         super().__init__(cfg=cfg, trainer=trainer)

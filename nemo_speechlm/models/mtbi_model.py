@@ -6,7 +6,7 @@ plus, optionally, a token-level KL to the distribution of the same frozen LLM re
 the transcript in place of the speech, computed online. With LoRA the teacher runs with
 the adapters disabled, so it stays the original text LLM.
 
-Config keys (``conf/mtbi.yaml``): ``mtbi.ce_weight``, ``mtbi.kl_weight`` (0 = CE only),
+Config keys (``nemo_speechlm/conf/mtbi.yaml``): ``mtbi.ce_weight``, ``mtbi.kl_weight`` (0 = CE only),
 ``mtbi.kl_temperature``.
 """
 from __future__ import annotations

@@ -40,7 +40,7 @@ LORA_PARAM_PATTERN = r"^.+\.lora_.+$"
 
 
 class SpeechLMModel(ModelPT):
-    """Speech LLM core. Config keys are documented in ``conf/speechlm.yaml``."""
+    """Speech LLM core. Config keys are documented in ``nemo_speechlm/conf/speechlm.yaml``."""
 
     def __init__(self, cfg: DictConfig, trainer=None) -> None:
         super().__init__(cfg=cfg, trainer=trainer)

@@ -18,6 +18,12 @@ class _PerceptionHost:
         self.cfg, self.llm, self.perception = cfg, llm, None
 
 
+def embedding_rms(llm) -> float:
+    """Root mean square of the LLM's input embedding vectors: the scale its inputs live at."""
+    weight = llm.get_input_embeddings().weight.detach().float()
+    return round(float(weight.pow(2).mean(-1).sqrt().mean()), 4)
+
+
 def build_perception(cfg: DictConfig, llm, load_pretrained_asr: bool) -> AudioPerceptionModule:
     """Build the perception module for ``cfg`` (the model config), sized to ``llm``'s width.
 
@@ -32,6 +38,9 @@ def build_perception(cfg: DictConfig, llm, load_pretrained_asr: bool) -> AudioPe
         cfg.perception.output_dim = hidden
         if "output_dim" in cfg.perception.modality_adapter:
             cfg.perception.modality_adapter.output_dim = hidden
+        if cfg.perception.modality_adapter.get("output_rms") == "auto":
+            # Written into the config as a number, so a restored model rebuilds the same norm.
+            cfg.perception.modality_adapter.output_rms = embedding_rms(llm)
     if cfg.get("pretrained_asr") and load_pretrained_asr:
         # setup_speech_encoder would apply any encoder keys left in our config on top of the
         # pretrained model's own; the pretrained architecture must win, so drop ours.

@@ -1,7 +1,7 @@
 """Whisper as a NeMo-style speech encoder: log-mel front end + the Hugging Face Whisper encoder.
 
 Both classes follow the interfaces speechlm2's ``AudioPerceptionModule`` expects, so
-``conf/encoder/whisper*.yaml`` swaps them in for a NeMo preprocessor/encoder pair:
+``nemo_speechlm/conf/encoder/whisper*.yaml`` swaps them in for a NeMo preprocessor/encoder pair:
 
 * :class:`WhisperLogMel` — ``forward(input_signal, length) -> (B, n_mels, T), lengths``,
   with ``featurizer.hop_length``/``sample_rate`` for ``token_equivalent_duration``.

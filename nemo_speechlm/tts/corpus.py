@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from nemo_speechlm.tts.base import SpeechSynthesizer, Synthesis
 
-__all__ = ["load_sentences", "split_heldout", "synthesize_corpus"]
+__all__ = ["load_sentences", "split_heldout", "synthesize_corpus", "synthesize_split"]
 
 log = logging.getLogger(__name__)
 
@@ -130,17 +130,56 @@ def synthesize_corpus(
     """
     _check_inputs(sentences, speakers)
     out_dir = Path(out_dir).resolve()
-    wav_dir = out_dir / "wavs"
-    wav_dir.mkdir(parents=True, exist_ok=True)
     order, heldout_ids = split_heldout(len(sentences), heldout, seed)
     speaker_of = {idx: speakers[rank % len(speakers)] for rank, idx in enumerate(order)}
+    records = _synthesize_all([(i, s, speaker_of[i]) for i, s in enumerate(sentences)], out_dir / "wavs", sample_rate)
+    train_path, heldout_path = out_dir / TRAIN_MANIFEST, out_dir / HELDOUT_MANIFEST
+    for path, keep in ((train_path, lambda i: i not in heldout_ids), (heldout_path, lambda i: i in heldout_ids)):
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for i, r in enumerate(records) if keep(i))
+        _write_atomic(path, lambda p: p.write_text(lines, encoding="utf-8"))
+    log.info("synthesize_corpus: %d train / %d held-out -> %s", len(records) - len(heldout_ids), len(heldout_ids), out_dir)
+    return train_path, heldout_path
 
+
+def synthesize_split(
+    train: Sequence[str],
+    heldout: Sequence[str],
+    out_dir: str | Path,
+    speakers: Sequence[SpeechSynthesizer],
+    unseen_speaker: SpeechSynthesizer,
+    sample_rate: int = 16000,
+) -> dict[str, Path]:
+    """Speak a given train / held-out split: both with ``speakers`` (round-robin), and the held-out
+    sentences once more with ``unseen_speaker``, a voice training never hears.
+
+    Returns the manifests ``{"train", "heldout", "heldout_unseen_voice"}`` (written as in
+    :func:`synthesize_corpus`; a rerun reuses every finished utterance).
+    """
+    _check_inputs(list(train) + list(heldout), list(speakers) + [unseen_speaker])
+    out_dir = Path(out_dir).resolve()
+    n_train = len(train)
+    jobs = [(i, s, speakers[i % len(speakers)]) for i, s in enumerate(list(train) + list(heldout))]
+    jobs += [(len(jobs) + i, s, unseen_speaker) for i, s in enumerate(heldout)]
+    records = _synthesize_all(jobs, out_dir / "wavs", sample_rate)
+    parts = {"train": records[:n_train], "heldout": records[n_train : n_train + len(heldout)],
+             "heldout_unseen_voice": records[n_train + len(heldout) :]}
+    paths = {}
+    for name, part in parts.items():
+        paths[name] = out_dir / f"{name}_manifest.json"
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
+        _write_atomic(paths[name], lambda p: p.write_text(lines, encoding="utf-8"))
+    return paths
+
+
+def _synthesize_all(jobs: list[tuple[int, str, SpeechSynthesizer]], wav_dir: Path, sample_rate: int) -> list[dict]:
+    """Speak ``(index, sentence, speaker)`` jobs into ``wav_dir``, reusing finished utterances; manifest records."""
+    wav_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     reused, audio_s = 0, 0.0
     start = time.perf_counter()
-    bar = tqdm(range(len(sentences)), desc="synthesize", unit="utt")
-    for i in bar:
-        sentence, tts = " ".join(sentences[i].split()), speaker_of[i]
+    bar = tqdm(jobs, desc="synthesize", unit="utt")
+    for i, sentence, tts in bar:
+        sentence = " ".join(sentence.split())
         utt_id = _utt_id(i, sentence, tts.speaker, sample_rate)
         wav, sidecar = wav_dir / f"{utt_id}.wav", wav_dir / f"{utt_id}.json"
         expected = {"utt_id": utt_id, "source_text": sentence, "speaker": tts.speaker, "sample_rate": sample_rate}
@@ -165,13 +204,5 @@ def synthesize_corpus(
         elapsed = max(time.perf_counter() - start, 1e-9)
         bar.set_postfix(reused=reused, audio_s_per_s=f"{audio_s / elapsed:.0f}", refresh=False)
     bar.close()
-
-    train_path, heldout_path = out_dir / TRAIN_MANIFEST, out_dir / HELDOUT_MANIFEST
-    for path, keep in ((train_path, lambda i: i not in heldout_ids), (heldout_path, lambda i: i in heldout_ids)):
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for i, r in enumerate(records) if keep(i))
-        _write_atomic(path, lambda p: p.write_text(lines, encoding="utf-8"))
-    log.info(
-        "synthesize_corpus: %d utterances (%d reused), %d train / %d held-out -> %s",
-        len(records), reused, len(records) - len(heldout_ids), len(heldout_ids), out_dir,
-    )
-    return train_path, heldout_path
+    log.info("synthesized %d utterances (%d reused) in %s", len(records), reused, wav_dir)
+    return records

@@ -1,0 +1,1 @@
+"""Data: manifests, conversations, interleaving, behaviors, joint SFT types, batching and the feature cache."""
