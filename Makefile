@@ -14,7 +14,7 @@ else
 PY := $(VENV)/bin/python
 endif
 
-.PHONY: setup container-setup test demo clean
+.PHONY: setup container-setup test test-fast demo clean
 
 setup: $(if $(filter 1,$(NEMO_CONTAINER)),container-setup,$(STAMP))
 
@@ -26,12 +26,17 @@ $(STAMP): setup.py requirements-offline.txt
 	$(VENV)/bin/pip install -q --no-deps -r requirements-offline.txt
 	touch $(STAMP)
 
+# The container installs the package the way a user would (a normal, non-editable install).
 container-setup:
-	pip install -q -e '.[dev]'
+	pip install -q '.[dev]'
 	pip install -q --no-deps -r requirements-offline.txt
 
 test: setup
 	$(PY) -m pytest tests -q
+
+# The fast inner loop: everything but the end-to-end tests marked slow.
+test-fast: setup
+	$(PY) -m pytest tests -q -m "not slow"
 
 demo: setup
 	$(PY) examples/demo.py

@@ -11,7 +11,9 @@ from nemo.utils.trainer_utils import resolve_trainer_cfg
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_speechlm.data.datamodule import build_datamodule, fill_model_settings
-from nemo_speechlm.data.feature_cache import prepare_feature_cache, transcribed_utterances
+from nemo_speechlm.data.conversations import cut_for_audio
+from nemo_speechlm.data.feature_cache import fill_feature_cache, prepare_feature_cache, transcribed_utterances
+from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.parts.connector_ctc import pretrain_connector_ctc
 
 
@@ -53,7 +55,14 @@ def pre_align_connector(pre_cfg: DictConfig | None, model, data_cfg: DictConfig,
     if resuming:
         logging.info("Connector pre-alignment skipped: resuming from a checkpoint")
         return
-    utterances = transcribed_utterances(data_cfg)
+    manifest = pre_cfg.get("manifest_filepath")
+    if manifest:
+        utterances = [(cut_for_audio(e["audio_filepath"], float(e.get("offset") or 0.0), e.get("duration")), e["text"])
+                      for e in read_manifest(manifest)]
+        if feature_cache is not None:
+            fill_feature_cache(model, feature_cache, [cut for cut, _ in utterances])
+    else:
+        utterances = transcribed_utterances(data_cfg)
     pretrain_connector_ctc(model, utterances, pre_cfg.steps, lr=pre_cfg.get("lr", 2e-3),
                            batch_size=pre_cfg.get("batch_size", 16), feature_cache=feature_cache,
                            seed=pre_cfg.get("seed", 0))

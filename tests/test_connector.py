@@ -1,0 +1,115 @@
+"""The connector options (output RMSNorm at the LLM's embedding scale, word-wide context), the CTC
+pre-alignment onto the LLM's embeddings, and the listening diagnostics, on the tiny real model."""
+import json
+
+import pytest
+import torch
+
+from nemo_speechlm.data.conversations import cut_for_audio
+from nemo_speechlm.evaluation.listening import CONDITIONS, listening_diagnostics, listening_table
+from nemo_speechlm.models import SpeechLMModel
+from nemo_speechlm.modules.adapters import FrameStackingAdapter
+from nemo_speechlm.modules.perception import embedding_rms
+from nemo_speechlm.parts.connector_ctc import connector_ctc_loss, pretrain_connector_ctc, transcript_vocabulary
+from tests.conftest import model_config, run_python
+
+ADAPTER = "nemo_speechlm.modules.adapters.FrameStackingAdapter"
+
+
+def adapter_cfg(**extra):
+    return {"_target_": ADAPTER, "input_dim": "${..encoder.d_model}", "output_dim": 0, "stack": 2, "hidden_dim": 32, **extra}
+
+
+@pytest.fixture(scope="module")
+def model(assets):
+    torch.manual_seed(0)
+    cfg = model_config(assets["llm"])
+    cfg.perception.modality_adapter = adapter_cfg(output_rms="auto", context_kernel=3)
+    return SpeechLMModel(cfg)
+
+
+def utterances(assets):
+    lines = [json.loads(line) for line in assets["manifest"].read_text().splitlines()]
+    return [(cut_for_audio(str(assets["manifest"].parent / e["audio_filepath"]), 0.0, e["duration"]), e["text"]) for e in lines]
+
+
+def test_output_rms_auto_is_the_llm_embedding_scale_and_is_stored_as_a_number(model):
+    expected = embedding_rms(model.llm)
+    assert model.cfg.perception.modality_adapter.output_rms == pytest.approx(expected)
+    with torch.no_grad():
+        out = model.perception.modality_adapter(torch.randn(2, 32, 20) * 50, torch.tensor([20, 12]))[0]
+    rms = out.transpose(1, 2).pow(2).mean(-1).sqrt()
+    assert rms[0].tolist() == pytest.approx([expected] * rms.shape[1], rel=1e-3)  # whatever the input's scale
+
+
+def test_context_kernel_sees_neighbours_but_never_padding():
+    torch.manual_seed(0)
+    adapter = FrameStackingAdapter(input_dim=4, output_dim=6, stack=2, hidden_dim=8, context_kernel=3).eval()
+    x = torch.randn(1, 4, 12)
+    base = adapter(x, torch.tensor([12]))[0]
+    changed = x.clone()
+    changed[:, :, 6:8] += 5.0 * torch.randn(4, 2)  # position 3 (not a constant shift: LayerNorm would remove it)
+    out = adapter(changed, torch.tensor([12]))[0]
+    moved = (out - base).abs().sum(1)[0] > 1e-6
+    assert moved.tolist() == [False, False, True, True, True, False]  # positions 2-4: a 3-wide window
+    # A shorter row padded with garbage gives the same outputs as the row alone.
+    padded = torch.cat([x[:, :, :8], torch.randn(1, 4, 4) * 100], dim=2)
+    alone = adapter(x[:, :, :8], torch.tensor([8]))[0]
+    assert torch.allclose(adapter(padded, torch.tensor([8]))[0][:, :, :4], alone, atol=1e-5)
+
+
+def test_ctc_loss_prefers_the_spoken_tokens(model):
+    tokenizer = model.tokenizer.tokenizer
+    vocabulary = transcript_vocabulary(tokenizer, ["hello world", "good morning"])
+    embeddings = model.embed_tokens.weight.detach()
+    blank = torch.zeros(1, embeddings.shape[1])
+    ids = tokenizer("hello world", add_special_tokens=False).input_ids
+    gap = torch.zeros(embeddings.shape[1])  # scores every class alike, so blank or repeat: CTC stays feasible
+    exact = torch.stack([v for i in ids for v in (embeddings[i] * 10, gap)])  # the tokens' own embeddings, sharpened
+    wrong = torch.stack([v for i in reversed(ids) for v in (embeddings[i] * 10, gap)])
+    assert connector_ctc_loss([exact], ["hello world"], tokenizer, vocabulary, embeddings, blank) < \
+        connector_ctc_loss([wrong], ["hello world"], tokenizer, vocabulary, embeddings, blank)
+
+
+def test_pre_alignment_lowers_the_ctc_loss_and_trains_only_the_adapter(assets):
+    torch.manual_seed(0)
+    cfg = model_config(assets["llm"])
+    cfg.perception.modality_adapter = adapter_cfg(output_rms="auto")
+    model = SpeechLMModel(cfg)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not n.startswith("perception.modality_adapter")}
+    result = pretrain_connector_ctc(model, utterances(assets), steps=40, lr=1e-2, batch_size=8)
+    assert result["final_loss"] < 0.95 * result["first_loss"], result  # measured 2.88 -> 2.66
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_training_script_runs_the_pre_alignment(assets, tmp_path):
+    from tests.test_training import run_train_script
+
+    log = run_train_script(assets, tmp_path, ["connector_pretraining.steps=3", "model.perception.modality_adapter.output_rms=auto"])
+    assert "Connector pre-alignment: {'steps': 3" in log
+
+
+def test_listening_diagnostics_table_and_conditions(model, assets, tmp_path):
+    prompt = "Repeat: <|audio|>"
+    results = listening_diagnostics(model, assets["manifest"], prompt, train_manifest=assets["manifest"],
+                                    num_utterances=3, max_new_tokens=4, out_dir=tmp_path)
+    assert set(results) == set(CONDITIONS) and all(r["n"] == 3 for r in results.values())
+    texts = [json.loads(line)["text"] for line in assets["manifest"].read_text().splitlines()][:3]
+    assert [e["reference"] for e in results["speech"]["examples"]] == texts
+    table = (tmp_path / "listening.md").read_text()
+    assert table == listening_table(results) + "\n" and table.count("\n") == len(CONDITIONS) + 2
+    with pytest.raises(ValueError, match="exactly one audio locator"):
+        listening_diagnostics(model, assets["manifest"], "no locator", num_utterances=1)
+
+
+def test_listening_cli_prints_the_table(model, assets, tmp_path):
+    nemo = tmp_path / "m.nemo"
+    model.save_to(str(nemo))
+    out = run_python(
+        "import sys; sys.argv = ['evaluate.py', 'listening', '--model', %r, '--manifest', %r, '--num-utterances', '2',"
+        " '--max-new-tokens', '3', '--out-dir', %r, '--prompt', 'Repeat: <|audio|>']\n"
+        "import runpy; runpy.run_path(%r, run_name='__main__')\n"
+        % (str(nemo), str(assets["manifest"]), str(tmp_path / "eval"), str(__import__("tests.conftest").conftest.REPO / "examples" / "evaluate.py"))
+    )
+    assert "| zero_audio | 2 |" in out and "| shuffled_audio | 2 |" in out
+    assert (tmp_path / "eval" / "listening.json").is_file()
