@@ -15,6 +15,7 @@ from nemo_speechlm.data.conversations import cut_for_audio
 from nemo_speechlm.data.feature_cache import fill_feature_cache, prepare_feature_cache, transcribed_utterances
 from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.parts.connector_ctc import pretrain_connector_ctc
+from nemo_speechlm.parts.precision import resolve_precision_plugins
 
 
 def train(cfg: DictConfig, model_cls) -> Path:
@@ -29,7 +30,8 @@ def train(cfg: DictConfig, model_cls) -> Path:
     # interpolations such as ${model.audio_locator_tag} now.
     OmegaConf.resolve(cfg.data)
     torch.manual_seed(cfg.get("seed", 0))
-    trainer_cfg = resolve_trainer_cfg(cfg.trainer)
+    # bf16-true/fp16-true: NeMo's fp32-audio plugin, extended to keep the mel front end in fp32.
+    trainer_cfg = resolve_precision_plugins(resolve_trainer_cfg(cfg.trainer))
     if cfg.data.get("validation_ds") is None:
         trainer_cfg["limit_val_batches"] = 0  # Lightning rejects a missing val dataloader otherwise
     trainer = Trainer(**trainer_cfg)

@@ -43,7 +43,9 @@ def encoder_fingerprint(perception: torch.nn.Module, perception_cfg: DictConfig)
     for module in (perception.preprocessor, perception.encoder):
         for name, tensor in sorted(module.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            # reshape(-1): 0-d tensors (BatchNorm's num_batches_tracked in a Conformer) cannot be viewed
+            # as bytes; the bytes of every other tensor are unchanged, and so are existing fingerprints.
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

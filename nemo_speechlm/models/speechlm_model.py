@@ -183,6 +183,8 @@ class SpeechLMModel(ModelPT):
         """Modality adapter + projection over encoder outputs ``(frames, d_model)`` -> LLM embeddings."""
         lens = torch.tensor([len(f) for f in features], device=self.device)
         padded = torch.nn.utils.rnn.pad_sequence(list(features), batch_first=True).transpose(1, 2)
+        # Cached features are read from disk as fp32; in bf16-true the adapter's weights are bf16.
+        padded = padded.to(_param_dtype(self.perception.modality_adapter, self.perception.proj) or padded.dtype)
         with typecheck.disable_checks():  # a NeMo ConformerEncoder adapter would reject these types, as in speechlm2
             adapted, adapted_lens = self.perception.modality_adapter(audio_signal=padded, length=lens)
         adapted = self.perception.proj(adapted.transpose(1, 2))
@@ -451,17 +453,30 @@ class _EncoderStage:
         feats, feat_lens = p.preprocessor(input_signal=input_signal, length=input_signal_length)
         if p.spec_augmentation is not None and p.training:
             feats = p.spec_augmentation(input_spec=feats, length=feat_lens)
+        # The preprocessor computes fp32 features (see nemo_speechlm.parts.precision); a bf16-true
+        # encoder needs them in bf16 (under autocast the weights are fp32 and this is a no-op).
+        feats = feats.to(_param_dtype(p.encoder) or feats.dtype)
         encoded, encoded_lens = p.encoder(audio_signal=feats, length=feat_lens)
         return encoded.transpose(1, 2), encoded_lens
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean token CE over non-ignored targets (0 if there are none)."""
+    """Mean token CE over non-ignored targets (0 if there are none), in fp32 whatever the logits' dtype
+    (the log-softmax over the vocabulary and the sum over tokens lose digits in bf16)."""
     n = (targets != IGNORE_INDEX).sum().clamp(min=1)
     loss = torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1), targets.flatten(0, 1), reduction="sum", ignore_index=IGNORE_INDEX
+        logits.flatten(0, 1).float(), targets.flatten(0, 1), reduction="sum", ignore_index=IGNORE_INDEX
     )
     return loss / n
+
+
+def _param_dtype(*modules: torch.nn.Module) -> torch.dtype | None:
+    """dtype of the first floating-point parameter of ``modules`` (None if they have none)."""
+    for module in modules:
+        for param in module.parameters():
+            if param.is_floating_point():
+                return param.dtype
+    return None
 
 
 def _num_targets(inputs: dict) -> torch.Tensor:

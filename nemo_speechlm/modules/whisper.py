@@ -56,7 +56,13 @@ class WhisperLogMel(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_signal: torch.Tensor, length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        signal = input_signal.float()
+        """fp32 features whatever the training precision (the encoder casts them to its own dtype):
+        autocast is off (it would run the filter-bank matmul in bf16) and the buffers are read as
+        fp32 (exact unless the module itself was cast, which ``HalfPrecisionForSpeech`` avoids)."""
+        with torch.autocast(input_signal.device.type, enabled=False):
+            return self._log_mel(input_signal.float(), length)
+
+    def _log_mel(self, signal: torch.Tensor, length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         target = int(WINDOW_SECONDS * self.sample_rate) if self.pad_to_window else signal.shape[1]
         if signal.shape[1] > target:
             raise ValueError(
@@ -67,10 +73,10 @@ class WhisperLogMel(nn.Module):
         signal = nn.functional.pad(signal, (0, target - signal.shape[1] + self.n_fft // 2))
         positions = torch.arange(signal.shape[1], device=signal.device)
         signal = signal * (positions[None, :] < length[:, None])  # zero anything past each utterance
-        stft = torch.stft(signal, self.n_fft, self.hop_length, window=self.window, return_complex=True)
+        stft = torch.stft(signal, self.n_fft, self.hop_length, window=self.window.float(), return_complex=True)
         frames = target // self.hop_length
         power = stft[..., :frames].abs() ** 2
-        log_spec = torch.clamp(self.mel_filters @ power, min=1e-10).log10()
+        log_spec = torch.clamp(self.mel_filters.float() @ power, min=1e-10).log10()
         log_spec = torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0)
         return (log_spec + 4.0) / 4.0, self.get_seq_len(length)
 
