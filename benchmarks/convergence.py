@@ -66,15 +66,15 @@ def corpus(out: Path, utterances: int, heldout: int) -> tuple[Path, Path]:
 
 def build(option: list[str], args, train_manifest: Path):
     overrides = [
-        f"data.train_ds.input_cfg.0.manifest_filepath={train_manifest}", "data.train_ds.input_cfg.0.type=speechlm_manifest",
-        f"+data.train_ds.input_cfg.0.prompt='{REPEAT_PROMPT}'", "~data.train_ds.input_cfg.0.interleave",
-        "~data.train_ds.input_cfg.0.catalog", "~data.train_ds.input_cfg.0.seed", "~data.train_ds.input_cfg.0.system_prompt",
         "model.target=nemo_speechlm.models.SpeechLMModel", "trainer.accelerator=cpu", f"trainer.max_steps={args.steps}",
-        "model.lr_scheduler.warmup_steps=10", f"feature_cache.dir={args.out / 'features'}",
+        "model.lr_scheduler.warmup_steps=10", f"feature_cache.dir={args.features or args.out / 'features'}",
         "model.perception.encoder.pad_to_window=false", *option, *args.overrides,
     ]
     with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
         cfg = compose("mtbi", overrides=overrides)
+    # The repeat task on every utterance (plain speech SFT data), so every option learns the same thing.
+    cfg.data.train_ds.input_cfg = [{"type": "speechlm_manifest", "manifest_filepath": str(train_manifest),
+                                    "prompt": REPEAT_PROMPT, "answer_field": "text"}]
     OmegaConf.resolve(cfg.data)
     torch.manual_seed(cfg.seed)
     model = SpeechLMModel(cfg.model)
@@ -161,6 +161,8 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=40)
     p.add_argument("--manifest", type=Path, default=None)
     p.add_argument("--heldout-manifest", type=Path, default=None)
+    p.add_argument("--features", type=Path, default=None, help="feature cache directory (default: OUT/features; "
+                   "demo_out/features reuses the demo's)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--options", default=",".join(OPTIONS))
