@@ -93,12 +93,12 @@ def test_behaviors_use_training_prompts_and_training_speech_only(demo):
 
 
 def test_evaluation_outputs_cover_every_model_set_and_condition(demo):
-    out, first, _ = demo
+    out, first, second = demo  # the files hold the second run's evaluation
     for model in ("mtbi", "untrained_connector"):
         for held in ("heldout", "heldout_unseen_voice"):
             metrics = json.loads((out / "eval" / model / held / "asr_metrics.json").read_text())
             assert metrics["num_utterances"] == HELDOUT and metrics["wer"] >= 0.0
-            assert f"[{model}] repeat WER {metrics['wer']:.1%} on {HELDOUT} {held} utterances" in first
+            assert f"[{model}] repeat WER {metrics['wer']:.1%} on {HELDOUT} {held} utterances" in second
     listening = json.loads((out / "eval" / "listening" / "listening.json").read_text())
     assert set(listening) == set(CONDITIONS)
     assert all(r["n"] == HELDOUT for r in listening.values())

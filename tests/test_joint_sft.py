@@ -9,6 +9,8 @@ from collections import Counter
 
 import pytest
 import torch
+
+import nemo_speechlm
 from hydra import compose, initialize_config_dir
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger

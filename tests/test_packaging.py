@@ -25,7 +25,7 @@ from nemo_speechlm.recipe import train
 
 llm, manifest, out = sys.argv[1:4]
 assert "site-packages" in nemo_speechlm.__file__ and "{repo}" not in nemo_speechlm.__file__, nemo_speechlm.__file__
-print("catalog tasks", len(TaskCatalog.load().tasks))
+print("catalog tasks", len(TaskCatalog.load().names))
 print("grammar sentences", RequestGrammar.load().size())
 with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
     cfg = compose("speechlm", overrides=[
