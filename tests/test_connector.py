@@ -82,6 +82,7 @@ def test_pre_alignment_lowers_the_ctc_loss_and_trains_only_the_adapter(assets):
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
+@pytest.mark.slow
 def test_training_script_runs_the_pre_alignment(assets, tmp_path):
     from tests.test_training import run_train_script
 

@@ -23,6 +23,8 @@ SENTENCE = "Hello, my name is John and I live in New York."
 # (a swapped k/v split, a lost bias) produces, which is O(0.1-1).
 ENCODER_ATOL = 1e-3
 
+pytestmark = pytest.mark.slow  # real models from PyPI
+
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):

@@ -298,6 +298,7 @@ def test_config_has_the_published_recipe():
     assert m.pretrained_asr == "nvidia/canary-1b-flash" and m.perception.modality_adapter.n_layers == 2
 
 
+@pytest.mark.slow
 def test_joint_sft_script_trains_and_exports(assets, data, tmp_path):
     nemo = tmp_path / "joint.nemo"
     cmd = [

@@ -265,6 +265,7 @@ def test_changed_encoder_weights_change_the_fingerprint(assets, whisper_dir):
     assert encoder_fingerprint(model.perception, model.cfg.perception) != before
 
 
+@pytest.mark.slow
 def test_mtbi_script_trains_from_cached_features_and_exports(assets, whisper_dir, behaviors, tmp_path):
     import subprocess
     import sys

@@ -1,9 +1,12 @@
 """The real instruction-tuned SmolLM2-135M-Instruct (GGUF from PyPI) as ``pretrained_llm``."""
+import pytest
 import torch
 
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.parts.offline_models import smollm2_gguf_path
 from tests.conftest import model_config
+
+pytestmark = pytest.mark.slow  # real models from PyPI
 
 
 def test_smollm2_gguf_loads_and_answers_a_text_prompt(tmp_path, monkeypatch):

@@ -42,6 +42,7 @@ def run_train_script(assets, tmp_path, extra=()) -> str:
     return log
 
 
+@pytest.mark.slow
 def test_train_script_two_steps_then_restore(assets, tmp_path):
     nemo = tmp_path / "out.nemo"
     run_train_script(assets, tmp_path)
