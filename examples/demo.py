@@ -12,6 +12,7 @@ Stages (each reuses what an earlier run produced and skips to what changed):
   4. training: MTBIModel = frozen Whisper -> trained connector -> frozen SmolLM2, encoder
      features cached; the connector is first pre-aligned with CTC onto SmolLM2's own token
      embeddings (cheap: no LLM in the loop), then trained through the LLM on the behaviors
+     (settings: nemo_speechlm/conf/mtbi.yaml)
   5. evaluation: "repeat" WER on both held-out sets, the listening diagnostics (text oracle, zero
      and shuffled audio, training subset) and the generalization benchmark (three splits) next
      to the text upper bound, for the trained and an untrained connector
