@@ -111,11 +111,11 @@ def test_evaluation_outputs_cover_every_model_set_and_condition(demo):
 
 
 def test_the_nemo_answers_a_spoken_request_in_a_fresh_process(demo):
-    out, first, _ = demo
-    speech = first.split("speech LLM (hears the audio): ")[1].splitlines()[0]
-    text = first.split("text LLM (reads the words):   ")[1].splitlines()[0]
+    out, _, second = demo  # mtbi.nemo on disk is the second run's model
+    speech = second.split("speech LLM (hears the audio): ")[1].splitlines()[0]
+    text = second.split("text LLM (reads the words):   ")[1].splitlines()[0]
     assert speech.strip() and text.strip()
-    assert str(out / "mtbi.nemo") in first  # artifact paths are printed
+    assert str(out / "mtbi.nemo") in second  # artifact paths are printed
     request = read_jsonl(out / "corpus" / "heldout_unseen_voice_manifest.json")[0]["audio_filepath"]
     answer = subprocess.run(
         [sys.executable, str(REPO / "examples" / "infer.py"), str(out / "mtbi.nemo"), request,
