@@ -10,7 +10,7 @@ from nemo_speechlm.evaluation.listening import CONDITIONS, listening_diagnostics
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.modules.adapters import FrameStackingAdapter
 from nemo_speechlm.modules.perception import embedding_rms
-from nemo_speechlm.parts.connector_ctc import connector_ctc_loss, pretrain_connector_ctc, transcript_vocabulary
+from nemo_speechlm.parts.connector_ctc import connector_ctc_loss, pretrain_connector_ctc, transcript_targets, transcript_vocabulary
 from tests.conftest import model_config, run_python
 
 ADAPTER = "nemo_speechlm.modules.adapters.FrameStackingAdapter"
@@ -67,8 +67,9 @@ def test_ctc_loss_prefers_the_spoken_tokens(model):
     gap = torch.zeros(embeddings.shape[1])  # scores every class alike, so blank or repeat: CTC stays feasible
     exact = torch.stack([v for i in ids for v in (embeddings[i] * 10, gap)])  # the tokens' own embeddings, sharpened
     wrong = torch.stack([v for i in reversed(ids) for v in (embeddings[i] * 10, gap)])
-    assert connector_ctc_loss([exact], ["hello world"], tokenizer, vocabulary, embeddings, blank) < \
-        connector_ctc_loss([wrong], ["hello world"], tokenizer, vocabulary, embeddings, blank)
+    target = [transcript_targets(tokenizer, vocabulary, "hello world")]
+    assert connector_ctc_loss([exact], target, vocabulary, embeddings, blank) < \
+        connector_ctc_loss([wrong], target, vocabulary, embeddings, blank)
 
 
 def test_pre_alignment_lowers_the_ctc_loss_and_trains_only_the_adapter(assets):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from nemo.utils import logging
 
-__all__ = ["transcript_vocabulary", "connector_ctc_loss", "pretrain_connector_ctc"]
+__all__ = ["transcript_vocabulary", "transcript_targets", "connector_ctc_loss", "pretrain_connector_ctc"]
 
 
 def transcript_vocabulary(tokenizer, texts: Sequence[str]) -> dict[int, int]:
@@ -33,25 +33,25 @@ def transcript_vocabulary(tokenizer, texts: Sequence[str]) -> dict[int, int]:
     return {token: k + 1 for k, token in enumerate(ids)}
 
 
+def transcript_targets(tokenizer, vocabulary: dict[int, int], text: str) -> list[int]:
+    """CTC classes of ``text``'s tokens (tokens outside ``vocabulary`` are dropped)."""
+    return [vocabulary[i] for i in tokenizer(text, add_special_tokens=False).input_ids if i in vocabulary]
+
+
 def connector_ctc_loss(
     outputs: Sequence[torch.Tensor],
-    texts: Sequence[str],
-    tokenizer,
+    targets: Sequence[Sequence[int]],
     vocabulary: dict[int, int],
     embeddings: torch.Tensor,
     blank: torch.Tensor,
 ) -> torch.Tensor:
-    """Mean CTC loss of connector ``outputs`` (one ``(positions, hidden)`` tensor per utterance)
-    whose logits are dot products with ``[blank; embeddings[vocabulary]]``."""
+    """Mean CTC loss of connector ``outputs`` (one ``(positions, hidden)`` tensor per utterance) against
+    ``targets`` (from :func:`transcript_targets`); logits are dot products with ``[blank; embeddings[vocabulary]]``."""
     classes = torch.cat([blank, embeddings[list(vocabulary)]], 0)
-    targets, target_lens = [], []
-    for text in texts:
-        ids = [vocabulary[i] for i in tokenizer(text, add_special_tokens=False).input_ids if i in vocabulary]
-        targets += ids
-        target_lens.append(len(ids))
     log_probs = torch.nn.utils.rnn.pad_sequence([h @ classes.T for h in outputs]).log_softmax(-1)
     return torch.nn.functional.ctc_loss(
-        log_probs, torch.tensor(targets), torch.tensor([len(h) for h in outputs]), torch.tensor(target_lens),
+        log_probs, torch.tensor([c for t in targets for c in t]), torch.tensor([len(h) for h in outputs]),
+        torch.tensor([len(t) for t in targets]),
         zero_infinity=True,  # an utterance with more tokens than positions is skipped, not NaN
     )
 
@@ -72,6 +72,7 @@ def pretrain_connector_ctc(
         raise ValueError("connector pre-alignment needs utterances with transcripts; the training data has none")
     tokenizer = model.tokenizer.tokenizer
     vocabulary = transcript_vocabulary(tokenizer, [text for _, text in utterances])
+    targets = [transcript_targets(tokenizer, vocabulary, text) for _, text in utterances]  # once, not every step
     embeddings = model.embed_tokens.weight.detach()
     blank = torch.nn.Parameter(torch.zeros(1, embeddings.shape[1], device=embeddings.device))
     params = [p for n, p in model.perception.named_parameters() if p.requires_grad and n.startswith(("modality_adapter", "proj"))]
@@ -85,9 +86,9 @@ def pretrain_connector_ctc(
     for _ in bar:
         if len(order) < batch_size:
             order += rng.sample(range(len(utterances)), len(utterances))
-        batch, order = [utterances[i] for i in order[:batch_size]], order[batch_size:]
-        features = _encoder_features(model, [cut for cut, _ in batch], feature_cache)
-        loss = connector_ctc_loss(model.adapt(features), [t for _, t in batch], tokenizer, vocabulary, embeddings, blank)
+        batch, order = order[:batch_size], order[batch_size:]
+        features = _encoder_features(model, [utterances[i][0] for i in batch], feature_cache)
+        loss = connector_ctc_loss(model.adapt(features), [targets[i] for i in batch], vocabulary, embeddings, blank)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
