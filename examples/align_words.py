@@ -9,15 +9,14 @@ seconds from each line's ``offset``. Rerun the same command after a crash or Ctr
 continue; with ``--skip-invalid`` lines that cannot be aligned go to
 ``<output>.rejected.jsonl`` and are counted in ``<output>.summary.json``.
 """
-import argparse
-
 import torch
 
 from nemo_speechlm.data.alignment import align_manifest, load_asr_model
+from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, run_cli
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(description=__doc__)
     p.add_argument("--manifest", required=True, help="NeMo manifest: audio_filepath, duration, text[, offset]")
     p.add_argument("--output", required=True, help="aligned manifest (appended to; reruns resume)")
     p.add_argument("--model", required=True, help="NeMo CTC or hybrid RNNT-CTC model: .nemo path or pretrained name")
@@ -34,4 +33,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, skip_hint=SKIP_FLAG_HINT)

@@ -7,15 +7,15 @@
     python examples/evaluate.py listening --model m.nemo --manifest heldout.jsonl --train-manifest train.jsonl --out-dir eval/
 
 Every mode writes per-item predictions (JSONL, resumable: rerun to continue) and a metrics JSON;
-the benchmark also writes results.md (tables per split and task) and splits.png.
+the benchmark also writes results.md (tables per split and task) and splits.png. A bad file or
+argument ends the command with one line on stderr and exit code 2 (``--debug`` shows the traceback).
 """
-import argparse
-
 from nemo_speechlm.evaluation import benchmark, listening, standard
+from nemo_speechlm.parts.cli import CommandParser, run_cli
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__)
     modes = parser.add_subparsers(dest="mode", required=True)
     benchmark.add_arguments(modes.add_parser(
         "benchmark", help="prompt/task generalization vs. the text LLM on the transcript (MTBI's question)"))
@@ -29,4 +29,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -8,17 +8,17 @@ Writes one JSON line per (utterance, task, prompt): the manifest fields plus ``t
 settings). Rerun the same command after a crash or Ctrl-C to continue; degenerate
 answers go to ``<output>.rejected.jsonl`` and are counted in ``<output>.summary.json``.
 """
-import argparse
 
 from nemo_speechlm.data.manifest import SkipSummary
 from nemo_speechlm.data.task_catalog import TaskCatalog
 from nemo_speechlm.generation.behaviors import behavior_items, behavior_job
 from nemo_speechlm.generation.chat_generator import add_teacher_arguments, teacher_from_arguments
 from nemo_speechlm.generation.runner import run_resumable
+from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, run_cli
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(description=__doc__)
     p.add_argument("--manifest", required=True, help="NeMo manifest: audio_filepath, duration, text[, offset, words]")
     p.add_argument("--output", required=True, help="behaviors JSONL (appended to; reruns resume)")
     p.add_argument("--catalog", default=None, help="task catalog YAML (default: nemo_speechlm/conf/mtbi/tasks.yaml)")
@@ -46,4 +46,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, skip_hint=SKIP_FLAG_HINT)

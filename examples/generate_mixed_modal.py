@@ -16,10 +16,10 @@ TTS backends: ``espeak`` (offline; every ``--voices`` x ``--rates`` combination 
 or ``fastpitch`` (NeMo FastPitch + HiFi-GAN; needs ``nemo_toolkit[tts]`` and the checkpoints;
 ``--speaker-ids`` picks speakers of a multi-speaker model).
 """
-import argparse
 
 from nemo_speechlm.data.manifest import SkipSummary
 from nemo_speechlm.generation.runner import run_resumable
+from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, run_cli
 from nemo_speechlm.tts.espeak import DEFAULT_RATES, DEFAULT_VOICES, speakers
 from nemo_speechlm.tts.mixed_modal import DEFAULT_LOCATOR, SAMPLE_RATE, mixed_modal_items, mixed_modal_job
 
@@ -36,7 +36,7 @@ def build_speakers(args) -> list:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(description=__doc__)
     p.add_argument("--input", required=True, help="text SFT conversations (JSONL or JSON array)")
     p.add_argument("--output", required=True, help="mixed-modal manifest JSONL (appended to; reruns resume)")
     p.add_argument("--audio-dir", required=True, help="where the wavs go (16 kHz, 16-bit)")
@@ -66,4 +66,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, skip_hint=SKIP_FLAG_HINT)

@@ -10,16 +10,16 @@ decoding settings). Outputs that are not a JSON question/answer pair, or that sa
 (meaningless text), go to ``<output>.rejected.jsonl`` and are counted in
 ``<output>.summary.json``. Rerun the same command after a crash or Ctrl-C to continue.
 """
-import argparse
 
 from nemo_speechlm.data.manifest import SkipSummary
 from nemo_speechlm.generation.chat_generator import add_teacher_arguments, teacher_from_arguments
 from nemo_speechlm.generation.runner import run_resumable
 from nemo_speechlm.generation.sqa import sqa_items, sqa_job, sqa_key
+from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, run_cli
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(description=__doc__)
     p.add_argument("--manifest", required=True, help="NeMo ASR manifest: audio_filepath, duration, text[, offset]")
     p.add_argument("--output", required=True, help="SQA manifest JSONL (appended to; reruns resume)")
     add_teacher_arguments(p, teacher_help="; SmolLM2 often writes weak questions: use a real LLM")
@@ -37,4 +37,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, skip_hint=SKIP_FLAG_HINT)

@@ -9,29 +9,24 @@ that do not alternate user/assistant or no final assistant turn stops the conver
 an error naming the file, the line (the record's position in a JSON array) and the field;
 ``--skip-invalid`` skips such records and counts them instead.
 """
-import argparse
-import sys
-
-from nemo_speechlm.data.manifest import ManifestError, SkipSummary
+from nemo_speechlm.data.manifest import SkipSummary
 from nemo_speechlm.data.text_sft import prepare_text_sft
+from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, run_cli
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(description=__doc__)
     p.add_argument("--inputs", nargs="+", required=True, help="JSONL or JSON array files in any accepted format")
     p.add_argument("--output", required=True, help="our conversation JSONL (overwritten)")
     p.add_argument("--skip-invalid", action="store_true", help="skip unusable records and count them")
     args = p.parse_args(argv)
 
     skipped = SkipSummary()
-    try:
-        count = prepare_text_sft(args.inputs, args.output, skip_invalid=args.skip_invalid, summary=skipped)
-    except ManifestError as e:
-        sys.exit(f"error: {e}\n(fix the record, or pass --skip-invalid to skip and count such records)")
+    count = prepare_text_sft(args.inputs, args.output, skip_invalid=args.skip_invalid, summary=skipped)
     print(f"Wrote {count} conversations to {args.output}")
     if skipped.total:
         print(f"Skipped records: {skipped}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, skip_hint=SKIP_FLAG_HINT)

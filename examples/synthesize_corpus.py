@@ -6,10 +6,10 @@ Reruns reuse finished wav files, so an interrupted run just continues.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
+from nemo_speechlm.parts.cli import CommandParser, run_cli
 from nemo_speechlm.tts import load_sentences, speakers, synthesize_corpus
 from nemo_speechlm.tts.espeak import DEFAULT_RATES, DEFAULT_VOICES
 
@@ -19,8 +19,8 @@ def parse_heldout(value: str) -> int | float:
     return float(value) if any(c in value for c in ".eE") else int(value)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = CommandParser(description=__doc__)
     parser.add_argument("--out-dir", type=Path, required=True, help="wavs/ and the two manifests go here")
     parser.add_argument("--num-sentences", type=int, default=None, help="use only the first N sentences")
     parser.add_argument("--heldout", type=parse_heldout, default=0.05, help="held-out count (int) or fraction (float)")
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="picks speakers and the held-out sentences")
     parser.add_argument("--sample-rate", type=int, default=16000)
     parser.add_argument("--sentences", type=Path, default=None, help="one sentence a line (default: shipped list)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     if args.sentences is not None:
@@ -52,4 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -4,12 +4,14 @@
     speechlm-infer model.nemo a.wav b.wav --prompt "Transcribe the audio."
     speechlm-infer model.nemo --manifest test.jsonl --output answers.jsonl --prompt-field question
 
-Single mode prints one answer per audio on stdout, in order (an answer may span several
-lines; add ``--jsonl`` for one JSON object per audio). Manifest mode writes one JSON line per
+Options and files may come in any order. Single mode prints one answer per audio on stdout, in
+order (an answer may span several lines; add ``--jsonl`` for one JSON object per audio). Manifest mode writes one JSON line per
 manifest line: the line's fields plus ``key``, ``prompt`` and ``answer``; it resumes an
 interrupted run and shows a progress bar. A prompt without the model's audio locator
 (``<|audio|>`` by default) gets it appended on a new line. Decoding is greedy unless
-``--sample`` is given.
+``--sample`` is given. Audio longer than the encoder's window (Whisper: 30 s) is encoded in chunks.
+A bad file or argument ends the command with one line on stderr and exit code 2 (``--debug``
+shows the traceback).
 
 The helpers here (:func:`load_model`, :func:`answer_items`, :func:`item_keys`,
 :func:`check_run_settings`) are shared with :mod:`nemo_speechlm.evaluation.standard`.
@@ -30,11 +32,14 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from nemo_speechlm.data.conversations import cut_for_audio
+from nemo_speechlm.data.audio import AudioError, check_audio_length, read_audio
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
+from nemo_speechlm.errors import InputError
 from nemo_speechlm.generation.behaviors import utterance_id
 from nemo_speechlm.generation.runner import RunSummary, run_resumable
 from nemo_speechlm.models import SpeechLMModel
+from nemo_speechlm.parts.checkpoint import restore_checked
+from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, UsageError, run_cli
 
 SETTINGS_SUFFIX = ".settings.json"
 
@@ -48,7 +53,7 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine; use --device cpu.")
+        raise InputError(f"device {device!r} requested but CUDA is not available on this machine", "use --device cpu")
     return resolved
 
 
@@ -57,15 +62,13 @@ def load_model(path: str | Path, device: str = "auto", bf16: bool = False) -> Sp
 
     ``bf16`` casts only the LLM (most of the weights) to bfloat16 and needs CUDA; the
     preprocessor and encoder stay fp32 (mel features in bf16 are not supported), and the
-    adapter's fp32 output is cast where it is spliced into the LLM's embeddings.
+    adapter's fp32 output is cast where it is spliced into the LLM's embeddings. A file that is not
+    a ``.nemo`` of ours raises :class:`~nemo_speechlm.parts.checkpoint.CheckpointError` saying what it is.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Model file not found: {path}")
     target = resolve_device(device)
     if bf16 and target.type != "cuda":
-        raise ValueError("bf16 inference needs a CUDA device (on CPU, bf16 is slower than fp32); drop --bf16.")
-    model = SpeechLMModel.restore_from(str(path), map_location=target)
+        raise InputError("bf16 inference needs a CUDA device (on CPU, bf16 is slower than fp32)", "drop --bf16")
+    model = restore_checked(SpeechLMModel, path, map_location=target)
     model = model.to(target).eval()
     if bf16:
         model.llm.to(torch.bfloat16)
@@ -104,14 +107,16 @@ def ensure_audio_locator(prompt: str, tag: str) -> tuple[str, bool]:
     return f"{prompt}\n{tag}", True
 
 
-def load_entry_audio(entry: ManifestEntry, sampling_rate: int) -> np.ndarray:
-    """Mono waveform of a manifest line at the model's rate, cut to ``offset``/``duration``."""
-    cut = cut_for_audio(entry["audio_filepath"], float(entry.get("offset", 0.0) or 0.0), entry.get("duration"))
+def load_entry_audio(entry: ManifestEntry, sampling_rate: int, min_seconds: float = 0.0) -> np.ndarray:
+    """Mono waveform of a manifest line at the model's rate, cut to ``offset``/``duration``; unreadable,
+    empty or too short audio (under ``min_seconds``: one encoder frame) raises :class:`ManifestError`."""
     try:
-        samples = cut.resample(sampling_rate).load_audio()
-    except Exception as e:  # lhotse/soundfile raise several types for unreadable audio
-        raise ManifestError(entry.path, entry.line, f"cannot read audio {entry['audio_filepath']}: {e}", "audio_filepath") from e
-    return samples.mean(axis=0).astype(np.float32)
+        samples = read_audio(entry["audio_filepath"], sampling_rate, float(entry.get("offset", 0.0) or 0.0),
+                             entry.get("duration"))
+        check_audio_length(len(samples), sampling_rate, min_seconds, entry["audio_filepath"])
+    except AudioError as e:
+        raise ManifestError(entry.path, entry.line, str(e), "audio_filepath") from e
+    return samples
 
 
 def item_keys(entries: Sequence[ManifestEntry], prompts: Sequence[str]) -> list[str]:
@@ -142,9 +147,9 @@ def check_run_settings(output_path: str | Path, settings: dict) -> None:
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         if changed:
             diff = "; ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            raise ValueError(
-                f"{output_path} holds predictions made with other settings ({diff}). "
-                f"Use another output location, or delete {output_path} and {path} to start over."
+            raise InputError(
+                f"{output_path} holds predictions made with other settings ({diff})",
+                f"use another output location, or delete {output_path} and {path} to start over",
             )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -160,7 +165,7 @@ def read_records(path: str | Path, keys: Sequence) -> list[dict]:
                 by_key[record["key"]] = record
     missing = [k for k in keys if k not in by_key]
     if missing:
-        raise ValueError(f"{path}: no prediction for {len(missing)} items (e.g. {missing[0]!r}); rerun to complete it.")
+        raise InputError(f"{path}: no prediction for {len(missing)} items (e.g. {missing[0]!r})", "rerun to complete it")
     return [by_key[k] for k in keys]
 
 
@@ -184,7 +189,7 @@ def answer_items(
     """
 
     def process(batch: list[dict]) -> list[dict]:
-        audios = [load_entry_audio(item["entry"], model.sampling_rate) for item in batch]
+        audios = [load_entry_audio(item["entry"], model.sampling_rate, model.encoder_frame_duration) for item in batch]
         answers = model.respond(audios, [item["prompt"] for item in batch], batch_size=len(batch),
                                 system_prompt=system_prompt, **generation)
         return [make_record(item, a) for item, a in zip(batch, answers)]
@@ -193,7 +198,7 @@ def answer_items(
 
 
 def manifest_prompts(
-    entries: Sequence[ManifestEntry], prompt: str | None, prompt_field: str | None
+    entries: Sequence[ManifestEntry], prompt: str | None, prompt_field: str | None, audio_locator_tag: str
 ) -> Iterator[tuple[ManifestEntry, str]]:
     """(entry, prompt) for each line: the line's ``prompt_field`` if it has one, else ``prompt``.
     Raises :class:`ManifestError` for a line with neither or with more than one audio locator."""
@@ -205,6 +210,9 @@ def manifest_prompts(
             if prompt is None:
                 raise ManifestError(entry.path, entry.line, "missing or empty prompt, and no --prompt to fall back on", prompt_field)
             value = prompt
+        elif value.count(audio_locator_tag) > 1:
+            raise ManifestError(entry.path, entry.line, f"the prompt has {value.count(audio_locator_tag)} audio locators "
+                                f"{audio_locator_tag!r} but the line has one audio; keep one", prompt_field)
         yield entry, value
 
 
@@ -226,9 +234,14 @@ def infer_manifest(
     ``answer_field``); reruns resume. Bad lines raise, or are skipped and counted in ``skipped``."""
     if prompt is None and prompt_field is None:
         raise ValueError("Give a prompt for every line, a manifest field holding per-line prompts, or both.")
+    tag = model.audio_locator_tag
+    if prompt is not None and prompt.count(tag) > 1:
+        raise InputError(f"the prompt has {prompt.count(tag)} audio locators {tag!r} but each line has one audio",
+                         "keep one locator (or none: the audio then goes after the prompt)")
     skipped = skipped if skipped is not None else SkipSummary()
-    entries = list(read_manifest(manifest, required_text_fields=(), skip_invalid=skip_invalid, summary=skipped))
-    pairs = _valid_prompts(entries, prompt, prompt_field, skip_invalid, skipped)
+    entries = list(read_manifest(manifest, required_text_fields=(), skip_invalid=skip_invalid, summary=skipped,
+                                 min_duration=model.encoder_frame_duration))
+    pairs = _valid_prompts(entries, prompt, prompt_field, tag, skip_invalid, skipped)
     appended = 0
     items = []
     for (entry, text), key in zip(pairs, item_keys([e for e, _ in pairs], [t for _, t in pairs])):
@@ -238,11 +251,11 @@ def infer_manifest(
                 f"the line already has a field {answer_field!r}, which the answer would overwrite; choose another answer field "
                 "(--answer-field prediction)", answer_field,
             )
-        text, added = ensure_audio_locator(text, model.audio_locator_tag)
+        text, added = ensure_audio_locator(text, tag)
         appended += added
         items.append({"key": key, "entry": entry, "prompt": text})
     if appended:
-        _note(f"{appended} prompts have no audio locator {model.audio_locator_tag!r}: the audio goes after the prompt, on a new line.")
+        _note(f"{appended} prompts have no audio locator {tag!r}: the audio goes after the prompt, on a new line.")
     check_run_settings(output, {"model": model_name, "manifest": str(Path(manifest).resolve()), "prompt": prompt,
                                 "prompt_field": prompt_field, "system_prompt": system_prompt, "generation": generation})
 
@@ -252,11 +265,11 @@ def infer_manifest(
     return answer_items(model, items, output, record, batch_size, system_prompt, desc="Answering", **generation)
 
 
-def _valid_prompts(entries, prompt, prompt_field, skip_invalid, skipped) -> list[tuple[ManifestEntry, str]]:
+def _valid_prompts(entries, prompt, prompt_field, tag, skip_invalid, skipped) -> list[tuple[ManifestEntry, str]]:
     pairs = []
     for entry in entries:
         try:
-            pairs.extend(manifest_prompts([entry], prompt, prompt_field))
+            pairs.extend(manifest_prompts([entry], prompt, prompt_field, tag))
         except ManifestError as e:
             if not skip_invalid:
                 raise
@@ -294,9 +307,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="speechlm-infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    args = parser.parse_args(argv)
+    """``speechlm-infer`` (``argv``: the command line by default); bad input ends it with one line, exit code 2."""
+    run_cli(_main, argv, skip_hint=SKIP_FLAG_HINT)
+
+
+def _main(argv: list[str]) -> None:
+    parser = add_arguments(CommandParser(prog="speechlm-infer", description=__doc__))
+    args = parser.parse_intermixed_args(argv)  # files after options too: `model.nemo --prompt "..." a.wav`
     _check_arguments(parser, args)
     torch.manual_seed(args.seed)
     gen = generation_kwargs(args.max_new_tokens, args.sample, args.temperature, args.top_p)
@@ -313,9 +330,15 @@ def main(argv: list[str] | None = None) -> None:
 
 def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not Path(args.model).is_file():
-        parser.error(f"model file not found: {args.model}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"model file not found: {args.model}", "check the path")
+    for name in ("batch_size", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.temperature <= 0:
+        parser.error(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.manifest:
         if args.audio:
             parser.error("give audio files or --manifest, not both")
@@ -330,10 +353,14 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("--prompt is required with audio files")
     missing = [a for a in args.audio if not Path(a).is_file()]
     if missing:
-        parser.error(f"audio file not found: {', '.join(missing)}")
+        raise UsageError(f"audio file not found: {', '.join(missing)}", "check the path")
 
 
 def _answer_files(model: SpeechLMModel, args: argparse.Namespace, gen: dict) -> list[str]:
+    n_tags = args.prompt.count(model.audio_locator_tag)
+    if n_tags > 1:
+        raise UsageError(f"--prompt has {n_tags} audio locators {model.audio_locator_tag!r} but each audio file is one "
+                         "audio", "keep one locator (or none: the audio then goes after the prompt)")
     prompt, added = ensure_audio_locator(args.prompt, model.audio_locator_tag)
     if added:
         _note(f"the prompt has no audio locator {model.audio_locator_tag!r}: the audio goes after it, on a new line.")

@@ -12,6 +12,7 @@ from nemo_speechlm.data.text_sft import prepare_text_sft, read_text_sft
 from nemo_speechlm.evaluation.task_checks import split_sentences
 from nemo_speechlm.generation.runner import Rejected
 from nemo_speechlm.generation.sqa import REASONS, parse_sqa
+from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, run_cli
 from nemo_speechlm.tts import EspeakTTS, normalize_for_tts
 from tests.conftest import REPO
 
@@ -245,10 +246,13 @@ def test_bad_sft_records_fail_naming_file_line_and_field(tmp_path, record, field
     assert skipped.total == 1
 
 
-def test_prepare_text_sft_cli_error_names_the_line(tmp_path):
+def test_prepare_text_sft_cli_error_names_the_line(tmp_path, capsys):
     path = write_jsonl(tmp_path / "bad.jsonl", [EXPECTED, "{not json"])
-    with pytest.raises(SystemExit, match="(?s)" + re.escape(f"{path}:2: not valid JSON") + ".*--skip-invalid"):
-        script("prepare_text_sft.py")(["--inputs", str(path), "--output", str(tmp_path / "out.jsonl")])
+    with pytest.raises(SystemExit) as exc:
+        run_cli(script("prepare_text_sft.py"), ["--inputs", str(path), "--output", str(tmp_path / "out.jsonl")],
+                skip_hint=SKIP_FLAG_HINT)
+    assert exc.value.code == 2
+    assert re.fullmatch(re.escape(f"error: {path}:2: not valid JSON") + ".*--skip-invalid.*\n", capsys.readouterr().err)
 
 
 def test_fastpitch_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -25,12 +25,13 @@ import torch
 
 from nemo_speechlm.data.interleaving import validate_words
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
+from nemo_speechlm.errors import InputError
 from nemo_speechlm.generation.runner import Outcome, Rejected, RunSummary, run_resumable
 
 log = logging.getLogger(__name__)
 
 
-class NoCTCHeadError(ValueError):
+class NoCTCHeadError(InputError):
     """The model cannot do CTC forced alignment (no CTC decoder)."""
 
 

@@ -28,6 +28,8 @@ from tqdm import tqdm
 
 from nemo.utils import logging
 
+from nemo_speechlm.errors import ConfigError
+
 # Filled in after the encoder is built or restored: not part of what it computes.
 _NON_ARCHITECTURE_KEYS = ("load_pretrained_weights",)
 
@@ -165,7 +167,7 @@ def prepare_feature_cache(cache_cfg: DictConfig | None, model, data_cfg: DictCon
     perception = model.perception
     trainable = [n for n, p in perception.named_parameters() if p.requires_grad and not n.startswith(("modality_adapter", "proj"))]
     if trainable or perception.spec_augmentation is not None:
-        raise ValueError(
+        raise ConfigError(
             "feature_cache needs a frozen encoder without spec augmentation (cached features never change); "
             f"trainable encoder parameters: {trainable[:3]}, spec_augment: {perception.spec_augmentation is not None}. "
             "Freeze it with model.freeze_params: ['^perception\\\\.encoder\\\\..+$', ...] or set feature_cache.dir=null."

@@ -15,10 +15,12 @@ from typing import Iterator
 
 import soundfile
 
+from nemo_speechlm.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest line is malformed; the message names the file, the line and the field."""
 
     def __init__(self, path: str | Path, line: int, problem: str, field_name: str | None = None):
@@ -77,15 +79,25 @@ def audio_duration(path: Path) -> float:
 
 
 def validate_audio_fields(
-    path: str | Path, line: int, data: dict, duration_tolerance: float = 0.1, check_audio: bool = True
+    path: str | Path,
+    line: int,
+    data: dict,
+    duration_tolerance: float = 0.1,
+    check_audio: bool = True,
+    min_duration: float = 0.0,
 ) -> None:
-    """Check ``audio_filepath``/``duration``/``offset``; make the audio path absolute in place."""
+    """Check ``audio_filepath``/``duration``/``offset``; make the audio path absolute in place.
+    ``min_duration`` is the shortest segment the consumer can use (a model: one encoder frame)."""
     audio = data.get("audio_filepath")
     if not isinstance(audio, str) or not audio:
         raise ManifestError(path, line, f"missing or not a string (got {audio!r})", "audio_filepath")
     duration = data.get("duration")
     if not isinstance(duration, (int, float)) or isinstance(duration, bool) or duration <= 0:
         raise ManifestError(path, line, f"must be a positive number of seconds (got {duration!r})", "duration")
+    if duration < min_duration:
+        raise ManifestError(
+            path, line, f"{duration} s is shorter than one encoder frame ({min_duration * 1000:.0f} ms)", "duration"
+        )
     offset = data.get("offset", 0.0) or 0.0
     if not isinstance(offset, (int, float)) or offset < 0:
         raise ManifestError(path, line, f"must be a non-negative number of seconds (got {offset!r})", "offset")
@@ -99,6 +111,8 @@ def validate_audio_fields(
         file_duration = audio_duration(audio_path)
     except Exception as e:  # soundfile raises several types for unreadable files
         raise ManifestError(path, line, f"cannot read audio file {audio_path}: {e}", "audio_filepath") from e
+    if file_duration == 0:
+        raise ManifestError(path, line, f"the audio file is empty (0 samples): {audio_path}", "audio_filepath")
     if offset + duration > file_duration + duration_tolerance:
         raise ManifestError(
             path,
@@ -124,11 +138,13 @@ def read_manifest(
     skip_invalid: bool = False,
     summary: SkipSummary | None = None,
     duration_tolerance: float = 0.1,
+    min_duration: float = 0.0,
 ) -> Iterator[ManifestEntry]:
     """Yield validated entries of a JSONL manifest, lazily.
 
     Every problem raises :class:`ManifestError` naming file, line and field; with
-    ``skip_invalid`` the line is skipped and counted in ``summary`` instead.
+    ``skip_invalid`` the line is skipped and counted in ``summary`` instead. ``min_duration``:
+    see :func:`validate_audio_fields`.
     """
     path = Path(path)
     if not path.is_file():
@@ -138,7 +154,9 @@ def read_manifest(
             if not raw.strip():
                 continue
             try:
-                yield ManifestEntry(str(path), line_no, _parse_line(path, line_no, raw, required_text_fields, has_audio, check_audio, duration_tolerance))
+                data = _parse_line(path, line_no, raw, required_text_fields, has_audio, check_audio, duration_tolerance,
+                                   min_duration)
+                yield ManifestEntry(str(path), line_no, data)
             except ManifestError as e:
                 if not skip_invalid:
                     raise
@@ -147,7 +165,7 @@ def read_manifest(
                 log.warning("Skipping %s", e)
 
 
-def _parse_line(path, line_no, raw, required_text_fields, has_audio, check_audio, duration_tolerance) -> dict:
+def _parse_line(path, line_no, raw, required_text_fields, has_audio, check_audio, duration_tolerance, min_duration) -> dict:
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -159,5 +177,5 @@ def _parse_line(path, line_no, raw, required_text_fields, has_audio, check_audio
         if not isinstance(value, str) or not value.strip():
             raise ManifestError(path, line_no, f"missing or empty text (got {value!r})", name)
     if has_audio:
-        validate_audio_fields(path, line_no, data, duration_tolerance, check_audio)
+        validate_audio_fields(path, line_no, data, duration_tolerance, check_audio, min_duration)
     return data

@@ -17,6 +17,8 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
+from nemo_speechlm.errors import InputError
+
 DEFAULT_CATALOG = Path(__file__).resolve().parents[1] / "conf" / "mtbi" / "tasks.yaml"
 INPUT_PLACEHOLDER = "{input}"
 
@@ -39,11 +41,11 @@ _GROUND_TRUTH_KEYS = {"field", "metric"}
 _TASK_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
-class TaskCatalogError(ValueError):
+class TaskCatalogError(InputError):
     """The catalog file is malformed; the message names the file, the line, the task and the field."""
 
 
-class UnknownTaskError(KeyError, ValueError):
+class UnknownTaskError(KeyError, InputError):
     """A task name that the catalog does not have (caught as KeyError or ValueError)."""
 
     def __str__(self) -> str:  # KeyError would quote the whole message

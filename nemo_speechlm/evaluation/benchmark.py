@@ -38,6 +38,7 @@ from typing import Any, Callable, Sequence
 
 from nemo_speechlm.data.manifest import ManifestEntry, SkipSummary, read_manifest
 from nemo_speechlm.data.task_catalog import EVALUATION_SPLITS, Task, TaskCatalog
+from nemo_speechlm.errors import InputError
 from nemo_speechlm.evaluation.metrics import (
     bleu,
     char_error_rate,
@@ -158,8 +159,9 @@ def _load_speech_model(path: str, device: str):
     import torch
 
     from nemo_speechlm.models import SpeechLMModel
+    from nemo_speechlm.parts.checkpoint import restore_checked
 
-    model = SpeechLMModel.restore_from(path, map_location=torch.device(device))
+    model = restore_checked(SpeechLMModel, path, map_location=torch.device(device))
     return model.to(device).eval()
 
 
@@ -567,13 +569,13 @@ def _check_run_config(out_dir: Path, config: dict) -> None:
         old = json.loads(path.read_text(encoding="utf-8"))
         for field in ("reference_model", "max_new_tokens", "generation_kwargs"):
             if old.get(field) != config[field]:
-                raise ValueError(
+                raise InputError(
                     f"{out_dir} holds results made with {field}={old.get(field)!r}, this run asks for "
                     f"{config[field]!r}; use another --out-dir (or delete {out_dir}) so cached answers are not mixed."
                 )
         for name, source in config["systems"].items():
             if name in old.get("systems", {}) and old["systems"][name] != source:
-                raise ValueError(
+                raise InputError(
                     f"{out_dir} holds answers of system {name!r} from {old['systems'][name]}, this run gives "
                     f"{source}; give the model another name (NAME=PATH) or use another --out-dir."
                 )
@@ -615,7 +617,7 @@ def run_benchmark(
     skipped = SkipSummary()
     items = benchmark_items(manifest, catalog, splits, prompts_per_task, seed, skipped)
     if not items:
-        raise ValueError(
+        raise InputError(
             f"no benchmark items: {manifest} has no valid lines ({skipped}) or the chosen splits have no prompts"
         )
 
@@ -641,7 +643,7 @@ def _check_models(models: dict[str, str]) -> None:
         raise ValueError("run_benchmark needs at least one model (name -> .nemo path)")
     for name, path in models.items():
         if name in (UPPER_BOUND, CASCADE):
-            raise ValueError(f"model name {name!r} is reserved for a baseline; name the model something else")
+            raise InputError(f"model name {name!r} is reserved for a baseline; name the model something else")
         if not Path(path).is_file():
             raise FileNotFoundError(f"model {name!r}: .nemo file not found: {path}")
 
@@ -655,7 +657,7 @@ def write_reports(items: list[dict], systems: list[str], config: dict, skipped: 
         if line["system"] in systems and line["key"] in wanted:
             item = wanted[line["key"]]
             if line["prompt"] != item["prompt"].text:
-                raise ValueError(
+                raise InputError(
                     f"{out_dir / 'predictions.jsonl'}: the answer for {line['key']} was made for prompt "
                     f"{line['prompt']!r}, the catalog now says {item['prompt'].text!r}; use another --out-dir."
                 )
@@ -695,9 +697,9 @@ def parse_model_specs(specs: Sequence[str]) -> dict[str, str]:
         if not sep:
             name, path = Path(spec).stem, spec
         if not name or not path:
-            raise ValueError(f"--model {spec!r}: expected NAME=PATH.nemo or PATH.nemo")
+            raise InputError(f"--model {spec!r}: expected NAME=PATH.nemo or PATH.nemo")
         if name in models:
-            raise ValueError(f"--model: two models named {name!r}; name them apart with NAME=PATH.nemo")
+            raise InputError(f"--model: two models named {name!r}; name them apart with NAME=PATH.nemo")
         models[name] = path
     return models
 

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from nemo_speechlm.data.manifest import read_manifest
+from nemo_speechlm.errors import InputError
 from nemo_speechlm.evaluation.metrics import word_error_rate
 from nemo_speechlm.inference import load_entry_audio
 
@@ -32,7 +33,7 @@ CONDITIONS = ("text_oracle", "speech", "zero_audio", "shuffled_audio", "training
 def _entries(manifest: str | Path, limit: int | None) -> list:
     entries = list(read_manifest(manifest))[: limit or None]
     if not entries:
-        raise ValueError(f"{manifest}: no utterances to evaluate")
+        raise InputError(f"{manifest}: no utterances to evaluate")
     return entries
 
 
@@ -50,7 +51,7 @@ def listening_diagnostics(
     ``listening.json`` + ``listening.md`` to ``out_dir`` when given)."""
     tag = model.audio_locator_tag
     if prompt.count(tag) != 1:
-        raise ValueError(f"the diagnostics prompt needs exactly one audio locator {tag!r}: {prompt!r}")
+        raise InputError(f"the diagnostics prompt needs exactly one audio locator {tag!r}: {prompt!r}")
     rate = model.sampling_rate
     held = _entries(heldout_manifest, num_utterances)
     texts = [e["text"] for e in held]

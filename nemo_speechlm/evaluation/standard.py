@@ -31,6 +31,7 @@ from nemo.collections.speechlm2.data.salm_dataset import left_collate_vectors
 
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
 from nemo_speechlm.data.text_sft import read_text_sft
+from nemo_speechlm.errors import InputError
 from nemo_speechlm.evaluation.metrics import (
     bleu,
     char_error_rate,
@@ -82,7 +83,7 @@ def canary_prompt(source_lang: str, target_lang: str, pnc: bool) -> str:
 
 def _language(code: str) -> str:
     if code not in LANGUAGES:
-        raise ValueError(f"unknown language code {code!r}; known: {', '.join(sorted(LANGUAGES))} (or pass --prompt)")
+        raise InputError(f"unknown language code {code!r}; known: {', '.join(sorted(LANGUAGES))} (or pass --prompt)")
     return LANGUAGES[code]
 
 
@@ -316,7 +317,7 @@ def _evaluate_manifest(
     skipped = SkipSummary()
     items = _manifest_items(model, manifest, task.prompt_for, task.required_fields, skip_invalid, skipped)
     if not items:
-        raise ValueError(f"{manifest}: no usable lines to evaluate ({skipped})")
+        raise InputError(f"{manifest}: no usable lines to evaluate ({skipped})")
     predictions, metrics_path = _output_paths(out_dir, task.mode)
     check_run_settings(predictions, {"mode": task.mode, "model": model_name, "manifest": str(Path(manifest).resolve()),
                                      "prompt": task.prompt_setting, "system_prompt": system_prompt, "generation": generation})
@@ -375,7 +376,7 @@ def read_conversations(path: str | Path) -> list[dict]:
         answer = messages[last_user + 1]["content"] if last_user + 1 < len(messages) else None
         out.append({"line": line_no, "messages": messages[: last_user + 1], "reference": answer})
     if not out:
-        raise ValueError(f"{path}: no conversations")
+        raise InputError(f"{path}: no conversations")
     return out
 
 

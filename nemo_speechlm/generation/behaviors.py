@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 
 from nemo_speechlm.data.manifest import ManifestEntry, SkipSummary, read_manifest
 from nemo_speechlm.data.task_catalog import TaskCatalog
+from nemo_speechlm.errors import InputError
 from nemo_speechlm.generation.chat_generator import ChatGenerator
 from nemo_speechlm.generation.filters import degenerate_reason
 from nemo_speechlm.generation.runner import Outcome, Rejected
@@ -64,7 +65,7 @@ def behavior_job(
             task = catalog.task(item["prompt"].task)
             if task.name in ground_truth_tasks:
                 if task.ground_truth is None:
-                    raise ValueError(f"Task {task.name!r} has no ground_truth in {catalog.path}; it cannot take one as response.")
+                    raise InputError(f"Task {task.name!r} has no ground_truth in {catalog.path}; it cannot take one as response.")
                 outcomes[i] = _record(item, item["entry"][task.ground_truth.field], {"source": "ground_truth", "field": task.ground_truth.field})
                 continue
             by_cap.setdefault(min(max_new_tokens, task.max_new_tokens or max_new_tokens), []).append(i)

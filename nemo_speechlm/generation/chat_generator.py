@@ -20,6 +20,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from nemo_speechlm.errors import InputError
+
 DEFAULT_MAX_NEW_TOKENS = 256
 
 # End-of-turn tokens of common chat templates. A model's config often names only its
@@ -101,11 +103,11 @@ class HFChatGenerator:
         if not hasattr(tokenizer, "apply_chat_template") and hasattr(tokenizer, "tokenizer"):
             tokenizer = tokenizer.tokenizer
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"HFChatGenerator: the tokenizer of {self.model_name} has no chat template")
+            raise InputError(f"HFChatGenerator: the tokenizer of {self.model_name} has no chat template")
         self.tokenizer = tokenizer
         self.eos_ids = _end_token_ids(self.model, tokenizer)
         if not self.eos_ids:
-            raise ValueError(f"HFChatGenerator: found no EOS / end-of-turn token for {self.model_name}")
+            raise InputError(f"HFChatGenerator: found no EOS / end-of-turn token for {self.model_name}")
         # Generation-only padding (left, masked): any id works, EOS if there is no pad token.
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.do_sample = do_sample

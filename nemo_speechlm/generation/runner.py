@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterable, Union
 
 from tqdm import tqdm
 
+from nemo_speechlm.errors import InputError
+
 log = logging.getLogger(__name__)
 
 REJECTED_SUFFIX = ".rejected.jsonl"
@@ -246,14 +248,14 @@ def _read_jsonl(path: Path, key_of: KeyFn, what: str) -> list[dict]:
             continue
         record = _parse_object(line)
         if record is None:
-            raise ValueError(
+            raise InputError(
                 f"{path}:{line_no}: not a JSON object ({line[:80]!r}...). Only a torn final line is repaired "
                 f"automatically; fix or remove this line (or the file) and rerun."
             )
         try:
             key_of(record)
         except (KeyError, TypeError) as exc:
-            raise ValueError(f"{path}:{line_no}: {what} without its key: {exc}") from exc
+            raise InputError(f"{path}:{line_no}: {what} without its key: {exc}") from exc
         records.append(record)
     return records
 

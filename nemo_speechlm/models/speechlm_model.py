@@ -17,7 +17,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from lhotse import Recording
 from nemo.collections.speechlm2.data.salm_dataset import left_collate_vectors
 from nemo.collections.speechlm2.models.salm import replace_placeholders_and_build_targets
 from nemo.collections.speechlm2.parts.encoder_chunking import encode_audio_with_optional_chunking
@@ -29,7 +28,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
+from nemo_speechlm.data.audio import check_audio_length, read_audio
 from nemo_speechlm.modules.perception import build_perception
+from nemo_speechlm.parts.checkpoint import stamp_checkpoint_format
 from nemo_speechlm.parts.llm import load_llm, load_tokenizer, pack_llm_files, resolve_llm_source, unpack_llm_files
 from nemo_speechlm.parts.prompting import encode_messages, resolve_prompt_formatter
 
@@ -37,6 +38,9 @@ IGNORE_INDEX = -100
 # Artifacts must outlive __init__ (save_to copies them later); one directory per process, removed at exit.
 _ARTIFACT_DIR = tempfile.TemporaryDirectory(prefix="speechlm_artifacts_")
 LORA_PARAM_PATTERN = r"^.+\.lora_.+$"
+# speechlm2's chunking folds a tail shorter than two feature frames into the chunk before it,
+# which must still fit the encoder's window: chunks stay this much under it.
+_CHUNK_TAIL_MARGIN_SECONDS = 0.1
 
 
 class SpeechLMModel(ModelPT):
@@ -146,13 +150,26 @@ class SpeechLMModel(ModelPT):
         featurizer = self.perception.preprocessor.featurizer
         return featurizer.hop_length / featurizer.sample_rate * self.perception.encoder.subsampling_factor
 
+    @property
+    def encoder_window_seconds(self) -> float | None:
+        """Longest clip the encoder takes in one piece (Whisper: 30 s); None: no limit."""
+        return getattr(self.perception.encoder, "max_audio_seconds", None)
+
     def encode_speech(self, audios: torch.Tensor, audio_lens: torch.Tensor) -> list[torch.Tensor]:
-        """Encoder outputs ``(frames, d_model)`` per waveform: what the feature cache stores."""
+        """Encoder outputs ``(frames, d_model)`` per waveform: what the feature cache stores.
+
+        Clips are cut in chunks of ``encoder_chunk_size_seconds``; outside training, clips longer than
+        the encoder's window are chunked even when that is unset (training refuses them up front,
+        see ``nemo_speechlm.data.preflight``).
+        """
+        chunk, window = self.cfg.get("encoder_chunk_size_seconds", None), self.encoder_window_seconds
+        if window is not None and (chunk is not None or not self.training):
+            chunk = min(chunk or window, window - _CHUNK_TAIL_MARGIN_SECONDS)
         return encode_audio_with_optional_chunking(
             _EncoderStage(self.perception),
             audios,
             audio_lens,
-            chunk_size_seconds=self.cfg.get("encoder_chunk_size_seconds", None),
+            chunk_size_seconds=chunk,
             sampling_rate=self.sampling_rate,
         )
 
@@ -369,21 +386,26 @@ class SpeechLMModel(ModelPT):
         return [a.strip() for a in answers]
 
     def _load_waveform(self, audio: Any) -> torch.Tensor:
+        """Mono fp32 waveform from a path or an array. Audio shorter than one encoder frame is refused
+        (:class:`~nemo_speechlm.data.audio.AudioError`): empty audio would be answered as if there were none."""
         if isinstance(audio, (str, Path)):
-            if not Path(audio).is_file():
-                raise FileNotFoundError(f"Audio file not found: {audio}")
-            try:
-                recording = Recording.from_file(str(audio)).resample(self.sampling_rate)
-                samples = recording.load_audio()
-            except Exception as e:
-                raise ValueError(f"Cannot read audio file {audio}: {e}") from e
-            return torch.as_tensor(samples.mean(axis=0), dtype=torch.float32)
-        wav = torch.as_tensor(np.asarray(audio) if not torch.is_tensor(audio) else audio, dtype=torch.float32)
-        if wav.ndim != 1:
-            raise ValueError(f"Waveforms must be mono 1-D arrays at {self.sampling_rate} Hz, got shape {tuple(wav.shape)}")
+            wav, name = torch.as_tensor(read_audio(audio, self.sampling_rate)), str(audio)
+        else:
+            wav = torch.as_tensor(np.asarray(audio) if not torch.is_tensor(audio) else audio, dtype=torch.float32)
+            name = "waveform"
+            if wav.ndim != 1:
+                raise ValueError(f"Waveforms must be mono 1-D arrays at {self.sampling_rate} Hz, got shape {tuple(wav.shape)}")
+        check_audio_length(len(wav), self.sampling_rate, self.encoder_frame_duration, name)
         return wav
 
     # ------------------------------------------------------------------ export
+
+    def save_to(self, save_path: str) -> None:
+        """Write the ``.nemo``, stamped with the checkpoint format so that every later version can tell
+        whether it can read it (``nemo_speechlm.parts.checkpoint``)."""
+        with open_dict(self._cfg):
+            stamp_checkpoint_format(self._cfg)
+        super().save_to(save_path)
 
     def save_trainable_to(self, save_path: str) -> None:
         """Write a small ``.nemo`` with only trained weights (adapter, LoRA, unfrozen parts);

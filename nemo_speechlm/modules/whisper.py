@@ -133,6 +133,12 @@ class WhisperEncoder(nn.Module):
                 f"{self.encoder.config.num_mel_bins} mel bins; fix n_mels in the encoder config."
             )
 
+    @property
+    def max_audio_seconds(self) -> float:
+        """Longest clip encoded in one piece (the positional range; the padded window is the same 30 s).
+        Longer clips need ``model.encoder_chunk_size_seconds``; inference chunks them by itself."""
+        return WINDOW_SECONDS
+
     def architecture_config(self) -> dict:
         """The Whisper config to keep in the model config (restore without the hub)."""
         return self.encoder.config.to_diff_dict()

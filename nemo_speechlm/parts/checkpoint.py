@@ -1,0 +1,103 @@
+"""What a ``.nemo`` file is, checked before NeMo restores it.
+
+NeMo's own restore fails on a bad file with whatever the failing layer says
+(``tarfile.ReadError: unexpected end of data``), and quietly builds *another* NeMo model
+from a ``.nemo`` that is not ours. :func:`read_nemo_config` looks inside first and says
+which case it is: not a tar, truncated, not a NeMo model, another toolkit's model, or one
+written by a newer, incompatible version of this package. ``save_to`` stamps the format
+(:func:`stamp_checkpoint_format`) so that the last case can be told apart.
+"""
+from __future__ import annotations
+
+import re
+import tarfile
+import zipfile
+from pathlib import Path
+from typing import TypeVar
+
+from nemo.core.classes.common import UnsafeTargetError
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import nemo_speechlm  # its __version__ is read at call time (this module loads while the package initialises)
+from nemo_speechlm.errors import InputError
+
+# Bump when a .nemo written by this code can no longer be restored by older code.
+CHECKPOINT_FORMAT = 1
+CONFIG_NAME = "model_config.yaml"
+OUR_PREFIX = "nemo_speechlm."
+_OURS_FIX = "give a .nemo written by nemo_speechlm training (output_nemo, or <log dir>/<name>.nemo)"
+
+Model = TypeVar("Model")
+
+
+class CheckpointError(InputError):
+    """A ``.nemo`` file this package cannot restore; the message names the file and says why."""
+
+    def __init__(self, path: str | Path, problem: str, fix: str | None = None) -> None:
+        super().__init__(f"{path}: {problem}", fix)
+        self.path = str(path)
+
+
+def stamp_checkpoint_format(cfg: DictConfig) -> None:
+    """Record the checkpoint format and package version in a model config about to be saved."""
+    cfg.checkpoint_format = CHECKPOINT_FORMAT
+    cfg.nemo_speechlm_version = nemo_speechlm.__version__
+
+
+def read_nemo_config(path: str | Path) -> DictConfig:
+    """The model config inside a ``.nemo`` that this version of nemo_speechlm can restore;
+    raises :class:`CheckpointError` saying what the file is otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Model file not found: {path}")
+    if not tarfile.is_tarfile(path):
+        # (tested second: the weights inside a .nemo are a zip, which is_zipfile finds from the end)
+        kind = "a zip archive (a PyTorch or Lightning .ckpt/.pt?)" if zipfile.is_zipfile(path) else "not a tar archive"
+        raise CheckpointError(path, f"not a .nemo file ({kind})", _OURS_FIX)
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = {m.name.removeprefix("./"): m for m in tar.getmembers()}  # reads every header: finds truncation
+            if CONFIG_NAME not in members:
+                raise CheckpointError(path, f"not a NeMo model file (a tar archive without {CONFIG_NAME})", _OURS_FIX)
+            text = tar.extractfile(members[CONFIG_NAME]).read().decode("utf-8")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise CheckpointError(path, f"the .nemo file is truncated or damaged ({e})",
+                              "copy or export it again (an interrupted copy or save leaves a truncated file)") from e
+    try:
+        cfg = OmegaConf.create(text)
+    except (OmegaConfBaseException, ValueError) as e:  # YAML errors are ValueErrors
+        raise CheckpointError(path, f"its {CONFIG_NAME} is not a valid config ({e})", _OURS_FIX) from e
+    _check_ours(path, cfg)
+    return cfg
+
+
+def restore_checked(model_cls: type[Model], path: str | Path, map_location=None) -> Model:
+    """``model_cls.restore_from(path)`` after :func:`read_nemo_config`; NeMo's refusal of a class the
+    config names (its target allow-list) becomes a :class:`CheckpointError` naming the file."""
+    read_nemo_config(path)
+    try:
+        return model_cls.restore_from(str(path), map_location=map_location)
+    except UnsafeTargetError as e:
+        named = re.search(r"target '([^']*)'", str(e))
+        what = repr(named.group(1)) if named else "a class"
+        raise CheckpointError(path, f"its config names {what}, which NeMo refuses to build (not in its allowed targets)",
+                              "only load .nemo files from sources you trust") from e
+
+
+def _check_ours(path: Path, cfg: DictConfig) -> None:
+    target = cfg.get("target") if isinstance(cfg, DictConfig) else None
+    if not isinstance(target, str) or not target:
+        raise CheckpointError(path, "not a nemo_speechlm model (its config names no model class)", _OURS_FIX)
+    if not target.startswith(OUR_PREFIX):
+        kind = f"a NeMo model ({target})" if target.startswith("nemo.") else f"a model of class {target!r}"
+        raise CheckpointError(path, f"is {kind}, not a nemo_speechlm speech LLM", _OURS_FIX)
+    written = cfg.get("checkpoint_format", 1)
+    if not isinstance(written, int) or written > CHECKPOINT_FORMAT:
+        by = cfg.get("nemo_speechlm_version", "an unknown version")
+        raise CheckpointError(
+            path,
+            f"written by nemo_speechlm {by} in checkpoint format {written!r}; this install "
+            f"(nemo_speechlm {nemo_speechlm.__version__}) reads formats up to {CHECKPOINT_FORMAT}",
+            "upgrade nemo_speechlm to the version that wrote the file (pip install -U nemo_speechlm)",
+        )

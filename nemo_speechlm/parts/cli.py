@@ -1,0 +1,113 @@
+"""Command-line entry points: an error the user caused is one line on stderr and exit code 2.
+
+Every command (``speechlm-infer``, ``examples/*.py``) runs its ``main`` through :func:`run_cli`
+(argparse scripts, with :class:`CommandParser`) or :func:`run_hydra_cli` (training scripts).
+Errors a user causes and can fix — bad files, config values and arguments
+(:class:`~nemo_speechlm.errors.InputError` and the foreign types in :data:`USER_ERRORS`) — print
+
+    error: <file>[:line][ field '<name>']: <what is wrong> — <what to do>
+
+``--debug`` anywhere on the command line (or ``NEMO_SPEECHLM_DEBUG=1``) shows them with their
+traceback instead. Every other exception is a bug of ours and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence, TypeVar
+
+from hydra.errors import HydraException
+from nemo.core.classes.common import UnsafeTargetError
+from omegaconf.errors import MissingMandatoryValue
+
+from nemo_speechlm.data.manifest import ManifestError
+from nemo_speechlm.errors import InputError
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "NEMO_SPEECHLM_DEBUG"
+USER_ERROR_EXIT_CODE = 2
+# Errors that come from the user's input, not from a bug: bad files, configs and arguments.
+USER_ERRORS = (
+    InputError,
+    UnsafeTargetError,  # a config naming a class outside NeMo's allow-list
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    MissingMandatoryValue,  # a `???` config value left unset
+    HydraException,  # bad overrides, unknown config group options
+)
+SKIP_FLAG_HINT = "pass --skip-invalid"
+SKIP_CONFIG_HINT = "set skip_invalid: true on that data input"
+
+T = TypeVar("T")
+
+
+class UsageError(InputError):
+    """A bad command-line argument (what argparse would print with the usage text)."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are :class:`UsageError`, so that :func:`run_cli` prints one line;
+    it lists ``--debug`` in its help (``run_cli`` acts on the flag before parsing)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument(DEBUG_FLAG, action="store_true",
+                          help=f"show the traceback of an error instead of one line (or set {DEBUG_ENV}=1)")
+
+    def error(self, message: str):
+        raise UsageError(message, f"see {self.prog} --help")
+
+
+def run_cli(main: Callable[[list[str]], T], argv: Sequence[str] | None = None, skip_hint: str | None = None) -> T:
+    """Run ``main(args)`` (``args``: ``argv`` or the command line, without ``--debug``); user errors end the
+    process with one line on stderr and exit code 2. ``skip_hint`` tells how the command skips bad lines
+    (e.g. :data:`SKIP_FLAG_HINT`), for manifest errors."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return main([a for a in args if a != DEBUG_FLAG])
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        sys.stdout.flush()
+        print(error_line(e, skip_hint), file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT_CODE) from None
+
+
+def run_hydra_cli(hydra_main: Callable[[], T], argv: Sequence[str] | None = None) -> T:
+    """:func:`run_cli` for a ``@hydra_runner`` main (which reads ``sys.argv`` itself). Hydra catches
+    exceptions and prints them with a trimmed traceback; ``HYDRA_FULL_ERROR=1`` makes it re-raise them."""
+
+    def call(args: list[str]) -> T:
+        sys.argv[1:] = args
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        return hydra_main()
+
+    return run_cli(call, argv, skip_hint=SKIP_CONFIG_HINT)
+
+
+def error_line(error: BaseException, skip_hint: str | None = None) -> str:
+    """``error: <what> — <what to do>`` on one line."""
+    fix = getattr(error, "fix", None)
+    if isinstance(error, MissingMandatoryValue):
+        key = error.full_key
+        what, fix = f"config: {key} has no value", f"set it on the command line: {override_name(key)}=..."
+    elif isinstance(error, OSError) and error.filename:  # open() and friends: "[Errno 2] ..." otherwise
+        what = f"{error.filename}: {error.strerror}"
+    else:
+        what = str(error)
+    if isinstance(error, ManifestError) and not fix:
+        fix = f"fix the line, or {skip_hint} to skip and count such lines" if skip_hint else "fix the line"
+    if isinstance(error, UnsafeTargetError):
+        fix = "name a class of nemo_speechlm or NeMo in the config"
+    line = " ".join(f"error: {what}".split())  # one line, whatever the message's own line breaks
+    return f"{line} — {fix}" if fix else line
+
+
+def override_name(key: str) -> str:
+    """An OmegaConf key as a Hydra override spells it: ``a.b[0].c`` -> ``a.b.0.c``."""
+    return key.replace("[", ".").replace("]", "")
