@@ -8,13 +8,12 @@
         data.train_ds.text.input_cfg.0.manifest_filepath=text_sft.jsonl \
         trainer.devices=8
 """
-from nemo.core.config import hydra_runner
-
 from nemo_speechlm.models import JointSFTModel
+from nemo_speechlm.parts.cli import hydra_command
 from nemo_speechlm.recipe import train
 
 
-@hydra_runner(config_path="../nemo_speechlm/conf", config_name="joint_sft")
+@hydra_command(config_path="../nemo_speechlm/conf", config_name="joint_sft")
 def main(cfg) -> None:
     train(cfg, JointSFTModel)
 

@@ -5,13 +5,12 @@
         data.validation_ds.input_cfg.0.manifest_filepath=dev.jsonl \
         encoder=canary_1b_flash llm=qwen2_5_1_5b_instruct
 """
-from nemo.core.config import hydra_runner
-
 from nemo_speechlm.models import SpeechLMModel
+from nemo_speechlm.parts.cli import hydra_command
 from nemo_speechlm.recipe import train
 
 
-@hydra_runner(config_path="../nemo_speechlm/conf", config_name="speechlm")
+@hydra_command(config_path="../nemo_speechlm/conf", config_name="speechlm")
 def main(cfg) -> None:
     train(cfg, SpeechLMModel)
 

@@ -14,6 +14,7 @@ from nemo_speechlm.data.datamodule import build_datamodule, fill_model_settings
 from nemo_speechlm.data.conversations import cut_for_audio
 from nemo_speechlm.data.feature_cache import fill_feature_cache, prepare_feature_cache, transcribed_utterances
 from nemo_speechlm.data.manifest import read_manifest
+from nemo_speechlm.data.preflight import check_clip_lengths, check_training_data
 from nemo_speechlm.parts.connector_ctc import pretrain_connector_ctc
 from nemo_speechlm.parts.precision import resolve_precision_plugins
 
@@ -24,8 +25,10 @@ def train(cfg: DictConfig, model_cls) -> Path:
     Runs on CPU (``trainer.accelerator=cpu``) as well as on GPUs; no process group is
     created by hand (Lightning's strategy does that when there are several devices).
     Rerunning with the same ``exp_manager`` directory resumes from the last checkpoint.
+    The data is read and checked before any model is built (``nemo_speechlm.data.preflight``).
     """
     logging.info(f"Config:\n{OmegaConf.to_yaml(cfg)}")
+    clips = check_training_data(cfg)
     # Data configs are copied around by NeMo's loaders and lose their root: resolve
     # interpolations such as ${model.audio_locator_tag} now.
     OmegaConf.resolve(cfg.data)
@@ -37,6 +40,7 @@ def train(cfg: DictConfig, model_cls) -> Path:
     trainer = Trainer(**trainer_cfg)
     log_dir = exp_manager(trainer, cfg.get("exp_manager"))
     model = model_cls(cfg.model, trainer=trainer)
+    check_clip_lengths(clips, model)
     fill_model_settings(cfg.data, model)
     feature_cache = prepare_feature_cache(cfg.get("feature_cache"), model, cfg.data)
     pre_align_connector(cfg.get("connector_pretraining"), model, cfg.data, feature_cache, resuming=bool(trainer.ckpt_path))

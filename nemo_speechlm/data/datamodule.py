@@ -29,19 +29,20 @@ def fill_model_settings(data_cfg: DictConfig, model) -> DictConfig:
                 del data_cfg[split]  # speechlm2's DataModule expects absent, not null, splits
             if data_cfg.get(split) is None:
                 continue
-            for loader_cfg in loader_configs(data_cfg[split]):
+            for loader_cfg in loader_configs(data_cfg[split]).values():
                 for key, value in settings.items():
                     if loader_cfg.get(key) is None:
                         loader_cfg[key] = value
     return data_cfg
 
 
-def loader_configs(split_cfg: DictConfig) -> list[DictConfig]:
-    """The configs NeMo builds a sampler from: the split itself, or, with ``multi_config: true``, each
-    sub-config (every dict-valued key except ``sampler_weights``), as NeMo's multi-config loader reads them."""
+def loader_configs(split_cfg: DictConfig) -> dict[str, DictConfig]:
+    """The configs NeMo builds a sampler from, by key: the split itself (key ``""``), or, with
+    ``multi_config: true``, each sub-config (every dict-valued key except ``sampler_weights``), as
+    NeMo's multi-config loader reads them."""
     if not split_cfg.get("multi_config", False):
-        return [split_cfg]
-    return [c for name, c in split_cfg.items() if isinstance(c, DictConfig) and name != "sampler_weights"]
+        return {"": split_cfg}
+    return {name: c for name, c in split_cfg.items() if isinstance(c, DictConfig) and name != "sampler_weights"}
 
 
 def build_datamodule(data_cfg: DictConfig, model, feature_cache: FeatureCache | None = None) -> DataModule:

@@ -1,7 +1,8 @@
 """Command-line entry points: an error the user caused is one line on stderr and exit code 2.
 
 Every command (``speechlm-infer``, ``examples/*.py``) runs its ``main`` through :func:`run_cli`
-(argparse scripts, with :class:`CommandParser`) or :func:`run_hydra_cli` (training scripts).
+(argparse scripts, with :class:`CommandParser`) or is decorated with :func:`hydra_command`
+(training scripts).
 Errors a user causes and can fix — bad files, config values and arguments
 (:class:`~nemo_speechlm.errors.InputError` and the foreign types in :data:`USER_ERRORS`) — print
 
@@ -13,12 +14,15 @@ traceback instead. Every other exception is a bug of ours and keeps its tracebac
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from typing import Callable, Sequence, TypeVar
 
 from hydra.errors import HydraException
 from nemo.core.classes.common import UnsafeTargetError
+from nemo.core.config import hydra_runner
+from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from nemo_speechlm.data.manifest import ManifestError
@@ -67,7 +71,9 @@ def run_cli(main: Callable[[list[str]], T], argv: Sequence[str] | None = None, s
     process with one line on stderr and exit code 2. ``skip_hint`` tells how the command skips bad lines
     (e.g. :data:`SKIP_FLAG_HINT`), for manifest errors."""
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = DEBUG_FLAG in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if DEBUG_FLAG in args:
+        os.environ[DEBUG_ENV] = "1"  # seen by nested handlers too (a Hydra job)
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return main([a for a in args if a != DEBUG_FLAG])
     except USER_ERRORS as e:
@@ -78,16 +84,31 @@ def run_cli(main: Callable[[list[str]], T], argv: Sequence[str] | None = None, s
         raise SystemExit(USER_ERROR_EXIT_CODE) from None
 
 
-def run_hydra_cli(hydra_main: Callable[[], T], argv: Sequence[str] | None = None) -> T:
-    """:func:`run_cli` for a ``@hydra_runner`` main (which reads ``sys.argv`` itself). Hydra catches
-    exceptions and prints them with a trimmed traceback; ``HYDRA_FULL_ERROR=1`` makes it re-raise them."""
+def hydra_command(config_path: str, config_name: str) -> Callable[[Callable[[DictConfig], T]], Callable[..., T]]:
+    """NeMo's ``hydra_runner`` with the user's errors as one line, exit code 2: Hydra's own (bad overrides,
+    unknown config options; ``HYDRA_FULL_ERROR=1`` makes Hydra re-raise them instead of printing them) and
+    the task's (data, config values), which end the job with ``SystemExit``, the one exception Hydra
+    passes on without printing "Error executing job ..." first."""
 
-    def call(args: list[str]) -> T:
-        sys.argv[1:] = args
-        os.environ["HYDRA_FULL_ERROR"] = "1"
-        return hydra_main()
+    def decorator(task: Callable[[DictConfig], T]) -> Callable[..., T]:
+        @functools.wraps(task)  # Hydra unwraps this to find the script, which config_path is relative to
+        def job(cfg: DictConfig) -> T:
+            return run_cli(lambda _: task(cfg), [], skip_hint=SKIP_CONFIG_HINT)
 
-    return run_cli(call, argv, skip_hint=SKIP_CONFIG_HINT)
+        hydra_main = hydra_runner(config_path=config_path, config_name=config_name)(job)
+
+        @functools.wraps(task)
+        def main(cfg_passthrough: DictConfig | None = None) -> T:
+            def call(args: list[str]) -> T:
+                sys.argv[1:] = args  # Hydra reads the command line itself
+                os.environ["HYDRA_FULL_ERROR"] = "1"
+                return hydra_main(cfg_passthrough)
+
+            return run_cli(call)
+
+        return main
+
+    return decorator
 
 
 def error_line(error: BaseException, skip_hint: str | None = None) -> str:
@@ -98,6 +119,8 @@ def error_line(error: BaseException, skip_hint: str | None = None) -> str:
         what, fix = f"config: {key} has no value", f"set it on the command line: {override_name(key)}=..."
     elif isinstance(error, OSError) and error.filename:  # open() and friends: "[Errno 2] ..." otherwise
         what = f"{error.filename}: {error.strerror}"
+    elif isinstance(error, HydraException):  # the search path it appends is Hydra's, not the user's
+        what = str(error).split("Config search path")[0]
     else:
         what = str(error)
     if isinstance(error, ManifestError) and not fix:
