@@ -2,8 +2,7 @@
 
 Every command (``speechlm-infer``, ``examples/*.py``) runs its ``main`` through :func:`run_cli`
 (argparse scripts, with :class:`CommandParser`) or is decorated with :func:`hydra_command`
-(training scripts).
-Errors a user causes and can fix — bad files, config values and arguments
+(training scripts). Errors a user causes and can fix — bad files, config values and arguments
 (:class:`~nemo_speechlm.errors.InputError` and the foreign types in :data:`USER_ERRORS`) — print
 
     error: <file>[:line][ field '<name>']: <what is wrong> — <what to do>
