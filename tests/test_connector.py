@@ -115,3 +115,62 @@ def test_listening_cli_prints_the_table(model, assets, tmp_path):
     )
     assert "| zero_audio | 2 |" in out and "| shuffled_audio | 2 |" in out
     assert (tmp_path / "eval" / "listening.json").is_file()
+
+
+def test_recurrent_context_never_reads_padding_and_spec_augment_acts_only_in_training():
+    torch.manual_seed(0)
+    adapter = FrameStackingAdapter(input_dim=4, output_dim=6, stack=2, hidden_dim=8, rnn_layers=1, rnn_dim=6,
+                                   spec_augment={"freq_masks": 1, "freq_width": 2, "time_masks": 1, "time_width": 3}).eval()
+    x = torch.randn(1, 4, 12)
+    alone = adapter(x[:, :, :8], torch.tensor([8]))[0]
+    padded = torch.cat([x[:, :, :8], torch.randn(1, 4, 4) * 100], dim=2)
+    assert torch.allclose(adapter(padded, torch.tensor([8]))[0][:, :, :4], alone, atol=1e-5)
+    changed = x.clone()
+    changed[:, :, 10:12] += 5.0 * torch.randn(4, 2)  # the last position: a bidirectional GRU carries it to the first
+    assert not torch.allclose(adapter(changed, torch.tensor([12]))[0][:, :, 0], adapter(x, torch.tensor([12]))[0][:, :, 0])
+    assert torch.equal(adapter(x, torch.tensor([12]))[0], adapter(x, torch.tensor([12]))[0])  # eval: no masks
+    adapter.train()
+    torch.manual_seed(1)
+    masked = [adapter(x, torch.tensor([12]))[0] for _ in range(3)]
+    assert not all(torch.allclose(m, masked[0]) for m in masked[1:])
+
+
+def test_ctc_readout_collapses_to_the_spoken_tokens_embeddings():
+    from nemo_speechlm.modules.ctc_readout import CTCReadout
+
+    torch.manual_seed(0)
+    embeddings = torch.nn.functional.normalize(torch.randn(20, 16), dim=1)
+    readout = CTCReadout(16)
+    readout.set_vocabulary([3, 7, 11])
+    with torch.no_grad():
+        readout.blank.copy_(torch.nn.functional.normalize(torch.randn(1, 16), dim=1))
+    blank, a, b = readout.blank[0].detach(), embeddings[3], embeddings[7]
+    sharp = lambda *vs: torch.stack([v * 50 for v in vs])  # noqa: E731 - near one-hot posteriors
+    # "a a _ b b _ b _" -> a, b, b (a repeat across a blank is a new token, as in CTC)
+    out = readout(sharp(a, a, blank, b, b, blank, b, blank), embeddings)
+    assert torch.allclose(out, torch.stack([a, b, b]), atol=1e-3)
+    # Silence (all blank) still gives one position, so a prompt never loses its speech span.
+    assert readout(sharp(blank, blank, blank), embeddings).shape == (1, 16)
+    # The gated residual starts closed and opens with training.
+    with torch.no_grad():
+        readout.residual_gate.fill_(0.5)
+    assert torch.allclose(readout(sharp(a), embeddings), a + 0.5 * a * 50, atol=1e-3)
+    # Another model's vocabulary size loads (the table is resized).
+    other = CTCReadout(16)
+    other.load_state_dict(readout.state_dict())
+    assert other.token_ids.tolist() == [3, 7, 11] and other.ready
+
+
+def test_ctc_readout_model_needs_pre_alignment_then_reads_fewer_positions(assets):
+    torch.manual_seed(0)
+    cfg = model_config(assets["llm"])
+    cfg.perception.modality_adapter = adapter_cfg(output_rms="auto", rnn_layers=1, rnn_dim=16)
+    cfg.ctc_readout = True
+    model = SpeechLMModel(cfg)
+    features = [torch.randn(30, model.cfg.perception.modality_adapter.input_dim)]
+    with pytest.raises(RuntimeError, match="connector_pretraining"):
+        model.adapt(features)
+    pretrain_connector_ctc(model, utterances(assets), steps=30, lr=1e-2, batch_size=8)
+    assert model.ctc_readout.ready and "ctc_readout.token_ids" in model.state_dict()
+    raw, read = model.adapt(features, readout=False)[0], model.adapt(features)[0]
+    assert raw.shape[0] == 15 and 1 <= read.shape[0] <= raw.shape[0]

@@ -17,6 +17,12 @@ class FrameStackingAdapter(nn.Module):
     """Stack ``stack`` frames (k-fold downsampling), LayerNorm, Linear-GELU-Linear to ``output_dim``,
     then optionally an RMSNorm whose gain starts at ``output_rms``.
 
+    Optional, for reading words rather than memorising sentences (``docs/connector.md``):
+    ``rnn_layers`` bidirectional GRU layers of width ``rnn_dim`` between the LayerNorm and the MLP,
+    so each position sees the neighbouring ones in both directions, and ``spec_augment`` (NeMo's
+    ``SpectrogramAugmentation`` kwargs) masking bands of feature dimensions and spans of frames of
+    the encoder output during training, so no single cue carries a word.
+
     Follows NeMo's adapter interface: ``forward(audio_signal: (B, C, T), length: (B,))``
     returns ``(B, output_dim, T // stack)`` and the new lengths. ``subsampling_factor``
     feeds ``AudioPerceptionModule.token_equivalent_duration``.
@@ -36,12 +42,27 @@ class FrameStackingAdapter(nn.Module):
         hidden_dim: int = 1024,
         output_rms: float | None = None,
         context_kernel: int = 1,
+        rnn_layers: int = 0,
+        rnn_dim: int = 512,
+        spec_augment: dict | None = None,
     ) -> None:
         super().__init__()
         self.stack = stack
         self.subsampling_factor = stack
         self.norm = nn.LayerNorm(input_dim * stack)
-        self.mlp = nn.Sequential(nn.Linear(input_dim * stack, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, output_dim))
+        self.rnn = None
+        if rnn_layers > 0:
+            if rnn_dim % 2:
+                raise ValueError(f"rnn_dim={rnn_dim} must be even: it is split between the GRU's two directions")
+            self.rnn_in = nn.Sequential(nn.Linear(input_dim * stack, rnn_dim), nn.GELU())
+            self.rnn = nn.GRU(rnn_dim, rnn_dim // 2, num_layers=rnn_layers, batch_first=True, bidirectional=True)
+        mlp_in = rnn_dim if self.rnn is not None else input_dim * stack
+        self.mlp = nn.Sequential(nn.Linear(mlp_in, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, output_dim))
+        self.spec_augment = None
+        if spec_augment:
+            from nemo.collections.asr.modules import SpectrogramAugmentation
+
+            self.spec_augment = SpectrogramAugmentation(**dict(spec_augment))
         # Optional depthwise convolution over neighbouring positions in the hidden layer, so each
         # output sees a whole word (~0.4 s at kernel 5 x 80 ms) rather than its own `stack` frames.
         self.context = None
@@ -53,6 +74,8 @@ class FrameStackingAdapter(nn.Module):
             nn.init.constant_(self.output_norm.weight, float(output_rms))
 
     def forward(self, audio_signal: torch.Tensor, length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.spec_augment is not None and self.training:
+            audio_signal = self.spec_augment(input_spec=audio_signal, length=length)
         x = audio_signal.transpose(1, 2)  # (B, T, C)
         b, t, c = x.shape
         pad = (-t) % self.stack
@@ -60,11 +83,17 @@ class FrameStackingAdapter(nn.Module):
             x = torch.nn.functional.pad(x, (0, 0, 0, pad))
         x = x.reshape(b, (t + pad) // self.stack, c * self.stack)
         new_length = torch.div(length + self.stack - 1, self.stack, rounding_mode="floor")
+        x = self.norm(x)
+        if self.rnn is not None:
+            packed = nn.utils.rnn.pack_padded_sequence(
+                self.rnn_in(x), new_length.cpu(), batch_first=True, enforce_sorted=False
+            )
+            x, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=x.shape[1])
         if self.context is None:
-            x = self.mlp(self.norm(x))
+            x = self.mlp(x)
         else:
             valid = (torch.arange(x.shape[1], device=x.device)[None, :] < new_length[:, None]).unsqueeze(-1)
-            h = self.mlp[1](self.mlp[0](self.norm(x))) * valid  # padding must not leak into real positions
+            h = self.mlp[1](self.mlp[0](x)) * valid  # padding must not leak into real positions
             x = self.mlp[2](h + self.context(h.transpose(1, 2)).transpose(1, 2))
         if self.output_norm is not None:
             x = self.output_norm(x)

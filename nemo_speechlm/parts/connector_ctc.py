@@ -11,10 +11,13 @@ step, and a step costs the connector's forward only (~50 ms for batch 8 on 2 CPU
 the LLM vocabulary times its embeddings) and Wav2Prompt (arXiv 2406.00522: LLM token embeddings as
 speech-side targets); measured in ``benchmarks/convergence.py``.
 
-Only the adapter (and projection) train; the blank vector is discarded afterwards.
+Only the adapter (and projection) train. With ``model.ctc_readout`` on, the blank vector and the
+vocabulary are the read-out's and are kept (``nemo_speechlm.modules.ctc_readout``); otherwise the
+blank is discarded afterwards.
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Sequence
 
@@ -74,9 +77,19 @@ def pretrain_connector_ctc(
     vocabulary = transcript_vocabulary(tokenizer, [text for _, text in utterances])
     targets = [transcript_targets(tokenizer, vocabulary, text) for _, text in utterances]  # once, not every step
     embeddings = model.embed_tokens.weight.detach()
-    blank = torch.nn.Parameter(torch.zeros(1, embeddings.shape[1], device=embeddings.device))
+    readout = getattr(model, "ctc_readout", None)
+    if readout is not None:
+        readout.set_vocabulary(list(vocabulary))
+        blank = readout.blank
+    else:
+        blank = torch.nn.Parameter(torch.zeros(1, embeddings.shape[1], device=embeddings.device))
     params = [p for n, p in model.perception.named_parameters() if p.requires_grad and n.startswith(("modality_adapter", "proj"))]
     optimizer = torch.optim.AdamW(params + [blank], lr=lr)
+    # Linear warm-up over the first 10% of steps, then cosine decay to 0 (as the one-cycle schedule the
+    # connector curves in docs/connector.md were measured with).
+    warmup = max(1, steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
+                                                  0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
     rng = random.Random(seed)
     order: list[int] = []
     losses: list[float] = []
@@ -88,11 +101,12 @@ def pretrain_connector_ctc(
             order += rng.sample(range(len(utterances)), len(utterances))
         batch, order = order[:batch_size], order[batch_size:]
         features = _encoder_features(model, [utterances[i][0] for i in batch], feature_cache)
-        loss = connector_ctc_loss(model.adapt(features), [targets[i] for i in batch], vocabulary, embeddings, blank)
+        loss = connector_ctc_loss(model.adapt(features, readout=False), [targets[i] for i in batch], vocabulary, embeddings, blank)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        scheduler.step()
         losses.append(loss.item())
         bar.set_postfix(ctc=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
     model.train(was_training)

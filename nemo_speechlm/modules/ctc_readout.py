@@ -1,0 +1,81 @@
+"""CTC read-out: hand the frozen LLM its own token embeddings, read off the connector's CTC posteriors.
+
+After connector pre-alignment (``nemo_speechlm.parts.connector_ctc``) every connector position
+scores the transcript vocabulary (LLM token ids, plus a learned blank) by dot product with the
+LLM's input embeddings. Read-out turns that into what the LLM was trained on: positions whose most
+likely class is blank are dropped, runs of positions with the same most likely token are merged
+(CTC's collapse), and each remaining segment becomes the posterior-weighted average of the token
+embeddings (LegoSLM, arXiv 2505.11352). A speech span of 40 positions becomes ~12 text-like
+vectors, so a frozen LLM reads the words from the first step instead of learning a new input
+language through its answers.
+
+A gated residual adds the connector's own output on each segment (gate initialised to 0): the
+posteriors carry *which* words, the residual lets training through the LLM carry what the
+embeddings cannot (that the words were spoken, how they sound). The posteriors stay differentiable,
+so training through the LLM also refines the recognition.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["CTCReadout"]
+
+
+class CTCReadout(nn.Module):
+    """Blank vector, gate and the CTC class -> LLM token id table, saved with the model.
+
+    ``token_ids`` is empty until :meth:`set_vocabulary` (connector pre-alignment) fills it; its
+    size differs between models, so loading a state dict resizes it (``_load_from_state_dict``).
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.blank = nn.Parameter(torch.zeros(1, hidden_size))
+        self.residual_gate = nn.Parameter(torch.zeros(()))
+        self.register_buffer("token_ids", torch.zeros(0, dtype=torch.long))
+
+    @property
+    def ready(self) -> bool:
+        return self.token_ids.numel() > 0
+
+    def set_vocabulary(self, token_ids: list[int]) -> None:
+        self.token_ids = torch.tensor(token_ids, dtype=torch.long, device=self.blank.device)
+
+    def classes(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``(1 + V, hidden)``: the blank, then the LLM input embedding of each class's token."""
+        return torch.cat([self.blank.to(embeddings.dtype), embeddings[self.token_ids]], 0)
+
+    def logits(self, outputs: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """CTC logits ``(positions, 1 + V)`` of one utterance's connector outputs; class 0 is blank."""
+        return outputs @ self.classes(embeddings).T
+
+    def forward(self, outputs: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """One utterance's connector outputs ``(positions, hidden)`` -> ``(segments, hidden)`` LLM inputs."""
+        posteriors = self.logits(outputs, embeddings).float().softmax(-1)
+        best = posteriors.argmax(-1)
+        keep = best != 0
+        if not keep.any():  # silence: keep the one position most likely to be a word, so the span is not empty
+            keep[posteriors[:, 0].argmin()] = True
+            best = torch.where(keep, posteriors[:, 1:].argmax(-1) + 1, best)
+        positions = keep.nonzero().squeeze(1)
+        # A new segment starts at every kept position whose token differs from the previous kept
+        # position's, or that follows a blank (CTC: "a a" across a blank is two tokens).
+        starts = torch.ones_like(positions, dtype=torch.bool)
+        starts[1:] = (best[positions[1:]] != best[positions[:-1]]) | (positions[1:] != positions[:-1] + 1)
+        segment = starts.cumsum(0) - 1
+        n = int(segment[-1]) + 1
+        counts = torch.zeros(n, device=outputs.device).index_add_(0, segment, torch.ones_like(segment, dtype=torch.float))
+        words = posteriors[positions, 1:]
+        words = words / words.sum(-1, keepdim=True)  # within a word segment, blank mass is not a token
+        mean_words = torch.zeros(n, words.shape[1], device=outputs.device).index_add_(0, segment, words) / counts[:, None]
+        mean_outputs = torch.zeros(n, outputs.shape[1], device=outputs.device, dtype=torch.float).index_add_(
+            0, segment, outputs[positions].float()) / counts[:, None]
+        text_like = mean_words @ embeddings[self.token_ids].float()
+        return (text_like + self.residual_gate * mean_outputs).to(outputs.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "token_ids")
+        if saved is not None:
+            self.token_ids = torch.zeros_like(saved, device=self.token_ids.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
