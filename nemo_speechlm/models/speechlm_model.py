@@ -29,6 +29,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
 from nemo_speechlm.data.audio import check_audio_length, read_audio
+from nemo_speechlm.modules.ctc_readout import CTCReadout
 from nemo_speechlm.modules.perception import build_perception
 from nemo_speechlm.parts.checkpoint import stamp_checkpoint_format
 from nemo_speechlm.parts.llm import load_llm, load_tokenizer, pack_llm_files, resolve_llm_source, unpack_llm_files
@@ -64,6 +65,8 @@ class SpeechLMModel(ModelPT):
         if not restoring:
             self._register_llm_files()
         self.perception = build_perception(self.cfg, self.llm, load_pretrained_asr=load_base_weights)
+        # Built empty; connector pre-alignment fills its vocabulary (nemo_speechlm.modules.ctc_readout).
+        self.ctc_readout = CTCReadout(self.llm.config.hidden_size) if self.cfg.get("ctc_readout") else None
         self._install_lora()
         self._freeze()
         self.prompt_formatter = resolve_prompt_formatter(self.cfg.get("prompt_format"), self.tokenizer)
@@ -196,8 +199,9 @@ class SpeechLMModel(ModelPT):
             pieces.append(full[first:last])
         return self.adapt(pieces)
 
-    def adapt(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Modality adapter + projection over encoder outputs ``(frames, d_model)`` -> LLM embeddings."""
+    def adapt(self, features: list[torch.Tensor], readout: bool = True) -> list[torch.Tensor]:
+        """Modality adapter + projection over encoder outputs ``(frames, d_model)`` -> LLM embeddings
+        (then the CTC read-out where ``model.ctc_readout`` is on and ``readout``; pre-alignment trains without it)."""
         lens = torch.tensor([len(f) for f in features], device=self.device)
         padded = torch.nn.utils.rnn.pad_sequence(list(features), batch_first=True).transpose(1, 2)
         # Cached features are read from disk as fp32; in bf16-true the adapter's weights are bf16.
@@ -205,7 +209,13 @@ class SpeechLMModel(ModelPT):
         with typecheck.disable_checks():  # a NeMo ConformerEncoder adapter would reject these types, as in speechlm2
             adapted, adapted_lens = self.perception.modality_adapter(audio_signal=padded, length=lens)
         adapted = self.perception.proj(adapted.transpose(1, 2))
-        return [a[:n] for a, n in zip(adapted, adapted_lens.tolist())]
+        adapted = [a[:n] for a, n in zip(adapted, adapted_lens.tolist())]
+        if self.ctc_readout is not None and readout:
+            if not self.ctc_readout.ready:
+                raise RuntimeError("model.ctc_readout is on but the read-out has no vocabulary: it is filled by connector "
+                                   "pre-alignment (connector_pretraining.steps > 0) before training through the LLM")
+            adapted = [self.ctc_readout(a, self.embed_tokens.weight) for a in adapted]
+        return adapted
 
     def splice_audio(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Embeddings with audio spliced at the locators (left-padded), targets (-100 except on
