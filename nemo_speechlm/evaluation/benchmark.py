@@ -195,31 +195,23 @@ def _load_segment(entry: ManifestEntry, sample_rate: int):
     return recording.load_audio(offset=offset, duration=float(entry["duration"])).mean(axis=0)
 
 
-def _task_cap(task: Task, max_new_tokens: int) -> int:
-    return min(max_new_tokens, task.max_new_tokens or max_new_tokens)
+Answerer = Callable[[list[dict], list[int]], list[str]]  # (items, per-item token caps) -> answers
 
 
-def _answer_by_cap(items: list[dict], catalog: TaskCatalog, max_new_tokens: int,
-                   answer: Callable[[list[dict], int], list[str]]) -> list[str]:
-    """Answer items grouped by their task's token cap (one ``generate`` setting per call)."""
-    answers: list[str | None] = [None] * len(items)
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, item in enumerate(items):
-        groups[_task_cap(catalog.task(item["prompt"].task), max_new_tokens)].append(i)
-    for cap, indices in groups.items():
-        for i, text in zip(indices, answer([items[i] for i in indices], cap)):
-            answers[i] = text
-    return answers
+def _task_caps(items: list[dict], catalog: TaskCatalog, max_new_tokens: int) -> list[int]:
+    """Each item's token cap: its task's own, within the run's ``max_new_tokens`` (one batch may mix caps)."""
+    caps = [catalog.task(item["prompt"].task).max_new_tokens for item in items]
+    return [min(max_new_tokens, cap or max_new_tokens) for cap in caps]
 
 
 def _text_answerer(model: _LazyModel, texts: Callable[[dict], str], settings: dict):
     """Text LLM answers to the prompt rendered with ``texts(item)`` in place of ``{input}``."""
 
-    def answer(items: list[dict], cap: int) -> list[str]:
+    def answer(items: list[dict], caps: list[int]) -> list[str]:
         m = model.get()
         prompts = [item["prompt"].render(texts(item)) for item in items]
         with _text_llm(m):
-            return m.respond([None] * len(items), prompts, max_new_tokens=cap, **settings)
+            return m.respond([None] * len(items), prompts, max_new_tokens=caps, **settings)
 
     return answer
 
@@ -227,11 +219,11 @@ def _text_answerer(model: _LazyModel, texts: Callable[[dict], str], settings: di
 def _speech_answerer(model: _LazyModel, settings: dict):
     """Speech model answers: the prompt with the audio locator in place of ``{input}``."""
 
-    def answer(items: list[dict], cap: int) -> list[str]:
+    def answer(items: list[dict], caps: list[int]) -> list[str]:
         m = model.get()
         prompts = [item["prompt"].render(m.audio_locator_tag) for item in items]
         audios = [_audio_input(item["entry"], m.sampling_rate) for item in items]
-        return m.respond(audios, prompts, max_new_tokens=cap, **settings)
+        return m.respond(audios, prompts, max_new_tokens=caps, **settings)
 
     return answer
 
@@ -249,8 +241,9 @@ class _Job:
     max_new_tokens: int
     settings: dict  # keyword arguments for SpeechLMModel.respond
 
-    def answer_by_cap(self, items: list[dict], answer: Callable[[list[dict], int], list[str]]) -> list[str]:
-        return _answer_by_cap(items, self.catalog, self.max_new_tokens, answer)
+    def answer(self, items: list[dict], answer: Answerer) -> list[str]:
+        """``answer``'s texts for ``items``, each capped at its task's token cap."""
+        return answer(items, _task_caps(items, self.catalog, self.max_new_tokens))
 
 
 def _generate_references(items: list[dict], llm: _LazyModel, job: _Job) -> tuple[dict[str, str], RunSummary]:
@@ -258,7 +251,7 @@ def _generate_references(items: list[dict], llm: _LazyModel, job: _Job) -> tuple
     answer = _text_answerer(llm, lambda item: item["entry"][TRANSCRIPT_FIELD], job.settings)
 
     def process(batch: list[dict]) -> list[dict]:
-        texts = job.answer_by_cap(batch, answer)
+        texts = job.answer(batch, answer)
         return [{"key": it["key"], "utt": it["utt"], "task": it["prompt"].task, "prompt_id": it["prompt"].id,
                  "prompt": it["prompt"].text, "reference": text} for it, text in zip(batch, texts)]
 
@@ -293,18 +286,18 @@ def _hypothesis_texts(output) -> list[str]:
     return [h if isinstance(h, str) else h.text for h in output]
 
 
-def _predict(system: str, items: list[dict], answer: Callable[[list[dict], int], list[str]] | None,
+def _predict(system: str, items: list[dict], answer: Answerer | None,
              references: dict[str, str], job: _Job) -> dict:
     """One system's scored answers appended to ``predictions.jsonl``; lines already there are kept.
 
-    ``answer(items, cap)`` gives the system's texts; ``None`` means the text upper bound,
+    ``answer(items, caps)`` gives the system's texts; ``None`` means the text upper bound,
     whose answers are the cached references themselves. Returns the runner's summary.
     """
 
     def answers_for(batch: list[dict]) -> list[str]:
         if answer is None:
             return [references[it["key"]] for it in batch]
-        return job.answer_by_cap(batch, answer)
+        return job.answer(batch, answer)
 
     def process(batch: list[dict]) -> list[dict]:
         return [_prediction_line(system, it, text, references[it["key"]], job.catalog)

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
-from nemo.collections.speechlm2.data.salm_dataset import left_collate_vectors
 
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
 from nemo_speechlm.data.text_sft import read_text_sft
@@ -385,18 +384,8 @@ def respond_to_messages(
 ) -> list[str]:
     """Text-only answers to whole chat histories (``respond`` takes one user turn; text
     retention needs the earlier turns as context)."""
-    was_training = model.training
-    model.eval()
-    answers = []
-    try:
-        for start in range(0, len(conversations), batch_size):
-            ids = [encode_messages(model.prompt_formatter, msgs)["context_ids"] for msgs in conversations[start : start + batch_size]]
-            input_ids = left_collate_vectors(ids, padding_value=model.text_pad_id).to(model.device)
-            out = model.generate(input_ids, **generation)
-            answers.extend(a.strip() for a in model.tokenizer.tokenizer.batch_decode(out, skip_special_tokens=True))
-    finally:
-        model.train(was_training)
-    return answers
+    ids = [encode_messages(model.prompt_formatter, msgs)["context_ids"] for msgs in conversations]
+    return model.complete(ids, batch_size=batch_size, **generation)
 
 
 @contextlib.contextmanager

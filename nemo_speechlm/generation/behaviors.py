@@ -60,7 +60,7 @@ def behavior_job(
 
     def process(items: list[dict]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(items)
-        by_cap: dict[int, list[int]] = {}
+        asked, caps = [], []  # items for the LLM, each with its task's cap (one batch mixes caps)
         for i, item in enumerate(items):
             task = catalog.task(item["prompt"].task)
             if task.name in ground_truth_tasks:
@@ -68,17 +68,17 @@ def behavior_job(
                     raise InputError(f"Task {task.name!r} has no ground_truth in {catalog.path}; it cannot take one as response.")
                 outcomes[i] = _record(item, item["entry"][task.ground_truth.field], {"source": "ground_truth", "field": task.ground_truth.field})
                 continue
-            by_cap.setdefault(min(max_new_tokens, task.max_new_tokens or max_new_tokens), []).append(i)
-        for cap, indices in by_cap.items():
-            conversations = [_messages(items[i], system_prompt) for i in indices]
-            for i, result in zip(indices, generator.generate(conversations, max_new_tokens=cap)):
-                item = items[i]
-                rendered = item["prompt"].render(item["entry"]["text"])
-                reason = degenerate_reason(result.text, rendered, result.finished, transcript=item["entry"]["text"])
-                if reason:
-                    outcomes[i] = Rejected(reason, result.text[:200])
-                else:
-                    outcomes[i] = _record(item, result.text, {**settings, "max_new_tokens": cap, "source": "llm"})
+            asked.append(i)
+            caps.append(min(max_new_tokens, task.max_new_tokens or max_new_tokens))
+        results = generator.generate([_messages(items[i], system_prompt) for i in asked], max_new_tokens=caps) if asked else []
+        for i, cap, result in zip(asked, caps, results):
+            item = items[i]
+            rendered = item["prompt"].render(item["entry"]["text"])
+            reason = degenerate_reason(result.text, rendered, result.finished, transcript=item["entry"]["text"])
+            if reason:
+                outcomes[i] = Rejected(reason, result.text[:200])
+            else:
+                outcomes[i] = _record(item, result.text, {**settings, "max_new_tokens": cap, "source": "llm"})
         return outcomes
 
     return process

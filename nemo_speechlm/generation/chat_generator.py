@@ -16,17 +16,14 @@ import contextlib
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
 from nemo_speechlm.errors import InputError
+from nemo_speechlm.generation.decoding import decode, end_token_ids, length_sorted_batches, sampler
 
 DEFAULT_MAX_NEW_TOKENS = 256
-
-# End-of-turn tokens of common chat templates. A model's config often names only its
-# end-of-text token as EOS, while its template closes every turn with one of these.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
 
 @dataclass(frozen=True)
@@ -42,15 +39,19 @@ class GenerationResult:
 class ChatGenerator(Protocol):
     """What a generation job needs from an LLM backend."""
 
-    def generate(self, conversations: list[list[dict]], max_new_tokens: int | None = None) -> list[GenerationResult]:
-        """One result per conversation (``[{"role", "content"}, ...]``), in input order."""
+    def generate(
+        self, conversations: list[list[dict]], max_new_tokens: int | Sequence[int] | None = None
+    ) -> list[GenerationResult]:
+        """One result per conversation (``[{"role", "content"}, ...]``), in input order; ``max_new_tokens``
+        is one cap or one per conversation."""
 
     def generation_settings(self) -> dict:
         """model, backend, do_sample, temperature, top_p, max_new_tokens, seed: recorded with outputs."""
 
 
 class HFChatGenerator:
-    """Batched ``model.generate`` over chat-templated, left-padded prompts.
+    """Batched decoding (:func:`nemo_speechlm.generation.decoding.decode`: KV cache, each row leaves
+    the batch when it ends) over chat-templated, left-padded prompts.
 
     Within a call, prompts are sorted by length before batching (``batch_size`` at a time) to
     reduce padding; results come back in input order. Greedy decoding is deterministic and
@@ -105,7 +106,7 @@ class HFChatGenerator:
         if not getattr(tokenizer, "chat_template", None):
             raise InputError(f"HFChatGenerator: the tokenizer of {self.model_name} has no chat template")
         self.tokenizer = tokenizer
-        self.eos_ids = _end_token_ids(self.model, tokenizer)
+        self.eos_ids = end_token_ids(self.model, tokenizer)
         if not self.eos_ids:
             raise InputError(f"HFChatGenerator: found no EOS / end-of-turn token for {self.model_name}")
         # Generation-only padding (left, masked): any id works, EOS if there is no pad token.
@@ -117,15 +118,16 @@ class HFChatGenerator:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
 
-    def generate(self, conversations: list[list[dict]], max_new_tokens: int | None = None) -> list[GenerationResult]:
-        """Answer each conversation (its last turn is the user's); ``max_new_tokens`` overrides the default cap."""
-        cap = max_new_tokens or self.max_new_tokens
+    def generate(
+        self, conversations: list[list[dict]], max_new_tokens: int | Sequence[int] | None = None
+    ) -> list[GenerationResult]:
+        """Answer each conversation (its last turn is the user's); ``max_new_tokens`` overrides the default
+        cap, with one value for all or one per conversation (rows with different caps share a batch)."""
+        caps = _caps(max_new_tokens or self.max_new_tokens, len(conversations))
         prompts = [self.encode(conversation) for conversation in conversations]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[GenerationResult | None] = [None] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            for i, result in zip(chunk, self._generate_batch([prompts[i] for i in chunk], cap)):
+        for chunk in length_sorted_batches([len(p) for p in prompts], self.batch_size):
+            for i, result in zip(chunk, self._generate_batch([prompts[i] for i in chunk], [caps[i] for i in chunk])):
                 results[i] = result
         return results
 
@@ -147,39 +149,21 @@ class HFChatGenerator:
             "dtype": str(self.model.dtype).removeprefix("torch."),
         }
 
-    def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[GenerationResult]:
+    def _generate_batch(self, prompts: list[list[int]], caps: list[int]) -> list[GenerationResult]:
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for row, ids in enumerate(prompts):
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
-        with torch.inference_mode(), self._seeded(prompts):
-            output = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                generation_config=self._generation_config(max_new_tokens),
-            )
-        results = []
-        for tokens in output[:, width:].tolist():
-            end = next((j for j, t in enumerate(tokens) if t in self.eos_ids), None)
-            text = self.tokenizer.decode(tokens if end is None else tokens[:end], skip_special_tokens=True)
-            results.append(GenerationResult(text=text.strip(), finished=end is not None))
-        return results
-
-    def _generation_config(self, max_new_tokens: int):
-        from transformers import GenerationConfig
-
-        sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": 0} if self.do_sample else {}
-        return GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=self.do_sample,
-            num_beams=1,
-            repetition_penalty=1.0,
-            eos_token_id=sorted(self.eos_ids),
-            pad_token_id=self.pad_id,
-            **sampling,
-        )
+        sample = sampler(self.temperature, self.top_p) if self.do_sample else None
+        with self._seeded(prompts):
+            rows = decode(self.model, input_ids.to(self.device), attention_mask.to(self.device), caps, self.eos_ids,
+                          sample=sample)
+        return [
+            GenerationResult(text=self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip(), finished=row.finished)
+            for row in rows
+        ]
 
     def _seeded(self, prompts: list[list[int]]):
         if not self.do_sample:
@@ -217,13 +201,18 @@ class VLLMChatGenerator:
         self.seed = seed
         self.max_new_tokens = max_new_tokens
 
-    def generate(self, conversations: list[list[dict]], max_new_tokens: int | None = None) -> list[GenerationResult]:
-        params = self._vllm.SamplingParams(
-            max_tokens=max_new_tokens or self.max_new_tokens,
-            temperature=self.temperature if self.do_sample else 0.0,
-            top_p=self.top_p if self.do_sample else 1.0,
-            seed=self.seed if self.do_sample else None,
-        )
+    def generate(
+        self, conversations: list[list[dict]], max_new_tokens: int | Sequence[int] | None = None
+    ) -> list[GenerationResult]:
+        params = [
+            self._vllm.SamplingParams(
+                max_tokens=cap,
+                temperature=self.temperature if self.do_sample else 0.0,
+                top_p=self.top_p if self.do_sample else 1.0,
+                seed=self.seed if self.do_sample else None,
+            )
+            for cap in _caps(max_new_tokens or self.max_new_tokens, len(conversations))
+        ]
         outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=False)
         return [
             GenerationResult(text=o.outputs[0].text.strip(), finished=o.outputs[0].finish_reason == "stop")
@@ -252,6 +241,14 @@ def build_chat_generator(backend: str = "hf", **kwargs) -> ChatGenerator:
     return BACKENDS[backend](**kwargs)
 
 
+def _caps(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
+    """One token cap per conversation."""
+    caps = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(caps) != n:
+        raise ValueError(f"generate() got {len(caps)} max_new_tokens for {n} conversations")
+    return caps
+
+
 def _loadable_source(model: str) -> str:
     """A hub id or directory as is; a ``.gguf`` file converted (once, cached) to an HF directory."""
     if not model.endswith(".gguf"):
@@ -276,25 +273,6 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def _end_token_ids(model, tokenizer) -> set[int]:
-    """EOS ids of the model and tokenizer, plus the chat template's end-of-turn token."""
-    ids = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(value)
-    try:
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], tokenize=False
-        )
-    except Exception:  # a template with unusual role rules: rely on the EOS ids above
-        rendered = ""
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in rendered and token in vocab)
-    return ids
 
 
 @contextlib.contextmanager

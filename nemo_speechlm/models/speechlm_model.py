@@ -29,6 +29,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
 from nemo_speechlm.data.audio import check_audio_length, read_audio
+from nemo_speechlm.generation.decoding import cut_at_stop, decode, end_token_ids, length_sorted_batches, sampler
 from nemo_speechlm.modules.ctc_readout import CTCReadout
 from nemo_speechlm.modules.perception import build_perception
 from nemo_speechlm.parts.checkpoint import stamp_checkpoint_format
@@ -335,16 +336,21 @@ class SpeechLMModel(ModelPT):
 
     def default_generation_config(self) -> GenerationConfig:
         """Greedy decoding that stops at the LLM's end-of-turn token(s)."""
-        eos = getattr(self.llm.generation_config, "eos_token_id", None) or self.tokenizer.tokenizer.eos_token_id
+        eos = sorted(self.end_token_ids)
         return GenerationConfig(
             do_sample=False,
             max_new_tokens=self.cfg.get("max_new_tokens", 128),
             eos_token_id=eos,
             # Finished rows are fed this id while others still generate: it must be inside the LLM's
             # embedding table, which our dedicated pad token (added to the tokenizer only) is not.
-            pad_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
+            pad_token_id=eos[0],
             bos_token_id=self.tokenizer.tokenizer.bos_token_id,
         )
+
+    @property
+    def end_token_ids(self) -> set[int]:
+        """Ids that end an answer: the LLM's EOS and its chat template's end-of-turn token."""
+        return end_token_ids(self.llm, self.tokenizer.tokenizer)
 
     def encode_prompt(self, prompt: str, system_prompt: str | None = None) -> torch.Tensor:
         """Token ids of a user prompt rendered for generation (assistant header appended)."""
@@ -358,42 +364,74 @@ class SpeechLMModel(ModelPT):
         self,
         audios: Sequence[Any],
         prompts: Sequence[str],
-        batch_size: int = 8,
+        batch_size: int = 16,
         system_prompt: str | None = None,
-        **generation_kwargs,
+        **decoding: Any,
     ) -> list[str]:
         """Answer each prompt about its audio; returns plain text.
 
         ``audios[i]`` is a file path, a mono waveform at :attr:`sampling_rate` (numpy or
         tensor), a list of those (one per locator in ``prompts[i]``), or ``None`` for a
-        text-only prompt. Generation kwargs go to Hugging Face ``generate``
-        (``max_new_tokens``, ``do_sample``, ``temperature``, ...).
+        text-only prompt. ``decoding`` options are those of :meth:`complete`.
         """
         if len(audios) != len(prompts):
             raise ValueError(f"respond() got {len(audios)} audios but {len(prompts)} prompts; pass one audio per prompt.")
+        ids, waveforms = [], []
+        for i, (audio, prompt) in enumerate(zip(audios, prompts)):
+            item_audios = _as_list(audio)
+            n_tags = prompt.count(self.audio_locator_tag)
+            if n_tags != len(item_audios):
+                raise ValueError(
+                    f"Prompt {i} has {n_tags} audio locator tags ({self.audio_locator_tag!r}) but "
+                    f"{len(item_audios)} audios were given for it: {prompt!r}"
+                )
+            ids.append(self.encode_prompt(prompt, system_prompt))
+            waveforms.append([self._load_waveform(a) for a in item_audios])
+        return self.complete(ids, waveforms, batch_size, **decoding)
+
+    @torch.no_grad()
+    def complete(
+        self,
+        prompt_ids: Sequence[torch.Tensor],
+        waveforms: Sequence[Sequence[torch.Tensor]] | None = None,
+        batch_size: int = 16,
+        max_new_tokens: int | Sequence[int] | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop_strings: Sequence[str] = (),
+    ) -> list[str]:
+        """Answers to encoded prompts (one locator per waveform of the item), in input order.
+
+        Items are batched by length (prompt tokens + audio positions), so batches carry little
+        padding, and each answer leaves its batch at its end token, a stop string (cut from the
+        text) or its cap: ``max_new_tokens`` is one cap (default: the config's) or one per item.
+        Greedy unless ``do_sample``.
+        """
+        waveforms = waveforms if waveforms is not None else [[] for _ in prompt_ids]
+        cap = max_new_tokens if max_new_tokens is not None else self.cfg.get("max_new_tokens", 128)
+        caps = [cap] * len(prompt_ids) if isinstance(cap, int) else list(cap)
+        positions_per_sample = 1 / (self.sampling_rate * self.token_equivalent_duration)
+        lengths = [len(ids) + sum(len(w) for w in wavs) * positions_per_sample for ids, wavs in zip(prompt_ids, waveforms)]
+        sample = sampler(temperature, top_p) if do_sample else None
+        answers: list[str] = [""] * len(prompt_ids)
         was_training = self.training
         self.eval()
-        answers = []
         try:
-            for start in range(0, len(prompts), batch_size):
-                ids, wavs = [], []
-                for i in range(start, min(start + batch_size, len(prompts))):
-                    item_audios = _as_list(audios[i])
-                    n_tags = prompts[i].count(self.audio_locator_tag)
-                    if n_tags != len(item_audios):
-                        raise ValueError(
-                            f"Prompt {i} has {n_tags} audio locator tags ({self.audio_locator_tag!r}) but "
-                            f"{len(item_audios)} audios were given for it: {prompts[i]!r}"
-                        )
-                    ids.append(self.encode_prompt(prompts[i], system_prompt))
-                    wavs.extend(self._load_waveform(a) for a in item_audios)
-                input_ids = left_collate_vectors(ids, padding_value=self.text_pad_id).to(self.device)
-                audio, audio_lens = _collate_waveforms(wavs, self.device)
-                out = self.generate(input_ids, audio, audio_lens, **generation_kwargs)
-                answers.extend(self.tokenizer.tokenizer.batch_decode(out, skip_special_tokens=True))
+            for batch in length_sorted_batches(lengths, batch_size):
+                input_ids = left_collate_vectors([prompt_ids[i] for i in batch], padding_value=self.text_pad_id)
+                audio, audio_lens = _collate_waveforms([w for i in batch for w in waveforms[i]], self.device)
+                embeds, _, attention_mask = self.splice_audio(
+                    {"input_ids": input_ids.to(self.device), "audios": audio, "audio_lens": audio_lens}
+                )
+                rows = decode(self.llm, embeds, attention_mask, [caps[i] for i in batch], self.end_token_ids,
+                              stop_strings, self.tokenizer.tokenizer, sample)
+                for i, row in zip(batch, rows):
+                    text = self.tokenizer.tokenizer.decode(row.tokens, skip_special_tokens=True)
+                    answers[i] = cut_at_stop(text, stop_strings).strip()
         finally:
             self.train(was_training)
-        return [a.strip() for a in answers]
+        return answers
 
     def _load_waveform(self, audio: Any) -> torch.Tensor:
         """Mono fp32 waveform from a path or an array. Audio shorter than one encoder frame is refused

@@ -1,0 +1,21 @@
+"""The throughput benchmarks run end to end in tiny mode (their numbers are printed, never asserted)."""
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def run_benchmark(script: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=900, cwd=REPO)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+
+
+def test_generation_benchmark_tiny_batched_answers_equal_one_at_a_time():
+    result = run_benchmark("generation_throughput.py", "--tiny", "--items", "6", "--batch-size", "3", "--threads", "1")
+    for part in ("speech", "text"):
+        assert result[part]["identical_answers"] == 6
+        assert result[part]["batch_1"]["tokens"] == result[part]["batch_3"]["tokens"] > 0
+        assert result[part]["speedup"] > 0
