@@ -30,6 +30,18 @@ def test_allow_list_has_our_prefix():
     assert adapter(torch.randn(2, 4, 7), torch.tensor([7, 5]))[0].shape == (2, 8, 2)
 
 
+def test_adapter_output_ignores_what_lies_in_the_padding():
+    """speechlm2's perception hands the encoder's padded outputs to the adapter; a clip's last stacked
+    position must not see them (otherwise its output depends on the batch it is in)."""
+    adapter = safe_instantiate({"_target_": "nemo_speechlm.modules.adapters.FrameStackingAdapter", "input_dim": 4,
+                                "output_dim": 8, "stack": 2, "hidden_dim": 16}).eval()
+    clip = torch.randn(1, 4, 5)
+    alone, _ = adapter(clip, torch.tensor([5]))
+    padded, lens = adapter(torch.cat([clip, torch.randn(1, 4, 3)], dim=2), torch.tensor([5]))
+    assert int(lens) == 3
+    torch.testing.assert_close(padded[..., :3], alone)
+
+
 def test_only_adapter_trainable_with_frozen_llm(model):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("perception.") for n in trainable)

@@ -78,6 +78,10 @@ class FrameStackingAdapter(nn.Module):
             audio_signal = self.spec_augment(input_spec=audio_signal, length=length)
         x = audio_signal.transpose(1, 2)  # (B, T, C)
         b, t, c = x.shape
+        # A clip's last stacked position takes padding frames: zero them, whatever the encoder left there
+        # (speechlm2's perception passes the encoder's padded outputs on), so a clip's output does not
+        # depend on the batch it is in.
+        x = x * (torch.arange(t, device=x.device)[None, :] < length[:, None]).unsqueeze(-1).to(x.dtype)
         pad = (-t) % self.stack
         if pad:
             x = torch.nn.functional.pad(x, (0, 0, 0, pad))
