@@ -34,6 +34,11 @@ from nemo_speechlm.tiny_assets import make_tiny_llm, make_wav_manifest
 CONF_DIR = nemo_speechlm.CONF_DIR
 Batch = dict
 LossFn = Callable[[Batch], torch.Tensor]
+MAX_DRAWS_PER_BATCH = 20
+LOSS_TOLERANCE = 1e-4  # same weights, same inputs: the two losses must agree this closely before any timing
+SPAN_REASON = ("SALM encodes each audio locator's audio on its own, while ours encodes an utterance once and slices "
+               "the encoder output for each interleaved speech span, so a span cut from an utterance sees different "
+               "encoder context in the two models.")
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,17 +80,29 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
 
 
 def machine_info(device: torch.device) -> dict:
-    """CPU model, usable cores, torch version, GPU name."""
+    """CPU model, usable cores, torch's threads, torch version, GPU name."""
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__, "gpu": gpu}
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "gpu": gpu}
 
 
-def fetch_batches(cfg: DictConfig, model: SpeechLMModel, n: int, feature_cache=None) -> list[Batch]:
-    """``n`` training batches on the host, tensors only."""
+def fetch_batches(
+    cfg: DictConfig, model: SpeechLMModel, n: int, feature_cache=None, keep: Callable[[Batch], bool] | None = None
+) -> tuple[list[Batch], int]:
+    """``n`` training batches on the host, tensors only, and how many were skipped: with ``keep``,
+    only batches it accepts (drawing at most ``MAX_DRAWS_PER_BATCH`` per kept one)."""
     loader = iter(build_datamodule(cfg.data, model, feature_cache).train_dataloader())
-    return [{k: v for k, v in next(loader).items() if torch.is_tensor(v)} for _ in range(n)]
+    batches, skipped = [], 0
+    while len(batches) < n:
+        batch = {k: v for k, v in next(loader).items() if torch.is_tensor(v)}
+        if keep is None or keep(batch):
+            batches.append(batch)
+        elif (skipped := skipped + 1) > MAX_DRAWS_PER_BATCH * n:
+            raise RuntimeError(f"Only {len(batches)} of {skipped + len(batches)} batches can be compared with SALM: "
+                               f"{SPAN_REASON} Turn interleaving off (interleave.prob=0 in the data config).")
+    return batches, skipped
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -195,48 +212,88 @@ def build_salm(model: SpeechLMModel) -> tuple[SALM, list[str]]:
     if salm.audio_locator_tag_id != model.audio_locator_tag_id:
         ids = f"ours {model.audio_locator_tag_id}, SALM {salm.audio_locator_tag_id}"
         notes.append(f"audio locator id: {ids} (remapped)")
-    if salm.text_pad_id != model.text_pad_id:
-        token = salm.tokenizer.ids_to_tokens([salm.text_pad_id])[0]
-        notes.append(f"pad id: ours {model.text_pad_id} (dedicated), SALM {salm.text_pad_id} {token!r} (remapped)")
     return salm, notes
 
 
+def whole_utterances_only(batch: Batch) -> bool:
+    """Whether every audio locator of ``batch`` stands for a whole utterance (no interleaved speech span)."""
+    segments = batch.get("audio_segments")
+    return segments is None or bool(((segments[:, 1] == 0) & torch.isinf(segments[:, 2])).all())
+
+
 def to_salm_batch(batch: Batch, model: SpeechLMModel, salm: SALM) -> Batch:
-    """Our batch with our pad/locator ids replaced by SALM's."""
+    """Our batch as SALM takes it: SALM's pad and locator ids, and one audio per locator (ours stores each
+    distinct utterance once and points locators at it through ``audio_segments``)."""
     ids = batch["input_ids"]
     new = ids.masked_fill(ids == model.text_pad_id, salm.text_pad_id)
-    return {**batch, "input_ids": new.masked_fill(ids == model.audio_locator_tag_id, salm.audio_locator_tag_id)}
+    rows = batch["audio_segments"][:, 0].long()
+    return {
+        "input_ids": new.masked_fill(ids == model.audio_locator_tag_id, salm.audio_locator_tag_id),
+        "loss_mask": batch["loss_mask"],
+        "audios": batch["audios"][rows],
+        "audio_lens": batch["audio_lens"][rows],
+    }
 
 
-def run_salm(model: SpeechLMModel, ours: dict, batches: list[Batch], warmup: int, bf16: bool) -> dict:
-    """Build SALM from our current weights, check both losses agree, move ours off the device, time SALM."""
+def use_unused_pad_id(salm: SALM, batches: list[Batch]) -> str:
+    """Give SALM a pad token that no batch contains, and say why.
+
+    speechlm2 treats every token equal to its pad id as padding (no attention, no loss). Its
+    default pad is the tokenizer's, which for many chat LLMs is a real token (SmolLM2: the
+    end-of-turn token), so SALM would train on different inputs than ours (which adds a
+    dedicated pad token outside the LLM's table; SALM embeds pad ids, so its pad must be inside).
+    """
+    default = salm.text_pad_id
+    used = set(torch.cat([b["input_ids"].flatten() for b in batches]).tolist())
+    free = max(i for i in range(salm.embed_tokens.num_embeddings) if i not in used)
+    token = salm.tokenizer.ids_to_tokens([free])[0]
+    salm.tokenizer.add_special_tokens({"pad_token": token})
+    clashes = sum(int((b["input_ids"] == default).sum()) for b in batches)
+    return (f"pad: SALM's default {default} {salm.tokenizer.ids_to_tokens([default])[0]!r} occurs {clashes} times as "
+            f"text in these batches (SALM would drop it from attention and loss); SALM pads with unused {free} {token!r}")
+
+
+def run_salm(model: SpeechLMModel, ours: dict, batches: list[Batch], warmup: int, bf16: bool, skipped: int) -> dict:
+    """Build SALM from our current weights, check both losses agree on the same inputs, move ours off the
+    device, time SALM on the batches ours was timed on."""
     device = next(model.parameters()).device
     salm, notes = build_salm(model)
+    notes.append(use_unused_pad_id(salm, batches))
+    if skipped:
+        notes.append(f"{skipped} batches with interleaved speech spans were left out of both runs: {SPAN_REASON}")
     salm_batches = [to_salm_batch(b, model, salm) for b in batches]
-    clashes = sum(int(((b["input_ids"] == salm.text_pad_id) & (b["input_ids"] != model.text_pad_id)).sum())
-                  for b in batches)
-    if clashes:
-        notes.append(f"{clashes} text tokens equal SALM's pad id: SALM drops them from attention and loss")
     salm = salm.to(device)
     salm_optimizer = _optimizer(salm.configure_optimizers())  # applies SALM's freezing
     trainable = sum(p.numel() for p in salm.parameters() if p.requires_grad)
     notes.append(f"trainable parameters: ours {model.parameter_counts()['trainable']:,}, SALM {trainable:,}")
-    with torch.no_grad():  # eval mode: no dropout, so equal weights must give equal losses
-        ours_loss = float(speechlm_loss(model.eval(), to_device(batches[0], device)))
-        their_loss = float(salm_loss(salm.eval(), to_device(salm_batches[0], device)))
-    notes.append(f"same-weights loss on batch 0 (eval mode): ours {ours_loss:.5f}, SALM {their_loss:.5f}")
-    model.cpu()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    else:
+    losses = same_weights_losses(model, salm, batches, salm_batches, device)
+    notes.append("same-weights losses (eval mode), ours vs SALM: "
+                 + ", ".join(f"batch {i} {a:.6f} vs {b:.6f}" for i, (a, b) in enumerate(losses)))
+    if device.type == "cpu":
         notes.append("CPU peak memory is the process's peak RSS, so SALM's includes our run")
     print("-" * 72 + "\nnemo.collections.speechlm2.SALM on the same batches\n" + "-" * 72)
     print("\n".join(f"  - {note}" for note in notes))
+    worst = max(abs(a - b) for a, b in losses)
+    if worst > LOSS_TOLERANCE:
+        raise RuntimeError(f"Same weights, same batches, but the losses differ by {worst:.2e} (> {LOSS_TOLERANCE}): "
+                           "the two models do not see the same inputs, so timing them would not compare like for like.")
+    model.cpu()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     theirs = benchmark(salm, partial(salm_loss, salm), salm_optimizer, salm_batches, warmup, bf16)
     _print_results("SALM", theirs)
     ratio = {k: ours[k] / theirs[k] for k in ("steps_per_s", "llm_tokens_per_s", "audio_seconds_per_s")}
     print("ours / SALM: " + ", ".join(f"{k} x{v:.3f}" for k, v in ratio.items()))
-    return {"salm": theirs, "salm_notes": notes, "ours_over_salm": ratio}
+    return {"salm": theirs, "salm_notes": notes, "same_weights_losses": losses, "ours_over_salm": ratio}
+
+
+@torch.no_grad()
+def same_weights_losses(model: SpeechLMModel, salm: SALM, ours: list[Batch], theirs: list[Batch], device,
+                        n: int = 3) -> list[tuple[float, float]]:
+    """Both losses on the first ``n`` batches in eval mode (no dropout): equal weights and inputs give equal losses."""
+    model.eval(), salm.eval()
+    return [(float(speechlm_loss(model, to_device(a, device))), float(salm_loss(salm, to_device(b, device))))
+            for a, b in zip(ours[:n], theirs[:n])]
 
 
 def run_cached(cfg: DictConfig, model: SpeechLMModel, ours: dict, batches: list[Batch], args, tmp: str) -> dict:
@@ -246,7 +303,7 @@ def run_cached(cfg: DictConfig, model: SpeechLMModel, ours: dict, batches: list[
     start = time.perf_counter()
     cache = prepare_feature_cache(OmegaConf.create({"dir": f"{tmp}/features"}), model, cfg.data)
     fill_seconds = time.perf_counter() - start
-    cached = fetch_batches(cfg, model, len(batches), cache)
+    cached, _ = fetch_batches(cfg, model, len(batches), cache, whole_utterances_only if args.vs_salm else None)
     if any(not torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, cached)):
         raise RuntimeError("The cached run drew different batches; the comparison would not be like for like.")
     device = next(model.parameters()).device
@@ -289,7 +346,9 @@ def main() -> None:
         OmegaConf.resolve(cfg.data)
         torch.manual_seed(cfg.get("seed", 0))
         model = SpeechLMModel(cfg.model).to(device)
-        batches = fetch_batches(cfg, model, args.warmup + args.steps)
+        # SALM can only be given the same inputs on batches without interleaved speech spans.
+        batches, skipped = fetch_batches(cfg, model, args.warmup + args.steps,
+                                         keep=whole_utterances_only if args.vs_salm else None)
         bf16 = str(cfg.trainer.get("precision", 32)).startswith("bf16")
         header = {
             "overrides": overrides,
@@ -315,7 +374,7 @@ def main() -> None:
         if args.cache:
             result.update(run_cached(cfg, model, ours, batches, args, tmp))
         if args.vs_salm:
-            result.update(run_salm(model, ours, batches, args.warmup, bf16))
+            result.update(run_salm(model, ours, batches, args.warmup, bf16, skipped))
         print("RESULT " + json.dumps(result, default=str))
 
 

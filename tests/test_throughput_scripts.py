@@ -19,3 +19,12 @@ def test_generation_benchmark_tiny_batched_answers_equal_one_at_a_time():
         assert result[part]["identical_answers"] == 6
         assert result[part]["batch_1"]["tokens"] == result[part]["batch_3"]["tokens"] > 0
         assert result[part]["speedup"] > 0
+
+
+def test_salm_comparison_tiny_sees_the_same_inputs():
+    """The harness refuses to time unless SALM's same-weights losses equal ours (1e-4), so a run that
+    finishes compared like for like."""
+    result = run_benchmark("train_throughput.py", "--tiny", "--steps", "2", "--warmup", "1", "--vs-salm")
+    assert all(abs(ours - salm) <= 1e-4 for ours, salm in result["same_weights_losses"])
+    assert result["salm"]["padding_share"] == result["ours"]["padding_share"]
+    assert result["ours_over_salm"]["steps_per_s"] > 0
