@@ -8,9 +8,10 @@ same held-out speech every ``--eval-every`` steps (greedy decoding through the L
         [--eval-every 50] [--options baseline,rms,default] [hydra overrides of nemo_speechlm/conf/mtbi.yaml ...]
 
 Options (add your own to OPTIONS):
-  baseline  the MTBI connector before this benchmark: stack 4 + MLP, output unconstrained, no pre-alignment
+  baseline  the first MTBI connector: stack 4 + MLP, output unconstrained, no pre-alignment
   rms       + RMSNorm on the output, initialised to the LLM's embedding RMS (Ultravox)
-  default   + depthwise context (kernel 5) + CTC pre-alignment onto the LLM's embeddings (today's mtbi.yaml)
+  mlp_ctc   + 600 CTC pre-alignment steps onto the LLM's embeddings (the MLP connector's best setting)
+  default   today's mtbi.yaml: + bidirectional GRU, SpecAugment, 2000 CTC steps and the CTC read-out
 
 The corpus is the demo's (the shipped request grammar spoken by espeak-ng; reused from ``--out``), or
 ``--manifest``/``--heldout-manifest``. Writes ``results.json``, ``results.md`` and ``curves.png``.
@@ -40,27 +41,25 @@ from nemo_speechlm.recipe import pre_align_connector
 
 REPEAT_PROMPT = "Repeat exactly what is said: <|audio|>"
 BASELINE = ["model.perception.modality_adapter.output_rms=null", "model.perception.modality_adapter.context_kernel=1",
-            "connector_pretraining.steps=0"]
+            "connector_pretraining.steps=0", "model.perception.modality_adapter.rnn_layers=0",
+            "model.perception.modality_adapter.spec_augment=null", "model.ctc_readout=false"]
 OPTIONS = {
     "baseline": BASELINE,
     "rms": ["model.perception.modality_adapter.output_rms=auto", *BASELINE[1:]],
+    "mlp_ctc": ["model.perception.modality_adapter.output_rms=auto", "connector_pretraining.steps=600",
+                "connector_pretraining.lr=2e-3", *BASELINE[3:]],
     "default": [],
 }
 
 
 def corpus(out: Path, utterances: int, heldout: int) -> tuple[Path, Path]:
     from nemo_speechlm.tts import EspeakTTS, speakers
-    from nemo_speechlm.tts.corpus import synthesize_split
+    from nemo_speechlm.tts.corpus import DEMO_RATES, DEMO_UNSEEN_VOICE, DEMO_VOICES, synthesize_split
     from nemo_speechlm.tts.grammar import RequestGrammar
 
-    sys_path = Path(__file__).resolve().parents[1] / "examples"
-    import sys
-
-    sys.path.insert(0, str(sys_path))
-    from demo import RATES, UNSEEN_VOICE, VOICES  # the demo's voices, so the numbers compare
-
-    split = RequestGrammar.load().split(utterances, heldout)
-    paths = synthesize_split(split.train, split.heldout, out / "corpus", speakers(VOICES, RATES), EspeakTTS(*UNSEEN_VOICE))
+    split = RequestGrammar.load().split(utterances, heldout)  # the demo's corpus, so the numbers compare
+    paths = synthesize_split(split.train, split.heldout, out / "corpus", speakers(DEMO_VOICES, DEMO_RATES),
+                             EspeakTTS(*DEMO_UNSEEN_VOICE))
     return paths["train"], paths["heldout"]
 
 
@@ -165,7 +164,7 @@ def main() -> None:
                    "demo_out/features reuses the demo's)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--options", default=",".join(OPTIONS))
+    p.add_argument("--options", default=",".join(OPTIONS), help=f"comma-separated, of {', '.join(OPTIONS)}")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args()
     args.out.mkdir(parents=True, exist_ok=True)

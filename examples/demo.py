@@ -54,7 +54,7 @@ from nemo_speechlm.parts.llm import resolve_llm_source
 from nemo_speechlm.recipe import train
 from nemo_speechlm.evaluation.listening import listening_diagnostics, listening_table
 from nemo_speechlm.tts import EspeakTTS, load_sentences, speakers, synthesize_corpus
-from nemo_speechlm.tts.corpus import synthesize_split
+from nemo_speechlm.tts.corpus import DEMO_RATES, DEMO_UNSEEN_VOICE, DEMO_VOICES, synthesize_split
 from nemo_speechlm.tts.grammar import RequestGrammar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,9 +62,6 @@ LOCATOR = "<|audio|>"
 # Training voices: the espeak-ng voices and rates Whisper tiny.en understands best (measured with its own
 # decoder on the shipped sentences: en-us@150 11%, en-gb@120 12%, en-us+m3 / en-us+f3@120 16% WER; the
 # en-gb-scotland and en-029 voices 29-50%). The held-out voice is a variant training never hears.
-VOICES = ("en-us", "en-gb", "en-us+m3", "en-us+f3")
-RATES = (130, 150, 170)
-UNSEEN_VOICE = ("en-us+m1", 150)
 HELDOUT_SETS = ("heldout", "heldout_unseen_voice")
 
 
@@ -74,7 +71,7 @@ def stage(title: str) -> None:
 
 def make_corpus(out: Path, utterances: int, heldout: int, open_vocabulary: bool) -> dict[str, Path]:
     """Manifests ``{"train", "heldout"[, "heldout_unseen_voice"]}`` of synthesized speech."""
-    voices = speakers(VOICES, RATES)
+    voices = speakers(DEMO_VOICES, DEMO_RATES)
     if open_vocabulary:
         stage("1/6 speech corpus: the shipped open-vocabulary sentences, espeak-ng")
         sentences = load_sentences()[:utterances]
@@ -86,9 +83,9 @@ def make_corpus(out: Path, utterances: int, heldout: int, open_vocabulary: bool)
         split = grammar.split(utterances, heldout)
         print(f"grammar: {len(grammar.intents)} intents, {len(grammar.vocabulary())} words, {grammar.size():,} possible sentences")
         print(split.coverage_line())
-        manifests = synthesize_split(split.train, split.heldout, out / "corpus", voices, EspeakTTS(*UNSEEN_VOICE))
-        print(f"training voices: {len(voices)} ({', '.join(VOICES)} x rates {RATES}); "
-              f"held-out voice: {UNSEEN_VOICE[0]}@{UNSEEN_VOICE[1]}")
+        manifests = synthesize_split(split.train, split.heldout, out / "corpus", voices, EspeakTTS(*DEMO_UNSEEN_VOICE))
+        print(f"training voices: {len(voices)} ({', '.join(DEMO_VOICES)} x rates {DEMO_RATES}); "
+              f"held-out voice: {DEMO_UNSEEN_VOICE[0]}@{DEMO_UNSEEN_VOICE[1]}")
     for name, path in manifests.items():
         print(f"{name}: {path}")
     return manifests
@@ -191,7 +188,9 @@ def train_model(out: Path, cfg: DictConfig) -> tuple[Path, Path]:
         shutil.rmtree(stale, ignore_errors=True)
     if not untrained.is_file():
         torch.manual_seed(cfg.seed)
-        MTBIModel(cfg.model.copy()).save_trainable_to(str(untrained))  # same init, never trained: the baseline
+        baseline = cfg.model.copy()
+        baseline.ctc_readout = False  # a never-trained connector has no CTC vocabulary to read out
+        MTBIModel(baseline).save_trainable_to(str(untrained))  # same init, never trained: the baseline
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fingerprint)
     train(cfg, MTBIModel)

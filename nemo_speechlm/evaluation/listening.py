@@ -10,7 +10,9 @@ Every condition asks the same "repeat" prompt and scores WER against the utteran
 * ``shuffled_audio`` — another held-out utterance's speech: scored against the transcript of the
   utterance *played* (``wer_vs_played``) and of the one it replaced (``wer``);
 * ``training_subset`` — the same speech condition on training utterances: far below the held-out
-  WER means memorising rather than generalising.
+  WER means memorising rather than generalising;
+* ``connector_ctc`` (models with ``model.ctc_readout``) — the connector alone, greedy CTC decoding of
+  the held-out speech, no LLM: what reaches the LLM, so ``speech`` minus this is what the LLM adds or loses.
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.errors import InputError
 from nemo_speechlm.evaluation.metrics import word_error_rate
 from nemo_speechlm.inference import load_entry_audio
+from nemo_speechlm.parts.connector_ctc import connector_transcripts
 
 __all__ = ["CONDITIONS", "listening_diagnostics", "listening_table"]
 
-CONDITIONS = ("text_oracle", "speech", "zero_audio", "shuffled_audio", "training_subset")
+CONDITIONS = ("text_oracle", "speech", "zero_audio", "shuffled_audio", "training_subset", "connector_ctc")
 
 
 def _entries(manifest: str | Path, limit: int | None) -> list:
@@ -78,6 +81,9 @@ def listening_diagnostics(
         train = _entries(train_manifest, len(held))
         answers = answer([load_entry_audio(e, rate) for e in train], [prompt] * len(train))
         results["training_subset"] = scored([e["text"] for e in train], answers)
+    readout = getattr(model, "ctc_readout", None)
+    if readout is not None and readout.ready:
+        results["connector_ctc"] = scored(texts, connector_transcripts(model, speech, batch_size=batch_size))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +98,7 @@ _MEANING = {
     "zero_audio": "silence instead of speech (high = the model listens)",
     "shuffled_audio": "another utterance's speech",
     "training_subset": "training speech (far below held-out = memorising)",
+    "connector_ctc": "the connector alone, greedy CTC, no LLM (what reaches the LLM)",
 }
 
 

@@ -50,6 +50,12 @@ class CTCReadout(nn.Module):
         """CTC logits ``(positions, 1 + V)`` of one utterance's connector outputs; class 0 is blank."""
         return outputs @ self.classes(embeddings).T
 
+    def greedy_token_ids(self, outputs: torch.Tensor, embeddings: torch.Tensor) -> list[int]:
+        """Greedy CTC decoding of one utterance: LLM token ids (best class per position, runs merged, blanks dropped)."""
+        best = self.logits(outputs, embeddings).argmax(-1).tolist()
+        ids = self.token_ids.tolist()
+        return [ids[c - 1] for i, c in enumerate(best) if c != 0 and (i == 0 or c != best[i - 1])]
+
     def forward(self, outputs: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """One utterance's connector outputs ``(positions, hidden)`` -> ``(segments, hidden)`` LLM inputs."""
         posteriors = self.logits(outputs, embeddings).float().softmax(-1)

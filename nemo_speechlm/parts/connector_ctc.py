@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from nemo.utils import logging
 
-__all__ = ["transcript_vocabulary", "transcript_targets", "connector_ctc_loss", "pretrain_connector_ctc"]
+__all__ = ["transcript_vocabulary", "transcript_targets", "connector_ctc_loss", "pretrain_connector_ctc",
+           "connector_transcripts"]
 
 
 def transcript_vocabulary(tokenizer, texts: Sequence[str]) -> dict[int, int]:
@@ -114,6 +115,24 @@ def pretrain_connector_ctc(
               "vocabulary": len(vocabulary)}
     logging.info(f"Connector pre-alignment: {result}")
     return result
+
+
+@torch.no_grad()
+def connector_transcripts(model, audios: Sequence, batch_size: int = 16) -> list[str]:
+    """What the connector alone hears: greedy CTC decoding of its outputs through the model's read-out,
+    no LLM (waveforms at ``model.sampling_rate``). Needs ``model.ctc_readout`` with a vocabulary."""
+    readout = getattr(model, "ctc_readout", None)
+    if readout is None or not readout.ready:
+        raise ValueError("connector_transcripts needs a model trained with model.ctc_readout and connector pre-alignment")
+    tokenizer, embeddings = model.tokenizer.tokenizer, model.embed_tokens.weight
+    texts = []
+    for start in range(0, len(audios), batch_size):
+        wavs = [torch.as_tensor(a, dtype=torch.float32) for a in audios[start : start + batch_size]]
+        lens = torch.tensor([len(w) for w in wavs], device=model.device)
+        features = model.encode_speech(torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True).to(model.device), lens)
+        for outputs in model.adapt(features, readout=False):
+            texts.append(tokenizer.decode(readout.greedy_token_ids(outputs, embeddings)).strip())
+    return texts
 
 
 @torch.no_grad()

@@ -28,6 +28,12 @@ __all__ = ["load_sentences", "split_heldout", "synthesize_corpus", "synthesize_s
 
 log = logging.getLogger(__name__)
 
+# The demo's voices (espeak-ng voice, words per minute): training speakers and the one training never hears.
+# Here rather than in the demo so benchmarks build the same corpus and their numbers compare.
+DEMO_VOICES = ("en-us", "en-gb", "en-us+m3", "en-us+f3")
+DEMO_RATES = (130, 150, 170)
+DEMO_UNSEEN_VOICE = ("en-us+m1", 150)
+
 TRAIN_MANIFEST = "train_manifest.json"
 HELDOUT_MANIFEST = "heldout_manifest.json"
 
