@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nemo_speechlm.generation.decoding import _shared_prefix_length, cut_at_stop, decode, length_sorted_batches
+from nemo_speechlm.generation.decoding import _shared_prefix_length, cut_at_stop, decode, length_sorted_batches, sampler
 from nemo_speechlm.models import SpeechLMModel
 from tests.conftest import model_config
 
@@ -74,6 +74,18 @@ def test_rows_leave_at_their_cap_end_token_or_stop_string(llm):
     stopped = decode(model, ids, mask, 10, end_ids=[], stop_strings=[stop], tokenizer=tokenizer)[2]
     assert stopped.finished and stopped.tokens == reference[2][:6]
     assert cut_at_stop(tokenizer.decode(stopped.tokens), [stop]) == tokenizer.decode(reference[2][:4])
+
+
+def test_sampling_is_seeded_and_near_greedy_when_cold(llm):
+    model, tokenizer = llm
+    ids, mask = left_padded(tokenizer, TEXTS)
+    greedy = decode(model, ids, mask, 6, end_ids=[])
+    assert decode(model, ids, mask, 6, end_ids=[], sample=sampler(temperature=1e-4)) == greedy
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(decode(model, ids, mask, 6, end_ids=[], sample=sampler(temperature=1.5, top_p=0.9)))
+    assert runs[0] == runs[1] != greedy
 
 
 def test_length_sorted_batches_cover_every_item_once_longest_first():
