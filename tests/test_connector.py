@@ -150,13 +150,14 @@ def test_ctc_readout_collapses_to_the_spoken_tokens_embeddings():
     sharp = lambda *vs: torch.stack([v * 50 for v in vs])  # noqa: E731 - near one-hot posteriors
     # "a a _ b b _ b _" -> a, b, b (a repeat across a blank is a new token, as in CTC)
     out = readout(sharp(a, a, blank, b, b, blank, b, blank), embeddings)
-    assert torch.allclose(out, torch.stack([a, b, b]), atol=1e-3)
+    assert torch.allclose(out[1:-1], torch.stack([a, b, b]), atol=1e-3)
+    assert torch.equal(out[0], readout.boundaries[0]) and torch.equal(out[-1], readout.boundaries[1])
     # Silence (all blank) still gives one position, so a prompt never loses its speech span.
-    assert readout(sharp(blank, blank, blank), embeddings).shape == (1, 16)
+    assert readout(sharp(blank, blank, blank), embeddings).shape == (3, 16)
     # The gated residual starts closed and opens with training.
     with torch.no_grad():
         readout.residual_gate.fill_(0.5)
-    assert torch.allclose(readout(sharp(a), embeddings), a + 0.5 * a * 50, atol=1e-3)
+    assert torch.allclose(readout(sharp(a), embeddings)[1], a + 0.5 * a * 50, atol=1e-3)
     # Another model's vocabulary size loads (the table is resized).
     other = CTCReadout(16)
     other.load_state_dict(readout.state_dict())
@@ -175,7 +176,7 @@ def test_ctc_readout_model_needs_pre_alignment_then_reads_fewer_positions(assets
     pretrain_connector_ctc(model, utterances(assets), steps=30, lr=1e-2, batch_size=8)
     assert model.ctc_readout.ready and "ctc_readout.token_ids" in model.state_dict()
     raw, read = model.adapt(features, readout=False)[0], model.adapt(features)[0]
-    assert raw.shape[0] == 15 and 1 <= read.shape[0] <= raw.shape[0]
+    assert raw.shape[0] == 15 and 3 <= read.shape[0] <= raw.shape[0] + 2
     # What the connector alone hears: one greedy CTC transcript per clip, made of training-transcript tokens.
     lines = [json.loads(line) for line in assets["manifest"].read_text().splitlines()][:2]
     audio = [load_entry_audio({**e, "audio_filepath": str(assets["manifest"].parent / e["audio_filepath"])}, model.sampling_rate)
@@ -183,4 +184,6 @@ def test_ctc_readout_model_needs_pre_alignment_then_reads_fewer_positions(assets
     heard = connector_transcripts(model, audio)
     ids = model.ctc_readout.greedy_token_ids(raw, model.embed_tokens.weight)
     assert len(heard) == 2 and all(isinstance(t, str) for t in heard)
-    assert set(ids) <= set(model.ctc_readout.token_ids.tolist()) and len(ids) in (read.shape[0], 0)  # 0: all blank
+    assert set(ids) <= set(model.ctc_readout.token_ids.tolist()) and len(ids) in (read.shape[0] - 2, 0)  # 0: all blank
+    quote = model.tokenizer.tokenizer(' "', add_special_tokens=False).input_ids[-1]
+    assert torch.equal(read[0], model.embed_tokens.weight[quote])  # the boundaries start as quotation marks

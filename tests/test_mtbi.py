@@ -278,7 +278,7 @@ def test_mtbi_script_trains_from_cached_features_and_exports(assets, whisper_dir
         "encoder=whisper", f"model.perception.encoder.pretrained_model={whisper_dir}", "model.perception.encoder.d_model=32",
         "model.perception.encoder.pad_to_window=false",
         "llm=hf", f"model.pretrained_llm={assets['llm']}", "model.perception.modality_adapter.hidden_dim=64",
-        "model.mtbi.kl_weight=0.5", "model.lr_scheduler.warmup_steps=1",
+        "model.mtbi.kl_weight=0.5", "model.lr_scheduler.warmup_steps=1", "connector_pretraining.steps=20",
         f"data.train_ds.input_cfg.0.manifest_filepath={behaviors}", "data.train_ds.batch_size=4",
         f"feature_cache.dir={tmp_path / 'features'}",
         "trainer.accelerator=cpu", "trainer.max_steps=3", f"exp_manager.exp_dir={tmp_path / 'runs'}", f"output_nemo={nemo}",

@@ -13,6 +13,12 @@ A gated residual adds the connector's own output on each segment (gate initialis
 posteriors carry *which* words, the residual lets training through the LLM carry what the
 embeddings cannot (that the words were spoken, how they sound). The posteriors stay differentiable,
 so training through the LLM also refines the recognition.
+
+Read as plain text, a spoken request is a request: SmolLM2 asked to "Repeat exactly what is said:
+Set an alarm ..." sets the alarm (94% WER on the demo's held-out sentences); with the words in
+quotes it repeats far more often (77%, and 19% for another phrasing). So the segments are bracketed
+by two learned vectors initialised to the LLM's quotation marks, which training then tunes into
+"these are the words that were spoken".
 """
 from __future__ import annotations
 
@@ -33,14 +39,19 @@ class CTCReadout(nn.Module):
         super().__init__()
         self.blank = nn.Parameter(torch.zeros(1, hidden_size))
         self.residual_gate = nn.Parameter(torch.zeros(()))
+        self.boundaries = nn.Parameter(torch.zeros(2, hidden_size))  # before and after the segments
         self.register_buffer("token_ids", torch.zeros(0, dtype=torch.long))
 
     @property
     def ready(self) -> bool:
         return self.token_ids.numel() > 0
 
-    def set_vocabulary(self, token_ids: list[int]) -> None:
+    def set_vocabulary(self, token_ids: list[int], boundaries: torch.Tensor | None = None) -> None:
+        """Fill the class table (and start the boundary vectors at ``boundaries``, e.g. the LLM's quotation marks)."""
         self.token_ids = torch.tensor(token_ids, dtype=torch.long, device=self.blank.device)
+        if boundaries is not None:
+            with torch.no_grad():
+                self.boundaries.copy_(boundaries)
 
     def classes(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``(1 + V, hidden)``: the blank, then the LLM input embedding of each class's token."""
@@ -57,7 +68,7 @@ class CTCReadout(nn.Module):
         return [ids[c - 1] for i, c in enumerate(best) if c != 0 and (i == 0 or c != best[i - 1])]
 
     def forward(self, outputs: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        """One utterance's connector outputs ``(positions, hidden)`` -> ``(segments, hidden)`` LLM inputs."""
+        """One utterance's connector outputs ``(positions, hidden)`` -> ``(segments + 2, hidden)`` LLM inputs."""
         posteriors = self.logits(outputs, embeddings).float().softmax(-1)
         best = posteriors.argmax(-1)
         keep = best != 0
@@ -78,7 +89,8 @@ class CTCReadout(nn.Module):
         mean_outputs = torch.zeros(n, outputs.shape[1], device=outputs.device, dtype=torch.float).index_add_(
             0, segment, outputs[positions].float()) / counts[:, None]
         text_like = mean_words @ embeddings[self.token_ids].float()
-        return (text_like + self.residual_gate * mean_outputs).to(outputs.dtype)
+        segments = text_like + self.residual_gate * mean_outputs
+        return torch.cat([self.boundaries[:1].float(), segments, self.boundaries[1:].float()]).to(outputs.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + "token_ids")

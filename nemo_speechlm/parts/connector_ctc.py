@@ -80,7 +80,8 @@ def pretrain_connector_ctc(
     embeddings = model.embed_tokens.weight.detach()
     readout = getattr(model, "ctc_readout", None)
     if readout is not None:
-        readout.set_vocabulary(list(vocabulary))
+        quotes = [tokenizer(mark, add_special_tokens=False).input_ids[-1] for mark in (' "', '"')]
+        readout.set_vocabulary(list(vocabulary), boundaries=embeddings[quotes])
         blank = readout.blank
     else:
         blank = torch.nn.Parameter(torch.zeros(1, embeddings.shape[1], device=embeddings.device))
