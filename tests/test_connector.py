@@ -152,6 +152,7 @@ def test_ctc_readout_collapses_to_the_spoken_tokens_embeddings():
     out = readout(sharp(a, a, blank, b, b, blank, b, blank), embeddings)
     assert torch.allclose(out[1:-1], torch.stack([a, b, b]), atol=1e-3)
     assert torch.equal(out[0], readout.boundaries[0]) and torch.equal(out[-1], readout.boundaries[1])
+    assert readout.greedy_token_ids(sharp(a, a, blank, b, b, blank, b, blank), embeddings) == [3, 7, 7]
     # Silence (all blank) still gives one position, so a prompt never loses its speech span.
     assert readout(sharp(blank, blank, blank), embeddings).shape == (3, 16)
     # The gated residual starts closed and opens with training.

@@ -63,9 +63,9 @@ class CTCReadout(nn.Module):
 
     def greedy_token_ids(self, outputs: torch.Tensor, embeddings: torch.Tensor) -> list[int]:
         """Greedy CTC decoding of one utterance: LLM token ids (best class per position, runs merged, blanks dropped)."""
-        best = self.logits(outputs, embeddings).argmax(-1).tolist()
-        ids = self.token_ids.tolist()
-        return [ids[c - 1] for i, c in enumerate(best) if c != 0 and (i == 0 or c != best[i - 1])]
+        best = self.logits(outputs, embeddings).argmax(-1)
+        positions = (best != 0).nonzero().squeeze(1)
+        return self.token_ids[best[positions[_segment_starts(best, positions)]] - 1].tolist()
 
     def forward(self, outputs: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """One utterance's connector outputs ``(positions, hidden)`` -> ``(segments + 2, hidden)`` LLM inputs."""
@@ -76,11 +76,7 @@ class CTCReadout(nn.Module):
             keep[posteriors[:, 0].argmin()] = True
             best = torch.where(keep, posteriors[:, 1:].argmax(-1) + 1, best)
         positions = keep.nonzero().squeeze(1)
-        # A new segment starts at every kept position whose token differs from the previous kept
-        # position's, or that follows a blank (CTC: "a a" across a blank is two tokens).
-        starts = torch.ones_like(positions, dtype=torch.bool)
-        starts[1:] = (best[positions[1:]] != best[positions[:-1]]) | (positions[1:] != positions[:-1] + 1)
-        segment = starts.cumsum(0) - 1
+        segment = _segment_starts(best, positions).cumsum(0) - 1
         n = int(segment[-1]) + 1
         counts = torch.zeros(n, device=outputs.device).index_add_(0, segment, torch.ones_like(segment, dtype=torch.float))
         words = posteriors[positions, 1:]
@@ -97,3 +93,11 @@ class CTCReadout(nn.Module):
         if saved is not None:
             self.token_ids = torch.zeros_like(saved, device=self.token_ids.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _segment_starts(best: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """CTC collapse over the kept (non-blank) ``positions``: True where a new token starts, i.e. the
+    best class differs from the previous kept position's or a blank lies between ("a _ a" is two tokens)."""
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[1:] = (best[positions[1:]] != best[positions[:-1]]) | (positions[1:] != positions[:-1] + 1)
+    return starts

@@ -128,9 +128,7 @@ def connector_transcripts(model, audios: Sequence, batch_size: int = 16) -> list
     tokenizer, embeddings = model.tokenizer.tokenizer, model.embed_tokens.weight
     texts = []
     for start in range(0, len(audios), batch_size):
-        wavs = [torch.as_tensor(a, dtype=torch.float32) for a in audios[start : start + batch_size]]
-        lens = torch.tensor([len(w) for w in wavs], device=model.device)
-        features = model.encode_speech(torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True).to(model.device), lens)
+        features = _encode_waveforms(model, [torch.as_tensor(a, dtype=torch.float32) for a in audios[start : start + batch_size]])
         for outputs in model.adapt(features, readout=False):
             texts.append(tokenizer.decode(readout.greedy_token_ids(outputs, embeddings)).strip())
     return texts
@@ -141,9 +139,13 @@ def _encoder_features(model, cuts: list[Cut], feature_cache) -> list[torch.Tenso
     if feature_cache is not None:
         return [feature_cache.load(c).to(model.device) for c in cuts]
     wavs = [torch.as_tensor(c.resample(model.sampling_rate).load_audio().mean(axis=0), dtype=torch.float32) for c in cuts]
+    return [f.detach() for f in _encode_waveforms(model, wavs)]
+
+
+def _encode_waveforms(model, wavs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Encoder outputs of mono waveforms at ``model.sampling_rate``, batched together."""
     lens = torch.tensor([len(w) for w in wavs], device=model.device)
-    audio = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True).to(model.device)
-    return [f.detach() for f in model.encode_speech(audio, lens)]
+    return model.encode_speech(torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True).to(model.device), lens)
 
 
 def _mean(values: list[float]) -> float | None:
