@@ -14,7 +14,7 @@ Stages (each reuses what an earlier run produced and skips to what changed):
      embeddings (cheap: no LLM in the loop), then trained through the LLM on the behaviors
      (settings: nemo_speechlm/conf/mtbi.yaml)
   5. evaluation: "repeat" WER on both held-out sets, the listening diagnostics (text oracle, zero
-     and shuffled audio, training subset) and the generalization benchmark (three splits) next
+     and shuffled audio, training subset, the connector alone) and the generalization benchmark (three splits) next
      to the text upper bound, for the trained and an untrained connector
   6. export and use: the .nemo answers a spoken request in a fresh process, next to the text
      LLM's answer to the same words
