@@ -11,8 +11,8 @@ Stages (each reuses what an earlier run produced and skips to what changed):
      task catalog's training prompts (repeat uses the transcript itself)
   4. training: MTBIModel = frozen Whisper -> trained connector -> frozen SmolLM2, encoder
      features cached; the connector is first pre-aligned with CTC onto SmolLM2's own token
-     embeddings (cheap: no LLM in the loop), then trained through the LLM on the behaviors
-     (settings: nemo_speechlm/conf/mtbi.yaml)
+     embeddings (cheap: no LLM in the loop) and frozen; training through the LLM on the behaviors
+     then tunes only the CTC read-out's gate and boundary vectors (settings: nemo_speechlm/conf/mtbi.yaml)
   5. evaluation: "repeat" WER on both held-out sets, the listening diagnostics (text oracle, zero
      and shuffled audio, training subset, the connector alone) and the generalization benchmark (three splits) next
      to the text upper bound, for the trained and an untrained connector
@@ -166,8 +166,9 @@ def training_config(out: Path, steps: int, overrides: list[str]) -> DictConfig:
 
 def train_model(out: Path, cfg: DictConfig) -> tuple[Path, Path]:
     pre = cfg.get("connector_pretraining") or {}
+    trains = "only the CTC read-out's gate and boundaries train" if pre.get("freeze_connector") else "only the connector trains"
     stage(f"4/6 training: {pre.get('steps', 0)} connector pre-alignment steps, then MTBI, {cfg.trainer.max_steps} "
-          "steps (only the connector trains)")
+          f"steps ({trains})")
     nemo, untrained = Path(cfg.output_nemo), out / "untrained_connector.nemo"
     behaviors = Path(cfg.data.train_ds.input_cfg[0].manifest_filepath)
     # Retrain only when the config or the behaviors changed. An interrupted run with the same

@@ -188,3 +188,31 @@ def test_ctc_readout_model_needs_pre_alignment_then_reads_fewer_positions(assets
     assert set(ids) <= set(model.ctc_readout.token_ids.tolist()) and len(ids) in (read.shape[0] - 2, 0)  # 0: all blank
     quote = model.tokenizer.tokenizer(' "', add_special_tokens=False).input_ids[-1]
     assert torch.equal(read[0], model.embed_tokens.weight[quote])  # the boundaries start as quotation marks
+
+
+def test_freeze_connector_trains_only_the_readout_gate_and_boundaries_through_the_llm(assets, tmp_path):
+    from omegaconf import OmegaConf
+
+    from nemo_speechlm.recipe import pre_align_connector
+
+    lines = [json.loads(line) for line in assets["manifest"].read_text().splitlines()]
+    manifest = tmp_path / "train.json"
+    manifest.write_text("".join(json.dumps({**e, "audio_filepath": str(assets["manifest"].parent / e["audio_filepath"])}) + "\n"
+                                for e in lines))
+    pre = OmegaConf.create({"steps": 10, "lr": 1e-2, "batch_size": 8, "manifest_filepath": str(manifest), "freeze_connector": True})
+    cfg = model_config(assets["llm"], freeze_params=[r"^llm\..+$", r"^perception\.encoder\..+$"])  # as mtbi.yaml
+    cfg.perception.modality_adapter = adapter_cfg(output_rms="auto", rnn_layers=1, rnn_dim=16)
+    cfg.ctc_readout = True
+    expected = {"ctc_readout.residual_gate", "ctc_readout.boundaries"}
+    for resuming in (False, True):  # resuming: no pre-alignment (the checkpoint has it), the same parameters train
+        torch.manual_seed(0)
+        model = SpeechLMModel(cfg)
+        pre_align_connector(pre, model, None, None, resuming=resuming)
+        assert model.ctc_readout.ready != resuming
+        optimizer = model.configure_optimizers()  # what Lightning trains
+        optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+        trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        assert {n for n, p in model.named_parameters() if id(p) in trained} == expected
+    cfg.ctc_readout = False
+    with pytest.raises(ValueError, match="ctc_readout"):
+        pre_align_connector(pre, SpeechLMModel(cfg), None, None, resuming=False)
