@@ -9,10 +9,10 @@ Stages (each reuses what an earlier run produced and skips to what changed):
      own decoder transcribes the held-out speech (how much of the words its features carry)
   3. behaviors: SmolLM2-135M-Instruct (GGUF from PyPI) answers training transcripts under the
      task catalog's training prompts (repeat uses the transcript itself)
-  4. training: MTBIModel = frozen Whisper -> trained connector -> frozen SmolLM2, encoder
+  4. training: MTBIModel = frozen Whisper -> trained connector -> SmolLM2 with LoRA, encoder
      features cached; the connector is first pre-aligned with CTC onto SmolLM2's own token
      embeddings (cheap: no LLM in the loop) and frozen; training through the LLM on the behaviors
-     then tunes only the CTC read-out's gate and boundary vectors (settings: nemo_speechlm/conf/mtbi.yaml)
+     then tunes the CTC read-out's gate and boundary vectors and LoRA (settings: nemo_speechlm/conf/mtbi.yaml)
   5. evaluation: "repeat" WER on both held-out sets, the listening diagnostics (text oracle, zero
      and shuffled audio, training subset, the connector alone) and the generalization benchmark (three splits) next
      to the text upper bound, for the trained and an untrained connector
@@ -166,7 +166,8 @@ def training_config(out: Path, steps: int, overrides: list[str]) -> DictConfig:
 
 def train_model(out: Path, cfg: DictConfig) -> tuple[Path, Path]:
     pre = cfg.get("connector_pretraining") or {}
-    trains = "only the CTC read-out's gate and boundaries train" if pre.get("freeze_connector") else "only the connector trains"
+    trains = "the CTC read-out's gate and boundaries" if pre.get("freeze_connector") else "the connector"
+    trains = f"{trains} and LoRA train" if cfg.model.get("lora") else f"only {trains} train"
     stage(f"4/6 training: {pre.get('steps', 0)} connector pre-alignment steps, then MTBI, {cfg.trainer.max_steps} "
           f"steps ({trains})")
     nemo, untrained = Path(cfg.output_nemo), out / "untrained_connector.nemo"
@@ -228,9 +229,11 @@ def answer_spoken_request(out: Path, nemo: Path, manifests: dict[str, Path]) -> 
     code = (
         "import sys, nemo_speechlm\n"
         "from nemo_speechlm.inference import load_model\n"
+        "from nemo_speechlm.evaluation.standard import base_llm\n"
         "m = load_model(sys.argv[1])\n"
         "speech = m.respond([sys.argv[2]], [sys.argv[4]], max_new_tokens=48)[0]\n"
-        "text = m.respond([None], [sys.argv[3]], max_new_tokens=48)[0]\n"
+        "with base_llm(m):  # the LLM as it was, LoRA off\n"
+        "    text = m.respond([None], [sys.argv[3]], max_new_tokens=48)[0]\n"
         "print('speech LLM (hears the audio): ' + speech)\n"
         "print('text LLM (reads the words):   ' + text)\n"
     )
@@ -251,9 +254,9 @@ def main() -> None:
     p.add_argument("--manifest", default=None, help="a real training manifest with word alignments instead of "
                    "synthesized speech (needs --heldout-manifest)")
     p.add_argument("--heldout-manifest", default=None, help="the real held-out manifest that goes with --manifest")
-    p.add_argument("--llm-utterances", type=int, default=240,
+    p.add_argument("--llm-utterances", type=int, default=480,
                    help="training utterances that get an LLM task behavior (0 = all)")
-    p.add_argument("--repeat-utterances", type=int, default=1200,
+    p.add_argument("--repeat-utterances", type=int, default=240,
                    help="training utterances that get a repeat behavior for the LLM stage (0 = all; the connector "
                         "pre-alignment always uses every transcript)")
     p.add_argument("--benchmark-utterances", type=int, default=8, help="held-out utterances in the benchmark")

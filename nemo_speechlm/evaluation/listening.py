@@ -1,10 +1,12 @@
-"""Listening diagnostics: does a speech LLM use the audio, and how close is it to its ceiling?
+"""Listening diagnostics: does a speech LLM use the audio, and what does it add to the words it hears?
 
 Every condition asks the same "repeat" prompt and scores WER against the utterance's transcript:
 
 * ``speech`` — the held-out speech, as in use;
-* ``text_oracle`` — the transcript's text in place of the speech: what a perfect connector would
-  reach with this LLM (the ceiling);
+* ``text_oracle`` — the transcript's text in place of the speech: what this LLM does with the words
+  alone. A ceiling for an untrained LLM side only; training through the LLM teaches the answer
+  form, so a trained model can beat it (the demo's SmolLM2 *answers* a written request instead of
+  repeating it);
 * ``zero_audio`` — silence of the same length: a model that listens fails here (WER near 100%),
   a model that guesses from the prompt and the training prior does not;
 * ``shuffled_audio`` — another held-out utterance's speech: scored against the transcript of the
@@ -93,7 +95,7 @@ def listening_diagnostics(
 
 
 _MEANING = {
-    "text_oracle": "transcript text instead of speech (the ceiling)",
+    "text_oracle": "transcript text instead of speech (what the LLM does with the words alone)",
     "speech": "held-out speech",
     "zero_audio": "silence instead of speech (high = the model listens)",
     "shuffled_audio": "another utterance's speech",

@@ -12,7 +12,8 @@ language through its answers.
 A gated residual adds the connector's own output on each segment (gate initialised to 0): the
 posteriors carry *which* words, the residual lets training through the LLM carry what the
 embeddings cannot (that the words were spoken, how they sound). The posteriors stay differentiable,
-so training through the LLM also refines the recognition.
+so training through the LLM can move the recognition too; measured, it erodes it (docs/connector.md),
+so ``connector_pretraining.freeze_connector`` (mtbi.yaml) trains only the gate and the boundaries.
 
 Read as plain text, a spoken request is a request: SmolLM2 asked to "Repeat exactly what is said:
 Set an alarm ..." sets the alarm (94% WER on the demo's held-out sentences); with the words in

@@ -121,7 +121,7 @@ def pretrain_connector_ctc(
 def freeze_aligned_connector(model) -> None:
     """Keep the pre-aligned recognition as it is: freeze the modality adapter, the projection and the
     read-out's blank, so training through the LLM tunes only the read-out's gate and boundary vectors
-    (and LoRA, if any); the encoder stays as ``freeze_params`` says. Measured on the demo: when the whole connector trained through the LLM, its own
+    and LoRA, if any (mtbi.yaml has it); the encoder stays as ``freeze_params`` says. Measured on the demo: when the whole connector trained through the LLM, its own
     CTC WER rose from 2.6% to 7.5% (lr 1e-3) or 48.5% (lr 3e-3) and the LLM repeated 51.8% WER; frozen,
     the connector kept 2.3% and the LLM repeated at 6.2% (docs/connector.md)."""
     readout = getattr(model, "ctc_readout", None)
