@@ -9,7 +9,7 @@ import torch
 from nemo_speechlm import inference
 from nemo_speechlm.data.manifest import ManifestError, SkipSummary
 from nemo_speechlm.evaluation import standard
-from nemo_speechlm.evaluation.metrics import utterance_wer, word_error_rate
+from nemo_speechlm.parts.metrics import utterance_wer, word_error_rate
 from nemo_speechlm.models import SpeechLMModel
 from tests.conftest import REPO, model_config
 

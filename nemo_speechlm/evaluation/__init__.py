@@ -1,6 +1,6 @@
 """Evaluation: text metrics (WER/CER, BLEU, chrF, ROUGE-L, exact match, transcript copies)
 and per-task "task-following" checks used to score a speech LLM's answers."""
-from nemo_speechlm.evaluation.metrics import (
+from nemo_speechlm.parts.metrics import (
     bleu,
     char_error_rate,
     chrf,
@@ -13,7 +13,7 @@ from nemo_speechlm.evaluation.metrics import (
     utterance_wer,
     word_error_rate,
 )
-from nemo_speechlm.evaluation.task_checks import TASK_CHECKS, resolve_check, run_check
+from nemo_speechlm.data.task_checks import TASK_CHECKS, resolve_check, run_check
 
 __all__ = [
     "TASK_CHECKS",

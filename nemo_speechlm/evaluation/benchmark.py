@@ -20,7 +20,7 @@ ground-truth manifest field where the task has one and the line has the field.
 
 Outputs in ``out_dir``: ``references.jsonl`` (cached text-LLM answers), ``asr_transcripts.jsonl``
 (cascade only), ``predictions.jsonl``, ``metrics.json``, ``results.md`` and ``splits.png``.
-Every answer file is written through :func:`~nemo_speechlm.generation.runner.run_resumable`,
+Every answer file is written through :func:`~nemo_speechlm.parts.runner.run_resumable`,
 so rerunning the same command continues an interrupted run and recomputes nothing.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 from nemo_speechlm.data.manifest import ManifestEntry, SkipSummary, read_manifest
 from nemo_speechlm.data.task_catalog import EVALUATION_SPLITS, Task, TaskCatalog
 from nemo_speechlm.errors import InputError
-from nemo_speechlm.evaluation.metrics import (
+from nemo_speechlm.parts.metrics import (
     bleu,
     char_error_rate,
     chrf,
@@ -50,9 +50,9 @@ from nemo_speechlm.evaluation.metrics import (
     utterance_wer,
     word_error_rate,
 )
-from nemo_speechlm.evaluation.task_checks import run_check
-from nemo_speechlm.generation.behaviors import utterance_id
-from nemo_speechlm.generation.runner import RunSummary, run_resumable
+from nemo_speechlm.data.task_checks import run_check
+from nemo_speechlm.data.utterance import utterance_id
+from nemo_speechlm.parts.runner import RunSummary, run_resumable
 
 log = logging.getLogger(__name__)
 

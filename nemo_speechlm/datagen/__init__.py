@@ -7,15 +7,15 @@
 
 A job is then a small ``process_batch(items) -> [record | Rejected(reason)]`` function.
 """
-from nemo_speechlm.generation.chat_generator import (
+from nemo_speechlm.datagen.chat_generator import (
     ChatGenerator,
     GenerationResult,
     HFChatGenerator,
     VLLMChatGenerator,
     build_chat_generator,
 )
-from nemo_speechlm.generation.filters import degenerate_reason
-from nemo_speechlm.generation.runner import Outcome, Rejected, RunSummary, run_resumable
+from nemo_speechlm.datagen.filters import degenerate_reason
+from nemo_speechlm.parts.runner import Outcome, Rejected, RunSummary, run_resumable
 
 __all__ = [
     "ChatGenerator",

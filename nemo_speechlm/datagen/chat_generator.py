@@ -21,7 +21,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 
 from nemo_speechlm.errors import InputError
-from nemo_speechlm.generation.decoding import decode, end_token_ids, length_sorted_batches, sampler
+from nemo_speechlm.parts.decoding import decode, end_token_ids, length_sorted_batches, sampler
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -50,7 +50,7 @@ class ChatGenerator(Protocol):
 
 
 class HFChatGenerator:
-    """Batched decoding (:func:`nemo_speechlm.generation.decoding.decode`: KV cache, each row leaves
+    """Batched decoding (:func:`nemo_speechlm.parts.decoding.decode`: KV cache, each row leaves
     the batch when it ends) over chat-templated, left-padded prompts.
 
     Within a call, prompts are sorted by length before batching (``batch_size`` at a time) to

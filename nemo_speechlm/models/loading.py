@@ -1,0 +1,53 @@
+"""Loading a trained speech LLM for inference and evaluation, and its base LLM.
+
+One home for: the device (:func:`resolve_device`), a ``.nemo`` of ours (:func:`load_model`), its
+identity for resuming (:func:`model_id`), a NeMo ASR model (:func:`load_asr_model`), and "the base
+LLM", the model's LLM as it was before speech training (:func:`base_llm`).
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from nemo_speechlm.errors import InputError
+from nemo_speechlm.models.speechlm_model import SpeechLMModel
+from nemo_speechlm.parts.checkpoint import restore_checked
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} requested but CUDA is not available on this machine", "use --device cpu")
+    return resolved
+
+
+def load_model(path: str | Path, device: str = "auto", bf16: bool = False) -> SpeechLMModel:
+    """Restore a ``.nemo`` for inference (eval mode, no gradients needed).
+
+    ``bf16`` casts only the LLM (most of the weights) to bfloat16 and needs CUDA; the
+    preprocessor and encoder stay fp32 (mel features in bf16 are not supported), and the
+    adapter's fp32 output is cast where it is spliced into the LLM's embeddings. A file that is not
+    a ``.nemo`` of ours raises :class:`~nemo_speechlm.parts.checkpoint.CheckpointError` saying what it is.
+    """
+    target = resolve_device(device)
+    if bf16 and target.type != "cuda":
+        raise InputError("bf16 inference needs a CUDA device (on CPU, bf16 is slower than fp32)", "drop --bf16")
+    model = restore_checked(SpeechLMModel, path, map_location=target)
+    model = model.to(target).eval()
+    if bf16:
+        model.llm.to(torch.bfloat16)
+    return model
+
+
+def model_id(path: str | Path) -> str:
+    """Identity of a model file for resuming: its absolute path and modification time, so that
+    predictions of a retrained model written to the same path are not mixed with old ones."""
+    path = Path(path).resolve()
+    if not path.exists():
+        return str(path)
+    return f"{path} (modified {datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec='seconds')})"
