@@ -23,10 +23,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from nemo_speechlm.data.audio import read_audio
 from nemo_speechlm.data.interleaving import validate_words
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
 from nemo_speechlm.data.utterance import segment_key
 from nemo_speechlm.errors import InputError
+from nemo_speechlm.models.loading import load_asr_model as _load_asr_model
 from nemo_speechlm.parts.runner import Outcome, Rejected, RunSummary, run_resumable
 
 log = logging.getLogger(__name__)
@@ -52,18 +54,9 @@ class AlignmentSummary:
 
 def load_asr_model(name_or_path: str | Path, device: str | None = None):
     """Restore a ``.nemo`` file or download a pretrained NeMo ASR model; fail early without a CTC head."""
-    from nemo.collections.asr.models import ASRModel
-
-    device = torch.device(device) if device is not None else None
-    path = Path(name_or_path).expanduser()
-    if path.suffix == ".nemo" or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"ASR model file not found: {path}")
-        model = ASRModel.restore_from(str(path), map_location=device)
-    else:
-        model = ASRModel.from_pretrained(str(name_or_path), map_location=device)
+    model = _load_asr_model(name_or_path, device)
     ctc_decoder(model)
-    return model.eval()
+    return model
 
 
 def ctc_decoder(model) -> torch.nn.Module:
@@ -82,13 +75,7 @@ def ctc_decoder(model) -> torch.nn.Module:
 
 def load_segment(line: dict, sample_rate: int) -> np.ndarray:
     """The line's audio (``offset``, ``duration``), mono float32 at the model's rate: word times count from its start."""
-    from nemo.collections.asr.parts.preprocessing.segment import AudioSegment
-
-    segment = AudioSegment.from_file(
-        line["audio_filepath"], target_sr=sample_rate, offset=line.get("offset", 0.0) or 0.0,
-        duration=line["duration"], channel_selector="average",
-    )
-    return segment.samples.astype(np.float32)
+    return read_audio(line["audio_filepath"], sample_rate, line.get("offset", 0.0) or 0.0, line["duration"])
 
 
 @torch.no_grad()

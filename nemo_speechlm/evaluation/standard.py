@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from nemo_speechlm.data.joint_sft import AST_TASKS, ASR_TASKS, LANGUAGES, PNC_VALUES, canary_instruction
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
 from nemo_speechlm.data.text_sft import read_text_sft
 from nemo_speechlm.errors import InputError
@@ -48,21 +49,17 @@ from nemo_speechlm.parts.prompting import encode_messages
 
 MODES = ("asr", "ast", "sqa", "text-retention")
 
-LANGUAGES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish"}
-_PNC = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
-
 
 # --------------------------------------------------------------------------- prompts
 
 
 def canary_prompt(source_lang: str, target_lang: str, pnc: bool) -> str:
     """Canary/VoiceTextBlender-style instruction: "Translate the English content to German,
-    ignoring punctuations and capitalizations." (or "Transcribe the content to English, ...")."""
-    source, target = _language(source_lang), _language(target_lang)
-    style = "with punctuations and capitalizations." if pnc else "ignoring punctuations and capitalizations."
-    if source_lang == target_lang:
-        return f"Transcribe the content to {target}, {style}"
-    return f"Translate the {source} content to {target}, {style}"
+    ignoring punctuations and capitalizations." (or "Transcribe the content to English, ..."); the
+    languages and wording are the training data's (:mod:`nemo_speechlm.data.joint_sft`)."""
+    _language(source_lang), _language(target_lang)  # an unknown code fails here, saying which
+    task = ASR_TASKS[0] if source_lang == target_lang else AST_TASKS[0]
+    return canary_instruction(task, source_lang, target_lang, pnc)
 
 
 def _language(code: str) -> str:
@@ -95,9 +92,9 @@ def _pnc(entry: ManifestEntry, default: bool) -> bool:
         return default
     if isinstance(value, bool):
         return value
-    if str(value).strip().lower() not in _PNC:
+    if str(value).strip().lower() not in PNC_VALUES:
         raise ManifestError(entry.path, entry.line, f"expected yes/no (or true/false), got {value!r}", "pnc")
-    return _PNC[str(value).strip().lower()]
+    return PNC_VALUES[str(value).strip().lower()]
 
 
 # --------------------------------------------------------------------------- scoring (pure)

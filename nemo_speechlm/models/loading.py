@@ -1,8 +1,7 @@
-"""Loading a trained speech LLM for inference and evaluation, and its base LLM.
-
-One home for: the device (:func:`resolve_device`), a ``.nemo`` of ours (:func:`load_model`), its
-identity for resuming (:func:`model_id`), a NeMo ASR model (:func:`load_asr_model`), and "the base
-LLM", the model's LLM as it was before speech training (:func:`base_llm`).
+"""Loading models for inference, evaluation and data generation, in one place: a ``.nemo`` of
+ours (:func:`load_model`), its identity for resuming (:func:`model_id`), and a NeMo ASR model
+(:func:`load_asr_model`). The device rule is :func:`~nemo_speechlm.parts.device.resolve_device`; the
+model's base LLM is in :mod:`nemo_speechlm.models.base_llm`.
 """
 from __future__ import annotations
 
@@ -14,16 +13,7 @@ import torch
 from nemo_speechlm.errors import InputError
 from nemo_speechlm.models.speechlm_model import SpeechLMModel
 from nemo_speechlm.parts.checkpoint import restore_checked
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} requested but CUDA is not available on this machine", "use --device cpu")
-    return resolved
+from nemo_speechlm.parts.device import resolve_device
 
 
 def load_model(path: str | Path, device: str = "auto", bf16: bool = False) -> SpeechLMModel:
@@ -51,3 +41,18 @@ def model_id(path: str | Path) -> str:
     if not path.exists():
         return str(path)
     return f"{path} (modified {datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec='seconds')})"
+
+
+def load_asr_model(name_or_path: str | Path, device: str | torch.device | None = None):
+    """Restore a NeMo ASR ``.nemo`` file or download a pretrained one by name, in eval mode."""
+    from nemo.collections.asr.models import ASRModel
+
+    device = torch.device(device) if device is not None else None
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".nemo" or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"ASR model file not found: {path}")
+        model = ASRModel.restore_from(str(path), map_location=device)
+    else:
+        model = ASRModel.from_pretrained(str(name_or_path), map_location=device)
+    return model.eval()
