@@ -1,6 +1,8 @@
-"""Shared machinery of the data generation jobs (behaviors, speech QA, mixed-modal, references).
+"""Offline data-generation jobs: MTBI behaviors (:mod:`.behaviors`), speech QA (:mod:`.sqa`), TTS
+mixed-modal SFT (:mod:`.mixed_modal`) and word alignments (:mod:`.alignment`), and their shared parts:
 
-* :mod:`.runner` — :func:`run_resumable`: batched, incremental, crash-safe, resumable output;
+* :func:`~nemo_speechlm.parts.runner.run_resumable` (in ``parts/``, since inference and evaluation
+  use it too): batched, incremental, crash-safe, resumable output;
 * :mod:`.chat_generator` — answering chat conversations with a text LLM (HF or vLLM backend);
 * :mod:`.filters` — :func:`degenerate_reason`: rejecting empty, echoed, refused, looping or
   truncated answers.

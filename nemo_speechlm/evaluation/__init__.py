@@ -1,5 +1,9 @@
-"""Evaluation: text metrics (WER/CER, BLEU, chrF, ROUGE-L, exact match, transcript copies)
-and per-task "task-following" checks used to score a speech LLM's answers."""
+"""Evaluation jobs: the generalization benchmark (``benchmark*``), the standard evaluations
+(``standard``) and listening diagnostics (``listening``).
+
+The text metrics (:mod:`nemo_speechlm.parts.metrics`) and the per-task "task-following" checks
+(:mod:`nemo_speechlm.data.task_checks`) live lower down, since training data and data generation use
+them too; they are re-exported here."""
 from nemo_speechlm.parts.metrics import (
     bleu,
     char_error_rate,
