@@ -24,10 +24,10 @@ from nemo.collections.common.data.lhotse.cutset import data_type_parser
 from nemo.collections.common.data.lhotse.text_adapters import AudioTurn, TextTurn
 
 from nemo_speechlm.data.conversations import ManifestConversations, cut_for_audio, finish_parsing, require_keys
-from nemo_speechlm.data.utterance import cut_id, speech_span
 from nemo_speechlm.data.interleaving import InterleaveConfig, choose_spans, validate_words
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError
 from nemo_speechlm.data.task_catalog import HELDOUT, INPUT_PLACEHOLDER, TaskCatalog
+from nemo_speechlm.data.utterance import cut_id, speech_span
 
 DATA_TYPE = "mtbi_behaviors"
 BEHAVIOR_FIELDS = ("text", "task", "prompt", "response")

@@ -13,9 +13,9 @@ from typing import Callable, Iterator
 from nemo_speechlm.data.manifest import SkipSummary, read_manifest
 from nemo_speechlm.data.task_catalog import TaskCatalog
 from nemo_speechlm.data.utterance import utterance_id
-from nemo_speechlm.errors import InputError
 from nemo_speechlm.datagen.chat_generator import ChatGenerator
 from nemo_speechlm.datagen.filters import degenerate_reason
+from nemo_speechlm.errors import InputError
 from nemo_speechlm.parts.runner import Outcome, Rejected
 
 # Manifest fields copied into each behavior line (plus anything else the line has).

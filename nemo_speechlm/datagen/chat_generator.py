@@ -21,8 +21,8 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 
 from nemo_speechlm.errors import InputError
-from nemo_speechlm.parts.device import resolve_device
 from nemo_speechlm.parts.decoding import decode, end_token_ids, length_sorted_batches, sampler
+from nemo_speechlm.parts.device import resolve_device
 
 DEFAULT_MAX_NEW_TOKENS = 256
 

@@ -22,11 +22,11 @@ from typing import Sequence
 
 import numpy as np
 
+from nemo_speechlm.data.audio import load_entry_audio
 from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.errors import InputError
-from nemo_speechlm.parts.metrics import word_error_rate
-from nemo_speechlm.data.audio import load_entry_audio
 from nemo_speechlm.parts.connector_ctc import connector_transcripts
+from nemo_speechlm.parts.metrics import word_error_rate
 
 __all__ = ["CONDITIONS", "listening_diagnostics", "listening_table"]
 

@@ -29,6 +29,10 @@ from nemo_speechlm.data.joint_sft import AST_TASKS, ASR_TASKS, LANGUAGES, PNC_VA
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
 from nemo_speechlm.data.text_sft import read_text_sft
 from nemo_speechlm.errors import InputError
+from nemo_speechlm.models import SpeechLMModel
+from nemo_speechlm.models.answering import answer_items, ensure_audio_locator, generation_kwargs, item_keys
+from nemo_speechlm.models.base_llm import base_llm, base_llm_description
+from nemo_speechlm.models.loading import load_model, model_id
 from nemo_speechlm.parts.metrics import (
     bleu,
     char_error_rate,
@@ -40,12 +44,8 @@ from nemo_speechlm.parts.metrics import (
     utterance_wer,
     word_error_rate,
 )
-from nemo_speechlm.parts.runner import check_run_settings, read_records, run_resumable
-from nemo_speechlm.models.answering import answer_items, ensure_audio_locator, generation_kwargs, item_keys
-from nemo_speechlm.models.loading import load_model, model_id
-from nemo_speechlm.models import SpeechLMModel
-from nemo_speechlm.models.base_llm import base_llm, base_llm_description
 from nemo_speechlm.parts.prompting import encode_messages
+from nemo_speechlm.parts.runner import check_run_settings, read_records, run_resumable
 
 MODES = ("asr", "ast", "sqa", "text-retention")
 
