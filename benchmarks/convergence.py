@@ -33,10 +33,10 @@ from omegaconf import OmegaConf
 import nemo_speechlm
 from nemo_speechlm.data.datamodule import build_datamodule, fill_model_settings
 from nemo_speechlm.data.feature_cache import prepare_feature_cache
-from nemo_speechlm.evaluation.metrics import word_error_rate
-from nemo_speechlm.inference import load_entry_audio
 from nemo_speechlm.data.manifest import read_manifest
+from nemo_speechlm.inference import load_entry_audio
 from nemo_speechlm.models import SpeechLMModel
+from nemo_speechlm.parts.metrics import word_error_rate
 from nemo_speechlm.recipe import pre_align_connector
 
 REPEAT_PROMPT = "Repeat exactly what is said: <|audio|>"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,9 +30,10 @@ import torch
 
 import nemo_speechlm  # noqa: F401  (resolvers, target allow-list)
 from nemo_speechlm.data.task_catalog import TaskCatalog
-from nemo_speechlm.generation.chat_generator import HFChatGenerator
+from nemo_speechlm.datagen.chat_generator import HFChatGenerator
 from nemo_speechlm.models import SpeechLMModel
-from nemo_speechlm.tiny_assets import make_tiny_llm, make_wav_manifest
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.tiny_assets
+from tests.tiny_assets import make_tiny_llm, make_wav_manifest  # noqa: E402
 from train_throughput import compose_config, machine_info
 
 Answerer = Callable[[int, int | None], list[str]]  # (batch size, cap override) -> answers, in item order

@@ -13,6 +13,7 @@ import json
 import os
 import resource
 import tempfile
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -29,7 +30,8 @@ from nemo.collections.speechlm2.parts.optim_setup import is_frozen
 from nemo_speechlm.data.datamodule import build_datamodule
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.parts.llm import resolve_llm_source
-from nemo_speechlm.tiny_assets import make_tiny_llm, make_wav_manifest
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.tiny_assets
+from tests.tiny_assets import make_tiny_llm, make_wav_manifest  # noqa: E402
 
 CONF_DIR = nemo_speechlm.CONF_DIR
 Batch = dict

@@ -21,8 +21,8 @@ import torch
 from transformers import WhisperForConditionalGeneration, WhisperTokenizer
 from transformers.modeling_outputs import BaseModelOutput
 
-from nemo_speechlm.evaluation.metrics import word_error_rate
 from nemo_speechlm.modules.whisper import WhisperEncoder, WhisperLogMel
+from nemo_speechlm.parts.metrics import word_error_rate
 from nemo_speechlm.parts.offline_models import whisper_tiny_en_hf_dir
 from nemo_speechlm.tts import load_sentences, speakers
 

@@ -11,7 +11,7 @@ continue; with ``--skip-invalid`` lines that cannot be aligned go to
 """
 import torch
 
-from nemo_speechlm.data.alignment import align_manifest, load_asr_model
+from nemo_speechlm.datagen.alignment import align_manifest, load_asr_model
 from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, run_cli
 
 

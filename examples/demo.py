@@ -42,17 +42,17 @@ from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 import nemo_speechlm  # noqa: F401  (registries, resolvers)
 from nemo_speechlm.data.task_catalog import TRAIN, TaskCatalog
+from nemo_speechlm.datagen.behaviors import behavior_items, behavior_job
+from nemo_speechlm.datagen.chat_generator import build_chat_generator
 from nemo_speechlm.evaluation.benchmark import run_benchmark, summary_table
-from nemo_speechlm.evaluation.metrics import word_error_rate
+from nemo_speechlm.evaluation.listening import listening_diagnostics, listening_table
 from nemo_speechlm.evaluation.standard import evaluate_asr
-from nemo_speechlm.generation.behaviors import behavior_items, behavior_job
-from nemo_speechlm.generation.chat_generator import build_chat_generator
-from nemo_speechlm.generation.runner import run_resumable
 from nemo_speechlm.inference import load_model
 from nemo_speechlm.models import MTBIModel
 from nemo_speechlm.parts.llm import resolve_llm_source
+from nemo_speechlm.parts.metrics import word_error_rate
+from nemo_speechlm.parts.runner import run_resumable
 from nemo_speechlm.recipe import train
-from nemo_speechlm.evaluation.listening import listening_diagnostics, listening_table
 from nemo_speechlm.tts import EspeakTTS, load_sentences, speakers, synthesize_corpus
 from nemo_speechlm.tts.corpus import DEMO_RATES, DEMO_UNSEEN_VOICE, DEMO_VOICES, synthesize_split
 from nemo_speechlm.tts.grammar import RequestGrammar

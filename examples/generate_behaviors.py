@@ -11,10 +11,10 @@ answers go to ``<output>.rejected.jsonl`` and are counted in ``<output>.summary.
 
 from nemo_speechlm.data.manifest import SkipSummary
 from nemo_speechlm.data.task_catalog import TaskCatalog
-from nemo_speechlm.generation.behaviors import behavior_items, behavior_job
-from nemo_speechlm.generation.chat_generator import add_teacher_arguments, teacher_from_arguments
-from nemo_speechlm.generation.runner import run_resumable
+from nemo_speechlm.datagen.behaviors import behavior_items, behavior_job
+from nemo_speechlm.datagen.chat_generator import add_teacher_arguments, teacher_from_arguments
 from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, run_cli
+from nemo_speechlm.parts.runner import run_resumable
 
 
 def main(argv=None) -> None:

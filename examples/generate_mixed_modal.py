@@ -18,10 +18,10 @@ or ``fastpitch`` (NeMo FastPitch + HiFi-GAN; needs ``nemo_toolkit[tts]`` and the
 """
 
 from nemo_speechlm.data.manifest import SkipSummary
-from nemo_speechlm.generation.runner import run_resumable
+from nemo_speechlm.datagen.mixed_modal import DEFAULT_LOCATOR, SAMPLE_RATE, mixed_modal_items, mixed_modal_job
 from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, run_cli
+from nemo_speechlm.parts.runner import run_resumable
 from nemo_speechlm.tts.espeak import DEFAULT_RATES, DEFAULT_VOICES, speakers
-from nemo_speechlm.tts.mixed_modal import DEFAULT_LOCATOR, SAMPLE_RATE, mixed_modal_items, mixed_modal_job
 
 
 def build_speakers(args) -> list:

@@ -12,10 +12,10 @@ decoding settings). Outputs that are not a JSON question/answer pair, or that sa
 """
 
 from nemo_speechlm.data.manifest import SkipSummary
-from nemo_speechlm.generation.chat_generator import add_teacher_arguments, teacher_from_arguments
-from nemo_speechlm.generation.runner import run_resumable
-from nemo_speechlm.generation.sqa import sqa_items, sqa_job, sqa_key
+from nemo_speechlm.datagen.chat_generator import add_teacher_arguments, teacher_from_arguments
+from nemo_speechlm.datagen.sqa import sqa_items, sqa_job, sqa_key
 from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, run_cli
+from nemo_speechlm.parts.runner import run_resumable
 
 
 def main(argv=None) -> None:

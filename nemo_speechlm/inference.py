@@ -13,188 +13,31 @@ interrupted run and shows a progress bar. A prompt without the model's audio loc
 A bad file or argument ends the command with one line on stderr and exit code 2 (``--debug``
 shows the traceback).
 
-The helpers here (:func:`load_model`, :func:`answer_items`, :func:`item_keys`,
-:func:`check_run_settings`) are shared with :mod:`nemo_speechlm.evaluation.standard`.
+The helpers it shares with the evaluations live below it: :func:`~nemo_speechlm.models.loading.load_model`,
+:mod:`nemo_speechlm.models.answering` (:func:`answer_items`, :func:`item_keys`) and
+:func:`~nemo_speechlm.parts.runner.check_run_settings`.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import sys
-from collections import Counter
-from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from nemo_speechlm.data.audio import AudioError, check_audio_length, read_audio
+from nemo_speechlm.data.audio import AudioError, load_entry_audio  # noqa: F401  (load_entry_audio kept importable here)
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
 from nemo_speechlm.errors import InputError
-from nemo_speechlm.generation.behaviors import utterance_id
-from nemo_speechlm.generation.runner import RunSummary, run_resumable
 from nemo_speechlm.models import SpeechLMModel
-from nemo_speechlm.parts.checkpoint import restore_checked
+from nemo_speechlm.models.answering import answer_items, ensure_audio_locator, generation_kwargs, item_keys
+from nemo_speechlm.models.loading import load_model, model_id, resolve_device  # noqa: F401  (kept importable here)
 from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, UsageError, run_cli
-
-SETTINGS_SUFFIX = ".settings.json"
-
-
-# --------------------------------------------------------------------------- model
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} requested but CUDA is not available on this machine", "use --device cpu")
-    return resolved
-
-
-def load_model(path: str | Path, device: str = "auto", bf16: bool = False) -> SpeechLMModel:
-    """Restore a ``.nemo`` for inference (eval mode, no gradients needed).
-
-    ``bf16`` casts only the LLM (most of the weights) to bfloat16 and needs CUDA; the
-    preprocessor and encoder stay fp32 (mel features in bf16 are not supported), and the
-    adapter's fp32 output is cast where it is spliced into the LLM's embeddings. A file that is not
-    a ``.nemo`` of ours raises :class:`~nemo_speechlm.parts.checkpoint.CheckpointError` saying what it is.
-    """
-    target = resolve_device(device)
-    if bf16 and target.type != "cuda":
-        raise InputError("bf16 inference needs a CUDA device (on CPU, bf16 is slower than fp32)", "drop --bf16")
-    model = restore_checked(SpeechLMModel, path, map_location=target)
-    model = model.to(target).eval()
-    if bf16:
-        model.llm.to(torch.bfloat16)
-    return model
-
-
-def model_id(path: str | Path) -> str:
-    """Identity of a model file for resuming: its absolute path and modification time, so that
-    predictions of a retrained model written to the same path are not mixed with old ones."""
-    path = Path(path).resolve()
-    if not path.exists():
-        return str(path)
-    return f"{path} (modified {datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec='seconds')})"
-
-
-def generation_kwargs(
-    max_new_tokens: int | None = None, sample: bool = False, temperature: float = 1.0, top_p: float = 1.0
-) -> dict:
-    """Hugging Face ``generate`` settings: greedy by default; ``None`` keeps the model's length cap."""
-    kwargs: dict = {"do_sample": bool(sample)}
-    if sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    if max_new_tokens is not None:
-        kwargs["max_new_tokens"] = max_new_tokens
-    return kwargs
-
-
-# --------------------------------------------------------------------------- prompts and audio
-
-
-def ensure_audio_locator(prompt: str, tag: str) -> tuple[str, bool]:
-    """The prompt with the audio locator appended on a new line when it has none; also says
-    whether it was appended (so the caller can tell the user once)."""
-    if tag in prompt:
-        return prompt, False
-    return f"{prompt}\n{tag}", True
-
-
-def load_entry_audio(entry: ManifestEntry, sampling_rate: int, min_seconds: float = 0.0) -> np.ndarray:
-    """Mono waveform of a manifest line at the model's rate, cut to ``offset``/``duration``; unreadable,
-    empty or too short audio (under ``min_seconds``: one encoder frame) raises :class:`ManifestError`."""
-    try:
-        samples = read_audio(entry["audio_filepath"], sampling_rate, float(entry.get("offset", 0.0) or 0.0),
-                             entry.get("duration"))
-        check_audio_length(len(samples), sampling_rate, min_seconds, entry["audio_filepath"])
-    except AudioError as e:
-        raise ManifestError(entry.path, entry.line, str(e), "audio_filepath") from e
-    return samples
-
-
-def item_keys(entries: Sequence[ManifestEntry], prompts: Sequence[str]) -> list[str]:
-    """A stable, unique key per (line, prompt) for resuming.
-
-    A line's own ``key`` field is used when it has one (e.g. a behaviors file); otherwise the
-    key is the audio and offset plus a digest of the prompt, so a changed prompt is a new
-    item, and repeated identical lines get ``#2``, ``#3``...
-    """
-    keys, seen = [], Counter()
-    for entry, prompt in zip(entries, prompts):
-        if isinstance(entry.get("key"), (str, int)) and not isinstance(entry.get("key"), bool):
-            keys.append(entry["key"])
-            continue
-        key = f"{utterance_id(entry)}|{hashlib.sha1(prompt.encode()).hexdigest()[:10]}"
-        seen[key] += 1
-        keys.append(key if seen[key] == 1 else f"{key}#{seen[key]}")
-    return keys
-
-
-def check_run_settings(output_path: str | Path, settings: dict) -> None:
-    """Refuse to resume into an output written with other settings (model, prompt, decoding):
-    the old predictions would be silently mixed with new ones. Writes ``<output>.settings.json``."""
-    path = Path(str(output_path) + SETTINGS_SUFFIX)
-    settings = json.loads(json.dumps(settings))  # normalize tuples etc. for the comparison
-    if path.is_file() and Path(output_path).is_file():
-        before = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-        if changed:
-            diff = "; ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            raise InputError(
-                f"{output_path} holds predictions made with other settings ({diff})",
-                f"use another output location, or delete {output_path} and {path} to start over",
-            )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def read_records(path: str | Path, keys: Sequence) -> list[dict]:
-    """The output records for ``keys``, in that order (a predictions file may hold them in any order)."""
-    by_key = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                by_key[record["key"]] = record
-    missing = [k for k in keys if k not in by_key]
-    if missing:
-        raise InputError(f"{path}: no prediction for {len(missing)} items (e.g. {missing[0]!r})", "rerun to complete it")
-    return [by_key[k] for k in keys]
-
-
-# --------------------------------------------------------------------------- batched answering
-
-
-def answer_items(
-    model: SpeechLMModel,
-    items: list[dict],
-    output_path: str | Path,
-    make_record: Callable[[dict, str], dict],
-    batch_size: int = 8,
-    system_prompt: str | None = None,
-    desc: str = "Answering",
-    **generation: object,
-) -> RunSummary:
-    """Answer ``{"key", "entry", "prompt"}`` items about their audio through the resumable runner.
-
-    ``make_record(item, answer)`` builds the output line (it must carry ``item["key"]``), so
-    inference and every evaluation share one batched, resumable loop.
-    """
-
-    def process(batch: list[dict]) -> list[dict]:
-        audios = [load_entry_audio(item["entry"], model.sampling_rate, model.encoder_frame_duration) for item in batch]
-        answers = model.respond(audios, [item["prompt"] for item in batch], batch_size=len(batch),
-                                system_prompt=system_prompt, **generation)
-        return [make_record(item, a) for item, a in zip(batch, answers)]
-
-    return run_resumable(items, process, output_path, batch_size=batch_size, desc=desc, key="key")
+from nemo_speechlm.parts.runner import RunSummary, check_run_settings, read_records  # noqa: F401
 
 
 def manifest_prompts(

@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import nemo_speechlm  # noqa: F401  (allow-list, registries)
-from nemo_speechlm.tiny_assets import make_tiny_asr_nemo, make_tiny_llm, make_wav_manifest, tiny_conformer_config
+from tests.tiny_assets import make_tiny_asr_nemo, make_tiny_llm, make_wav_manifest, tiny_conformer_config
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -10,10 +10,10 @@ import soundfile
 import torch
 from omegaconf import OmegaConf
 
-from nemo_speechlm.data.alignment import NoCTCHeadError, align_manifest, load_asr_model, load_segment
 from nemo_speechlm.data.manifest import ManifestError
-from nemo_speechlm.generation.runner import REJECTED_SUFFIX
-from nemo_speechlm.tiny_assets import SENTENCES, tiny_conformer_config
+from nemo_speechlm.datagen.alignment import NoCTCHeadError, align_manifest, load_asr_model, load_segment
+from nemo_speechlm.parts.runner import REJECTED_SUFFIX
+from tests.tiny_assets import SENTENCES, tiny_conformer_config
 from tests.conftest import REPO
 
 SR = 16000

@@ -5,7 +5,7 @@ import sys
 import time
 
 from nemo_speechlm.data.task_catalog import HELDOUT, TaskCatalog
-from nemo_speechlm.generation.behaviors import behavior_items
+from nemo_speechlm.datagen.behaviors import behavior_items
 from tests.conftest import REPO
 
 

@@ -203,7 +203,7 @@ def test_text_upper_bound_turns_lora_off(assets):
     plain = SpeechLMModel(model_config(assets["llm"])).eval()
     prompt = TaskCatalog.load().task("summarize").prompts[0]
     item = {"prompt": prompt, "entry": {"text": "the cat sat on the mat"}}
-    answer = benchmark._text_answerer(benchmark._LazyModel(lambda: tuned), lambda it: it["entry"]["text"], {})
+    answer = benchmark.text_answerer(benchmark.LazyModel(lambda: tuned), lambda it: it["entry"]["text"], {})
     expected = plain.respond([None], [prompt.render("the cat sat on the mat")], max_new_tokens=8)
     assert answer([item], 8) == expected
     assert tuned.respond([None], [prompt.render("the cat sat on the mat")], max_new_tokens=8) != expected

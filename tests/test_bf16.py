@@ -19,7 +19,7 @@ import nemo_speechlm
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.parts.precision import HalfPrecisionForSpeech, resolve_precision_plugins
 from nemo_speechlm.recipe import train
-from nemo_speechlm.tiny_assets import make_tiny_whisper, tiny_whisper_perception
+from tests.tiny_assets import make_tiny_whisper, tiny_whisper_perception
 from tests.conftest import model_config
 
 pytestmark = pytest.mark.slow

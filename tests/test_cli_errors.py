@@ -26,7 +26,7 @@ from nemo_speechlm.data.manifest import ManifestError, read_manifest
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.parts.checkpoint import CHECKPOINT_FORMAT, read_nemo_config
 from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, error_line
-from nemo_speechlm.tiny_assets import make_tiny_whisper, tiny_whisper_perception
+from tests.tiny_assets import make_tiny_whisper, tiny_whisper_perception
 from tests.conftest import REPO, model_config
 
 SR = 16000

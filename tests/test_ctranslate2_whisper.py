@@ -73,7 +73,7 @@ def test_encoder_matches_ctranslate2(model, features):
 def test_generate_transcribes_espeak_speech(hf_dir, model, features):
     from transformers import WhisperProcessor
 
-    from nemo_speechlm.evaluation.metrics import utterance_wer
+    from nemo_speechlm.parts.metrics import utterance_wer
 
     processor = WhisperProcessor.from_pretrained(hf_dir)
     with torch.no_grad():

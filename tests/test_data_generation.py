@@ -8,11 +8,11 @@ import pytest
 import soundfile
 
 from nemo_speechlm.data.manifest import ManifestError, SkipSummary
+from nemo_speechlm.data.task_checks import split_sentences
 from nemo_speechlm.data.text_sft import prepare_text_sft, read_text_sft
-from nemo_speechlm.evaluation.task_checks import split_sentences
-from nemo_speechlm.generation.runner import Rejected
-from nemo_speechlm.generation.sqa import REASONS, parse_sqa
+from nemo_speechlm.datagen.sqa import REASONS, parse_sqa
 from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, run_cli
+from nemo_speechlm.parts.runner import Rejected
 from nemo_speechlm.tts import EspeakTTS, normalize_for_tts
 from tests.conftest import REPO
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nemo_speechlm.generation.decoding import _shared_prefix_length, cut_at_stop, decode, length_sorted_batches, sampler
 from nemo_speechlm.models import SpeechLMModel
+from nemo_speechlm.parts.decoding import _shared_prefix_length, cut_at_stop, decode, length_sorted_batches, sampler
 from tests.conftest import model_config
 
 TEXTS = ["the cat sat on the mat", "hello", "please open the window now and then close it again", "what time is it"]

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from nemo_speechlm.generation import (
+from nemo_speechlm.datagen import (
     GenerationResult,
     HFChatGenerator,
     Rejected,
@@ -14,7 +14,7 @@ from nemo_speechlm.generation import (
     degenerate_reason,
     run_resumable,
 )
-from nemo_speechlm.tiny_assets import make_tiny_llm
+from tests.tiny_assets import make_tiny_llm
 from tests.conftest import REPO, run_python
 
 PROMPTS = [
@@ -146,7 +146,7 @@ def test_rerun_after_a_real_crash_continues_without_duplicates(tmp_path):
     # A subprocess killed by SIGKILL while computing its 4th batch: no exception handler runs.
     crash = f"""
 import os, signal
-from nemo_speechlm.generation import run_resumable
+from nemo_speechlm.datagen import run_resumable
 from tests.test_generation import ITEMS, job
 batches = []
 def process(batch):
@@ -185,7 +185,7 @@ def test_torn_final_line_is_cut_away_and_recomputed(tmp_path, caplog):
     run_resumable(ITEMS[:7], job, out, batch_size=4, desc="part")
     with open(out, "a") as f:
         f.write('{"key": "utt07", "answer": "SENT')  # crash mid-write
-    with caplog.at_level(logging.WARNING, logger="nemo_speechlm.generation.runner"):
+    with caplog.at_level(logging.WARNING, logger="nemo_speechlm.parts.runner"):
         run_resumable(ITEMS, job, out, batch_size=4, desc="resume")
     assert "incomplete" in caplog.text and str(out) in caplog.text
     assert out.read_text() == expected

@@ -9,8 +9,8 @@ import torch
 from nemo_speechlm import inference
 from nemo_speechlm.data.manifest import ManifestError, SkipSummary
 from nemo_speechlm.evaluation import standard
-from nemo_speechlm.evaluation.metrics import utterance_wer, word_error_rate
 from nemo_speechlm.models import SpeechLMModel
+from nemo_speechlm.parts.metrics import utterance_wer, word_error_rate
 from tests.conftest import REPO, model_config
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}

@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from nemo_speechlm.evaluation.metrics import (
+from nemo_speechlm.data.task_checks import TASK_CHECKS, resolve_check, run_check, split_sentences
+from nemo_speechlm.parts.metrics import (
     bleu,
     char_error_rate,
     chrf,
@@ -16,7 +17,6 @@ from nemo_speechlm.evaluation.metrics import (
     utterance_wer,
     word_error_rate,
 )
-from nemo_speechlm.evaluation.task_checks import TASK_CHECKS, resolve_check, run_check, split_sentences
 
 TRANSCRIPT = "the quick brown fox jumps over the lazy dog today"  # 10 words
 

@@ -96,7 +96,7 @@ def test_generation_continues_after_one_row_finishes(model):
     from itertools import combinations
 
     from nemo_speechlm.models.speechlm_model import left_collate_vectors
-    from nemo_speechlm.tiny_assets import SENTENCES
+    from tests.tiny_assets import SENTENCES
 
     for pair in combinations(SENTENCES, 2):  # text-only prompts whose greedy answers differ somewhere
         ids = left_collate_vectors([model.encode_prompt(p) for p in pair], padding_value=model.text_pad_id)

@@ -17,7 +17,7 @@ from nemo_speechlm.data.task_catalog import TaskCatalog, render_prompt
 from nemo_speechlm.models import MTBIModel
 from nemo_speechlm.models.mtbi_model import token_kl
 from nemo_speechlm.models.speechlm_model import IGNORE_INDEX, cross_entropy
-from nemo_speechlm.tiny_assets import make_tiny_whisper, tiny_whisper_perception
+from tests.tiny_assets import make_tiny_whisper, tiny_whisper_perception
 from tests.conftest import model_config
 
 TAG = "<|audio|>"

@@ -60,8 +60,10 @@ def test_wheel_installs_and_trains_outside_the_repository(assets, tmp_path):
     for needed in ("nemo_speechlm/data/__init__.py", "nemo_speechlm/data/manifest.py", "nemo_speechlm/conf/speechlm.yaml",
                    "nemo_speechlm/conf/mtbi.yaml", "nemo_speechlm/conf/mtbi/tasks.yaml",
                    "nemo_speechlm/conf/encoder/whisper_tiny_en.yaml", "nemo_speechlm/resources/assistant_requests.yaml",
-                   "nemo_speechlm/resources/sentences.txt"):
+                   "nemo_speechlm/resources/sentences.txt", "nemo_speechlm/datagen/__init__.py",
+                   "nemo_speechlm/datagen/behaviors.py", "nemo_speechlm/parts/runner.py"):
         assert needed in names, f"{needed} missing from {wheel.name}"
+    assert not any("tiny_assets" in name or name.startswith("tests/") for name in names), "test-only files in the wheel"
 
     # A fresh virtual environment with the wheel installed normally; its dependencies are read from
     # the suite's environment through a path entry (its .pth files, including our editable install, are not).

@@ -13,7 +13,7 @@ from nemo_speechlm.data.task_catalog import (
     TaskCatalogError,
     render_prompt,
 )
-from nemo_speechlm.evaluation.task_checks import TASK_CHECKS, resolve_check
+from nemo_speechlm.data.task_checks import TASK_CHECKS, resolve_check
 
 UTT_IDS = [f"utt{i:04d}" for i in range(300)]
 

@@ -9,7 +9,7 @@ from transformers import WhisperFeatureExtractor, WhisperModel
 
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.modules.whisper import WhisperEncoder, WhisperLogMel
-from nemo_speechlm.tiny_assets import make_tiny_whisper, tiny_whisper_perception
+from tests.tiny_assets import make_tiny_whisper, tiny_whisper_perception
 from tests.conftest import model_config, run_python
 
 

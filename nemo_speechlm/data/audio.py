@@ -12,6 +12,7 @@ import numpy as np
 import soundfile
 from lhotse import Recording
 
+from nemo_speechlm.data.manifest import ManifestEntry, ManifestError
 from nemo_speechlm.errors import InputError
 
 _FORMATS_HINT = "check that it is an undamaged audio file (WAV, FLAC, OGG, MP3, ...)"
@@ -53,6 +54,18 @@ def check_audio_length(num_samples: int, sampling_rate: int, min_seconds: float,
             f"({min_seconds * 1000:.0f} ms)",
             "give a longer recording",
         )
+
+
+def load_entry_audio(entry: ManifestEntry, sampling_rate: int, min_seconds: float = 0.0) -> np.ndarray:
+    """Mono waveform of a manifest line at the model's rate, cut to ``offset``/``duration``; unreadable,
+    empty or too short audio (under ``min_seconds``: one encoder frame) raises :class:`ManifestError`."""
+    try:
+        samples = read_audio(entry["audio_filepath"], sampling_rate, float(entry.get("offset", 0.0) or 0.0),
+                             entry.get("duration"))
+        check_audio_length(len(samples), sampling_rate, min_seconds, entry["audio_filepath"])
+    except AudioError as e:
+        raise ManifestError(entry.path, entry.line, str(e), "audio_filepath") from e
+    return samples
 
 
 def _unreadable_reason(path: Path, error: Exception) -> str:

@@ -24,10 +24,10 @@ from nemo.collections.common.data.lhotse.cutset import data_type_parser
 from nemo.collections.common.data.lhotse.text_adapters import AudioTurn, TextTurn
 
 from nemo_speechlm.data.conversations import ManifestConversations, cut_for_audio, finish_parsing, require_keys
-from nemo_speechlm.data.dataset import speech_span
 from nemo_speechlm.data.interleaving import InterleaveConfig, choose_spans, validate_words
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError
 from nemo_speechlm.data.task_catalog import HELDOUT, INPUT_PLACEHOLDER, TaskCatalog
+from nemo_speechlm.data.utterance import cut_id, speech_span
 
 DATA_TYPE = "mtbi_behaviors"
 BEHAVIOR_FIELDS = ("text", "task", "prompt", "response")
@@ -51,8 +51,7 @@ def behavior_to_conversation(
         except ValueError as e:
             raise ManifestError(entry.path, entry.line, str(e), "words") from None
     rng = rng or random.Random(0)
-    cut_id = f"{entry.path.rsplit('/', 1)[-1]}-{entry.line}"
-    cut = cut_for_audio(entry["audio_filepath"], entry.get("offset", 0.0) or 0.0, entry["duration"], cut_id)
+    cut = cut_for_audio(entry["audio_filepath"], entry.get("offset", 0.0) or 0.0, entry["duration"], cut_id(entry))
     before, after = entry["prompt"].split(INPUT_PLACEHOLDER)
     if interleave.prob > 0 and rng.random() < interleave.prob:
         if not words:
@@ -68,7 +67,7 @@ def behavior_to_conversation(
     turns += [t for t in [TextTurn(value=before, role="user"), *pieces, TextTurn(value=after, role="user")]
               if not (isinstance(t, TextTurn) and not t.value)]
     turns.append(TextTurn(value=entry["response"], role="assistant"))
-    return NeMoMultimodalConversation(id=cut_id, turns=turns, token_equivalent_duration=token_equivalent_duration)
+    return NeMoMultimodalConversation(id=cut.id, turns=turns, token_equivalent_duration=token_equivalent_duration)
 
 
 def _interleaved_pieces(utterance: Cut, words: list[dict], cfg: InterleaveConfig, rng: random.Random, tag: str) -> list:

@@ -10,7 +10,6 @@ lhotse dataloader and speechlm2's ``SALMDataset``.
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import Callable, Iterator
 
 from lhotse import CutSet, Recording
@@ -21,6 +20,7 @@ from nemo.collections.common.data.lhotse.text_adapters import AudioTurn, TextTur
 from nemo.collections.common.data.prompt_fn import registered_prompt_format_fn
 
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
+from nemo_speechlm.data.utterance import cut_id
 from nemo_speechlm.parts.prompting import ChatTemplatePromptFormatter
 
 DATA_TYPE = "speechlm_manifest"
@@ -80,14 +80,13 @@ def entry_to_conversation(
     answer = entry.get(answer_field)
     if not isinstance(answer, str) or not answer.strip():
         raise ManifestError(entry.path, entry.line, f"missing or empty answer (got {answer!r})", answer_field)
-    cut_id = f"{Path(entry.path).stem}-{entry.line}"
-    cut = cut_for_audio(entry["audio_filepath"], entry.get("offset", 0.0) or 0.0, entry["duration"], cut_id)
+    cut = cut_for_audio(entry["audio_filepath"], entry.get("offset", 0.0) or 0.0, entry["duration"], cut_id(entry))
     turns = build_user_turns(prompt, [cut], audio_locator_tag, [entry.get("text", "")])
     turns.append(TextTurn(value=answer, role="assistant"))
     system = entry.get("system_prompt") or system_prompt
     if system:
         turns.insert(0, TextTurn(value=system, role="system"))
-    return NeMoMultimodalConversation(id=cut_id, turns=turns, token_equivalent_duration=token_equivalent_duration)
+    return NeMoMultimodalConversation(id=cut.id, turns=turns, token_equivalent_duration=token_equivalent_duration)
 
 
 class ManifestConversations:

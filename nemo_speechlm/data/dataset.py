@@ -15,43 +15,21 @@ span on its own (without the rest of the utterance as context) and defeat the ca
 from __future__ import annotations
 
 import torch
-from lhotse import CutSet, fastcopy
+from lhotse import CutSet
 from lhotse.cut import Cut
 from nemo.collections.common.data.lhotse.text_adapters import AudioTurn, TextTurn
 from nemo.collections.speechlm2.data import SALMDataset
 from nemo.collections.speechlm2.data.salm_dataset import drop_in_memory_data, left_collate_vectors
 
-from nemo_speechlm.data.feature_cache import FeatureCache, utterance_key
+from nemo_speechlm.data.feature_cache import FeatureCache
+from nemo_speechlm.data.utterance import (  # noqa: F401  (speech_span, source_utterance: their home is data.utterance)
+    SPAN_SOURCE_DURATION,
+    SPAN_SOURCE_START,
+    source_utterance,
+    speech_span,
+    utterance_key,
+)
 from nemo_speechlm.parts.prompting import encode_messages
-
-SPAN_SOURCE_START = "span_source_start"
-SPAN_SOURCE_DURATION = "span_source_duration"
-
-
-def speech_span(utterance: Cut, start: float, end: float, tolerance: float = 0.1) -> Cut:
-    """The part ``[start, end)`` seconds of ``utterance`` (a lhotse cut by time), remembering its utterance.
-
-    ``end`` may pass the utterance's end by ``tolerance`` (rounded alignment times, as in
-    ``validate_words``); the span is clipped to the audio.
-    """
-    end = min(end, utterance.duration) if end <= utterance.duration + tolerance else end
-    if not 0.0 <= start < end <= utterance.duration:
-        raise ValueError(f"Span [{start}, {end}) s is outside utterance {utterance.id} ({utterance.duration} s).")
-    span = utterance.truncate(offset=start, duration=end - start)
-    span.id = f"{utterance.id}_{start:.2f}_{end:.2f}"
-    span.custom = {**(span.custom or {}), SPAN_SOURCE_START: utterance.start, SPAN_SOURCE_DURATION: utterance.duration}
-    return span
-
-
-def source_utterance(cut: Cut) -> tuple[Cut, float, float]:
-    """The whole utterance a locator's cut belongs to, and the cut's start/end inside it."""
-    custom = cut.custom or {}
-    if SPAN_SOURCE_START not in custom:
-        return cut, 0.0, float("inf")
-    start, duration = custom[SPAN_SOURCE_START], custom[SPAN_SOURCE_DURATION]
-    source = fastcopy(cut, id=f"{cut.recording.id}_{start:.4f}", start=start, duration=duration, supervisions=[], custom={})
-    return source, cut.start - start, cut.end - start
-
 
 def as_text_messages(conversation) -> list[dict]:
     """``{"role", "content"}`` messages with each audio turn read as its text (same-role turns concatenated)."""

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from nemo.utils import logging
 
+from nemo_speechlm.data.utterance import source_utterance, utterance_key
 from nemo_speechlm.errors import ConfigError
 
 # Filled in after the encoder is built or restored: not part of what it computes.
@@ -49,13 +50,6 @@ def encoder_fingerprint(perception: torch.nn.Module, perception_cfg: DictConfig)
             # as bytes; the bytes of every other tensor are unchanged, and so are existing fingerprints.
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def utterance_key(cut: Cut) -> str:
-    """Key of the audio a cut covers: source file (or recording id), offset and duration."""
-    sources = cut.recording.sources
-    source = sources[0].source if sources and sources[0].type == "file" else cut.recording.id
-    return hashlib.sha1(f"{os.path.abspath(source)}|{cut.start:.4f}|{cut.duration:.4f}".encode()).hexdigest()
 
 
 class FeatureCache:
@@ -127,8 +121,6 @@ def _audio_turns(data_cfg: DictConfig):
     """``(whole utterance cut, start s, end s, turn)`` for every audio turn of the train/validation data (one pass)."""
     from nemo.collections.common.data.lhotse.cutset import read_cutset_from_config
     from nemo.collections.common.data.lhotse.text_adapters import AudioTurn
-
-    from nemo_speechlm.data.dataset import source_utterance
 
     for split in ("train_ds", "validation_ds"):
         if data_cfg.get(split) is None:

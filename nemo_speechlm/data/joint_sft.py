@@ -51,14 +51,14 @@ TEXT_SFT, ASR_AST, SQA, MIXED_MODAL = "joint_text_sft", "joint_asr_ast", "joint_
 SOURCE_FIELD = "source"
 ASR_TASKS = ("asr",)
 AST_TASKS = ("ast", "s2t_translation")
-# Canary language codes -> the names its instructions use.
+# Canary language codes -> the names its instructions use (training and evaluation share this table).
 LANGUAGES = {
     "en": "English", "de": "German", "es": "Spanish", "fr": "French", "it": "Italian", "pt": "Portuguese",
     "nl": "Dutch", "ru": "Russian", "pl": "Polish", "uk": "Ukrainian", "ja": "Japanese", "zh": "Chinese",
     "ko": "Korean", "ar": "Arabic", "hi": "Hindi", "tr": "Turkish", "sv": "Swedish", "da": "Danish",
     "fi": "Finnish", "cs": "Czech", "el": "Greek", "hu": "Hungarian", "ro": "Romanian", "bg": "Bulgarian",
 }
-PNC_VALUES = {"yes": True, "true": True, "no": False, "false": False}
+PNC_VALUES = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
 
 
 # ------------------------------------------------------------------ instructions

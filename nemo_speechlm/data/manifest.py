@@ -15,18 +15,9 @@ from typing import Iterator
 
 import soundfile
 
-from nemo_speechlm.errors import InputError
+from nemo_speechlm.errors import ManifestError  # noqa: F401  (its home is errors.py, low enough for parts.cli)
 
 log = logging.getLogger(__name__)
-
-
-class ManifestError(InputError):
-    """A manifest line is malformed; the message names the file, the line and the field."""
-
-    def __init__(self, path: str | Path, line: int, problem: str, field_name: str | None = None):
-        where = f"{path}:{line}" + (f" field '{field_name}'" if field_name else "")
-        super().__init__(f"{where}: {problem}")
-        self.path, self.line, self.field = str(path), line, field_name
 
 
 @dataclass

@@ -361,7 +361,7 @@ def _check_resolver():
     """``task_checks.resolve_check``, imported late: the catalog must load (for behavior
     generation) even where the evaluation package is absent; then checks go unvalidated."""
     try:
-        from nemo_speechlm.evaluation.task_checks import resolve_check
+        from nemo_speechlm.data.task_checks import resolve_check
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("nemo_speechlm.evaluation"):
             return None

@@ -1,6 +1,11 @@
-"""Evaluation: text metrics (WER/CER, BLEU, chrF, ROUGE-L, exact match, transcript copies)
-and per-task "task-following" checks used to score a speech LLM's answers."""
-from nemo_speechlm.evaluation.metrics import (
+"""Evaluation jobs: the generalization benchmark (``benchmark*``), the standard evaluations
+(``standard``) and listening diagnostics (``listening``).
+
+The text metrics (:mod:`nemo_speechlm.parts.metrics`) and the per-task "task-following" checks
+(:mod:`nemo_speechlm.data.task_checks`) live lower down, since training data and data generation use
+them too; they are re-exported here."""
+from nemo_speechlm.data.task_checks import TASK_CHECKS, resolve_check, run_check
+from nemo_speechlm.parts.metrics import (
     bleu,
     char_error_rate,
     chrf,
@@ -13,7 +18,6 @@ from nemo_speechlm.evaluation.metrics import (
     utterance_wer,
     word_error_rate,
 )
-from nemo_speechlm.evaluation.task_checks import TASK_CHECKS, resolve_check, run_check
 
 __all__ = [
     "TASK_CHECKS",

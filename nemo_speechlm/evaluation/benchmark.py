@@ -7,7 +7,8 @@ per task deterministically from ``seed``. Systems answer every item:
 
 * each speech model (``.nemo``): the prompt with ``{input}`` replaced by the audio locator;
 * ``cascade`` (when an ASR model is given): the text LLM on the ASR transcript;
-* ``text_upper_bound``: the text LLM (the first model's LLM, LoRA off) on the transcript.
+* ``text_upper_bound``: the text LLM (the first model's base LLM: LoRA off, or reloaded when it
+  was fine-tuned without LoRA) on the transcript.
   Its answer is also the *reference* every system is scored against, so it scores
   ROUGE-L 1 by definition; it is reported for its task-following and ground-truth scores.
 
@@ -20,212 +21,53 @@ ground-truth manifest field where the task has one and the line has the field.
 
 Outputs in ``out_dir``: ``references.jsonl`` (cached text-LLM answers), ``asr_transcripts.jsonl``
 (cascade only), ``predictions.jsonl``, ``metrics.json``, ``results.md`` and ``splits.png``.
-Every answer file is written through :func:`~nemo_speechlm.generation.runner.run_resumable`,
+Every answer file is written through :func:`~nemo_speechlm.parts.runner.run_resumable`,
 so rerunning the same command continues an interrupted run and recomputes nothing.
+
+This module runs the jobs and holds the command line; the pieces are ``benchmark_items`` (what is
+asked), ``benchmark_systems`` (who answers), ``benchmark_scoring`` (scores and their aggregation)
+and ``benchmark_report`` (``results.md`` and ``splits.png``).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import json
 import logging
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
-from nemo_speechlm.data.manifest import ManifestEntry, SkipSummary, read_manifest
-from nemo_speechlm.data.task_catalog import EVALUATION_SPLITS, Task, TaskCatalog
+from nemo_speechlm.data.audio import load_entry_audio
+from nemo_speechlm.data.manifest import SkipSummary
+from nemo_speechlm.data.task_catalog import EVALUATION_SPLITS, TaskCatalog
 from nemo_speechlm.errors import InputError
-from nemo_speechlm.evaluation.metrics import (
-    bleu,
-    char_error_rate,
-    chrf,
-    is_transcript_copy,
-    rouge_l,
-    sentence_bleu,
-    sentence_chrf,
-    utterance_wer,
-    word_error_rate,
+from nemo_speechlm.evaluation.benchmark_items import TRANSCRIPT_FIELD, benchmark_items, copy_expected, ground_truth_of
+from nemo_speechlm.evaluation.benchmark_report import SPLIT_TITLES, plot_splits, summary_table, write_results_md
+from nemo_speechlm.evaluation.benchmark_scoring import aggregate, score_answer, summarize_lines
+from nemo_speechlm.evaluation.benchmark_systems import (
+    CASCADE,
+    UPPER_BOUND,
+    Answerer,
+    LazyModel,
+    audio_input,
+    speech_answerer,
+    task_caps,
+    text_answerer,
 )
-from nemo_speechlm.evaluation.task_checks import run_check
-from nemo_speechlm.generation.behaviors import utterance_id
-from nemo_speechlm.generation.runner import RunSummary, run_resumable
+from nemo_speechlm.models.loading import load_asr_model, load_model
+from nemo_speechlm.parts.device import resolve_device
+from nemo_speechlm.parts.runner import RunSummary, run_resumable
+
+__all__ = [  # the public names, wherever they live (benchmark_items, _scoring, _systems, _report)
+    "CASCADE", "SPLIT_TITLES", "UPPER_BOUND", "add_arguments", "aggregate", "benchmark_items", "copy_expected",
+    "ground_truth_of", "main", "parse_model_specs", "plot_splits", "run_benchmark", "score_answer",
+    "summarize_lines", "summary_table", "write_reports", "write_results_md",
+]
 
 log = logging.getLogger(__name__)
 
-UPPER_BOUND = "text_upper_bound"
-CASCADE = "cascade"
-TRANSCRIPT_FIELD = "text"
-SPLIT_TITLES = {
-    "seen_task_seen_prompt": "Seen task, seen prompt",
-    "seen_task_heldout_prompt": "Seen task, held-out prompt (prompt generalization)",
-    "heldout_task": "Held-out task (task generalization)",
-}
 CONFIG_FILE = "benchmark_config.json"
-_GT_METRICS = ("gt_wer", "gt_cer", "gt_bleu", "gt_chrf")
-_GT_LABELS = {"gt_wer": "WER vs ground truth", "gt_cer": "CER vs ground truth",
-              "gt_bleu": "BLEU vs ground truth", "gt_chrf": "chrF vs ground truth"}
-
-
-# --------------------------------------------------------------------------- items
-
-
-def benchmark_items(
-    manifest: str | Path,
-    catalog: TaskCatalog,
-    splits: Sequence[str] = EVALUATION_SPLITS,
-    prompts_per_task: int | None = 2,
-    seed: int = 0,
-    skipped: SkipSummary | None = None,
-) -> list[dict]:
-    """One item ``{"key", "utt", "entry", "prompt", "split"}`` per valid utterance x evaluation prompt.
-
-    Bad manifest lines (e.g. missing audio) are skipped and counted in ``skipped``: one
-    broken file should not cost a whole benchmark run.
-    """
-    for split in splits:
-        if split not in EVALUATION_SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected some of {', '.join(EVALUATION_SPLITS)}")
-    prompts = [(split, p) for split in splits for p in catalog.evaluation_prompts(split, prompts_per_task, seed)]
-    items = []
-    for entry in read_manifest(manifest, skip_invalid=True, summary=skipped):
-        utt = utterance_id(entry)
-        for split, prompt in prompts:
-            items.append({"key": f"{utt}|{prompt.id}", "utt": utt, "entry": entry, "prompt": prompt, "split": split})
-    return items
-
-
-# --------------------------------------------------------------------------- scores
-
-
-def copy_expected(task: Task) -> bool:
-    """Whether answering with the transcript is right for this task (repeat, fix the grammar)."""
-    gt_is_transcript = task.ground_truth is not None and task.ground_truth.field == TRANSCRIPT_FIELD
-    return gt_is_transcript or task.check.get("name") == "close_to_input"
-
-
-def ground_truth_of(task: Task, entry: ManifestEntry | dict) -> str | None:
-    """The manifest's ground-truth text for this task, or None when the task or the line has none."""
-    if task.ground_truth is None:
-        return None
-    value = entry.get(task.ground_truth.field)
-    return value if isinstance(value, str) and value.strip() else None
-
-
-def score_answer(task: Task, prediction: str, reference: str, transcript: str, ground_truth: str | None) -> dict:
-    """All per-item scores of one answer (see the module docstring for their meaning)."""
-    scores = {
-        "rouge_l": rouge_l(reference, prediction),
-        "chrf": sentence_chrf(reference, prediction),
-        "follows_task": run_check(task.check, prediction, transcript),
-        "transcript_copy": is_transcript_copy(prediction, transcript),
-    }
-    if ground_truth is not None:
-        metric = task.ground_truth.metric
-        if metric == "wer":
-            scores["gt_wer"] = utterance_wer(ground_truth, prediction)
-        elif metric == "cer":
-            scores["gt_cer"] = char_error_rate([ground_truth], [prediction])["cer"]
-        elif metric == "bleu":
-            scores["gt_bleu"] = sentence_bleu(ground_truth, prediction)
-        elif metric == "chrf":
-            scores["gt_chrf"] = sentence_chrf(ground_truth, prediction)
-    return scores
-
-
-# --------------------------------------------------------------------------- systems
-
-
-class _LazyModel:
-    """Load a model only when a job first needs it, so a fully cached rerun loads nothing."""
-
-    def __init__(self, load: Callable[[], Any]) -> None:
-        self._load, self._model = load, None
-
-    def get(self) -> Any:
-        if self._model is None:
-            self._model = self._load()
-        return self._model
-
-    def release(self) -> None:
-        self._model = None
-        gc.collect()
-
-
-def _load_speech_model(path: str, device: str):
-    import torch
-
-    from nemo_speechlm.models import SpeechLMModel
-    from nemo_speechlm.parts.checkpoint import restore_checked
-
-    model = restore_checked(SpeechLMModel, path, map_location=torch.device(device))
-    return model.to(device).eval()
-
-
-def _load_asr_model(name_or_path: str, device: str):
-    import torch
-    from nemo.collections.asr.models import ASRModel
-
-    if name_or_path.endswith(".nemo") or Path(name_or_path).exists():
-        model = ASRModel.restore_from(name_or_path, map_location=torch.device(device))
-    else:
-        model = ASRModel.from_pretrained(name_or_path, map_location=torch.device(device))
-    return model.to(device).eval()
-
-
-def _text_llm(model):
-    """The model's LLM as a plain text LLM: LoRA adapters off where there are any."""
-    return model.llm.disable_adapter() if hasattr(model.llm, "disable_adapter") else contextlib.nullcontext()
-
-
-def _audio_input(entry: ManifestEntry, sample_rate: int):
-    """A path for whole files; the segment's waveform where the line has an ``offset``."""
-    return _load_segment(entry, sample_rate) if "offset" in entry.data else entry["audio_filepath"]
-
-
-def _load_segment(entry: ManifestEntry, sample_rate: int):
-    """Mono waveform (numpy) of the line's ``offset``/``duration`` segment at ``sample_rate``."""
-    from lhotse import Recording
-
-    recording = Recording.from_file(entry["audio_filepath"]).resample(sample_rate)
-    offset = float(entry.get("offset") or 0.0)
-    return recording.load_audio(offset=offset, duration=float(entry["duration"])).mean(axis=0)
-
-
-Answerer = Callable[[list[dict], list[int]], list[str]]  # (items, per-item token caps) -> answers
-
-
-def _task_caps(items: list[dict], catalog: TaskCatalog, max_new_tokens: int) -> list[int]:
-    """Each item's token cap: its task's own, within the run's ``max_new_tokens`` (one batch may mix caps)."""
-    caps = [catalog.task(item["prompt"].task).max_new_tokens for item in items]
-    return [min(max_new_tokens, cap or max_new_tokens) for cap in caps]
-
-
-def _text_answerer(model: _LazyModel, texts: Callable[[dict], str], settings: dict):
-    """Text LLM answers to the prompt rendered with ``texts(item)`` in place of ``{input}``."""
-
-    def answer(items: list[dict], caps: list[int]) -> list[str]:
-        m = model.get()
-        prompts = [item["prompt"].render(texts(item)) for item in items]
-        with _text_llm(m):
-            return m.respond([None] * len(items), prompts, max_new_tokens=caps, **settings)
-
-    return answer
-
-
-def _speech_answerer(model: _LazyModel, settings: dict):
-    """Speech model answers: the prompt with the audio locator in place of ``{input}``."""
-
-    def answer(items: list[dict], caps: list[int]) -> list[str]:
-        m = model.get()
-        prompts = [item["prompt"].render(m.audio_locator_tag) for item in items]
-        audios = [_audio_input(item["entry"], m.sampling_rate) for item in items]
-        return m.respond(audios, prompts, max_new_tokens=caps, **settings)
-
-    return answer
 
 
 # --------------------------------------------------------------------------- jobs
@@ -243,12 +85,12 @@ class _Job:
 
     def answer(self, items: list[dict], answer: Answerer) -> list[str]:
         """``answer``'s texts for ``items``, each capped at its task's token cap."""
-        return answer(items, _task_caps(items, self.catalog, self.max_new_tokens))
+        return answer(items, task_caps(items, self.catalog, self.max_new_tokens))
 
 
-def _generate_references(items: list[dict], llm: _LazyModel, job: _Job) -> tuple[dict[str, str], RunSummary]:
+def _generate_references(items: list[dict], llm: LazyModel, job: _Job) -> tuple[dict[str, str], RunSummary]:
     """The text upper bound's answers, cached in ``references.jsonl`` (reruns reuse them)."""
-    answer = _text_answerer(llm, lambda item: item["entry"][TRANSCRIPT_FIELD], job.settings)
+    answer = text_answerer(llm, lambda item: item["entry"][TRANSCRIPT_FIELD], job.settings)
 
     def process(batch: list[dict]) -> list[dict]:
         texts = job.answer(batch, answer)
@@ -260,16 +102,16 @@ def _generate_references(items: list[dict], llm: _LazyModel, job: _Job) -> tuple
     return {r["key"]: r["reference"] for r in _read_jsonl(path)}, summary
 
 
-def _transcribe(items: list[dict], asr: _LazyModel, job: _Job) -> tuple[dict[str, str], RunSummary]:
+def _transcribe(items: list[dict], asr: LazyModel, job: _Job) -> tuple[dict[str, str], RunSummary]:
     """ASR transcripts per utterance for the cascade, cached in ``asr_transcripts.jsonl``."""
     utterances = list({item["utt"]: {"utt": item["utt"], "entry": item["entry"]} for item in items}.values())
 
     def process(batch: list[dict]) -> list[dict]:
         model = asr.get()
         sample_rate = model.cfg.preprocessor.sample_rate
-        audio = [_audio_input(u["entry"], sample_rate) for u in batch]
+        audio = [audio_input(u["entry"], sample_rate) for u in batch]
         if any(not isinstance(a, str) for a in audio):  # transcribe() takes paths or arrays, not a mix
-            audio = [_load_segment(u["entry"], sample_rate) for u in batch]
+            audio = [load_entry_audio(u["entry"], sample_rate) for u in batch]
         texts = _hypothesis_texts(model.transcribe(audio, batch_size=job.batch_size, verbose=False, num_workers=0))
         return [{"utt": u["utt"], "audio_filepath": u["entry"]["audio_filepath"], "asr_transcript": t}
                 for u, t in zip(batch, texts)]
@@ -311,19 +153,19 @@ def _predict(system: str, items: list[dict], answer: Answerer | None,
 
 def _run_systems(items: list[dict], models: dict[str, str], asr_model: str | None, device: str, job: _Job) -> dict:
     """References, then every system's predictions; each model is loaded only if it has work left."""
-    loaded = {name: _LazyModel(lambda p=path: _load_speech_model(p, device)) for name, path in models.items()}
+    loaded = {name: LazyModel(lambda p=path: load_model(p, device)) for name, path in models.items()}
     text_llm = loaded[next(iter(models))]
     references, summary = _generate_references(items, text_llm, job)
     runs = {"references": summary.to_dict()}
     if asr_model:
-        asr = _LazyModel(lambda: _load_asr_model(asr_model, device))
+        asr = LazyModel(lambda: load_asr_model(asr_model, device))
         transcripts, summary = _transcribe(items, asr, job)
         asr.release()
         runs["asr_transcripts"] = summary.to_dict()
-        answer = _text_answerer(text_llm, lambda item: transcripts[item["utt"]], job.settings)
+        answer = text_answerer(text_llm, lambda item: transcripts[item["utt"]], job.settings)
         runs[CASCADE] = _predict(CASCADE, items, answer, references, job)
     for name, model in loaded.items():
-        runs[name] = _predict(name, items, _speech_answerer(model, job.settings), references, job)
+        runs[name] = _predict(name, items, speech_answerer(model, job.settings), references, job)
         model.release()
     runs[UPPER_BOUND] = _predict(UPPER_BOUND, items, None, references, job)
     return runs
@@ -354,184 +196,6 @@ def _read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-# --------------------------------------------------------------------------- aggregation
-
-
-def summarize_lines(lines: list[dict]) -> dict:
-    """Means and counts of one group of prediction lines (a split, a task, or both).
-
-    ROUGE-L, chrF, follows_task: means over items. ``transcript_copy``: share of copies
-    among items where a copy is a failure (None if none); copies on tasks that expect
-    them are counted apart. Ground-truth metrics are corpus-level (total edits / total
-    words; corpus BLEU) over the items that have one, with their count.
-    """
-    n = len(lines)
-    out: dict[str, Any] = {"count": n}
-    for name in ("rouge_l", "chrf", "follows_task"):
-        out[name] = _mean([float(l["scores"][name]) for l in lines])
-    failing = [l for l in lines if not l["copy_expected"]]
-    expected = [l for l in lines if l["copy_expected"]]
-    out["transcript_copy"] = _mean([float(l["scores"]["transcript_copy"]) for l in failing])
-    out["transcript_copy_count"] = len(failing)
-    out["transcript_copy_where_expected"] = _mean([float(l["scores"]["transcript_copy"]) for l in expected])
-    for metric in _GT_METRICS:
-        scored = [l for l in lines if metric in l["scores"]]
-        if scored:
-            refs = [l["ground_truth"]["text"] for l in scored]
-            hyps = [l["prediction"] for l in scored]
-            out[metric] = _corpus_metric(metric, refs, hyps)
-            out[f"{metric}_count"] = len(scored)
-    return out
-
-
-def _corpus_metric(metric: str, refs: list[str], hyps: list[str]) -> float:
-    if metric == "gt_wer":
-        return word_error_rate(refs, hyps)["wer"]
-    if metric == "gt_cer":
-        return char_error_rate(refs, hyps)["cer"]
-    if metric == "gt_bleu":
-        return bleu(refs, hyps)
-    return chrf(refs, hyps)
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def aggregate(lines: list[dict], systems: Sequence[str], splits: Sequence[str]) -> dict:
-    """Per system: overall, per split (all tasks and per task) and per task summaries."""
-    by_system: dict[str, list[dict]] = defaultdict(list)
-    for line in lines:
-        by_system[line["system"]].append(line)
-    result = {}
-    for system in systems:
-        own = by_system.get(system, [])
-        per_split = {}
-        for split in splits:
-            in_split = [l for l in own if l["split"] == split]
-            per_split[split] = {"all": summarize_lines(in_split), "tasks": _per_task(in_split)}
-        result[system] = {"overall": summarize_lines(own), "splits": per_split, "tasks": _per_task(own)}
-    return result
-
-
-def _per_task(lines: list[dict]) -> dict:
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for line in lines:
-        groups[line["task"]].append(line)
-    return {task: summarize_lines(group) for task, group in groups.items()}
-
-
-# --------------------------------------------------------------------------- reports
-
-
-def _fmt(value: float | None, kind: str) -> str:
-    if value is None:
-        return "–"
-    if kind == "rate":
-        return f"{100 * value:.0f}%"
-    if kind == "wer":
-        return f"{100 * value:.1f}%" if math.isfinite(value) else "inf"
-    if kind == "score100":
-        return f"{value:.1f}"
-    return f"{value:.3f}"
-
-
-_ROWS = [("rouge_l", "ROUGE-L", "score"), ("chrf", "chrF", "score100"), ("follows_task", "follows task", "rate"),
-         ("transcript_copy", "transcript copy", "rate"), ("gt_wer", _GT_LABELS["gt_wer"], "wer"),
-         ("gt_cer", _GT_LABELS["gt_cer"], "wer"), ("gt_bleu", _GT_LABELS["gt_bleu"], "score100"),
-         ("gt_chrf", _GT_LABELS["gt_chrf"], "score100")]
-
-
-def summary_table(metrics: dict) -> str:
-    """Markdown: per split, each system's mean ROUGE-L vs the reference (task-following rate)."""
-    systems = list(metrics["systems"])
-    rows = [f"| Split | n | {' | '.join(systems)} |", "|---|---:|" + "---:|" * len(systems)]
-    for split in metrics["config"]["splits"]:
-        cells = []
-        for system in systems:
-            s = metrics["systems"][system]["splits"][split]["all"]
-            cells.append(f"{_fmt(s['rouge_l'], 'score')} ({_fmt(s['follows_task'], 'rate')})")
-        count = metrics["systems"][systems[0]]["splits"][split]["all"]["count"]
-        rows.append(f"| {SPLIT_TITLES[split]} | {count} | {' | '.join(cells)} |")
-    return "\n".join(rows)
-
-
-def _split_table(metrics: dict, split: str) -> str:
-    systems = list(metrics["systems"])
-    rows = [f"| Task | n | Metric | {' | '.join(systems)} |", "|---|---:|---|" + "---:|" * len(systems)]
-    first = metrics["systems"][systems[0]]["splits"][split]
-    groups = [("**all tasks**", "all")] + [(task, task) for task in first["tasks"]]
-    for label, name in groups:
-        summaries = [_group(metrics["systems"][s]["splits"][split], name) for s in systems]
-        shown = False
-        for key, metric_label, kind in _ROWS:
-            if all(s.get(key) is None for s in summaries):
-                continue
-            if key == "transcript_copy" and name != "all" and summaries[0].get("transcript_copy_count") == 0:
-                continue
-            head = f"{label} | {summaries[0].get('count', 0)}" if not shown else " | "
-            if key in _GT_METRICS and name == "all":  # scored on a subset of the split's items
-                metric_label += f" (n={summaries[0].get(f'{key}_count', 0)})"
-            rows.append(f"| {head} | {metric_label} | {' | '.join(_fmt(s.get(key), kind) for s in summaries)} |")
-            shown = True
-        if name != "all" and summaries[0].get("transcript_copy_count") == 0 and summaries[0].get("count"):
-            cells = " | ".join(_fmt(s.get("transcript_copy_where_expected"), "rate") for s in summaries)
-            rows.append(f"|  |  | transcript copy (expected, not a failure) | {cells} |")
-    return "\n".join(rows)
-
-
-def _group(split_metrics: dict, name: str) -> dict:
-    return split_metrics["all"] if name == "all" else split_metrics["tasks"].get(name, {})
-
-
-def write_results_md(metrics: dict, path: Path) -> None:
-    """``results.md``: the split summary, then one table per split with tasks as rows, systems side by side."""
-    cfg = metrics["config"]
-    skipped = metrics["skipped_lines"]["total"]
-    parts = [
-        "# Generalization benchmark",
-        "",
-        f"Manifest `{cfg['manifest']}`: {cfg['utterances']} utterances, {skipped} bad line(s) skipped; catalog "
-        f"`{cfg['catalog']}`; {cfg['prompts_per_task'] or 'all'} prompt(s) per task and split, seed {cfg['seed']}.",
-        "",
-        "Reference for every item: the text LLM's answer to the transcript under the same prompt "
-        f"(`{UPPER_BOUND}`, which matches it by definition). ROUGE-L (0-1) and chrF (0-100) are against "
-        "that reference; *follows task* is the task's check; *transcript copy* is the share of answers "
-        "that only repeat the transcript (a failure, except for tasks that ask for it); ground-truth "
-        "metrics are corpus-level against the manifest field named by the task.",
-        "",
-        "## Summary: mean ROUGE-L (task-following rate)",
-        "",
-        summary_table(metrics),
-    ]
-    for split in cfg["splits"]:
-        parts += ["", f"## {SPLIT_TITLES[split]}", "", _split_table(metrics, split)]
-    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
-
-
-def plot_splits(metrics: dict, path: Path) -> None:
-    """``splits.png``: mean ROUGE-L and task-following rate per split, systems side by side."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    systems, splits = list(metrics["systems"]), metrics["config"]["splits"]
-    fig = Figure(figsize=(5 + 1.2 * len(splits) * len(systems) / 2, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    width = 0.8 / len(systems)
-    for ax, key, title in zip(fig.subplots(1, 2), ("rouge_l", "follows_task"),
-                              ("ROUGE-L vs text upper bound", "Task-following rate")):
-        for i, system in enumerate(systems):
-            values = [metrics["systems"][system]["splits"][s]["all"][key] or 0.0 for s in splits]
-            xs = [x + (i - (len(systems) - 1) / 2) * width for x in range(len(splits))]
-            ax.bar(xs, values, width, label=system)
-        ax.set_xticks(range(len(splits)), [SPLIT_TITLES[s].split(" (")[0].replace(", ", ",\n") for s in splits])
-        ax.set_ylim(0, 1.05)
-        ax.set_title(title)
-    handles, labels = fig.axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(systems), fontsize="small")
-    fig.savefig(path, dpi=120)
 
 
 def _json_safe(value):
@@ -605,7 +269,7 @@ def run_benchmark(
     catalog = catalog if isinstance(catalog, TaskCatalog) else TaskCatalog.load(catalog)
     if tasks:
         catalog = catalog.select(tasks)  # an unknown name raises UnknownTaskError listing the known tasks
-    device = _resolve_device(device)
+    device = str(resolve_device(device))
     out_dir = Path(out_dir)
     skipped = SkipSummary()
     items = benchmark_items(manifest, catalog, splits, prompts_per_task, seed, skipped)
@@ -671,14 +335,6 @@ def write_reports(items: list[dict], systems: list[str], config: dict, skipped: 
     return metrics
 
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # --------------------------------------------------------------------------- CLI
 
 
@@ -701,7 +357,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's flags (for a subcommand of ``examples/evaluate.py``)."""
     parser.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH.nemo",
                         help="speech LLM to evaluate; repeat to compare models side by side (the first one's "
-                             "LLM, LoRA off, gives the references)")
+                             "base LLM gives the references)")
     parser.add_argument("--manifest", required=True,
                         help="held-out NeMo manifest (audio_filepath, duration, text, ...)")
     parser.add_argument("--out-dir", required=True, help="output directory; rerun the same command to resume")

@@ -24,11 +24,11 @@ from typing import Sequence
 
 import numpy as np
 
+from nemo_speechlm.data.audio import load_entry_audio
 from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.errors import InputError
-from nemo_speechlm.evaluation.metrics import word_error_rate
-from nemo_speechlm.inference import load_entry_audio
 from nemo_speechlm.parts.connector_ctc import connector_transcripts
+from nemo_speechlm.parts.metrics import word_error_rate
 
 __all__ = ["CONDITIONS", "listening_diagnostics", "listening_table"]
 
@@ -133,7 +133,7 @@ def add_arguments(parser) -> None:
 
 def main(args) -> dict:
     from nemo_speechlm.data.task_catalog import TRAIN, TaskCatalog
-    from nemo_speechlm.inference import load_model
+    from nemo_speechlm.models.loading import load_model
 
     model = load_model(args.model, args.device)
     prompt = args.prompt or TaskCatalog.load().task("repeat").prompts_in(TRAIN)[0].render(model.audio_locator_tag)

@@ -18,20 +18,22 @@ Command line (through ``examples/evaluate.py``)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
-import torch
-
+from nemo_speechlm.data.joint_sft import AST_TASKS, ASR_TASKS, LANGUAGES, PNC_VALUES, canary_instruction
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
 from nemo_speechlm.data.text_sft import read_text_sft
 from nemo_speechlm.errors import InputError
-from nemo_speechlm.evaluation.metrics import (
+from nemo_speechlm.models import SpeechLMModel
+from nemo_speechlm.models.answering import answer_items, ensure_audio_locator, generation_kwargs, item_keys
+from nemo_speechlm.models.base_llm import base_llm, base_llm_description
+from nemo_speechlm.models.loading import load_model, model_id
+from nemo_speechlm.parts.metrics import (
     bleu,
     char_error_rate,
     chrf,
@@ -42,29 +44,10 @@ from nemo_speechlm.evaluation.metrics import (
     utterance_wer,
     word_error_rate,
 )
-from nemo_speechlm.generation.runner import run_resumable
-from nemo_speechlm.inference import (
-    answer_items,
-    check_run_settings,
-    ensure_audio_locator,
-    generation_kwargs,
-    item_keys,
-    load_model,
-    model_id,
-    read_records,
-)
-from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.parts.prompting import encode_messages
+from nemo_speechlm.parts.runner import check_run_settings, read_records, run_resumable
 
 MODES = ("asr", "ast", "sqa", "text-retention")
-
-LANGUAGES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish"}
-_PNC = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
-FROZEN_LLM_NOTE = (
-    "The model has no LoRA adapters and its LLM was frozen during training, so the trained model and the base LLM "
-    "are the same network on text-only prompts: agreement is expected to be perfect (1.0) unless something the "
-    "adapter changed leaks into text-only answers."
-)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -72,12 +55,11 @@ FROZEN_LLM_NOTE = (
 
 def canary_prompt(source_lang: str, target_lang: str, pnc: bool) -> str:
     """Canary/VoiceTextBlender-style instruction: "Translate the English content to German,
-    ignoring punctuations and capitalizations." (or "Transcribe the content to English, ...")."""
-    source, target = _language(source_lang), _language(target_lang)
-    style = "with punctuations and capitalizations." if pnc else "ignoring punctuations and capitalizations."
-    if source_lang == target_lang:
-        return f"Transcribe the content to {target}, {style}"
-    return f"Translate the {source} content to {target}, {style}"
+    ignoring punctuations and capitalizations." (or "Transcribe the content to English, ..."); the
+    languages and wording are the training data's (:mod:`nemo_speechlm.data.joint_sft`)."""
+    _language(source_lang), _language(target_lang)  # an unknown code fails here, saying which
+    task = ASR_TASKS[0] if source_lang == target_lang else AST_TASKS[0]
+    return canary_instruction(task, source_lang, target_lang, pnc)
 
 
 def _language(code: str) -> str:
@@ -110,9 +92,9 @@ def _pnc(entry: ManifestEntry, default: bool) -> bool:
         return default
     if isinstance(value, bool):
         return value
-    if str(value).strip().lower() not in _PNC:
+    if str(value).strip().lower() not in PNC_VALUES:
         raise ManifestError(entry.path, entry.line, f"expected yes/no (or true/false), got {value!r}", "pnc")
-    return _PNC[str(value).strip().lower()]
+    return PNC_VALUES[str(value).strip().lower()]
 
 
 # --------------------------------------------------------------------------- scoring (pure)
@@ -386,56 +368,6 @@ def respond_to_messages(
     retention needs the earlier turns as context)."""
     ids = [encode_messages(model.prompt_formatter, msgs)["context_ids"] for msgs in conversations]
     return model.complete(ids, batch_size=batch_size, **generation)
-
-
-@contextlib.contextmanager
-def base_llm(model: SpeechLMModel) -> Iterator[None]:
-    """Run the model's LLM as it was before speech training, for the forgetting check.
-
-    LoRA adapters are switched off (peft's ``disable_adapter``). Without LoRA, a frozen LLM is
-    its own base; an LLM fine-tuned without LoRA is reloaded from ``pretrained_llm``.
-    """
-    if hasattr(model.llm, "disable_adapter"):
-        with model.llm.disable_adapter():
-            yield
-        return
-    if not _llm_was_trained(model):
-        yield
-        return
-    trained = model.llm
-    model.llm = _load_base_llm(model)
-    try:
-        yield
-    finally:
-        model.llm = trained
-
-
-def base_llm_description(model: SpeechLMModel) -> str:
-    """What :func:`base_llm` compares with, in words for the metrics file."""
-    if hasattr(model.llm, "disable_adapter"):
-        return "the same model with its LoRA adapters disabled"
-    if not _llm_was_trained(model):
-        return FROZEN_LLM_NOTE
-    return f"the LLM reloaded from pretrained_llm={model.cfg.pretrained_llm} (the LLM was fine-tuned without LoRA)"
-
-
-def _llm_was_trained(model) -> bool:
-    return any(p.requires_grad for p in model.llm.parameters())
-
-
-def _load_base_llm(model) -> torch.nn.Module:
-    from nemo_speechlm.parts.llm import load_llm, resolve_llm_source
-
-    if getattr(model, "_base_llm_cache", None) is None:
-        source = model.cfg.pretrained_llm
-        try:
-            llm = load_llm(resolve_llm_source(source))
-        except Exception as e:
-            raise RuntimeError(f"The LLM was fine-tuned without LoRA, so the base LLM must be loaded from "
-                               f"pretrained_llm={source!r}, which failed: {e}") from e
-        dtype = next(model.llm.parameters()).dtype
-        object.__setattr__(model, "_base_llm_cache", llm.to(model.device, dtype).eval())  # not a registered submodule
-    return model._base_llm_cache
 
 
 def evaluate_text_retention(

@@ -11,11 +11,10 @@ Config keys (``nemo_speechlm/conf/mtbi.yaml``): ``mtbi.ce_weight``, ``mtbi.kl_we
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
+from nemo_speechlm.models.base_llm import lora_disabled
 from nemo_speechlm.models.speechlm_model import IGNORE_INDEX, SpeechLMModel, cross_entropy
 
 
@@ -53,12 +52,8 @@ class MTBIModel(SpeechLMModel):
         """Logits of the original text LLM (LoRA off) on the transcript version, and its shifted targets."""
         embeds = self.embed_text(input_ids)
         attention_mask = input_ids != self.text_pad_id
-        with self._adapters_disabled():
+        with lora_disabled(self.llm):
             return self.response_logits(embeds[:, :-1], attention_mask[:, :-1], input_ids.where(loss_mask, IGNORE_INDEX)[:, 1:])
-
-    def _adapters_disabled(self):
-        return self.llm.disable_adapter() if hasattr(self.llm, "disable_adapter") else contextlib.nullcontext()
-
 
 def token_kl(
     student_logits: torch.Tensor,

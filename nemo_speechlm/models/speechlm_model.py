@@ -29,10 +29,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
 from nemo_speechlm.data.audio import check_audio_length, read_audio
-from nemo_speechlm.generation.decoding import cut_at_stop, decode, end_token_ids, length_sorted_batches, sampler
 from nemo_speechlm.modules.ctc_readout import CTCReadout
 from nemo_speechlm.modules.perception import build_perception
 from nemo_speechlm.parts.checkpoint import stamp_checkpoint_format
+from nemo_speechlm.parts.decoding import cut_at_stop, decode, end_token_ids, length_sorted_batches, sampler
 from nemo_speechlm.parts.llm import load_llm, load_tokenizer, pack_llm_files, resolve_llm_source, unpack_llm_files
 from nemo_speechlm.parts.prompting import encode_messages, resolve_prompt_formatter
 

@@ -24,8 +24,7 @@ from nemo.core.config import hydra_runner
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from nemo_speechlm.data.manifest import ManifestError
-from nemo_speechlm.errors import InputError
+from nemo_speechlm.errors import InputError, ManifestError
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "NEMO_SPEECHLM_DEBUG"

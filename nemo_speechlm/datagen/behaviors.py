@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterator
 
-from nemo_speechlm.data.manifest import ManifestEntry, SkipSummary, read_manifest
+from nemo_speechlm.data.manifest import SkipSummary, read_manifest
 from nemo_speechlm.data.task_catalog import TaskCatalog
+from nemo_speechlm.data.utterance import utterance_id
+from nemo_speechlm.datagen.chat_generator import ChatGenerator
+from nemo_speechlm.datagen.filters import degenerate_reason
 from nemo_speechlm.errors import InputError
-from nemo_speechlm.generation.chat_generator import ChatGenerator
-from nemo_speechlm.generation.filters import degenerate_reason
-from nemo_speechlm.generation.runner import Outcome, Rejected
+from nemo_speechlm.parts.runner import Outcome, Rejected
 
 # Manifest fields copied into each behavior line (plus anything else the line has).
 _RESERVED = ("key", "task", "prompt", "prompt_id", "response", "split", "teacher")
@@ -36,11 +37,6 @@ def behavior_items(
         utt_id = utterance_id(entry)
         for prompt in catalog.sample_training_prompts(utt_id, n_tasks, prompts_per_task, seed=seed):
             yield {"key": f"{utt_id}|{prompt.id}", "entry": entry, "prompt": prompt}
-
-
-def utterance_id(entry: ManifestEntry) -> str:
-    """Stable id of a manifest line: its audio and offset (line numbers shift when files are edited)."""
-    return f"{entry['audio_filepath']}@{float(entry.get('offset', 0.0) or 0.0):.3f}"
 
 
 def behavior_job(

@@ -279,3 +279,40 @@ def _write_summary(output_path: Path, summary: RunSummary) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- run files
+
+SETTINGS_SUFFIX = ".settings.json"
+
+
+def check_run_settings(output_path: str | Path, settings: dict) -> None:
+    """Refuse to resume into an output written with other settings (model, prompt, decoding):
+    the old predictions would be silently mixed with new ones. Writes ``<output>.settings.json``."""
+    path = Path(str(output_path) + SETTINGS_SUFFIX)
+    settings = json.loads(json.dumps(settings))  # normalize tuples etc. for the comparison
+    if path.is_file() and Path(output_path).is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            diff = "; ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise InputError(
+                f"{output_path} holds predictions made with other settings ({diff})",
+                f"use another output location, or delete {output_path} and {path} to start over",
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_records(path: str | Path, keys: Sequence) -> list[dict]:
+    """The output records for ``keys``, in that order (a predictions file may hold them in any order)."""
+    by_key = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                by_key[record["key"]] = record
+    missing = [k for k in keys if k not in by_key]
+    if missing:
+        raise InputError(f"{path}: no prediction for {len(missing)} items (e.g. {missing[0]!r})", "rerun to complete it")
+    return [by_key[k] for k in keys]

@@ -21,7 +21,8 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 
 from nemo_speechlm.errors import InputError
-from nemo_speechlm.generation.decoding import decode, end_token_ids, length_sorted_batches, sampler
+from nemo_speechlm.parts.decoding import decode, end_token_ids, length_sorted_batches, sampler
+from nemo_speechlm.parts.device import resolve_device
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -50,7 +51,7 @@ class ChatGenerator(Protocol):
 
 
 class HFChatGenerator:
-    """Batched decoding (:func:`nemo_speechlm.generation.decoding.decode`: KV cache, each row leaves
+    """Batched decoding (:func:`nemo_speechlm.parts.decoding.decode`: KV cache, each row leaves
     the batch when it ends) over chat-templated, left-padded prompts.
 
     Within a call, prompts are sorted by length before batching (``batch_size`` at a time) to
@@ -81,7 +82,7 @@ class HFChatGenerator:
         if isinstance(model, (str, os.PathLike)):
             self.model_name = str(model)
             source = _loadable_source(str(model))
-            self.device = _resolve_device(device)
+            self.device = resolve_device(device)
             self.model = AutoModelForCausalLM.from_pretrained(source, dtype=_resolve_dtype(dtype, self.device))
             self.model.to(self.device)
             if tokenizer is None:
@@ -90,7 +91,7 @@ class HFChatGenerator:
             self.model = model
             self.model_name = getattr(model, "name_or_path", "") or type(model).__name__
             # "auto" leaves a given model where it is (it may be dispatched over devices).
-            self.device = model.device if device == "auto" else _resolve_device(device)
+            self.device = model.device if device == "auto" else resolve_device(device)
             if device != "auto":
                 self.model.to(self.device)
             if dtype is not None:
@@ -256,12 +257,6 @@ def _loadable_source(model: str) -> str:
     from nemo_speechlm.parts.llm import resolve_llm_source
 
     return resolve_llm_source(model)
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

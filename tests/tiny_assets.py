@@ -1,5 +1,5 @@
-"""Small but real assets for tests and the CPU smoke run: an HF Llama LLM with a trained
-BPE tokenizer and a chat template, a NeMo CTC ASR ``.nemo``, and wav files + a manifest.
+"""Small but real assets for the tests and the benchmarks' CPU smoke runs (test-only, so not in the
+library): an HF Llama LLM with a trained BPE tokenizer and a chat template, a NeMo CTC ASR ``.nemo``, and wav files + a manifest.
 
 Everything is built locally (no hub access) with the same classes the real checkpoints use.
 """

@@ -15,7 +15,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 
-from nemo_speechlm.evaluation.metrics import is_transcript_copy, normalize_english, utterance_wer
+from nemo_speechlm.parts.metrics import is_transcript_copy, normalize_english, utterance_wer
 
 # --------------------------------------------------------------------------- text helpers
 
@@ -234,7 +234,7 @@ def close_to_input(answer: str, transcript: str, max_wer: float = 0.5) -> bool:
 
 def differs_from_input(answer: str, transcript: str) -> bool:
     """A non-empty answer that is not a copy of the transcript (see
-    :func:`~nemo_speechlm.evaluation.metrics.is_transcript_copy`), e.g. a paraphrase."""
+    :func:`~nemo_speechlm.parts.metrics.is_transcript_copy`), e.g. a paraphrase."""
     return bool(answer.strip()) and not is_transcript_copy(answer, transcript)
 
 

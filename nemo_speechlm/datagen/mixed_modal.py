@@ -34,9 +34,9 @@ import numpy as np
 import soundfile
 
 from nemo_speechlm.data.manifest import ManifestError, SkipSummary
+from nemo_speechlm.data.task_checks import split_sentences
 from nemo_speechlm.data.text_sft import SFTFormatError, read_records, to_conversation
-from nemo_speechlm.evaluation.task_checks import split_sentences
-from nemo_speechlm.generation.runner import Outcome, Rejected
+from nemo_speechlm.parts.runner import Outcome, Rejected
 from nemo_speechlm.tts.base import SpeechSynthesizer, Synthesis
 from nemo_speechlm.tts.normalize import normalize_for_tts
 

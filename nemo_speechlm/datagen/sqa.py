@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from nemo_speechlm.data.manifest import SkipSummary, read_manifest
-from nemo_speechlm.generation.chat_generator import ChatGenerator
-from nemo_speechlm.generation.runner import Outcome, Rejected
+from nemo_speechlm.datagen.chat_generator import ChatGenerator
+from nemo_speechlm.parts.runner import Outcome, Rejected
 
 REASONS = ("unparsable", "none", "empty_field", "copied_example")
 

@@ -9,7 +9,7 @@ best CTC path, ``add_t_start_end_to_utt_obj`` turns it into word times. We only 
 the CTC log-probs ourselves (on exactly the line's segment, see :func:`ctc_log_probs`),
 map the transcript onto the model's vocabulary, and check the result.
 
-The job runs through the shared :func:`~nemo_speechlm.generation.runner.run_resumable`:
+The job runs through the shared :func:`~nemo_speechlm.parts.runner.run_resumable`:
 output is appended batch by batch, and a rerun skips lines already aligned (or rejected).
 """
 from __future__ import annotations
@@ -23,10 +23,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from nemo_speechlm.data.audio import read_audio
 from nemo_speechlm.data.interleaving import validate_words
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
+from nemo_speechlm.data.utterance import segment_key
 from nemo_speechlm.errors import InputError
-from nemo_speechlm.generation.runner import Outcome, Rejected, RunSummary, run_resumable
+from nemo_speechlm.models.loading import load_asr_model as _load_asr_model
+from nemo_speechlm.parts.runner import Outcome, Rejected, RunSummary, run_resumable
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +54,9 @@ class AlignmentSummary:
 
 def load_asr_model(name_or_path: str | Path, device: str | None = None):
     """Restore a ``.nemo`` file or download a pretrained NeMo ASR model; fail early without a CTC head."""
-    from nemo.collections.asr.models import ASRModel
-
-    device = torch.device(device) if device is not None else None
-    path = Path(name_or_path).expanduser()
-    if path.suffix == ".nemo" or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"ASR model file not found: {path}")
-        model = ASRModel.restore_from(str(path), map_location=device)
-    else:
-        model = ASRModel.from_pretrained(str(name_or_path), map_location=device)
+    model = _load_asr_model(name_or_path, device)
     ctc_decoder(model)
-    return model.eval()
+    return model
 
 
 def ctc_decoder(model) -> torch.nn.Module:
@@ -81,13 +75,7 @@ def ctc_decoder(model) -> torch.nn.Module:
 
 def load_segment(line: dict, sample_rate: int) -> np.ndarray:
     """The line's audio (``offset``, ``duration``), mono float32 at the model's rate: word times count from its start."""
-    from nemo.collections.asr.parts.preprocessing.segment import AudioSegment
-
-    segment = AudioSegment.from_file(
-        line["audio_filepath"], target_sr=sample_rate, offset=line.get("offset", 0.0) or 0.0,
-        duration=line["duration"], channel_selector="average",
-    )
-    return segment.samples.astype(np.float32)
+    return read_audio(line["audio_filepath"], sample_rate, line.get("offset", 0.0) or 0.0, line["duration"])
 
 
 @torch.no_grad()
@@ -270,11 +258,6 @@ def _words_of(utt) -> list:
     return [w for s in segments for w in s.words_and_tokens if isinstance(w, Word)]
 
 
-def line_key(record: dict) -> str:
-    """Identifies a manifest line in the input and in the output: the same audio segment."""
-    return f"{record['audio_filepath']}|{record.get('offset', 0.0) or 0.0}|{record['duration']}"
-
-
 def align_manifest(
     manifest_in: str | Path,
     manifest_out: str | Path,
@@ -294,7 +277,7 @@ def align_manifest(
     invalid = SkipSummary()
     entries: dict[str, ManifestEntry] = {}
     for entry in read_manifest(manifest_in, skip_invalid=skip_invalid, summary=invalid):
-        first = entries.setdefault(line_key(entry.data), entry)
+        first = entries.setdefault(segment_key(entry.data), entry)
         if first is not entry:  # the output could not tell the two lines apart when resuming
             error = ManifestError(entry.path, entry.line, f"same audio segment as line {first.line}", "audio_filepath")
             if not skip_invalid:
@@ -302,8 +285,8 @@ def align_manifest(
             invalid.add(error)
 
     def process_batch(items: list[dict]) -> list[Outcome]:
-        return aligner([entries[line_key(item)] for item in items])
+        return aligner([entries[segment_key(item)] for item in items])
 
     items = [entry.data for entry in entries.values()]
-    run = run_resumable(items, process_batch, manifest_out, batch_size=batch_size, desc="Aligning words", key=line_key)
+    run = run_resumable(items, process_batch, manifest_out, batch_size=batch_size, desc="Aligning words", key=segment_key)
     return AlignmentSummary(run, invalid)

@@ -1,0 +1,107 @@
+"""The benchmark's scores: per answer (:func:`score_answer`) and per group of prediction lines
+(:func:`summarize_lines`, :func:`aggregate`). Pure functions of the texts, no model needed."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Sequence
+
+from nemo_speechlm.data.task_catalog import Task
+from nemo_speechlm.data.task_checks import run_check
+from nemo_speechlm.parts.metrics import (
+    bleu,
+    char_error_rate,
+    chrf,
+    is_transcript_copy,
+    rouge_l,
+    sentence_bleu,
+    sentence_chrf,
+    utterance_wer,
+    word_error_rate,
+)
+
+GT_METRICS = ("gt_wer", "gt_cer", "gt_bleu", "gt_chrf")
+
+
+def score_answer(task: Task, prediction: str, reference: str, transcript: str, ground_truth: str | None) -> dict:
+    """All per-item scores of one answer (see the module docstring for their meaning)."""
+    scores = {
+        "rouge_l": rouge_l(reference, prediction),
+        "chrf": sentence_chrf(reference, prediction),
+        "follows_task": run_check(task.check, prediction, transcript),
+        "transcript_copy": is_transcript_copy(prediction, transcript),
+    }
+    if ground_truth is not None:
+        metric = task.ground_truth.metric
+        if metric == "wer":
+            scores["gt_wer"] = utterance_wer(ground_truth, prediction)
+        elif metric == "cer":
+            scores["gt_cer"] = char_error_rate([ground_truth], [prediction])["cer"]
+        elif metric == "bleu":
+            scores["gt_bleu"] = sentence_bleu(ground_truth, prediction)
+        elif metric == "chrf":
+            scores["gt_chrf"] = sentence_chrf(ground_truth, prediction)
+    return scores
+
+
+def summarize_lines(lines: list[dict]) -> dict:
+    """Means and counts of one group of prediction lines (a split, a task, or both).
+
+    ROUGE-L, chrF, follows_task: means over items. ``transcript_copy``: share of copies
+    among items where a copy is a failure (None if none); copies on tasks that expect
+    them are counted apart. Ground-truth metrics are corpus-level (total edits / total
+    words; corpus BLEU) over the items that have one, with their count.
+    """
+    n = len(lines)
+    out: dict[str, Any] = {"count": n}
+    for name in ("rouge_l", "chrf", "follows_task"):
+        out[name] = _mean([float(l["scores"][name]) for l in lines])
+    failing = [l for l in lines if not l["copy_expected"]]
+    expected = [l for l in lines if l["copy_expected"]]
+    out["transcript_copy"] = _mean([float(l["scores"]["transcript_copy"]) for l in failing])
+    out["transcript_copy_count"] = len(failing)
+    out["transcript_copy_where_expected"] = _mean([float(l["scores"]["transcript_copy"]) for l in expected])
+    for metric in GT_METRICS:
+        scored = [l for l in lines if metric in l["scores"]]
+        if scored:
+            refs = [l["ground_truth"]["text"] for l in scored]
+            hyps = [l["prediction"] for l in scored]
+            out[metric] = _corpus_metric(metric, refs, hyps)
+            out[f"{metric}_count"] = len(scored)
+    return out
+
+
+def _corpus_metric(metric: str, refs: list[str], hyps: list[str]) -> float:
+    if metric == "gt_wer":
+        return word_error_rate(refs, hyps)["wer"]
+    if metric == "gt_cer":
+        return char_error_rate(refs, hyps)["cer"]
+    if metric == "gt_bleu":
+        return bleu(refs, hyps)
+    return chrf(refs, hyps)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def aggregate(lines: list[dict], systems: Sequence[str], splits: Sequence[str]) -> dict:
+    """Per system: overall, per split (all tasks and per task) and per task summaries."""
+    by_system: dict[str, list[dict]] = defaultdict(list)
+    for line in lines:
+        by_system[line["system"]].append(line)
+    result = {}
+    for system in systems:
+        own = by_system.get(system, [])
+        per_split = {}
+        for split in splits:
+            in_split = [l for l in own if l["split"] == split]
+            per_split[split] = {"all": summarize_lines(in_split), "tasks": _per_task(in_split)}
+        result[system] = {"overall": summarize_lines(own), "splits": per_split, "tasks": _per_task(own)}
+    return result
+
+
+def _per_task(lines: list[dict]) -> dict:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for line in lines:
+        groups[line["task"]].append(line)
+    return {task: summarize_lines(group) for task, group in groups.items()}

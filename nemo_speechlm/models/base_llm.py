@@ -1,0 +1,74 @@
+"""The base LLM: a speech LLM's LLM as it was before speech training, in one place.
+
+With LoRA, the adapters are switched off (:func:`lora_disabled`). Without LoRA, a frozen LLM is
+its own base; an LLM fine-tuned without LoRA is reloaded from ``pretrained_llm``
+(:func:`base_llm`). The benchmark's text upper bound and the text-retention evaluation both use
+:func:`base_llm`, so they compare with the same LLM.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+FROZEN_LLM_NOTE = (
+    "The model has no LoRA adapters and its LLM was frozen during training, so the trained model and the base LLM "
+    "are the same network on text-only prompts: agreement is expected to be perfect (1.0) unless something the "
+    "adapter changed leaks into text-only answers."
+)
+
+
+def lora_disabled(llm: torch.nn.Module):
+    """Context in which ``llm`` runs without its LoRA adapters (a no-op for an LLM without any)."""
+    return llm.disable_adapter() if hasattr(llm, "disable_adapter") else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def base_llm(model) -> Iterator[None]:
+    """Run the model's LLM as it was before speech training, for the forgetting check.
+
+    LoRA adapters are switched off (peft's ``disable_adapter``). Without LoRA, a frozen LLM is
+    its own base; an LLM fine-tuned without LoRA is reloaded from ``pretrained_llm``.
+    """
+    if hasattr(model.llm, "disable_adapter"):
+        with model.llm.disable_adapter():
+            yield
+        return
+    if not _llm_was_trained(model):
+        yield
+        return
+    trained = model.llm
+    model.llm = _load_base_llm(model)
+    try:
+        yield
+    finally:
+        model.llm = trained
+
+
+def base_llm_description(model) -> str:
+    """What :func:`base_llm` compares with, in words for the metrics file."""
+    if hasattr(model.llm, "disable_adapter"):
+        return "the same model with its LoRA adapters disabled"
+    if not _llm_was_trained(model):
+        return FROZEN_LLM_NOTE
+    return f"the LLM reloaded from pretrained_llm={model.cfg.pretrained_llm} (the LLM was fine-tuned without LoRA)"
+
+
+def _llm_was_trained(model) -> bool:
+    return any(p.requires_grad for p in model.llm.parameters())
+
+
+def _load_base_llm(model) -> torch.nn.Module:
+    from nemo_speechlm.parts.llm import load_llm, resolve_llm_source
+
+    if getattr(model, "_base_llm_cache", None) is None:
+        source = model.cfg.pretrained_llm
+        try:
+            llm = load_llm(resolve_llm_source(source))
+        except Exception as e:
+            raise RuntimeError(f"The LLM was fine-tuned without LoRA, so the base LLM must be loaded from "
+                               f"pretrained_llm={source!r}, which failed: {e}") from e
+        dtype = next(model.llm.parameters()).dtype
+        object.__setattr__(model, "_base_llm_cache", llm.to(model.device, dtype).eval())  # not a registered submodule
+    return model._base_llm_cache

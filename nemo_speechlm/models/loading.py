@@ -1,0 +1,58 @@
+"""Loading models for inference, evaluation and data generation, in one place: a ``.nemo`` of
+ours (:func:`load_model`), its identity for resuming (:func:`model_id`), and a NeMo ASR model
+(:func:`load_asr_model`). The device rule is :func:`~nemo_speechlm.parts.device.resolve_device`; the
+model's base LLM is in :mod:`nemo_speechlm.models.base_llm`.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from nemo_speechlm.errors import InputError
+from nemo_speechlm.models.speechlm_model import SpeechLMModel
+from nemo_speechlm.parts.checkpoint import restore_checked
+from nemo_speechlm.parts.device import resolve_device
+
+
+def load_model(path: str | Path, device: str = "auto", bf16: bool = False) -> SpeechLMModel:
+    """Restore a ``.nemo`` for inference (eval mode, no gradients needed).
+
+    ``bf16`` casts only the LLM (most of the weights) to bfloat16 and needs CUDA; the
+    preprocessor and encoder stay fp32 (mel features in bf16 are not supported), and the
+    adapter's fp32 output is cast where it is spliced into the LLM's embeddings. A file that is not
+    a ``.nemo`` of ours raises :class:`~nemo_speechlm.parts.checkpoint.CheckpointError` saying what it is.
+    """
+    target = resolve_device(device)
+    if bf16 and target.type != "cuda":
+        raise InputError("bf16 inference needs a CUDA device (on CPU, bf16 is slower than fp32)", "drop --bf16")
+    model = restore_checked(SpeechLMModel, path, map_location=target)
+    model = model.to(target).eval()
+    if bf16:
+        model.llm.to(torch.bfloat16)
+    return model
+
+
+def model_id(path: str | Path) -> str:
+    """Identity of a model file for resuming: its absolute path and modification time, so that
+    predictions of a retrained model written to the same path are not mixed with old ones."""
+    path = Path(path).resolve()
+    if not path.exists():
+        return str(path)
+    return f"{path} (modified {datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec='seconds')})"
+
+
+def load_asr_model(name_or_path: str | Path, device: str | torch.device | None = None):
+    """Restore a NeMo ASR ``.nemo`` file or download a pretrained one by name, in eval mode."""
+    from nemo.collections.asr.models import ASRModel
+
+    device = torch.device(device) if device is not None else None
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".nemo" or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"ASR model file not found: {path}")
+        model = ASRModel.restore_from(str(path), map_location=device)
+    else:
+        model = ASRModel.from_pretrained(str(name_or_path), map_location=device)
+    return model.eval()

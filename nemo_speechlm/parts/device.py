@@ -1,0 +1,16 @@
+"""Where to run: one rule for every command's ``--device``."""
+from __future__ import annotations
+
+import torch
+
+from nemo_speechlm.errors import InputError
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} requested but CUDA is not available on this machine", "use --device cpu")
+    return resolved
