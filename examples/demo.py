@@ -229,7 +229,7 @@ def answer_spoken_request(out: Path, nemo: Path, manifests: dict[str, Path]) -> 
     code = (
         "import sys, nemo_speechlm\n"
         "from nemo_speechlm.inference import load_model\n"
-        "from nemo_speechlm.evaluation.standard import base_llm\n"
+        "from nemo_speechlm.models.base_llm import base_llm\n"
         "m = load_model(sys.argv[1])\n"
         "speech = m.respond([sys.argv[2]], [sys.argv[4]], max_new_tokens=48)[0]\n"
         "with base_llm(m):  # the LLM as it was, LoRA off\n"
