@@ -30,6 +30,7 @@ Outputs in ``--out``: ``results.md``, ``results.json``, ``results.png`` (split x
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import math
@@ -208,7 +209,7 @@ def eval_files(out: Path, heldout: Path, benchmark_utterances: int, eval_utteran
 
 
 def seed_config(base: DictConfig, seed: int, train_manifest: Path, freeze: bool | None) -> DictConfig:
-    cfg = base.copy()
+    cfg = copy.deepcopy(base)
     with open_dict(cfg):
         cfg.seed = seed
         cfg.connector_pretraining.seed = seed
@@ -230,7 +231,7 @@ def align_connector(cfg: DictConfig, path: Path) -> Path:
     torch.manual_seed(cfg.seed)
     model = MTBIModel(cfg.model)
     cache = prepare_feature_cache(cfg.get("feature_cache"), model, OmegaConf.create({}))
-    pre = cfg.connector_pretraining.copy()
+    pre = copy.deepcopy(cfg.connector_pretraining)
     with open_dict(pre):
         pre.freeze_connector = False
     pre_align_connector(pre, model, cfg.data, cache, resuming=False)
@@ -241,7 +242,7 @@ def align_connector(cfg: DictConfig, path: Path) -> Path:
 def condition_config(cfg: DictConfig, name: str, data: dict[str, Path], connector: Path, seed_dir: Path) -> DictConfig:
     """The seed's config with this condition's data / objective keys; nothing else differs."""
     cond = CONDITIONS[name]
-    cfg = cfg.copy()
+    cfg = copy.deepcopy(cfg)  # every condition edits its own copy
     with open_dict(cfg):
         cfg.name = name
         cfg.output_nemo = str(seed_dir / f"{name}.partial.nemo")
@@ -456,7 +457,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=str(REPO / "demo_out"),
                    help="a demo output folder: corpus/, behaviors.jsonl, features/ (made there when missing)")
     p.add_argument("--features", default=None, help="feature cache folder (default: DATA_DIR/features)")
-    p.add_argument("--steps", type=int, default=60, help="stage-2 training steps of every condition")
+    p.add_argument("--steps", type=int, default=100, help="stage-2 training steps of every condition")
     p.add_argument("--seeds", type=int, default=2, help="seeds per condition (0, 1, ...)")
     p.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
     p.add_argument("--freeze-connector", action=argparse.BooleanOptionalAction, default=None,
