@@ -128,18 +128,20 @@ def _audio_turns(data_cfg: DictConfig):
     from nemo.collections.common.data.lhotse.cutset import read_cutset_from_config
     from nemo.collections.common.data.lhotse.text_adapters import AudioTurn
 
+    from nemo_speechlm.data.datamodule import loader_configs  # (imports this module)
     from nemo_speechlm.data.dataset import source_utterance
 
     for split in ("train_ds", "validation_ds"):
         if data_cfg.get(split) is None:
             continue
-        split_cfg = OmegaConf.create(OmegaConf.to_container(data_cfg[split], resolve=True))
-        split_cfg.force_finite = True  # one pass, not the endless training stream
-        conversations, _ = read_cutset_from_config(split_cfg)
-        for conversation in conversations:
-            for turn in getattr(conversation, "turns", []):
-                if isinstance(turn, AudioTurn):
-                    yield (*source_utterance(turn.cut), turn)
+        for loader_cfg in loader_configs(data_cfg[split]).values():  # each group of a multi_config split
+            split_cfg = OmegaConf.create(OmegaConf.to_container(loader_cfg, resolve=True))
+            split_cfg.force_finite = True  # one pass, not the endless training stream
+            conversations, _ = read_cutset_from_config(split_cfg)
+            for conversation in conversations:
+                for turn in getattr(conversation, "turns", []):
+                    if isinstance(turn, AudioTurn):
+                        yield (*source_utterance(turn.cut), turn)
 
 
 def utterances_in(data_cfg: DictConfig) -> list[Cut]:
