@@ -142,9 +142,10 @@ def base_config(out: Path, features: Path, steps: int, overrides: list[str]) -> 
         return compose("mtbi", overrides=ours + overrides)
 
 
-def condition_data(out: Path, behaviors: Path, teacher: str, batch_size: int) -> dict[str, Path]:
-    """One behaviors file per data kind, over the same utterances (those of ``behaviors``), and the
-    text-only SFT file (the same behaviors with the transcript in place of the speech)."""
+def condition_data(out: Path, behaviors: Path, teacher: str, batch_size: int, max_utterances: int = 0) -> dict[str, Path]:
+    """One behaviors file per data kind, over the same utterances (those of ``behaviors``, the first
+    ``max_utterances`` of them when > 0), and the text-only SFT file (the same behaviors with the
+    transcript in place of the speech)."""
     data_dir = out / "data"
     rows = read_jsonl(behaviors)
     catalog = TaskCatalog.load()
@@ -155,6 +156,11 @@ def condition_data(out: Path, behaviors: Path, teacher: str, batch_size: int) ->
             seen.add(uid)
             utterances.append({k: v for k, v in row.items() if k not in ("key", "task", "prompt", "prompt_id", "response",
                                                                         "split", "teacher")})
+    if max_utterances:
+        utterances = utterances[:max_utterances]
+        kept = {utterance_id(u) for u in utterances}
+        rows = [r for r in rows if utterance_id(r) in kept]
+        behaviors = write_jsonl(data_dir / "behaviors_mtbi.jsonl", rows)
     manifest = write_jsonl(data_dir / "utterances.json", utterances)
     paths = {"mtbi": behaviors}
     generator = None
@@ -464,6 +470,8 @@ def main() -> None:
                    help="freeze the pre-aligned connector in stage 2 (default: as mtbi.yaml)")
     p.add_argument("--manifest", default=None, help="a real training manifest with word alignments (needs --heldout-manifest)")
     p.add_argument("--heldout-manifest", default=None)
+    p.add_argument("--max-utterances", type=int, default=0,
+                   help="train on the first N utterances of the behaviors only (0 = all; a quick trial run)")
     p.add_argument("--benchmark-utterances", type=int, default=8)
     p.add_argument("--eval-utterances", type=int, default=16, help="held-out utterances for WER, zero audio and retention")
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -491,7 +499,7 @@ def main() -> None:
         behaviors = load_demo().make_behaviors(data_dir, manifests["train"], base.model.pretrained_llm, 240,
                                                args.batch_size, 1200)
     print(f"train {manifests['train']}, held out {manifests['heldout']}, behaviors {behaviors}, features {features}")
-    data = condition_data(out, behaviors, base.model.pretrained_llm, args.batch_size)
+    data = condition_data(out, behaviors, base.model.pretrained_llm, args.batch_size, args.max_utterances)
     files = eval_files(out, manifests["heldout"], args.benchmark_utterances, args.eval_utterances)
 
     catalog = TaskCatalog.load()
