@@ -78,7 +78,7 @@ def test_every_condition_is_trained_evaluated_and_a_rerun_resumes(assets, tmp_pa
            "encoder=whisper", f"model.perception.encoder.pretrained_model={whisper}", "model.perception.encoder.d_model=32",
            "llm=hf", f"model.pretrained_llm={assets['llm']}", "model.perception.modality_adapter.hidden_dim=64",
            "connector_pretraining.steps=5", "data.train_ds.batch_size=4", "trainer.accelerator=cpu"]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert first.returncode == 0, (first.stdout + first.stderr)[-6000:]
 
     results = json.loads((out / "results.json").read_text())
@@ -94,7 +94,7 @@ def test_every_condition_is_trained_evaluated_and_a_rerun_resumes(assets, tmp_pa
     assert "estimate: ~" in first.stdout
     assert "Connector loaded from" in first.stdout + first.stderr  # every condition starts from the seed's stage 1
 
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert second.returncode == 0, (second.stdout + second.stderr)[-6000:]
     log = second.stdout + second.stderr
     assert "reusing the aligned connector" in log
