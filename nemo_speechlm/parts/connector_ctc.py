@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -144,8 +145,6 @@ def freeze_aligned_connector(model) -> None:
 def save_aligned_connector(model, path) -> None:
     """Write the pre-aligned connector (adapter, projection, read-out with its vocabulary) to ``path``
     (``torch.save``, written to a temporary file and renamed), for ``connector_pretraining.init_from``."""
-    from pathlib import Path
-
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith(ALIGNED_CONNECTOR_PREFIXES)}
     path.parent.mkdir(parents=True, exist_ok=True)
