@@ -15,7 +15,7 @@ from nemo_speechlm.data.conversations import cut_for_audio
 from nemo_speechlm.data.feature_cache import fill_feature_cache, prepare_feature_cache, transcribed_utterances
 from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.data.preflight import check_clip_lengths, check_training_data
-from nemo_speechlm.parts.connector_ctc import freeze_aligned_connector, pretrain_connector_ctc
+from nemo_speechlm.parts.connector_ctc import freeze_aligned_connector, load_aligned_connector, pretrain_connector_ctc
 from nemo_speechlm.parts.precision import resolve_precision_plugins
 
 
@@ -57,11 +57,15 @@ def pre_align_connector(pre_cfg: DictConfig | None, model, data_cfg: DictConfig,
     """``connector_pretraining.steps`` CTC steps on the connector alone before ``fit``
     (see ``nemo_speechlm.parts.connector_ctc``); skipped when resuming (the checkpoint has the connector).
     With ``freeze_connector`` the aligned connector is then frozen, on resume too, so the optimizer
-    state in the checkpoint matches the parameters that train."""
-    if not pre_cfg or not pre_cfg.get("steps"):
+    state in the checkpoint matches the parameters that train.
+    ``connector_pretraining.init_from``: a connector saved by ``parts.connector_ctc.save_aligned_connector``
+    is loaded instead of running the CTC steps (``examples/compare_objectives.py`` aligns once per seed)."""
+    if not pre_cfg or not (pre_cfg.get("steps") or pre_cfg.get("init_from")):
         return
     if resuming:
         logging.info("Connector pre-alignment skipped: resuming from a checkpoint")
+    elif pre_cfg.get("init_from"):
+        load_aligned_connector(model, pre_cfg.init_from)
     else:
         _run_pre_alignment(pre_cfg, model, data_cfg, feature_cache)
     if pre_cfg.get("freeze_connector"):

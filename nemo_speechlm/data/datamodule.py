@@ -11,6 +11,7 @@ from omegaconf import DictConfig, open_dict
 
 from nemo_speechlm.data.dataset import SpeechLMDataset
 from nemo_speechlm.data.feature_cache import FeatureCache
+from nemo_speechlm.data.split_config import loader_configs
 from nemo_speechlm.parts.prompting import CHAT_TEMPLATE_FORMAT
 
 SPLITS = ("train_ds", "validation_ds", "test_ds")
@@ -34,15 +35,6 @@ def fill_model_settings(data_cfg: DictConfig, model) -> DictConfig:
                     if loader_cfg.get(key) is None:
                         loader_cfg[key] = value
     return data_cfg
-
-
-def loader_configs(split_cfg: DictConfig) -> dict[str, DictConfig]:
-    """The configs NeMo builds a sampler from, by key: the split itself (key ``""``), or, with
-    ``multi_config: true``, each sub-config (every dict-valued key except ``sampler_weights``), as
-    NeMo's multi-config loader reads them."""
-    if not split_cfg.get("multi_config", False):
-        return {"": split_cfg}
-    return {name: c for name, c in split_cfg.items() if isinstance(c, DictConfig) and name != "sampler_weights"}
 
 
 def build_datamodule(data_cfg: DictConfig, model, feature_cache: FeatureCache | None = None) -> DataModule:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from nemo.utils import logging
 
+from nemo_speechlm.data.split_config import loader_configs
 from nemo_speechlm.data.utterance import source_utterance, utterance_key
 from nemo_speechlm.errors import ConfigError
 
@@ -125,13 +126,14 @@ def _audio_turns(data_cfg: DictConfig):
     for split in ("train_ds", "validation_ds"):
         if data_cfg.get(split) is None:
             continue
-        split_cfg = OmegaConf.create(OmegaConf.to_container(data_cfg[split], resolve=True))
-        split_cfg.force_finite = True  # one pass, not the endless training stream
-        conversations, _ = read_cutset_from_config(split_cfg)
-        for conversation in conversations:
-            for turn in getattr(conversation, "turns", []):
-                if isinstance(turn, AudioTurn):
-                    yield (*source_utterance(turn.cut), turn)
+        for loader_cfg in loader_configs(data_cfg[split]).values():  # each group of a multi_config split
+            split_cfg = OmegaConf.create(OmegaConf.to_container(loader_cfg, resolve=True))
+            split_cfg.force_finite = True  # one pass, not the endless training stream
+            conversations, _ = read_cutset_from_config(split_cfg)
+            for conversation in conversations:
+                for turn in getattr(conversation, "turns", []):
+                    if isinstance(turn, AudioTurn):
+                        yield (*source_utterance(turn.cut), turn)
 
 
 def utterances_in(data_cfg: DictConfig) -> list[Cut]:

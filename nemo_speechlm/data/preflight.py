@@ -19,7 +19,7 @@ from nemo.collections.common.data.lhotse.text_adapters import AudioTurn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nemo_speechlm.data.audio import AudioError
-from nemo_speechlm.data.datamodule import loader_configs
+from nemo_speechlm.data.split_config import loader_configs
 from nemo_speechlm.data.utterance import source_utterance
 from nemo_speechlm.errors import ConfigError
 from nemo_speechlm.parts.prompting import CHAT_TEMPLATE_FORMAT

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -28,7 +29,11 @@ from tqdm import tqdm
 from nemo.utils import logging
 
 __all__ = ["transcript_vocabulary", "transcript_targets", "connector_ctc_loss", "pretrain_connector_ctc", "freeze_aligned_connector",
-           "connector_transcripts"]
+           "connector_transcripts", "save_aligned_connector", "load_aligned_connector"]
+
+# What connector pre-alignment trains (and the read-out's vocabulary, a buffer): the weights that
+# save_aligned_connector writes and load_aligned_connector puts back into another model of the same config.
+ALIGNED_CONNECTOR_PREFIXES = ("perception.modality_adapter.", "perception.proj.", "ctc_readout.")
 
 
 def transcript_vocabulary(tokenizer, texts: Sequence[str]) -> dict[int, int]:
@@ -135,6 +140,30 @@ def freeze_aligned_connector(model) -> None:
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     logging.info(f"Connector frozen after pre-alignment; training through the LLM: {len(trainable)} tensors "
                  f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters)")
+
+
+def save_aligned_connector(model, path) -> None:
+    """Write the pre-aligned connector (adapter, projection, read-out with its vocabulary) to ``path``
+    (``torch.save``, written to a temporary file and renamed), for ``connector_pretraining.init_from``."""
+    path = Path(path)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith(ALIGNED_CONNECTOR_PREFIXES)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_aligned_connector(model, path) -> None:
+    """Load a connector written by :func:`save_aligned_connector` into ``model`` (same connector config);
+    every saved tensor must have a place in the model, and the model's connector must be covered."""
+    state = torch.load(path, map_location="cpu")
+    wanted = {k for k in model.state_dict() if k.startswith(ALIGNED_CONNECTOR_PREFIXES)}
+    missing, extra = sorted(wanted - set(state)), sorted(set(state) - wanted)
+    if missing or extra:
+        raise ValueError(f"{path}: the saved connector does not match the model's (missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}); was it saved from a model with the same connector config?")
+    torch.nn.Module.load_state_dict(model, state, strict=False)
+    logging.info(f"Connector loaded from {path} ({len(state)} tensors)")
 
 
 @torch.no_grad()
