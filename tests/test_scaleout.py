@@ -21,7 +21,7 @@ the second moment, so a parameter whose gradient is close to 0 can move by up to
 times that relative difference. Measured: see the test's printout.
 """
 import io
-import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -30,11 +30,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
-from tests.test_joint_sft import data  # noqa: F401  (fixture)
-from tests.test_mtbi import behaviors, whisper_dir  # noqa: F401  (fixtures)
+from omegaconf import OmegaConf
 
-pytestmark = pytest.mark.slow
+from nemo_speechlm.data.datamodule import build_datamodule
+from nemo_speechlm.data.resumable import skip_batches
+from nemo_speechlm.parts.distributed import resolve_strategy
+from tests.conftest import REPO
+from tests.test_joint_sft import _joint_data_cfg, _single_loader, data, model  # noqa: F401  (fixtures)
+from tests.test_mtbi import behaviors, whisper_dir  # noqa: F401  (fixtures)
 
 ATOL = 1e-5  # largest lr here is 1e-2 (MTBI stage 2); see the module docstring
 RTOL = 1e-4
@@ -78,8 +81,10 @@ def recipe_command(recipe: str, assets, behaviors, whisper_dir, data, tmp: Path)
 
 
 def run(cmd: list[str], cwd: Path, expect_code: int = 0) -> str:
+    """Run a training command; NEMO_TESTING=1 makes NeMo's logger print on every rank, not only rank 0."""
     cwd.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=900, cwd=cwd)
+    proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=1800, cwd=cwd,
+                          env={**os.environ, "NEMO_TESTING": "1"})
     log = proc.stdout + proc.stderr
     assert proc.returncode == expect_code, log[-6000:]
     return log
@@ -106,6 +111,7 @@ def assert_same_weights(got: Path, want: Path, start: Path | None = None) -> flo
 RECIPES = ["plain", "mtbi", "mtbi_kl_interleaved", "joint_text_steps"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_two_ddp_ranks_equal_one_process_accumulating_two(assets, behaviors, whisper_dir, data, tmp_path, recipe):  # noqa: F811
     ddp_dir, one_dir = tmp_path / "ddp", tmp_path / "one"
@@ -121,6 +127,7 @@ def test_two_ddp_ranks_equal_one_process_accumulating_two(assets, behaviors, whi
     print(f"{recipe}: largest |DDP - one process| weight difference {worst:.2e}")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(assets, behaviors, whisper_dir, data, tmp_path):  # noqa: F811
     """MTBI with connector pre-alignment + frozen connector, feature cache, KL and interleaving."""
     def command(tmp):
@@ -138,3 +145,39 @@ def test_killed_run_resumes_to_the_uninterrupted_result(assets, behaviors, whisp
     assert "`max_steps=4` reached" in log
     worst = assert_same_weights(killed / "out.nemo", whole / "out.nemo")
     print(f"resume: largest |resumed - uninterrupted| weight difference {worst:.2e}")
+
+
+# ------------------------------------------------------------------ fast checks of the pieces
+
+
+@pytest.mark.parametrize("devices, nodes, want", [(1, 1, "auto"), ("1", 1, "auto"), ([0], 1, "auto"), (2, 1, "ddp_x"),
+                                                  (1, 2, "ddp_x"), ("auto", 1, "ddp_x"), (-1, 1, "ddp_x")])
+def test_a_ddp_strategy_on_one_device_is_no_wrapper(devices, nodes, want):
+    cfg = resolve_strategy({"strategy": "ddp_x", "devices": devices, "num_nodes": nodes})
+    assert cfg["strategy"] == want
+
+
+def _first_input_ids(loader, n: int) -> list[torch.Tensor]:
+    return [b["input_ids"] for _, b in zip(range(n), loader)]
+
+
+@pytest.mark.parametrize("stream", ["single", "joint_mixed_groups"])
+def test_a_resumed_stream_skips_exactly_the_batches_trained_on(assets, data, model, stream):  # noqa: F811
+    """Replaying 3 batches through the sampler continues the stream where 3 trained batches left it,
+    the joint SFT group draws (audio or text, per step) included."""
+    def loader():
+        if stream == "single":
+            cfg = _single_loader({"type": "speechlm_manifest", "manifest_filepath": str(assets["manifest"]),
+                                  "prompt": "Repeat: <|audio|>"}, batch_size=2)
+            cfg.train_ds.shuffle = True
+        else:
+            cfg = _joint_data_cfg(data, sampler_weights={"audio": 0.5, "text": 0.5})
+        dm = build_datamodule(OmegaConf.create(cfg), model)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    whole = _first_input_ids(loader(), 6)
+    resumed = loader()
+    assert skip_batches(resumed, 3)
+    for got, want in zip(_first_input_ids(resumed, 3), whole[3:], strict=True):
+        torch.testing.assert_close(got, want)
