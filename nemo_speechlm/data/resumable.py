@@ -1,4 +1,12 @@
-"""A training stream that continues where a resumed run stopped.
+"""The training stream: split across DDP ranks, and continued where a resumed run stopped.
+
+Our data types declare themselves iterable (like tarred data), for which NeMo gives every rank the
+*whole* stream (its sampler runs with ``world_size=1``) and relies on different shuffling seeds per
+rank and worker; with ``num_workers: 0`` those seeds are all equal, so every DDP rank trained on the
+same batches. :class:`ResumableDataModule` sets ``force_map_dataset: true`` on the training loaders
+(unless ``force_iterable_dataset`` is set): the lhotse sampler then runs in the training process and
+gives rank ``r`` of ``N`` batches ``r, r+N, ...`` of the one stream (disjoint, nothing dropped);
+the dataset still loads the audio of each batch (in the dataloader workers when ``num_workers > 0``).
 
 Lightning restores the model, optimizer, scheduler and step counters from a checkpoint, but not
 the position of a lhotse sampler: a resumed run would see the first batches again. Our training
@@ -49,8 +57,29 @@ def skip_batches(loader, n: int) -> bool:
     return True
 
 
+def split_across_ranks(data_cfg) -> None:
+    """``force_map_dataset: true`` on each training loader config (the split, or each group of a
+    ``multi_config``) that does not ask for an iterable dataset."""
+    from omegaconf import DictConfig, open_dict
+
+    train = data_cfg.get("train_ds")
+    if train is None:
+        return
+    loaders = ([c for k, c in train.items() if isinstance(c, DictConfig) and k != "sampler_weights"]
+               if train.get("multi_config", False) else [train])
+    for loader in loaders:
+        if not loader.get("force_iterable_dataset", False) and loader.get("force_map_dataset") is None:
+            with open_dict(loader):
+                loader.force_map_dataset = True
+
+
 class ResumableDataModule(DataModule):
-    """speechlm2's ``DataModule``; after a resume its training stream skips the batches already trained on."""
+    """speechlm2's ``DataModule`` whose training stream is split across ranks and, after a resume,
+    skips the batches already trained on."""
+
+    def __init__(self, cfg, tokenizer, dataset) -> None:
+        split_across_ranks(cfg)
+        super().__init__(cfg, tokenizer=tokenizer, dataset=dataset)
 
     def train_dataloader(self):
         loader = super().train_dataloader()
