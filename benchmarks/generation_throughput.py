@@ -50,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=48, help="cap on every answer (tasks may cap lower)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice); on a "
                    "shared machine 1 thread gives steadier numbers")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both models)")
     p.add_argument("--part", choices=["speech", "text", "both"], default="both")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. encoder.pad_to_window=false")
     args = p.parse_intermixed_args()
@@ -148,7 +149,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="speechlm_gen_bench_") as tmp:
-        model = load_model(args, Path(tmp)).eval()
+        model = load_model(args, Path(tmp)).eval().to(args.device)
         items = make_items(args.items, args.tiny, model.sampling_rate, args.max_new_tokens, Path(tmp))
         tokenizer = model.tokenizer.tokenizer
         header = {
@@ -159,7 +160,7 @@ def main() -> None:
             "batch_size": args.batch_size,
             "caps": sorted({it["cap"] for it in items}),
             "threads": torch.get_num_threads(),
-            "machine": machine_info(torch.device("cpu")),
+            "machine": machine_info(torch.device(args.device)),
         }
         print("=" * 72 + "\nGeneration throughput: one at a time vs batched\n" + "=" * 72)
         print("\n".join(f"{key:>10}: {value}" for key, value in header.items()))
@@ -168,7 +169,7 @@ def main() -> None:
         if args.part in ("speech", "both"):
             result["speech"] = measure("speech", speech_answerer(model, items), args.batch_size, count)
         if args.part in ("text", "both"):
-            generator = HFChatGenerator(model.cfg.pretrained_llm, device="cpu")
+            generator = HFChatGenerator(model.cfg.pretrained_llm, device=args.device)
             result["text"] = measure("text behaviors", text_answerer(generator, items), args.batch_size, count)
         print("RESULT " + json.dumps(result, default=str))
 

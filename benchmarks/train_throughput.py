@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor.parallel import loss_parallel
 
 import nemo_speechlm  # noqa: F401  (resolvers, data types, target allow-list)
+from mfu import gpu_peak_tflops, mfu_of_result
 from nemo.collections.speechlm2 import SALM
 from nemo.collections.speechlm2.parts.optim_setup import is_frozen
 from nemo_speechlm.data.datamodule import build_datamodule
@@ -54,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vs-salm", action="store_true", help="also time nemo.collections.speechlm2.SALM")
     p.add_argument("--cache", action="store_true", help="also time the same batches read from the frozen-encoder "
                    "feature cache (freezes the encoder)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU (default: the GPU's "
+                   "dense bf16 peak by name, benchmarks/mfu.py)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. encoder=canary_1b_flash")
     args = p.parse_intermixed_args()
     if args.steps < 1 or args.warmup < 0:
@@ -371,7 +374,10 @@ def main() -> None:
         optimizer = _optimizer(model.configure_optimizers())
         ours = benchmark(model, partial(speechlm_loss, model), optimizer, batches, args.warmup, bf16)
         del optimizer  # frees the optimizer state before SALM runs
+        ours.update(mfu_of_result(model, ours, args.peak_tflops or gpu_peak_tflops(device)))
         _print_results("ours", ours)
+        print(f"[ours] model FLOPs/step {ours['model_tflops_per_step']:.4g} TFLOP | achieved {ours['achieved_tflops']:.4g} "
+              f"TFLOP/s | MFU " + (f"{ours['mfu']:.2%}" if ours["mfu"] is not None else "n/a (unknown peak: --peak-tflops)"))
         result = {"header": header, "ours": ours}
         if args.cache:
             result.update(run_cached(cfg, model, ours, batches, args, tmp))

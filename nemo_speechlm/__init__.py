@@ -5,7 +5,7 @@ registers our prompt formatter and lhotse data types with NeMo's registries.
 """
 from pathlib import Path
 
-from nemo.core.classes.common import ALLOWED_TARGET_PREFIXES
+from nemo.core.classes.common import ALLOWED_EXACT_CLASS_TARGETS, ALLOWED_TARGET_PREFIXES
 
 # The shipped Hydra configs (recipes and the encoder/adapter/llm groups) and the MTBI task catalog.
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -14,6 +14,8 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 # (UnsafeTargetError), which would break `restore_from` of our own classes.
 if "nemo_speechlm." not in ALLOWED_TARGET_PREFIXES:
     ALLOWED_TARGET_PREFIXES.append("nemo_speechlm.")
+# Classes under an allowed prefix must also have a safe base (nn.Module, ...); callbacks are listed by name.
+ALLOWED_EXACT_CLASS_TARGETS.add("nemo_speechlm.parts.preemption.ExitAfterStep")
 
 from nemo_speechlm.parts import offline_models as _offline_models  # noqa: E402,F401  (config resolvers)
 from nemo_speechlm.parts import prompting as _prompting  # noqa: E402,F401  (registers the chat-template formatter)

@@ -16,6 +16,7 @@ from nemo_speechlm.data.feature_cache import fill_feature_cache, prepare_feature
 from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.data.preflight import check_clip_lengths, check_training_data
 from nemo_speechlm.parts.connector_ctc import freeze_aligned_connector, load_aligned_connector, pretrain_connector_ctc
+from nemo_speechlm.parts.distributed import resolve_strategy, start_ranks
 from nemo_speechlm.parts.precision import resolve_precision_plugins
 
 
@@ -34,14 +35,17 @@ def train(cfg: DictConfig, model_cls) -> Path:
     OmegaConf.resolve(cfg.data)
     torch.manual_seed(cfg.get("seed", 0))
     # bf16-true/fp16-true: NeMo's fp32-audio plugin, extended to keep the mel front end in fp32.
-    trainer_cfg = resolve_precision_plugins(resolve_trainer_cfg(cfg.trainer))
+    trainer_cfg = resolve_strategy(resolve_precision_plugins(resolve_trainer_cfg(cfg.trainer)))
     if cfg.data.get("validation_ds") is None:
         trainer_cfg["limit_val_batches"] = 0  # Lightning rejects a missing val dataloader otherwise
     trainer = Trainer(**trainer_cfg)
     log_dir = exp_manager(trainer, cfg.get("exp_manager"))
+    start_ranks(trainer)  # several devices: the other ranks and the process group now, so pre-fit work is shared
     model = model_cls(cfg.model, trainer=trainer)
     check_clip_lengths(clips, model)
     fill_model_settings(cfg.data, model)
+    if _encodes_before_fit(cfg):
+        model.to(trainer.strategy.root_device)  # feature cache / pre-alignment on this rank's accelerator
     feature_cache = prepare_feature_cache(cfg.get("feature_cache"), model, cfg.data)
     pre_align_connector(cfg.get("connector_pretraining"), model, cfg.data, feature_cache, resuming=bool(trainer.ckpt_path))
     datamodule = build_datamodule(cfg.data, model, feature_cache)
@@ -51,6 +55,10 @@ def train(cfg: DictConfig, model_cls) -> Path:
         model.save_to(str(nemo_path))
         logging.info(f"Saved {nemo_path}")
     return nemo_path
+
+
+def _encodes_before_fit(cfg: DictConfig) -> bool:
+    return bool((cfg.get("feature_cache") or {}).get("dir") or (cfg.get("connector_pretraining") or {}).get("steps"))
 
 
 def pre_align_connector(pre_cfg: DictConfig | None, model, data_cfg: DictConfig, feature_cache, resuming: bool) -> None:

@@ -6,11 +6,11 @@ seconds of audio one LLM position stands for, used by token-based bucketing).
 """
 from __future__ import annotations
 
-from nemo.collections.speechlm2.data import DataModule
 from omegaconf import DictConfig, open_dict
 
 from nemo_speechlm.data.dataset import SpeechLMDataset
 from nemo_speechlm.data.feature_cache import FeatureCache
+from nemo_speechlm.data.resumable import ResumableDataModule
 from nemo_speechlm.data.split_config import loader_configs
 from nemo_speechlm.parts.prompting import CHAT_TEMPLATE_FORMAT
 
@@ -37,10 +37,10 @@ def fill_model_settings(data_cfg: DictConfig, model) -> DictConfig:
     return data_cfg
 
 
-def build_datamodule(data_cfg: DictConfig, model, feature_cache: FeatureCache | None = None) -> DataModule:
+def build_datamodule(data_cfg: DictConfig, model, feature_cache: FeatureCache | None = None) -> ResumableDataModule:
     """A Lightning datamodule for ``trainer.fit(model, datamodule)``; batches read ``feature_cache`` when given,
     and carry the text-teacher inputs when the model asks for them (``model.needs_text_teacher``)."""
     fill_model_settings(data_cfg, model)
     teacher = model.prompt_formatter if getattr(model, "needs_text_teacher", False) else None
     dataset = SpeechLMDataset(model.tokenizer, feature_cache, text_teacher_formatter=teacher)
-    return DataModule(data_cfg, tokenizer=model.tokenizer, dataset=dataset)
+    return ResumableDataModule(data_cfg, tokenizer=model.tokenizer, dataset=dataset)  # resumes mid-stream

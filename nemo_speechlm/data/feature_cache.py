@@ -88,18 +88,27 @@ class FeatureCache:
 
 @torch.no_grad()
 def fill_feature_cache(model, cache: FeatureCache, cuts: list[Cut], batch_size: int = 8) -> dict[str, int]:
-    """Encode every cut not yet in ``cache`` (resumable); returns counts for the log."""
-    todo, seen = [], set()
+    """Encode every cut not yet in ``cache`` (resumable) on ``model.device``; returns counts for the log.
+
+    With a process group (``nemo_speechlm.parts.distributed.start_ranks``), rank ``r`` of ``N``
+    encodes the distinct utterances ``r, r+N, ...`` (a split that does not depend on what other ranks
+    have written meanwhile), then every rank waits at a barrier, so all of them read a full cache.
+    """
+    from nemo_speechlm.parts.distributed import barrier, rank_and_world
+
+    rank, world = rank_and_world()
+    distinct: dict[str, Cut] = {}
     for cut in cuts:
-        key = utterance_key(cut)
-        if key not in seen and cut not in cache:
-            todo.append(cut)
-        seen.add(key)
-    counts = {"utterances": len(seen), "cached_before": len(seen) - len(todo), "encoded": 0}
+        distinct.setdefault(utterance_key(cut), cut)
+    mine = list(distinct.values())[rank::world]
+    todo = [cut for cut in mine if cut not in cache]
+    counts = {"utterances": len(distinct), "cached_before": len(mine) - len(todo), "encoded": 0}
+    if world > 1:
+        counts.update(rank=rank, this_rank=len(mine))
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=len(seen), initial=counts["cached_before"], desc="Caching encoder features", unit="utt") as bar:
+        with tqdm(total=len(mine), initial=counts["cached_before"], desc="Caching encoder features", unit="utt") as bar:
             for start in range(0, len(todo), batch_size):
                 batch_cuts = todo[start : start + batch_size]
                 wavs = [
@@ -114,6 +123,7 @@ def fill_feature_cache(model, cache: FeatureCache, cuts: list[Cut], batch_size: 
                 bar.update(len(batch_cuts))
     finally:
         model.train(was_training)
+    barrier()
     logging.info(f"Feature cache {cache.root}: {counts}")
     return counts
 

@@ -79,10 +79,11 @@ class CTCReadout(nn.Module):
         positions = keep.nonzero().squeeze(1)
         segment = _segment_starts(best, positions).cumsum(0) - 1
         n = int(segment[-1]) + 1
-        counts = torch.zeros(n, device=outputs.device).index_add_(0, segment, torch.ones_like(segment, dtype=torch.float))
+        # dtype=float throughout: bf16-true training makes bf16 the default dtype
+        counts = torch.zeros(n, device=outputs.device, dtype=torch.float).index_add_(0, segment, torch.ones_like(segment, dtype=torch.float))
         words = posteriors[positions, 1:]
         words = words / words.sum(-1, keepdim=True)  # within a word segment, blank mass is not a token
-        mean_words = torch.zeros(n, words.shape[1], device=outputs.device).index_add_(0, segment, words) / counts[:, None]
+        mean_words = torch.zeros(n, words.shape[1], device=outputs.device, dtype=torch.float).index_add_(0, segment, words) / counts[:, None]
         mean_outputs = torch.zeros(n, outputs.shape[1], device=outputs.device, dtype=torch.float).index_add_(
             0, segment, outputs[positions].float()) / counts[:, None]
         text_like = mean_words @ embeddings[self.token_ids].float()

