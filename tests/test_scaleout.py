@@ -103,6 +103,10 @@ def nemo_weights(path: Path) -> dict[str, torch.Tensor]:
 def assert_same_weights(got: Path, want: Path, start: Path | None = None) -> float:
     a, b = nemo_weights(got), nemo_weights(want)
     assert a.keys() == b.keys()
+    # BatchNorm running statistics are not parameters and DDP does not sync them (no SyncBatchNorm): rank 0
+    # saves the statistics of its own micro-batches, the accumulating process those of both. Explained, so left out.
+    for k in [k for k in a if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]:
+        del a[k], b[k]
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].numel())
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
@@ -112,13 +116,12 @@ def assert_same_weights(got: Path, want: Path, start: Path | None = None) -> flo
     return worst
 
 
-# Open bug, kept visible (XFAIL / XPASS in the summary) rather than hidden behind a loose tolerance: both MTBI
-# cases are bit-identical, but plain SFT and joint SFT (text-only steps) differ from the accumulating single
-# process, by an amount that changes from run to run (Adam eps 1e-3, lr 1e-4, 2 steps): 1.8e-5 / 2.2e-5 in one
-# run, 8.3e-5 (adapter MLP weight, 25/4096 elements) / 1.5e-4 (a LoRA B, 56/128) in the next. That is more than
-# summation-order noise; per-rank randomness (dropout, shuffling) is the first suspect.
-_OPEN = pytest.mark.xfail(strict=False, reason="DDP vs accumulation differs for plain and joint SFT; cause open")
-RECIPES = [pytest.param("plain", marks=_OPEN), "mtbi", "mtbi_kl_interleaved", pytest.param("joint_text_steps", marks=_OPEN)]
+# Plain SFT used to differ too (8.3e-5): the tiny Conformer had NeMo's default 0.1 input/embedding dropout, random
+# per process (now 0 in conformer_tiny.yaml), and BatchNorm running statistics, which DDP does not sync (left out
+# above). Open bug, kept visible (XFAIL / XPASS in the summary): joint SFT on text-only steps differs by
+# 2.1e-5 (a LoRA B, 20/256 elements; 1.5e-4 in one earlier run) after 2 steps at lr 1e-4, Adam eps 1e-3.
+_OPEN = pytest.mark.xfail(strict=False, reason="DDP vs accumulation differs for joint SFT text steps; cause open")
+RECIPES = ["plain", "mtbi", "mtbi_kl_interleaved", pytest.param("joint_text_steps", marks=_OPEN)]
 
 
 @pytest.mark.slow
