@@ -23,6 +23,9 @@ def _cmd(assets, output):
         sys.executable, str(REPO / "examples" / "generate_behaviors.py"),
         "--manifest", str(assets["manifest"]), "--output", str(output), "--teacher", str(assets["llm"]),
         "--batch-size", "1", "--max-new-tokens", "12", "--tasks-per-utterance", "3", "--ground-truth-tasks", "repeat",
+        # every utterance gets these three, so the repeat lines are always accepted (sampled tasks depended on
+        # the tmp path: ~6% of runs drew no repeat, the tiny LLM's answers were all rejected, nothing to read)
+        "--tasks", "repeat", "continue", "summarize",
     ]
 
 
