@@ -17,38 +17,15 @@ from nemo_speechlm.data.task_catalog import TaskCatalog, render_prompt
 from nemo_speechlm.models import MTBIModel
 from nemo_speechlm.models.mtbi_model import token_kl
 from nemo_speechlm.models.speechlm_model import IGNORE_INDEX, cross_entropy
-from tests.tiny_assets import make_tiny_whisper, tiny_whisper_perception
+from tests.tiny_assets import make_tiny_whisper, tiny_whisper_perception, even_word_times, write_behaviors
 from tests.conftest import model_config
 
 TAG = "<|audio|>"
 
 
-def _words(text: str, duration: float) -> list[dict]:
-    """Evenly spaced word times (the synthetic test audio has no real words)."""
-    tokens = text.split()
-    step = duration / len(tokens)
-    return [{"word": w, "start": round(i * step, 3), "end": round((i + 0.8) * step, 3)} for i, w in enumerate(tokens)]
-
-
 @pytest.fixture(scope="module")
 def behaviors(assets, tmp_path_factory):
-    catalog = TaskCatalog.load()
-    prompts = catalog.training_prompts()
-    rows = []
-    for i, line in enumerate(open(assets["manifest"])):
-        entry = json.loads(line)
-        prompt = prompts[(7 * i) % len(prompts)]
-        entry.update(
-            words=_words(entry["text"], entry["duration"]),
-            task=prompt.task,
-            prompt=prompt.text,
-            response=entry["text"].upper() if i % 2 else f"it says {entry['text']}",
-            split="train",
-        )
-        rows.append(entry)
-    path = tmp_path_factory.mktemp("behaviors") / "behaviors.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_behaviors(assets["manifest"], tmp_path_factory.mktemp("behaviors") / "behaviors.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +41,7 @@ def _entries(path):
 
 
 def test_spans_cover_replaced_words_and_keep_text_in_order():
-    words = _words("one two three four five six seven eight nine ten", 5.0)
+    words = even_word_times("one two three four five six seven eight nine ten", 5.0)
     for seed in range(50):
         spans = choose_spans(words, InterleaveConfig(prob=1.0, text_span_words=(1, 3), speech_span_words=(1, 3)), random.Random(seed))
         assert [s.first for s in spans] == [0] + [s.last for s in spans[:-1]] and spans[-1].last == len(words)

@@ -174,3 +174,33 @@ def make_wav_manifest(out_dir: str | Path, n: int = 8, sample_rate: int = 16000,
     manifest = out_dir / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return manifest
+
+
+def even_word_times(text: str, duration: float) -> list[dict]:
+    """Evenly spaced word times (the synthetic test audio has no real words)."""
+    tokens = text.split()
+    step = duration / len(tokens)
+    return [{"word": w, "start": round(i * step, 3), "end": round((i + 0.8) * step, 3)} for i, w in enumerate(tokens)]
+
+
+def write_behaviors(manifest: str | Path, out_path: str | Path) -> Path:
+    """MTBI behaviors lines for a manifest: training prompts of the shipped catalog, made-up responses,
+    evenly spaced word times (for interleaving)."""
+    from nemo_speechlm.data.task_catalog import TaskCatalog
+
+    prompts = TaskCatalog.load().training_prompts()
+    rows = []
+    for i, line in enumerate(open(manifest)):
+        entry = json.loads(line)
+        prompt = prompts[(7 * i) % len(prompts)]
+        entry.update(
+            words=even_word_times(entry["text"], entry["duration"]),
+            task=prompt.task,
+            prompt=prompt.text,
+            response=entry["text"].upper() if i % 2 else f"it says {entry['text']}",
+            split="train",
+        )
+        rows.append(entry)
+    out_path = Path(out_path)
+    out_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out_path

@@ -8,7 +8,8 @@ of ``{input}``, or, for a share ``interleave.prob`` of lines, text and speech sp
 utterance alternating (``nemo_speechlm.data.interleaving``). Each audio turn also
 carries the text it stands for, so the KL teacher can read the same turn as text.
 
-Data config keys: ``manifest_filepath``, ``interleave`` ({prob, text_span_words,
+Data config keys: ``manifest_filepath`` (with ``tarred_audio_filepaths`` for a tarred manifest) or
+``shar_path`` (``examples/to_shar.py``; see ``nemo_speechlm.data.sources``), ``interleave`` ({prob, text_span_words,
 speech_span_words}), ``catalog`` (task catalog path; null = ``nemo_speechlm/conf/mtbi/tasks.yaml``),
 ``system_prompt``, ``seed``, ``skip_invalid``; ``audio_locator_tag`` and
 ``token_equivalent_duration`` are filled in from the model.
@@ -23,9 +24,10 @@ from nemo.collections.common.data.lhotse import NeMoMultimodalConversation
 from nemo.collections.common.data.lhotse.cutset import data_type_parser
 from nemo.collections.common.data.lhotse.text_adapters import AudioTurn, TextTurn
 
-from nemo_speechlm.data.conversations import ManifestConversations, cut_for_audio, finish_parsing, require_keys
+from nemo_speechlm.data.conversations import ManifestConversations, entry_cut, finish_parsing, require_keys
 from nemo_speechlm.data.interleaving import InterleaveConfig, choose_spans, validate_words
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError
+from nemo_speechlm.data.sources import LineSource
 from nemo_speechlm.data.task_catalog import HELDOUT, INPUT_PLACEHOLDER, TaskCatalog
 from nemo_speechlm.data.utterance import cut_id, speech_span
 
@@ -51,7 +53,7 @@ def behavior_to_conversation(
         except ValueError as e:
             raise ManifestError(entry.path, entry.line, str(e), "words") from None
     rng = rng or random.Random(0)
-    cut = cut_for_audio(entry["audio_filepath"], entry.get("offset", 0.0) or 0.0, entry["duration"], cut_id(entry))
+    cut = entry_cut(entry, cut_id(entry))
     before, after = entry["prompt"].split(INPUT_PLACEHOLDER)
     if interleave.prob > 0 and rng.random() < interleave.prob:
         if not words:
@@ -122,7 +124,7 @@ def _catalog(path: str | None) -> TaskCatalog:
 @data_type_parser(DATA_TYPE)
 def read_mtbi_behaviors(config) -> tuple:
     """NeMo lhotse parser for ``type: mtbi_behaviors`` (keys in the module docstring)."""
-    require_keys(config, DATA_TYPE, ("manifest_filepath", "audio_locator_tag", "token_equivalent_duration"))
+    require_keys(config, DATA_TYPE, ("audio_locator_tag", "token_equivalent_duration"))
     build = partial(
         _line_to_conversation,
         seed=config.get("seed", 0),
@@ -133,6 +135,6 @@ def read_mtbi_behaviors(config) -> tuple:
         system_prompt=config.get("system_prompt"),
     )
     adapter = ManifestConversations(
-        config.manifest_filepath, build, required_text_fields=BEHAVIOR_FIELDS, skip_invalid=config.get("skip_invalid", False)
+        LineSource.from_config(config, DATA_TYPE), build, required_text_fields=BEHAVIOR_FIELDS, skip_invalid=config.get("skip_invalid", False)
     )
     return finish_parsing(config, adapter)

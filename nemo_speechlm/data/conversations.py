@@ -1,8 +1,8 @@
 """Manifest line -> ``NeMoMultimodalConversation``, registered as a NeMo lhotse data type.
 
 ``type: speechlm_manifest`` in a dataloader ``input_cfg`` reads a NeMo manifest
-(``audio_filepath``, ``duration``, ``text``, optional ``offset``/``prompt``) through
-:func:`~nemo_speechlm.data.manifest.read_manifest` and builds one user turn (prompt
+(``audio_filepath``, ``duration``, ``text``, optional ``offset``/``prompt``; local JSONL, a tarred
+manifest or Lhotse Shar, see :mod:`nemo_speechlm.data.sources`) and builds one user turn (prompt
 text around the audio) and one assistant turn (the answer). Everything after that —
 bucketing, weights, tokenization with the prompt format, audio collation — is NeMo's
 lhotse dataloader and speechlm2's ``SALMDataset``.
@@ -12,14 +12,15 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable, Iterator
 
-from lhotse import CutSet, Recording
+from lhotse import CutSet, Recording, fastcopy
 from lhotse.cut import Cut
 from nemo.collections.common.data.lhotse import NeMoMultimodalConversation
 from nemo.collections.common.data.lhotse.cutset import data_type_parser
 from nemo.collections.common.data.lhotse.text_adapters import AudioTurn, TextTurn
 from nemo.collections.common.data.prompt_fn import registered_prompt_format_fn
 
-from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
+from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary
+from nemo_speechlm.data.sources import LineSource
 from nemo_speechlm.data.utterance import cut_id
 from nemo_speechlm.parts.prompting import ChatTemplatePromptFormatter
 
@@ -40,6 +41,13 @@ def cut_for_audio(audio_path: str, offset: float = 0.0, duration: float | None =
     if cut_id:
         cut.id = cut_id
     return cut
+
+
+def entry_cut(entry: ManifestEntry, cut_id: str) -> Cut:
+    """The cut of a line's audio: the archive's own (tarred manifest, Shar), else one over the file."""
+    if entry.cut is not None:
+        return fastcopy(entry.cut, id=cut_id)
+    return cut_for_audio(entry["audio_filepath"], entry.get("offset", 0.0) or 0.0, entry["duration"], cut_id)
 
 
 def build_user_turns(prompt: str, audio_cuts: list[Cut], audio_locator_tag: str, transcripts: list[str]) -> list:
@@ -80,7 +88,7 @@ def entry_to_conversation(
     answer = entry.get(answer_field)
     if not isinstance(answer, str) or not answer.strip():
         raise ManifestError(entry.path, entry.line, f"missing or empty answer (got {answer!r})", answer_field)
-    cut = cut_for_audio(entry["audio_filepath"], entry.get("offset", 0.0) or 0.0, entry["duration"], cut_id(entry))
+    cut = entry_cut(entry, cut_id(entry))
     turns = build_user_turns(prompt, [cut], audio_locator_tag, [entry.get("text", "")])
     turns.append(TextTurn(value=answer, role="assistant"))
     system = entry.get("system_prompt") or system_prompt
@@ -90,21 +98,22 @@ def entry_to_conversation(
 
 
 class ManifestConversations:
-    """Lazily iterates a manifest as conversations (picklable, so it runs in dataloader workers).
+    """Lazily iterates a data source's lines as conversations (picklable, so it runs in dataloader workers).
 
     ``to_conversation(entry, iteration)`` builds one conversation per line; ``iteration``
-    counts passes over the file so random choices (interleaving spans) differ per epoch.
+    counts passes over the data so random choices (interleaving spans) differ per epoch. Local
+    audio files are checked on the first pass only (``nemo_speechlm.data.sources``).
     """
 
     def __init__(
         self,
-        manifest_filepath: str,
+        source: LineSource,
         to_conversation: Callable[[ManifestEntry, int], NeMoMultimodalConversation],
         required_text_fields: tuple[str, ...] = (),
         skip_invalid: bool = False,
         has_audio: bool = True,
     ) -> None:
-        self.manifest_filepath = manifest_filepath
+        self.source = source
         self.to_conversation = to_conversation
         self.required_text_fields = required_text_fields
         self.skip_invalid = skip_invalid
@@ -116,10 +125,10 @@ class ManifestConversations:
 
     def __iter__(self) -> Iterator[NeMoMultimodalConversation]:
         self.iteration += 1
-        for entry in read_manifest(
-            self.manifest_filepath,
+        for entry in self.source.entries(
             required_text_fields=self.required_text_fields,
             has_audio=self.has_audio,
+            check_audio=self.iteration == 1,
             skip_invalid=self.skip_invalid,
             summary=self.summary,
         ):
@@ -162,7 +171,7 @@ def concatenate_turns_prompt_fn(example: NeMoMultimodalConversation, formatter: 
 @data_type_parser(DATA_TYPE)
 def read_speechlm_manifest(config) -> tuple[CutSet, bool]:
     """NeMo lhotse parser for ``type: speechlm_manifest`` (see module docstring for the keys)."""
-    require_keys(config, DATA_TYPE, ("manifest_filepath", "audio_locator_tag", "token_equivalent_duration"))
+    require_keys(config, DATA_TYPE, ("audio_locator_tag", "token_equivalent_duration"))
     build = partial(
         _line_to_conversation,
         default_prompt=config.get("prompt"),
@@ -171,7 +180,8 @@ def read_speechlm_manifest(config) -> tuple[CutSet, bool]:
         answer_field=config.get("answer_field", "text"),
         system_prompt=config.get("system_prompt"),
     )
-    return finish_parsing(config, ManifestConversations(config.manifest_filepath, build, skip_invalid=config.get("skip_invalid", False)))
+    source = LineSource.from_config(config, DATA_TYPE)
+    return finish_parsing(config, ManifestConversations(source, build, skip_invalid=config.get("skip_invalid", False)))
 
 
 def _line_to_conversation(entry: ManifestEntry, iteration: int, **kwargs) -> NeMoMultimodalConversation:

@@ -20,7 +20,8 @@ the ``tags: {source: ...}`` of its ``input_cfg`` entry (NeMo's ``attach_tags``),
 the task (``text_sft``, ``asr``, ``ast``, ``sqa``, ``mixed_modal``), so the model can count
 batches per source.
 
-Data config keys (each type): ``manifest_filepath``; ``audio_placeholder`` (the string that
+Data config keys (each type): ``manifest_filepath``, or for ``joint_asr_ast``/``joint_sqa`` also
+a tarred manifest (+ ``tarred_audio_filepaths``) or ``shar_path`` (``nemo_speechlm.data.sources``); ``audio_placeholder`` (the string that
 marks audio in the file's text, null = the model's ``audio_locator_tag``; mixed-modal and
 text SFT only); ``system_prompt`` (used when a line has no ``system``); ``skip_invalid``
 (count and skip bad lines instead of failing); ``tags`` and ``weight`` as for any NeMo
@@ -41,11 +42,13 @@ from nemo_speechlm.data.conversations import (
     ManifestConversations,
     build_user_turns,
     cut_for_audio,
+    entry_cut,
     finish_parsing,
     require_keys,
 )
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, validate_audio_fields
 from nemo_speechlm.data import text_sft
+from nemo_speechlm.data.sources import LineSource
 
 TEXT_SFT, ASR_AST, SQA, MIXED_MODAL = "joint_text_sft", "joint_asr_ast", "joint_sqa", "joint_mixed_modal"
 SOURCE_FIELD = "source"
@@ -217,7 +220,7 @@ def sqa_conversation(entry: ManifestEntry, audio_locator_tag: str, **kwargs) -> 
 def _single_audio_conversation(entry, text, answer, source, audio_locator_tag, **kwargs) -> NeMoMultimodalConversation:
     if audio_locator_tag in text:
         raise ManifestError(entry.path, entry.line, f"the text contains the audio locator {audio_locator_tag!r}; the audio goes after it", "question")
-    cut = cut_for_audio(entry["audio_filepath"], entry.get("offset", 0.0) or 0.0, entry["duration"], f"{Path(entry.path).stem}-{entry.line}")
+    cut = entry_cut(entry, f"{Path(entry.path).stem}-{entry.line}")
     turns = [("user", f"{text}\n{audio_locator_tag}"), ("assistant", answer)]
     return turns_to_conversation(entry, turns, [cut], audio_locator_tag, source=source, **kwargs)
 
@@ -246,7 +249,7 @@ def _build(entry: ManifestEntry, iteration: int, to_conversation, **kwargs) -> N
 
 
 def _read(config, data_type: str) -> tuple:
-    require_keys(config, data_type, ("manifest_filepath", "audio_locator_tag", "token_equivalent_duration"))
+    require_keys(config, data_type, ("audio_locator_tag", "token_equivalent_duration"))
     to_conversation, required, has_audio = _FORMATS[data_type]
     kwargs = {
         "audio_locator_tag": config.audio_locator_tag,
@@ -256,7 +259,7 @@ def _read(config, data_type: str) -> tuple:
     if not has_audio:
         kwargs["audio_placeholder"] = config.get("audio_placeholder")
     adapter = ManifestConversations(
-        config.manifest_filepath,
+        LineSource.from_config(config, data_type, has_audio=has_audio),
         partial(_build, to_conversation=to_conversation, **kwargs),
         required_text_fields=required,
         skip_invalid=config.get("skip_invalid", False),

@@ -22,11 +22,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ManifestEntry:
-    """One validated manifest line. ``data`` keeps every original field (paths made absolute)."""
+    """One validated manifest line. ``data`` keeps every original field (paths made absolute).
+
+    ``cut``: the line's audio when it comes from an archive (tarred manifest, Lhotse Shar) rather
+    than a file (``nemo_speechlm.data.sources``)."""
 
     path: str
     line: int
     data: dict
+    cut: object = None
 
     def __getitem__(self, key):
         return self.data[key]
@@ -156,6 +160,14 @@ def read_manifest(
                 log.warning("Skipping %s", e)
 
 
+def check_text_fields(path, line: int, data: dict, required_text_fields: tuple[str, ...]) -> None:
+    """Each of ``required_text_fields`` must be a non-empty string."""
+    for name in required_text_fields:
+        value = data.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise ManifestError(path, line, f"missing or empty text (got {value!r})", name)
+
+
 def _parse_line(path, line_no, raw, required_text_fields, has_audio, check_audio, duration_tolerance, min_duration) -> dict:
     try:
         data = json.loads(raw)
@@ -163,10 +175,7 @@ def _parse_line(path, line_no, raw, required_text_fields, has_audio, check_audio
         raise ManifestError(path, line_no, f"not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(data, dict):
         raise ManifestError(path, line_no, f"expected a JSON object, got {type(data).__name__}")
-    for name in required_text_fields:
-        value = data.get(name)
-        if not isinstance(value, str) or not value.strip():
-            raise ManifestError(path, line_no, f"missing or empty text (got {value!r})", name)
+    check_text_fields(path, line_no, data, required_text_fields)
     if has_audio:
         validate_audio_fields(path, line_no, data, duration_tolerance, check_audio, min_duration)
     return data

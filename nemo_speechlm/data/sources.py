@@ -1,0 +1,119 @@
+"""Where a data type's lines come from: a local JSONL manifest, a tarred NeMo manifest, or Lhotse Shar.
+
+Every data type of ours (``speechlm_manifest``, ``mtbi_behaviors``, ``joint_asr_ast``, ``joint_sqa``)
+reads its lines through :class:`LineSource`, configured by one of:
+
+* ``manifest_filepath`` alone: local JSONL whose audio files are checked by
+  :func:`~nemo_speechlm.data.manifest.read_manifest` (exists, readable, duration matches) on the
+  *first* pass only; later passes of the endless training stream trust that check;
+* ``manifest_filepath`` + ``tarred_audio_filepaths``: NeMo's tarred audio datasets (sharded
+  manifests and tars, ``_OP_0..N_CL_`` brace patterns as NeMo writes them), read by NeMo's
+  ``LazyNeMoTarredIterator``;
+* ``shar_path``: a Lhotse Shar directory written by ``examples/to_shar.py``, which validated every
+  audio file once when it wrote the archive.
+
+Archive lines carry their audio as an in-memory cut (``ManifestEntry.cut``); their text fields
+are checked as a manifest's are, and errors name the archive and the item's position in it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from lhotse import CutSet, fastcopy
+from lhotse.cut import Cut
+
+from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, check_text_fields, read_manifest
+from nemo_speechlm.errors import ConfigError
+
+SOURCE_KEYS = ("manifest_filepath", "tarred_audio_filepaths", "shar_path")
+
+
+@dataclass
+class LineSource:
+    """One data config's lines (see the module docstring for the three kinds)."""
+
+    manifest_filepath: str | list | None = None
+    tarred_audio_filepaths: str | list | None = None
+    shar_path: str | None = None
+    shuffle_shards: bool = False
+    shard_seed: int | str = 0
+
+    @classmethod
+    def from_config(cls, config, data_type: str, has_audio: bool = True) -> "LineSource":
+        source = cls(
+            manifest_filepath=config.get("manifest_filepath"),
+            tarred_audio_filepaths=config.get("tarred_audio_filepaths"),
+            shar_path=config.get("shar_path"),
+            shuffle_shards=bool(config.get("shuffle_shards", False)),
+            shard_seed=config.get("shard_seed", 0) if config.get("shard_seed") != "randomized" else 0,
+        )
+        if (source.shar_path is None) == (source.manifest_filepath is None):
+            raise ConfigError(f"Data config of type {data_type!r} needs exactly one of `manifest_filepath` (JSONL, "
+                              f"optionally with `tarred_audio_filepaths`) or `shar_path` (got {dict(config)}).")
+        if source.is_archive and not has_audio:
+            raise ConfigError(f"Data type {data_type!r} reads its lines from JSONL only (`manifest_filepath`): its lines "
+                              "have no audio, or several audios, which a tarred manifest or Shar cannot hold.")
+        return source
+
+    @property
+    def is_archive(self) -> bool:
+        return self.shar_path is not None or self.tarred_audio_filepaths is not None
+
+    @property
+    def name(self) -> str:
+        """What errors call this source."""
+        return str(self.shar_path or self.manifest_filepath)
+
+    def entries(
+        self,
+        required_text_fields: tuple[str, ...] = (),
+        has_audio: bool = True,
+        check_audio: bool = True,
+        skip_invalid: bool = False,
+        summary: SkipSummary | None = None,
+    ) -> Iterator[ManifestEntry]:
+        """The source's lines, validated; bad ones raise :class:`ManifestError` or, with ``skip_invalid``,
+        are counted in ``summary``. ``check_audio`` applies to local files only."""
+        if not self.is_archive:
+            yield from read_manifest(self.manifest_filepath, required_text_fields, has_audio=has_audio,
+                                     check_audio=check_audio, skip_invalid=skip_invalid, summary=summary)
+            return
+        for index, cut in enumerate(self._archive_cuts(), start=1):
+            try:
+                yield archive_entry(self.name, index, cut, required_text_fields)
+            except ManifestError as e:
+                if not skip_invalid:
+                    raise
+                if summary is not None:
+                    summary.add(e)
+
+    def _archive_cuts(self) -> Iterator[Cut]:
+        if self.shar_path is not None:
+            return iter(CutSet.from_shar(in_dir=self.shar_path, shuffle_shards=self.shuffle_shards, seed=self.shard_seed))
+        from nemo.collections.common.data.lhotse.nemo_adapters import LazyNeMoTarredIterator
+
+        tarred = LazyNeMoTarredIterator(self.manifest_filepath, self.tarred_audio_filepaths,
+                                        shuffle_shards=self.shuffle_shards, shard_seed=self.shard_seed)
+        # NeMo names a recording after its file inside the tar, which repeats across datasets (the
+        # feature cache keys by recording id): qualify it with the tar it came from.
+        return (_qualified(cut, cut.custom.get("tar_origin", "")) for cut in tarred)
+
+
+def _qualified(cut: Cut, prefix: str) -> Cut:
+    return fastcopy(cut, recording=fastcopy(cut.recording, id=f"{prefix}:{cut.recording.id}"))
+
+
+ARCHIVE_EXCLUDED_FIELDS = ("manifest_origin", "tar_origin", "shard_origin", "shar_epoch")
+
+
+def archive_entry(name: str, index: int, cut: Cut, required_text_fields: tuple[str, ...] = ()) -> ManifestEntry:
+    """A tarred / Shar cut as a manifest line: its custom fields (the line's own), its transcript as
+    ``text``, its ``duration``; ``audio_filepath`` names the audio inside the archive."""
+    data = {k: v for k, v in (cut.custom or {}).items() if k not in ARCHIVE_EXCLUDED_FIELDS}
+    if "text" not in data and cut.supervisions and cut.supervisions[0].text:
+        data["text"] = cut.supervisions[0].text
+    data.pop("offset", None)  # the archive's cut is the segment itself
+    data.update(audio_filepath=f"{name}:{cut.recording.id}", duration=cut.duration)
+    check_text_fields(name, index, data, required_text_fields)
+    return ManifestEntry(name, index, data, cut=fastcopy(cut, custom=None))

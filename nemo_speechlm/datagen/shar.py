@@ -1,0 +1,112 @@
+"""Manifests (plain, behaviors, ASR/AST, SQA) -> Lhotse Shar, every audio file validated once, here.
+
+Training from Shar reads the audio out of tar shards written next to their lines, so nothing on
+the training machines touches the original files or checks them again. Each line becomes one cut
+holding only its segment's audio (``offset``/``duration`` applied) and, as custom fields, every
+other field of the line (``text``, ``task``, ``prompt``, ``response``, ``words``, ...), which is what
+``shar_path`` inputs of our data types read back (``nemo_speechlm.data.sources``).
+
+Shards are written one at a time into a temporary directory and moved into place, lines file
+last, so a crashed run resumes at the first shard whose lines file is missing. Rerunning over a
+changed manifest is refused. The bookkeeping (``info.json`` with the manifest's size and mtime, the
+shard being written) lives next to the output, in ``.<name>.to_shar/``: lhotse reads every file
+inside a Shar directory as a field.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from itertools import islice
+from pathlib import Path
+
+from lhotse import CutSet
+from tqdm import tqdm
+
+from nemo_speechlm.data.conversations import cut_for_audio
+from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
+from nemo_speechlm.errors import InputError
+
+AUDIO_FORMATS = ("flac", "wav")
+_SEGMENT_FIELDS = ("audio_filepath", "duration", "offset")
+
+
+def write_shar(
+    manifest: str | Path,
+    out_dir: str | Path,
+    shard_size: int = 1000,
+    audio_format: str = "flac",
+    skip_invalid: bool = False,
+) -> dict:
+    """Write ``manifest`` to ``out_dir`` as Shar (``cuts.NNNNNN.jsonl.gz`` + ``recording.NNNNNN.tar``);
+    resumable. Returns counts: lines, shards written now and before, lines skipped as invalid."""
+    if audio_format not in AUDIO_FORMATS:
+        raise InputError(f"unknown audio format {audio_format!r}", f"use one of {AUDIO_FORMATS}")
+    if shard_size < 1:
+        raise InputError(f"shard size must be at least 1 (got {shard_size})")
+    manifest, out_dir = Path(manifest), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = out_dir.parent / f".{out_dir.name}.to_shar"
+    work_dir.mkdir(exist_ok=True)
+    _check_same_input(manifest, out_dir, work_dir, shard_size, audio_format)
+    summary = SkipSummary()
+    entries = read_manifest(manifest, required_text_fields=(), skip_invalid=skip_invalid, summary=summary)
+    counts = {"lines": 0, "shards_written": 0, "shards_before": 0}
+    with tqdm(desc=f"Writing Shar to {out_dir}", unit="line") as bar:
+        for shard in range(1 << 30):
+            chunk = list(islice(entries, shard_size))
+            if not chunk:
+                break
+            counts["lines"] += len(chunk)
+            if (out_dir / f"cuts.{shard:06d}.jsonl.gz").is_file():
+                counts["shards_before"] += 1
+            else:
+                _write_shard(chunk, out_dir, work_dir, shard, audio_format)
+                counts["shards_written"] += 1
+            bar.update(len(chunk))
+    counts["skipped_invalid"] = summary.total
+    if summary.total:
+        counts["skipped"] = str(summary)
+    return counts
+
+
+def _write_shard(entries: list[ManifestEntry], out_dir: Path, work_dir: Path, shard: int, audio_format: str) -> None:
+    cuts = []
+    for entry in entries:
+        cut = cut_for_audio(entry["audio_filepath"], entry.get("offset", 0.0) or 0.0, entry["duration"],
+                            cut_id=f"{Path(entry.path).stem}-{entry.line}")
+        # Stable across reruns and unique across manifests: the feature cache keys a Shar cut by it.
+        cut.recording.id = hashlib.sha1(
+            f"{entry['audio_filepath']}|{entry.get('offset', 0.0) or 0.0}|{entry['duration']}".encode()).hexdigest()
+        cut.custom = {k: v for k, v in entry.data.items() if k not in _SEGMENT_FIELDS}
+        cuts.append(cut)
+    tmp = work_dir / f"shard-{shard:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        CutSet(cuts).to_shar(tmp, fields={"recording": audio_format}, shard_size=len(cuts), shard_offset=shard)
+    except Exception as e:  # lhotse re-raises the reader's error; name the shard's lines
+        raise ManifestError(entries[0].path, entries[0].line,
+                            f"cannot write the audio of lines {entries[0].line}-{entries[-1].line} to Shar: {e}",
+                            "audio_filepath") from e
+    os.replace(tmp / f"recording.{shard:06d}.tar", out_dir / f"recording.{shard:06d}.tar")
+    os.replace(tmp / f"cuts.{shard:06d}.jsonl.gz", out_dir / f"cuts.{shard:06d}.jsonl.gz")  # last: marks it done
+    tmp.rmdir()
+
+
+def _check_same_input(manifest: Path, out_dir: Path, work_dir: Path, shard_size: int, audio_format: str) -> None:
+    if not manifest.is_file():
+        raise FileNotFoundError(f"Manifest not found: {manifest}")
+    stat = manifest.stat()
+    info = {"manifest": str(manifest.resolve()), "size": stat.st_size, "mtime": stat.st_mtime,
+            "shard_size": shard_size, "audio_format": audio_format}
+    path = work_dir / "info.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != info:
+            changed = sorted(k for k in info if before.get(k) != info[k])
+            raise InputError(f"{out_dir} holds Shar written from other input or settings ({', '.join(changed)} differ)",
+                             "write to a new directory, or delete this one to start again")
+    else:
+        path.write_text(json.dumps(info, indent=1))

@@ -1,0 +1,144 @@
+"""Data at scale: tarred NeMo manifests and Lhotse Shar as inputs of our data types, audio checked once."""
+import json
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import soundfile
+import torch
+from lhotse import CutSet
+from omegaconf import OmegaConf
+
+import nemo_speechlm.data.manifest as manifest_module
+from nemo_speechlm.data.conversations import ManifestConversations, entry_cut
+from nemo_speechlm.data.datamodule import build_datamodule, fill_model_settings
+from nemo_speechlm.data.feature_cache import utterances_in
+from nemo_speechlm.data.sources import LineSource
+from nemo_speechlm.datagen.shar import write_shar
+from nemo_speechlm.errors import ConfigError, InputError, ManifestError
+from nemo_speechlm.models import MTBIModel
+from tests.conftest import REPO, model_config
+from tests.tiny_assets import write_behaviors
+
+
+@pytest.fixture(scope="module")
+def behaviors(assets, tmp_path_factory):
+    return write_behaviors(assets["manifest"], tmp_path_factory.mktemp("behaviors") / "behaviors.jsonl")
+
+
+@pytest.fixture(scope="module")
+def shar_dir(behaviors, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shar") / "behaviors"
+    counts = write_shar(behaviors, out, shard_size=3)
+    assert counts == {"lines": 8, "shards_written": 3, "shards_before": 0, "skipped_invalid": 0}
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(assets):
+    return MTBIModel(model_config(assets["llm"], freeze_params=[r"^llm\..+$", r"^perception\.encoder\..+$"])).eval()
+
+
+def _data_cfg(source: dict, prob: float = 0.5):
+    return OmegaConf.create({"train_ds": {
+        "input_cfg": [{"type": "mtbi_behaviors", **source, "interleave": {"prob": prob}}],
+        "batch_size": 4, "shuffle": False, "num_workers": 0, "seed": 0, "shard_seed": 0}})
+
+
+def _batches(model, source: dict, n: int = 2):
+    dm = build_datamodule(_data_cfg(source), model)
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    return [next(it) for _ in range(n)]
+
+
+def test_shar_trains_on_the_same_batches_and_loss_as_the_manifest(model, behaviors, shar_dir):
+    from_jsonl = _batches(model, {"manifest_filepath": str(behaviors)})
+    from_shar = _batches(model, {"shar_path": str(shar_dir)})
+    for a, b in zip(from_jsonl, from_shar):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["loss_mask"], b["loss_mask"])
+        assert torch.equal(a["audio_segments"], b["audio_segments"])  # interleaved spans: the same times
+        assert torch.equal(a["audio_lens"], b["audio_lens"]) and torch.equal(a["audios"], b["audios"])  # FLAC is lossless
+        with torch.no_grad():
+            assert model.compute_losses(a)["loss"].item() == model.compute_losses(b)["loss"].item()
+
+
+def test_feature_cache_finds_every_shar_utterance_once(model, shar_dir):
+    data_cfg = fill_model_settings(_data_cfg({"shar_path": str(shar_dir)}, prob=1.0), model)
+    utterances = utterances_in(data_cfg)
+    assert len(utterances) == 8 and len({u.recording.id for u in utterances}) == 8  # spans map to their utterances
+
+
+def test_conversion_resumes_at_the_first_unfinished_shard_and_refuses_other_input(behaviors, tmp_path):
+    out = tmp_path / "shar"
+    write_shar(behaviors, out, shard_size=3)
+    (out / "cuts.000002.jsonl.gz").unlink()  # as if killed while writing the last shard
+    again = write_shar(behaviors, out, shard_size=3)
+    assert (again["shards_written"], again["shards_before"]) == (1, 2)
+    assert len(CutSet.from_shar(in_dir=out).to_eager()) == 8
+    with pytest.raises(InputError, match="shard_size differ"):
+        write_shar(behaviors, out, shard_size=4)
+
+
+def test_audio_is_checked_when_converting_and_never_again_when_training(behaviors, shar_dir, tmp_path, monkeypatch):
+    rows = [json.loads(line) for line in open(behaviors)]
+    rows[4]["audio_filepath"] = str(tmp_path / "gone.wav")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ManifestError, match=r"broken.jsonl:5 field 'audio_filepath': audio file does not exist"):
+        write_shar(broken, tmp_path / "out", shard_size=3)
+    counts = write_shar(broken, tmp_path / "skipped", shard_size=3, skip_invalid=True)
+    assert (counts["lines"], counts["skipped_invalid"]) == (7, 1)
+
+    calls = []
+    real = manifest_module.audio_duration
+    monkeypatch.setattr(manifest_module, "audio_duration", lambda p: calls.append(p) or real(p))
+    local = ManifestConversations(LineSource(manifest_filepath=str(behaviors)), lambda e, i: e, has_audio=True)
+    assert len(list(local)) == 8 and len(calls) == 8  # the first pass checks each local file
+    assert len(list(local)) == 8 and len(calls) == 8  # later passes trust that check
+    archived = ManifestConversations(LineSource(shar_path=str(shar_dir)), lambda e, i: e, required_text_fields=("text",))
+    assert len(list(archived)) == 8 and len(calls) == 8  # Shar was checked when it was written
+
+
+def test_tarred_nemo_manifest_reads_like_the_manifest(behaviors, tmp_path):
+    """A NeMo tarred dataset (``audio_N.tar`` + ``manifest_N.json`` with ``shard_id``), as NeMo's script writes it."""
+    rows = [json.loads(line) for line in open(behaviors)]
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"audio_{shard}.tar", "w") as tar, open(tmp_path / f"manifest_{shard}.json", "w") as f:
+            for row in rows[shard::2]:
+                name = row["audio_filepath"].rsplit("/", 1)[-1]
+                tar.add(row["audio_filepath"], arcname=name)
+                f.write(json.dumps({**row, "audio_filepath": name, "shard_id": shard}) + "\n")
+    source = LineSource(manifest_filepath=str(tmp_path / "manifest__OP_0..1_CL_.json"),
+                        tarred_audio_filepaths=str(tmp_path / "audio__OP_0..1_CL_.tar"))
+    entries = list(source.entries(required_text_fields=("text", "task", "prompt", "response")))
+    by_text = {e["text"] + e["response"]: e for e in entries}
+    assert len(entries) == 8
+    for row in rows:
+        entry = by_text[row["text"] + row["response"]]
+        assert entry["words"] == row["words"] and entry["duration"] == pytest.approx(row["duration"])
+        cut = entry_cut(entry, "x")
+        assert cut.recording.id.startswith(str(tmp_path / "audio_"))  # qualified by its tar: unique across datasets
+        assert torch.equal(torch.from_numpy(cut.load_audio()[0]), torch.from_numpy(soundfile.read(row["audio_filepath"], dtype="float32")[0]))
+
+
+def test_a_config_names_exactly_one_source_and_lines_without_one_audio_stay_jsonl():
+    with pytest.raises(ConfigError, match="exactly one of"):
+        LineSource.from_config(OmegaConf.create({"manifest_filepath": "a.jsonl", "shar_path": "s"}), "mtbi_behaviors")
+    with pytest.raises(ConfigError, match="exactly one of"):
+        LineSource.from_config(OmegaConf.create({}), "mtbi_behaviors")
+    with pytest.raises(ConfigError, match="JSONL only"):
+        LineSource.from_config(OmegaConf.create({"shar_path": "s"}), "joint_mixed_modal", has_audio=False)
+
+
+def test_to_shar_script_writes_and_reports_bad_input_in_one_line(behaviors, tmp_path):
+    script = [sys.executable, str(REPO / "examples" / "to_shar.py")]
+    done = subprocess.run([*script, "--manifest", str(behaviors), "--output", str(tmp_path / "ok"), "--shard-size", "5"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout[done.stdout.index("{"):])["shards_written"] == 2
+    bad = subprocess.run([*script, "--manifest", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error:") and "missing.jsonl" in bad.stderr
