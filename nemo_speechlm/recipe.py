@@ -17,6 +17,7 @@ from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.data.preflight import check_clip_lengths, check_training_data
 from nemo_speechlm.parts.connector_ctc import freeze_aligned_connector, load_aligned_connector, pretrain_connector_ctc
 from nemo_speechlm.parts.distributed import resolve_strategy, start_ranks
+from nemo_speechlm.parts.fsdp import full_state_dict
 from nemo_speechlm.parts.precision import resolve_precision_plugins
 
 
@@ -51,9 +52,10 @@ def train(cfg: DictConfig, model_cls) -> Path:
     datamodule = build_datamodule(cfg.data, model, feature_cache)
     trainer.fit(model, datamodule)
     nemo_path = Path(cfg.get("output_nemo") or Path(log_dir) / f"{cfg.get('name', 'speechlm')}.nemo")
-    if trainer.is_global_zero:
-        model.save_to(str(nemo_path))
-        logging.info(f"Saved {nemo_path}")
+    with full_state_dict(model):  # FSDP2: every rank takes part in gathering the weights
+        if trainer.is_global_zero:
+            model.save_to(str(nemo_path))
+            logging.info(f"Saved {nemo_path}")
     return nemo_path
 
 

@@ -32,6 +32,7 @@ from nemo_speechlm.data.audio import check_audio_length, read_audio
 from nemo_speechlm.modules.ctc_readout import CTCReadout
 from nemo_speechlm.modules.perception import build_perception
 from nemo_speechlm.parts.checkpoint import stamp_checkpoint_format
+from nemo_speechlm.parts.fsdp import shard_model
 from nemo_speechlm.parts.decoding import cut_at_stop, decode, end_token_ids, length_sorted_batches, sampler
 from nemo_speechlm.parts.llm import load_llm, load_tokenizer, pack_llm_files, resolve_llm_source, unpack_llm_files
 from nemo_speechlm.parts.prompting import encode_messages, resolve_prompt_formatter
@@ -475,7 +476,8 @@ class SpeechLMModel(ModelPT):
                 self._cfg.checkpoint_scope = previous
 
     def state_dict(self, *args, **kwargs):
-        sd = super().state_dict(*args, **kwargs)
+        gathered = getattr(self, "_gathered_state_dict", None)  # FSDP2: the full weights (parts/fsdp.py)
+        sd = gathered if gathered is not None else super().state_dict(*args, **kwargs)
         frozen = getattr(self, "_state_dict_filter", None)
         if frozen:
             sd = type(sd)((k, v) for k, v in sd.items() if k not in frozen)
@@ -495,6 +497,11 @@ class SpeechLMModel(ModelPT):
         return result
 
     # ------------------------------------------------------------------ ModelPT plumbing
+
+    def configure_model(self) -> None:
+        """Lightning calls this inside ``fit``; under ``trainer.strategy=fsdp2`` it shards the model (``parts/fsdp.py``)."""
+        if self._device_mesh is not None:
+            shard_model(self, self._device_mesh)
 
     def setup_training_data(self, train_data_config) -> None:
         """Data lives outside the model config (see ``nemo_speechlm.data.datamodule``)."""

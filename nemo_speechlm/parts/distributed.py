@@ -17,6 +17,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from nemo.utils import logging
 
+from nemo_speechlm.parts.fsdp import FSDP2_STRATEGY_NAME, fsdp2_strategy
+
 
 def start_ranks(trainer: Trainer) -> None:
     """Start the other ranks and the process group now rather than in ``fit`` (no-op on one device).
@@ -68,9 +70,13 @@ def _device_count(devices) -> int | None:
 def resolve_strategy(trainer_cfg: dict) -> dict:
     """The configs name a DDP strategy for several devices (``ddp_find_unused_parameters_true``: a joint SFT
     text-only batch leaves the speech side without gradient). On one device (``devices * num_nodes == 1``)
-    Lightning would still wrap the model in DDP with a process group of one; use ``auto`` (no wrapper) then."""
+    Lightning would still wrap the model in DDP with a process group of one; use ``auto`` (no wrapper) then.
+    ``fsdp2`` (our name; Lightning has no string for it) becomes FSDP2 over all devices (``parts/fsdp.py``)."""
     strategy = trainer_cfg.get("strategy")
     count = _device_count(trainer_cfg.get("devices", 1))
+    if strategy == FSDP2_STRATEGY_NAME:
+        trainer_cfg["strategy"] = fsdp2_strategy(None if count is None else count * int(trainer_cfg.get("num_nodes") or 1))
+        return trainer_cfg
     if isinstance(strategy, str) and strategy.startswith("ddp") and count is not None and count * int(trainer_cfg.get("num_nodes") or 1) == 1:
         trainer_cfg["strategy"] = "auto"
     return trainer_cfg
