@@ -512,7 +512,8 @@ def main() -> None:
     minutes = estimate_minutes(args.steps, args.seeds, ctc_steps, items, args.eval_utterances)
     print(f"estimate: ~{minutes:.0f} min on 2 CPU cores for {len(args.conditions)} conditions x {args.seeds} seeds x "
           f"{args.steps} steps (+ {ctc_steps} CTC steps per seed; {items} benchmark answers per model); "
-          f"stage 2 trains {'the read-out gate and boundaries only (connector frozen)' if freeze else 'the whole connector'}")
+          f"stage 2 trains {'the read-out gate and boundaries (connector frozen)' if freeze else 'the whole connector'}"
+          f"{'' if base.model.get('lora') is None else ' and LoRA on the LLM'}")
 
     per_seed = {}
     for seed in seeds:
