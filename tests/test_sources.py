@@ -14,6 +14,7 @@ import nemo_speechlm.data.manifest as manifest_module
 from nemo_speechlm.data.conversations import ManifestConversations, entry_cut
 from nemo_speechlm.data.datamodule import build_datamodule, fill_model_settings
 from nemo_speechlm.data.feature_cache import utterances_in
+from nemo_speechlm.data.resumable import skip_batches
 from nemo_speechlm.data.sources import LineSource
 from nemo_speechlm.datagen.shar import write_shar
 from nemo_speechlm.errors import ConfigError, InputError, ManifestError
@@ -62,6 +63,23 @@ def test_shar_trains_on_the_same_batches_and_loss_as_the_manifest(model, behavio
         assert torch.equal(a["audio_lens"], b["audio_lens"]) and torch.equal(a["audios"], b["audios"])  # FLAC is lossless
         with torch.no_grad():
             assert model.compute_losses(a)["loss"].item() == model.compute_losses(b)["loss"].item()
+
+
+def test_a_resumed_shar_stream_continues_where_the_trained_batches_left_it(model, shar_dir):
+    """Archives are read by our data types, whose sampler runs in the training process (``force_map_dataset``),
+    so a resumed run replays it to the step reached, as for JSONL (``data/resumable.py``)."""
+    def loader():
+        cfg = _data_cfg({"shar_path": str(shar_dir)})
+        cfg.train_ds.batch_size, cfg.train_ds.shuffle = 2, True
+        dm = build_datamodule(cfg, model)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    whole = [b["input_ids"] for _, b in zip(range(6), loader())]
+    resumed = loader()
+    assert skip_batches(resumed, 3)
+    for got, want in zip([b["input_ids"] for _, b in zip(range(3), resumed)], whole[3:], strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_feature_cache_finds_every_shar_utterance_once(model, shar_dir):

@@ -3,7 +3,9 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from nemo_speechlm.models import MTBIModel
+from tests.conftest import REPO, model_config
+from tests.tiny_assets import write_behaviors
 
 
 def run_benchmark(script: str, *args: str) -> dict:
@@ -28,3 +30,15 @@ def test_salm_comparison_tiny_sees_the_same_inputs():
     assert all(abs(ours - salm) <= 1e-4 for ours, salm in result["same_weights_losses"])
     assert result["salm"]["padding_share"] == result["ours"]["padding_share"]
     assert result["ours_over_salm"]["steps_per_s"] > 0
+
+
+def test_padding_benchmark_counts_the_spliced_positions_of_both_batchings(assets, tmp_path):
+    model = MTBIModel(model_config(assets["llm"], freeze_params=[r"^llm\..+$", r"^perception\.encoder\..+$"]))
+    model.save_to(str(tmp_path / "mtbi.nemo"))
+    behaviors = write_behaviors(assets["manifest"], tmp_path / "behaviors.jsonl")
+    result = run_benchmark("padding.py", "--nemo", str(tmp_path / "mtbi.nemo"), "--behaviors", str(behaviors),
+                           "--features", str(tmp_path / "features"), "--batches", "4", "--num-buckets", "2",
+                           "data.train_ds.batch_size=2")
+    assert result["fixed"]["examples_per_batch"] == 2
+    for r in result.values():
+        assert 0 <= r["padding"] < 1 and r["positions_per_batch"] > 0

@@ -1,0 +1,95 @@
+"""Padding in training batches: the share of spliced LLM positions that are padding, per batching setting.
+
+    python benchmarks/padding.py --nemo demo_out/mtbi.nemo --behaviors demo_out/behaviors.jsonl \
+        --features demo_out/features [--batches 60] [hydra overrides of nemo_speechlm/conf/mtbi.yaml ...]
+
+Builds the MTBI training stream exactly as ``examples/mtbi_train.py`` does (``mtbi.yaml``'s data config,
+interleaving included, batches read from the feature cache) and splices each batch with the trained
+model (encoder features -> connector -> CTC read-out -> LLM input positions; no LLM forward), so the
+positions are the real ones. Settings compared on the same data:
+
+* ``fixed``: ``batch_size`` examples per batch, no bucketing (mtbi.yaml and the demo);
+* ``bucketed``: lhotse dynamic bucketing by total tokens (``use_multimodal_sampling``, ``batch_tokens``
+  chosen so that a batch holds ``batch_size`` examples on average, ``num_buckets`` buckets).
+
+Prints one line per setting: padding share of positions, examples per batch, and positions per batch;
+the last line, ``RESULT {json}``, holds the same numbers.
+Data loading is cheap here (cached features); nothing is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+import nemo_speechlm
+from nemo_speechlm.data.datamodule import build_datamodule, fill_model_settings
+from nemo_speechlm.data.feature_cache import prepare_feature_cache
+from nemo_speechlm.models.loading import load_model
+
+
+def batches_of(data_cfg, model, cache, n: int) -> list[dict]:
+    dm = build_datamodule(data_cfg, model, cache)
+    dm.setup("fit")
+    return [b for _, b in zip(range(n), dm.train_dataloader())]
+
+
+@torch.no_grad()
+def measure(model, batches: list[dict]) -> dict:
+    """Padding share of the LLM input positions after audio splicing (what the LLM computes over)."""
+    attended = total = 0
+    for batch in batches:
+        mask = model.prepare_inputs(batch)["attention_mask"]
+        attended, total = attended + int(mask.sum()), total + mask.numel()
+    sizes = [len(b["input_ids"]) for b in batches]
+    return {"padding": 1 - attended / total, "examples_per_batch": statistics.mean(sizes),
+            "positions_per_batch": total / len(batches)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nemo", required=True, help="a trained MTBI .nemo (the demo's demo_out/mtbi.nemo)")
+    p.add_argument("--behaviors", required=True, help="the behaviors JSONL it trained on")
+    p.add_argument("--features", required=True, help="the feature cache folder")
+    p.add_argument("--batches", type=int, default=60, help="batches per setting")
+    p.add_argument("--num-buckets", type=int, default=8)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+
+    with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
+        cfg = compose("mtbi", overrides=[f"data.train_ds.input_cfg.0.manifest_filepath={args.behaviors}", *args.overrides])
+    OmegaConf.resolve(cfg.data)
+    model = load_model(args.nemo, device="cpu").eval()
+    fill_model_settings(cfg.data, model)
+    cache = prepare_feature_cache(OmegaConf.create({"dir": args.features}), model, cfg.data)
+    batch_size = cfg.data.train_ds.batch_size
+
+    fixed = batches_of(cfg.data, model, cache, args.batches)
+    mean_tokens = statistics.mean(c.total_length for b in fixed for c in b["conversations"])
+    bucketed_cfg = copy.deepcopy(cfg.data)
+    with open_dict(bucketed_cfg):
+        bucketed_cfg.train_ds.pop("batch_size")
+        bucketed_cfg.train_ds.update({
+            "use_multimodal_sampling": True, "batch_tokens": int(batch_size * mean_tokens), "use_bucketing": True,
+            "num_buckets": args.num_buckets, "bucket_buffer_size": 2000, "concurrent_bucketing": False})
+    bucketed = batches_of(bucketed_cfg, model, cache, args.batches)
+
+    print(f"data: {args.behaviors}; model: {args.nemo}; {args.batches} batches per setting; "
+          f"mean example length {mean_tokens:.0f} tokens (audio counted as duration / token_equivalent_duration)")
+    print("| setting | padding | examples / batch | positions / batch |\n|---|---:|---:|---:|")
+    results = {}
+    for key, name, batches in (("fixed", f"fixed, batch_size={batch_size} (mtbi.yaml, the demo)", fixed),
+                               ("bucketed", f"bucketed by total tokens, batch_tokens={int(batch_size * mean_tokens)}, "
+                                            f"{args.num_buckets} buckets", bucketed)):
+        r = results[key] = measure(model, batches)
+        print(f"| {name} | {r['padding']:.1%} | {r['examples_per_batch']:.1f} | {r['positions_per_batch']:.0f} |")
+    print("RESULT " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
