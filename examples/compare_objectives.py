@@ -316,13 +316,13 @@ def evaluate_seed(seed_dir: Path, nemos: dict[str, Path], files: dict[str, Path]
             metrics["zero_audio_wer"] = listening["zero_audio"]["wer"]
             metrics["text_oracle_wer"] = listening["text_oracle"]["wer"]
             metrics["eval_utterances"] = listening["speech"]["n"]
-            if CONDITIONS[name].lora:
+            if model.cfg.get("lora"):  # the joint SFT conditions' LoRA, or mtbi.yaml's (model.lora=null: none)
                 retention = evaluate_text_retention(model, files["retention"], seed_dir / name / "retention",
                                                     batch_size=batch_size, model_name=name, max_new_tokens=max_new_tokens)
                 metrics["text_retention_rouge_l"] = retention["agreement_rouge_l"]
                 metrics["text_retention_exact"] = retention["agreement_exact_match"]
             else:
-                metrics["text_retention_rouge_l"] = metrics["text_retention_exact"] = 1.0  # the LLM is frozen
+                metrics["text_retention_rouge_l"] = metrics["text_retention_exact"] = 1.0  # no LoRA: the LLM is frozen
             write_json(paths[name], metrics)
             del model
     return {name: json.loads(path.read_text()) for name, path in paths.items()}
