@@ -36,7 +36,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -449,12 +448,13 @@ def plot(out: Path, summary: dict) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def estimate_minutes(steps: int, seeds: int, ctc_steps: int, items_per_model: int, eval_utterances: int) -> float:
+def estimate_minutes(steps: int, seeds: int, ctc_steps: int, items_per_model: int, eval_utterances: int,
+                     base_lora: bool) -> float:
     per_seed = ctc_steps * S_PER_CTC_STEP
     for cond in CONDITIONS.values():
         per_seed += steps * S_PER_STEP * (KL_FACTOR if cond.kl else 1.0) * (LORA_FACTOR if cond.lora else 1.0)
         per_seed += (items_per_model + 3 * eval_utterances) * S_PER_ANSWER
-        per_seed += 2 * eval_utterances * S_PER_ANSWER if cond.lora else 0
+        per_seed += 2 * eval_utterances * S_PER_ANSWER if cond.lora or base_lora else 0  # text retention
     return (seeds * per_seed + items_per_model * S_PER_ANSWER) / 60  # + the text upper bound's references, once
 
 
@@ -509,7 +509,7 @@ def main() -> None:
     seeds = list(range(args.seeds))
     freeze = base.connector_pretraining.freeze_connector if args.freeze_connector is None else args.freeze_connector
     ctc_steps = base.connector_pretraining.steps
-    minutes = estimate_minutes(args.steps, args.seeds, ctc_steps, items, args.eval_utterances)
+    minutes = estimate_minutes(args.steps, args.seeds, ctc_steps, items, args.eval_utterances, base.model.get("lora") is not None)
     print(f"estimate: ~{minutes:.0f} min on 2 CPU cores for {len(args.conditions)} conditions x {args.seeds} seeds x "
           f"{args.steps} steps (+ {ctc_steps} CTC steps per seed; {items} benchmark answers per model); "
           f"stage 2 trains {'the read-out gate and boundaries (connector frozen)' if freeze else 'the whole connector'}"

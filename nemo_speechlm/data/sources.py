@@ -26,9 +26,6 @@ from lhotse.cut import Cut
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, check_text_fields, read_manifest
 from nemo_speechlm.errors import ConfigError
 
-SOURCE_KEYS = ("manifest_filepath", "tarred_audio_filepaths", "shar_path")
-
-
 @dataclass
 class LineSource:
     """One data config's lines (see the module docstring for the three kinds)."""
