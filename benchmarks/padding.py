@@ -1,16 +1,18 @@
 """Padding in training batches: the share of spliced LLM positions that are padding, per batching setting.
 
     python benchmarks/padding.py --nemo demo_out/mtbi.nemo --behaviors demo_out/behaviors.jsonl \
-        --features demo_out/features [--batches 60] [hydra overrides of nemo_speechlm/conf/mtbi.yaml ...]
+        --features demo_out/features [--batches 60] [--fixed-batch-size 8] [hydra overrides of nemo_speechlm/conf/mtbi.yaml ...]
 
 Builds the MTBI training stream exactly as ``examples/mtbi_train.py`` does (``mtbi.yaml``'s data config,
 interleaving included, batches read from the feature cache) and splices each batch with the trained
 model (encoder features -> connector -> CTC read-out -> LLM input positions; no LLM forward), so the
 positions are the real ones. Settings compared on the same data:
 
-* ``fixed``: ``batch_size`` examples per batch, no bucketing (mtbi.yaml and the demo);
-* ``bucketed``: lhotse dynamic bucketing by total tokens (``use_multimodal_sampling``, ``batch_tokens``
-  chosen so that a batch holds ``batch_size`` examples on average, ``num_buckets`` buckets).
+* ``fixed``: a fixed number of examples per batch (``--fixed-batch-size``), no bucketing (the demo until 2026-12-05);
+* ``frames``: mtbi.yaml's bucketing, but a speech turn counted as NeMo counts it (``duration /
+  token_equivalent_duration``, the connector's frames, ``speech_positions=frames``);
+* ``mtbi.yaml``: mtbi.yaml's batching as it is: lhotse dynamic bucketing by LLM positions, a speech turn
+  counted as the CTC read-out gives it (transcript tokens + 2).
 
 Prints one line per setting: padding share of positions, examples per batch, and positions per batch;
 the last line, ``RESULT {json}``, holds the same numbers.
@@ -57,7 +59,7 @@ def main(argv=None) -> None:
     p.add_argument("--behaviors", required=True, help="the behaviors JSONL it trained on")
     p.add_argument("--features", required=True, help="the feature cache folder")
     p.add_argument("--batches", type=int, default=60, help="batches per setting")
-    p.add_argument("--num-buckets", type=int, default=8)
+    p.add_argument("--fixed-batch-size", type=int, default=8, help="examples per batch of the unbucketed setting")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
@@ -67,26 +69,25 @@ def main(argv=None) -> None:
     model = load_model(args.nemo, device="cpu").eval()
     fill_model_settings(cfg.data, model)
     cache = prepare_feature_cache(OmegaConf.create({"dir": args.features}), model, cfg.data)
-    batch_size = cfg.data.train_ds.batch_size
 
-    fixed = batches_of(cfg.data, model, cache, args.batches)
-    mean_tokens = statistics.mean(c.total_length for b in fixed for c in b["conversations"])
-    bucketed_cfg = copy.deepcopy(cfg.data)
-    with open_dict(bucketed_cfg):
-        bucketed_cfg.train_ds.pop("batch_size")
-        bucketed_cfg.train_ds.update({
-            "use_multimodal_sampling": True, "batch_tokens": int(batch_size * mean_tokens), "use_bucketing": True,
-            "num_buckets": args.num_buckets, "bucket_buffer_size": 2000, "concurrent_bucketing": False})
-    bucketed = batches_of(bucketed_cfg, model, cache, args.batches)
-
-    print(f"data: {args.behaviors}; model: {args.nemo}; {args.batches} batches per setting; "
-          f"mean example length {mean_tokens:.0f} tokens (audio counted as duration / token_equivalent_duration)")
+    train = cfg.data.train_ds
+    fixed_cfg = copy.deepcopy(cfg.data)
+    with open_dict(fixed_cfg):
+        fixed_cfg.train_ds.update({"use_multimodal_sampling": False, "use_bucketing": False, "batch_tokens": None,
+                                   "batch_size": args.fixed_batch_size})
+    frames_cfg = copy.deepcopy(cfg.data)
+    with open_dict(frames_cfg):
+        for entry in frames_cfg.train_ds.input_cfg:
+            entry.speech_positions = "frames"
+    bucketing = f"bucketed by LLM positions, batch_tokens={train.batch_tokens}, {train.num_buckets} buckets"
+    settings = (("fixed", f"fixed, batch_size={args.fixed_batch_size}, no bucketing", fixed_cfg),
+                ("frames", f"{bucketing}, speech counted as encoder frames", frames_cfg),
+                ("mtbi.yaml", f"{bucketing}, speech counted as the read-out's positions (mtbi.yaml)", cfg.data))
+    print(f"data: {args.behaviors}; model: {args.nemo}; {args.batches} batches per setting")
     print("| setting | padding | examples / batch | positions / batch |\n|---|---:|---:|---:|")
     results = {}
-    for key, name, batches in (("fixed", f"fixed, batch_size={batch_size} (mtbi.yaml, the demo)", fixed),
-                               ("bucketed", f"bucketed by total tokens, batch_tokens={int(batch_size * mean_tokens)}, "
-                                            f"{args.num_buckets} buckets", bucketed)):
-        r = results[key] = measure(model, batches)
+    for key, name, data_cfg in settings:
+        r = results[key] = measure(model, batches_of(data_cfg, model, cache, args.batches))
         print(f"| {name} | {r['padding']:.1%} | {r['examples_per_batch']:.1f} | {r['positions_per_batch']:.0f} |")
     print("RESULT " + json.dumps(results))
 

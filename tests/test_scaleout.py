@@ -210,15 +210,19 @@ def _first_input_ids(loader, n: int) -> list[torch.Tensor]:
     return [b["input_ids"] for _, b in zip(range(n), loader)]
 
 
-@pytest.mark.parametrize("stream", ["single", "joint_mixed_groups"])
+@pytest.mark.parametrize("stream", ["single", "bucketed", "joint_mixed_groups"])
 def test_a_resumed_stream_skips_exactly_the_batches_trained_on(assets, data, model, stream):  # noqa: F811
     """Replaying 3 batches through the sampler continues the stream where 3 trained batches left it,
-    the joint SFT group draws (audio or text, per step) included."""
+    with mtbi.yaml's length bucketing and the joint SFT group draws (audio or text, per step) included."""
     def loader():
-        if stream == "single":
+        if stream in ("single", "bucketed"):
             cfg = _single_loader({"type": "speechlm_manifest", "manifest_filepath": str(assets["manifest"]),
                                   "prompt": "Repeat: <|audio|>"}, batch_size=2)
             cfg.train_ds.shuffle = True
+            if stream == "bucketed":  # mtbi.yaml's batching, scaled to the tiny data
+                del cfg.train_ds["batch_size"]
+                cfg.train_ds.update({"use_multimodal_sampling": True, "batch_tokens": 120, "use_bucketing": True,
+                                     "num_buckets": 2, "bucket_buffer_size": 50, "concurrent_bucketing": False})
         else:
             cfg = _joint_data_cfg(data, sampler_weights={"audio": 0.5, "text": 0.5})
         dm = build_datamodule(OmegaConf.create(cfg), model)

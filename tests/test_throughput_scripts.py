@@ -32,13 +32,21 @@ def test_salm_comparison_tiny_sees_the_same_inputs():
     assert result["ours_over_salm"]["steps_per_s"] > 0
 
 
-def test_padding_benchmark_counts_the_spliced_positions_of_both_batchings(assets, tmp_path):
-    model = MTBIModel(model_config(assets["llm"], freeze_params=[r"^llm\..+$", r"^perception\.encoder\..+$"]))
+def test_padding_benchmark_counts_the_spliced_positions_of_each_batching(assets, tmp_path):
+    """A read-out model (pre-aligned for 2 CTC steps, so the read-out has its vocabulary) under the three batchings."""
+    from nemo_speechlm.data.conversations import cut_for_audio
+    from nemo_speechlm.data.manifest import read_manifest
+    from nemo_speechlm.parts.connector_ctc import pretrain_connector_ctc
+
+    model = MTBIModel(model_config(assets["llm"], freeze_params=[r"^llm\..+$", r"^perception\.encoder\..+$"], ctc_readout=True))
+    utterances = [(cut_for_audio(e["audio_filepath"], 0.0, e["duration"]), e["text"]) for e in read_manifest(assets["manifest"])]
+    pretrain_connector_ctc(model, utterances, steps=2, batch_size=2)
     model.save_to(str(tmp_path / "mtbi.nemo"))
     behaviors = write_behaviors(assets["manifest"], tmp_path / "behaviors.jsonl")
     result = run_benchmark("padding.py", "--nemo", str(tmp_path / "mtbi.nemo"), "--behaviors", str(behaviors),
-                           "--features", str(tmp_path / "features"), "--batches", "4", "--num-buckets", "2",
-                           "data.train_ds.batch_size=2")
+                           "--features", str(tmp_path / "features"), "--batches", "4", "--fixed-batch-size", "2",
+                           "data.train_ds.num_buckets=2", "data.train_ds.bucket_buffer_size=50")
+    assert set(result) == {"fixed", "frames", "mtbi.yaml"}
     assert result["fixed"]["examples_per_batch"] == 2
     for r in result.values():
         assert 0 <= r["padding"] < 1 and r["positions_per_batch"] > 0

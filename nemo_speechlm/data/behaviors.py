@@ -11,8 +11,8 @@ carries the text it stands for, so the KL teacher can read the same turn as text
 Data config keys: ``manifest_filepath`` (with ``tarred_audio_filepaths`` for a tarred manifest) or
 ``shar_path`` (``examples/to_shar.py``; see ``nemo_speechlm.data.sources``), ``interleave`` ({prob, text_span_words,
 speech_span_words}), ``catalog`` (task catalog path; null = ``nemo_speechlm/conf/mtbi/tasks.yaml``),
-``system_prompt``, ``seed``, ``skip_invalid``; ``audio_locator_tag`` and
-``token_equivalent_duration`` are filled in from the model.
+``system_prompt``, ``seed``, ``skip_invalid``; ``audio_locator_tag``, ``token_equivalent_duration`` and
+``speech_positions`` are filled in from the model.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from nemo.collections.common.data.lhotse import NeMoMultimodalConversation
 from nemo.collections.common.data.lhotse.cutset import data_type_parser
 from nemo.collections.common.data.lhotse.text_adapters import AudioTurn, TextTurn
 
-from nemo_speechlm.data.conversations import ManifestConversations, entry_cut, finish_parsing, require_keys
+from nemo_speechlm.data.conversations import ManifestConversations, entry_cut, finish_parsing, new_conversation, require_keys
 from nemo_speechlm.data.interleaving import InterleaveConfig, choose_spans, validate_words
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError
 from nemo_speechlm.data.sources import LineSource
@@ -43,6 +43,7 @@ def behavior_to_conversation(
     interleave: InterleaveConfig = InterleaveConfig(),
     rng: random.Random | None = None,
     system_prompt: str | None = None,
+    speech_positions: str = "frames",
 ) -> NeMoMultimodalConversation:
     """The training conversation of one behaviors line; errors name the file, line and field."""
     _check_behavior(entry, catalog)
@@ -69,7 +70,7 @@ def behavior_to_conversation(
     turns += [t for t in [TextTurn(value=before, role="user"), *pieces, TextTurn(value=after, role="user")]
               if not (isinstance(t, TextTurn) and not t.value)]
     turns.append(TextTurn(value=entry["response"], role="assistant"))
-    return NeMoMultimodalConversation(id=cut.id, turns=turns, token_equivalent_duration=token_equivalent_duration)
+    return new_conversation(cut.id, turns, token_equivalent_duration, speech_positions)
 
 
 def _interleaved_pieces(utterance: Cut, words: list[dict], cfg: InterleaveConfig, rng: random.Random, tag: str) -> list:
@@ -133,6 +134,7 @@ def read_mtbi_behaviors(config) -> tuple:
         token_equivalent_duration=config.token_equivalent_duration,
         interleave=InterleaveConfig.from_config(config.get("interleave")),
         system_prompt=config.get("system_prompt"),
+        speech_positions=config.get("speech_positions", "frames"),
     )
     adapter = ManifestConversations(
         LineSource.from_config(config, DATA_TYPE), build, required_text_fields=BEHAVIOR_FIELDS, skip_invalid=config.get("skip_invalid", False)

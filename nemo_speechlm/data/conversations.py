@@ -9,6 +9,8 @@ lhotse dataloader and speechlm2's ``SALMDataset``.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator
 
@@ -17,14 +19,60 @@ from lhotse.cut import Cut
 from nemo.collections.common.data.lhotse import NeMoMultimodalConversation
 from nemo.collections.common.data.lhotse.cutset import data_type_parser
 from nemo.collections.common.data.lhotse.text_adapters import AudioTurn, TextTurn
-from nemo.collections.common.data.prompt_fn import registered_prompt_format_fn
+from nemo.collections.common.data.prompt_fn import get_prompt_format_fn, registered_prompt_format_fn
 
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary
 from nemo_speechlm.data.sources import LineSource
 from nemo_speechlm.data.utterance import cut_id
-from nemo_speechlm.parts.prompting import ChatTemplatePromptFormatter
+from nemo_speechlm.modules.ctc_readout import readout_positions
+from nemo_speechlm.parts.prompting import ChatTemplatePromptFormatter, _hf_tokenizer
 
 DATA_TYPE = "speechlm_manifest"
+# How the sampler counts a speech turn's LLM positions (data config ``speech_positions``, filled in from the model):
+# "frames": NeMo's duration / token_equivalent_duration (the connector's outputs go to the LLM as they are);
+# "transcript": the CTC read-out's segments, one per transcript token, plus its two boundary vectors.
+SPEECH_POSITIONS = ("frames", "transcript")
+
+
+@dataclass
+class ReadoutConversation(NeMoMultimodalConversation):
+    """A conversation whose lengths count each speech turn as the CTC read-out feeds it to the LLM.
+
+    NeMo counts a speech turn as ``duration / token_equivalent_duration`` positions: the connector's
+    frames. With ``model.ctc_readout`` the LLM gets one position per transcript token (+2) instead,
+    ~3x fewer on the demo, so bucketing on NeMo's count sorts by a length the LLM never sees (11.6% of
+    the demo's positions stayed padding, docs/throughput.md). The transcript tokens are counted when the
+    prompt format tokenizes the conversation, the one place the loader has the tokenizer; a speech turn
+    without a transcript keeps NeMo's count."""
+
+    speech_turn_positions: list | None = None  # per turn: read-out positions of a speech turn, else None
+
+    @property
+    def input_length(self) -> int | None:
+        return None if self.context_ids is None else self.context_ids.shape[0] + self._speech_extra(self.turns[:-1])
+
+    @property
+    def output_length(self) -> int | None:
+        return None if self.answer_ids is None else self.answer_ids.shape[0] + self._speech_extra(self.turns[-1:])
+
+    @property
+    def total_length(self) -> int | None:
+        return None if self.input_ids is None else self.input_ids.shape[0] + self._speech_extra(self.turns)
+
+    def _speech_extra(self, turns: list) -> int:
+        """Positions the speech turns add beyond their locator token (which they replace)."""
+        counted = {id(t): n for t, n in zip(self.turns, self.speech_turn_positions or []) if n is not None}
+        return sum((counted.get(id(t)) or math.ceil(t.cut.duration / self.token_equivalent_duration)) - 1
+                   for t in turns if isinstance(t, AudioTurn))
+
+
+def new_conversation(id: str, turns: list, token_equivalent_duration: float, speech_positions: str = "frames",
+                     custom: dict | None = None) -> NeMoMultimodalConversation:
+    """NeMo's conversation, or a :class:`ReadoutConversation` when ``speech_positions`` is "transcript"."""
+    if speech_positions not in SPEECH_POSITIONS:
+        raise ValueError(f"data config `speech_positions` must be one of {SPEECH_POSITIONS}, got {speech_positions!r}")
+    cls = ReadoutConversation if speech_positions == "transcript" else NeMoMultimodalConversation
+    return cls(id=id, turns=turns, token_equivalent_duration=token_equivalent_duration, custom=custom)
 
 
 def split_prompt(prompt: str, audio_locator_tag: str) -> list[str]:
@@ -71,6 +119,7 @@ def entry_to_conversation(
     token_equivalent_duration: float,
     answer_field: str = "text",
     system_prompt: str | None = None,
+    speech_positions: str = "frames",
 ) -> NeMoMultimodalConversation:
     """Build the training conversation for one manifest line; errors name the file and line."""
     prompt = entry.get("prompt") or default_prompt
@@ -94,7 +143,7 @@ def entry_to_conversation(
     system = entry.get("system_prompt") or system_prompt
     if system:
         turns.insert(0, TextTurn(value=system, role="system"))
-    return NeMoMultimodalConversation(id=cut.id, turns=turns, token_equivalent_duration=token_equivalent_duration)
+    return new_conversation(cut.id, turns, token_equivalent_duration, speech_positions)
 
 
 class ManifestConversations:
@@ -168,6 +217,17 @@ def concatenate_turns_prompt_fn(example: NeMoMultimodalConversation, formatter: 
     return formatter.encode_dialog(turns, **kwargs)
 
 
+@registered_prompt_format_fn(ReadoutConversation)
+def readout_conversation_prompt_fn(example: ReadoutConversation, formatter, **kwargs):
+    """Whatever prompt function the formatter uses for NeMo's conversations, plus the read-out
+    positions of each speech turn (``ReadoutConversation.speech_turn_positions``)."""
+    encoded = get_prompt_format_fn(NeMoMultimodalConversation, formatter)(example, formatter, **kwargs)
+    tokenizer = _hf_tokenizer(formatter.tokenizer)
+    encoded["speech_turn_positions"] = [readout_positions(tokenizer, t.text) if isinstance(t, AudioTurn) and t.text else None
+                                        for t in example.turns]
+    return encoded
+
+
 @data_type_parser(DATA_TYPE)
 def read_speechlm_manifest(config) -> tuple[CutSet, bool]:
     """NeMo lhotse parser for ``type: speechlm_manifest`` (see module docstring for the keys)."""
@@ -179,6 +239,7 @@ def read_speechlm_manifest(config) -> tuple[CutSet, bool]:
         token_equivalent_duration=config.token_equivalent_duration,
         answer_field=config.get("answer_field", "text"),
         system_prompt=config.get("system_prompt"),
+        speech_positions=config.get("speech_positions", "frames"),
     )
     source = LineSource.from_config(config, DATA_TYPE)
     return finish_parsing(config, ManifestConversations(source, build, skip_invalid=config.get("skip_invalid", False)))

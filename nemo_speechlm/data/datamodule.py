@@ -1,12 +1,14 @@
 """Dataloaders: NeMo's lhotse machinery (speechlm2 ``DataModule`` + ``SALMDataset``) fed with our settings.
 
-The model decides three data settings, so users never have to keep them in sync by hand:
-the audio locator tag, the prompt format, and ``token_equivalent_duration`` (how many
-seconds of audio one LLM position stands for, used by token-based bucketing).
+The model decides four data settings, so users never have to keep them in sync by hand:
+the audio locator tag, the prompt format, ``token_equivalent_duration`` (how many
+seconds of audio one connector output stands for) and ``speech_positions`` (how token-based
+bucketing counts a speech turn: as those outputs, or with the CTC read-out as its transcript's
+tokens + 2, which is what the LLM then sees; ``nemo_speechlm.data.conversations``).
 """
 from __future__ import annotations
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, open_dict
 
 from nemo_speechlm.data.dataset import SpeechLMDataset
 from nemo_speechlm.data.feature_cache import FeatureCache
@@ -18,12 +20,14 @@ SPLITS = ("train_ds", "validation_ds", "test_ds")
 
 
 def fill_model_settings(data_cfg: DictConfig, model) -> DictConfig:
-    """Set locator tag, prompt format and token_equivalent_duration on each split unless given."""
+    """Set locator tag, prompt format, token_equivalent_duration and speech_positions on each split unless given."""
     settings = {
         "audio_locator_tag": model.audio_locator_tag,
         "prompt_format": model.cfg.get("prompt_format") or CHAT_TEMPLATE_FORMAT,
         "token_equivalent_duration": model.token_equivalent_duration,
     }
+    # Not a NeMo loader key (NeMo drops unknown split-level keys): set on each input_cfg entry, which our data types read.
+    speech_positions = "transcript" if getattr(model, "ctc_readout", None) is not None else "frames"
     with open_dict(data_cfg):
         for split in SPLITS:
             if split in data_cfg and data_cfg[split] is None:
@@ -34,7 +38,21 @@ def fill_model_settings(data_cfg: DictConfig, model) -> DictConfig:
                 for key, value in settings.items():
                     if loader_cfg.get(key) is None:
                         loader_cfg[key] = value
+                for entry in _input_entries(loader_cfg.get("input_cfg")):
+                    if entry.get("speech_positions") is None:
+                        entry["speech_positions"] = speech_positions
     return data_cfg
+
+
+def _input_entries(input_cfg):
+    """The data entries of an ``input_cfg`` list, inside ``type: group`` entries too (a path to a YAML list: none)."""
+    if not isinstance(input_cfg, ListConfig):
+        return
+    for entry in input_cfg:
+        if entry.get("type") == "group":
+            yield from _input_entries(entry.get("input_cfg"))
+        else:
+            yield entry
 
 
 def build_datamodule(data_cfg: DictConfig, model, feature_cache: FeatureCache | None = None) -> ResumableDataModule:

@@ -25,8 +25,8 @@ a tarred manifest (+ ``tarred_audio_filepaths``) or ``shar_path`` (``nemo_speech
 marks audio in the file's text, null = the model's ``audio_locator_tag``; mixed-modal and
 text SFT only); ``system_prompt`` (used when a line has no ``system``); ``skip_invalid``
 (count and skip bad lines instead of failing); ``tags`` and ``weight`` as for any NeMo
-``input_cfg`` entry. ``audio_locator_tag`` and ``token_equivalent_duration`` are filled in
-from the model.
+``input_cfg`` entry. ``audio_locator_tag``, ``token_equivalent_duration`` and ``speech_positions``
+are filled in from the model.
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ from nemo_speechlm.data.conversations import (
     cut_for_audio,
     entry_cut,
     finish_parsing,
+    new_conversation,
     require_keys,
 )
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, validate_audio_fields
@@ -157,6 +158,7 @@ def turns_to_conversation(
     source: str,
     audio_placeholder: str | None = None,
     system_prompt: str | None = None,
+    speech_positions: str = "frames",
 ) -> NeMoMultimodalConversation:
     """The conversation of checked ``(role, text)`` turns; each placeholder in user text takes the
     next cut, so text and speech stay in the order the line gives them."""
@@ -183,12 +185,8 @@ def turns_to_conversation(
         mine, remaining = remaining[:n], remaining[n:]
         user = build_user_turns(text.replace(placeholder, audio_locator_tag), mine, audio_locator_tag, [None] * n)
         out.extend(user or [TextTurn(value="", role="user")])
-    return NeMoMultimodalConversation(
-        id=f"{Path(entry.path).stem}-{entry.line}",
-        turns=out,
-        token_equivalent_duration=token_equivalent_duration,
-        custom={SOURCE_FIELD: source},
-    )
+    return new_conversation(f"{Path(entry.path).stem}-{entry.line}", out, token_equivalent_duration, speech_positions,
+                            custom={SOURCE_FIELD: source})
 
 
 def text_sft_conversation(entry: ManifestEntry, **kwargs) -> NeMoMultimodalConversation:
@@ -255,6 +253,7 @@ def _read(config, data_type: str) -> tuple:
         "audio_locator_tag": config.audio_locator_tag,
         "token_equivalent_duration": config.token_equivalent_duration,
         "system_prompt": config.get("system_prompt"),
+        "speech_positions": config.get("speech_positions", "frames"),
     }
     if not has_audio:
         kwargs["audio_placeholder"] = config.get("audio_placeholder")

@@ -26,7 +26,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["CTCReadout"]
+__all__ = ["CTCReadout", "readout_positions"]
+
+
+def readout_positions(hf_tokenizer, transcript: str) -> int:
+    """LLM positions the read-out gives an utterance that is recognised right: one segment per token of
+    its transcript (tokenized as connector pre-alignment does) plus the two boundary vectors."""
+    return len(hf_tokenizer(transcript, add_special_tokens=False).input_ids) + 2
 
 
 class CTCReadout(nn.Module):
