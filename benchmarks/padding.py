@@ -1,18 +1,19 @@
 """Padding in training batches: the share of spliced LLM positions that are padding, per batching setting.
 
     python benchmarks/padding.py --nemo demo_out/mtbi.nemo --behaviors demo_out/behaviors.jsonl \
-        --features demo_out/features [--batches 60] [--fixed-batch-size 8] [hydra overrides of nemo_speechlm/conf/mtbi.yaml ...]
+        --features demo_out/features [--batches 60] [--num-buckets 8] [hydra overrides of nemo_speechlm/conf/mtbi.yaml ...]
 
 Builds the MTBI training stream exactly as ``examples/mtbi_train.py`` does (``mtbi.yaml``'s data config,
 interleaving included, batches read from the feature cache) and splices each batch with the trained
 model (encoder features -> connector -> CTC read-out -> LLM input positions; no LLM forward), so the
 positions are the real ones. Settings compared on the same data:
 
-* ``fixed``: a fixed number of examples per batch (``--fixed-batch-size``), no bucketing (the demo until 2026-12-05);
-* ``frames``: mtbi.yaml's bucketing, but a speech turn counted as NeMo counts it (``duration /
-  token_equivalent_duration``, the connector's frames, ``speech_positions=frames``);
-* ``mtbi.yaml``: mtbi.yaml's batching as it is: lhotse dynamic bucketing by LLM positions, a speech turn
-  counted as the CTC read-out gives it (transcript tokens + 2).
+* ``fixed``: mtbi.yaml's batching as it is: ``batch_size`` examples per batch, no bucketing (the demo);
+* ``frames``: lhotse dynamic bucketing by total tokens (``use_multimodal_sampling``, ``batch_tokens``
+  chosen so that a batch holds ``batch_size`` examples on average, ``--num-buckets`` buckets), a speech
+  turn counted as NeMo counts it (``duration / token_equivalent_duration``: the connector's frames);
+* ``readout``: the same bucketing, a speech turn counted as the CTC read-out gives it to the LLM
+  (transcript tokens + 2; ``speech_positions=transcript``, what our data types do for a read-out model).
 
 Prints one line per setting: padding share of positions, examples per batch, and positions per batch;
 the last line, ``RESULT {json}``, holds the same numbers.
@@ -27,6 +28,7 @@ import statistics
 
 import torch
 from hydra import compose, initialize_config_dir
+from nemo.collections.common.data.lhotse import NeMoMultimodalConversation
 from omegaconf import OmegaConf, open_dict
 
 import nemo_speechlm
@@ -59,7 +61,7 @@ def main(argv=None) -> None:
     p.add_argument("--behaviors", required=True, help="the behaviors JSONL it trained on")
     p.add_argument("--features", required=True, help="the feature cache folder")
     p.add_argument("--batches", type=int, default=60, help="batches per setting")
-    p.add_argument("--fixed-batch-size", type=int, default=8, help="examples per batch of the unbucketed setting")
+    p.add_argument("--num-buckets", type=int, default=8)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
@@ -70,25 +72,30 @@ def main(argv=None) -> None:
     fill_model_settings(cfg.data, model)
     cache = prepare_feature_cache(OmegaConf.create({"dir": args.features}), model, cfg.data)
 
-    train = cfg.data.train_ds
-    fixed_cfg = copy.deepcopy(cfg.data)
-    with open_dict(fixed_cfg):
-        fixed_cfg.train_ds.update({"use_multimodal_sampling": False, "use_bucketing": False, "batch_tokens": None,
-                                   "batch_size": args.fixed_batch_size})
-    frames_cfg = copy.deepcopy(cfg.data)
-    with open_dict(frames_cfg):
-        for entry in frames_cfg.train_ds.input_cfg:
-            entry.speech_positions = "frames"
-    bucketing = f"bucketed by LLM positions, batch_tokens={train.batch_tokens}, {train.num_buckets} buckets"
-    settings = (("fixed", f"fixed, batch_size={args.fixed_batch_size}, no bucketing", fixed_cfg),
-                ("frames", f"{bucketing}, speech counted as encoder frames", frames_cfg),
-                ("mtbi.yaml", f"{bucketing}, speech counted as the read-out's positions (mtbi.yaml)", cfg.data))
+    batch_size = cfg.data.train_ds.batch_size
+    fixed = batches_of(cfg.data, model, cache, args.batches)
+    examples = [c for b in fixed for c in b["conversations"]]
+    mean_length = {"frames": statistics.mean(NeMoMultimodalConversation.total_length.fget(c) for c in examples),
+                   "readout": statistics.mean(c.total_length for c in examples)}  # (the same without a read-out)
+    results = {"fixed": measure(model, fixed)}
+    names = {"fixed": f"fixed, batch_size={batch_size}, no bucketing (mtbi.yaml, the demo)"}
+    for counting in ("frames", "readout"):
+        batch_tokens = int(batch_size * mean_length[counting])  # batch_size examples per batch on average
+        bucketed = copy.deepcopy(cfg.data)
+        with open_dict(bucketed):
+            bucketed.train_ds.pop("batch_size")
+            bucketed.train_ds.update({
+                "use_multimodal_sampling": True, "batch_tokens": batch_tokens, "use_bucketing": True,
+                "num_buckets": args.num_buckets, "bucket_buffer_size": 2000, "concurrent_bucketing": False})
+            for entry in bucketed.train_ds.input_cfg:
+                entry.speech_positions = "frames" if counting == "frames" else "transcript"
+        results[counting] = measure(model, batches_of(bucketed, model, cache, args.batches))
+        what = "the connector's frames" if counting == "frames" else "the read-out's positions"
+        names[counting] = f"bucketed, batch_tokens={batch_tokens}, {args.num_buckets} buckets, speech counted as {what}"
     print(f"data: {args.behaviors}; model: {args.nemo}; {args.batches} batches per setting")
     print("| setting | padding | examples / batch | positions / batch |\n|---|---:|---:|---:|")
-    results = {}
-    for key, name, data_cfg in settings:
-        r = results[key] = measure(model, batches_of(data_cfg, model, cache, args.batches))
-        print(f"| {name} | {r['padding']:.1%} | {r['examples_per_batch']:.1f} | {r['positions_per_batch']:.0f} |")
+    for key, r in results.items():
+        print(f"| {names[key]} | {r['padding']:.1%} | {r['examples_per_batch']:.1f} | {r['positions_per_batch']:.0f} |")
     print("RESULT " + json.dumps(results))
 
 

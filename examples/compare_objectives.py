@@ -133,18 +133,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 # --------------------------------------------------------------------------- data
 
 
-# Every condition trains on batches of the same number of examples. mtbi.yaml's batches hold a number of
-# LLM positions instead, which would give the short-answer conditions (asr_only: repeats) ~3x more examples
-# per step than the task-answer ones.
-FIXED_BATCHES = ["data.train_ds.use_multimodal_sampling=false", "data.train_ds.use_bucketing=false",
-                 "data.train_ds.batch_tokens=null", "data.train_ds.batch_size=8"]
-
-
 def base_config(out: Path, features: Path, steps: int, overrides: list[str]) -> DictConfig:
     """mtbi.yaml with the comparison's paths; the user's overrides come last and win."""
     ours = [f"trainer.max_steps={steps}", "trainer.log_every_n_steps=10", "model.lr_scheduler.warmup_steps=10",
             f"feature_cache.dir={features}", "model.perception.encoder.pad_to_window=false",
-            "data.train_ds.input_cfg.0.manifest_filepath=unset", *FIXED_BATCHES]
+            "data.train_ds.input_cfg.0.manifest_filepath=unset"]
     with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
         return compose("mtbi", overrides=ours + overrides)
 

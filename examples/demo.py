@@ -153,14 +153,12 @@ def training_config(out: Path, steps: int, overrides: list[str]) -> DictConfig:
 
     The encoder encodes each clip alone (``pad_to_window=false``): as good for a trained connector as
     Whisper's padded 30 s window (the same held-out CTC WER in ``benchmarks/convergence.py``) and 12x
-    faster to cache (62 against 4.9 clips/s on 2 CPU cores). 1200 connector pre-alignment steps instead of
-    mtbi.yaml's 2000, for the demo's time budget (docs/demo.md has the quality it reaches)."""
+    faster to cache (62 against 4.9 clips/s on 2 CPU cores)."""
     demo = [
         f"data.train_ds.input_cfg.0.manifest_filepath={out / 'behaviors.jsonl'}",
         f"trainer.max_steps={steps}", "trainer.log_every_n_steps=10", "model.lr_scheduler.warmup_steps=10",
         f"feature_cache.dir={out / 'features'}", f"exp_manager.exp_dir={out / 'runs'}",
         f"output_nemo={out / 'mtbi.nemo'}", "name=mtbi_demo", "model.perception.encoder.pad_to_window=false",
-        "connector_pretraining.steps=1200",
     ]
     with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
         return compose("mtbi", overrides=demo + overrides)
@@ -248,7 +246,7 @@ def answer_spoken_request(out: Path, nemo: Path, manifests: dict[str, Path]) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "demo_out"))
-    p.add_argument("--steps", type=int, default=150, help="MTBI training steps through the LLM (batches of mtbi.yaml's batch_tokens LLM positions, ~8 examples)")
+    p.add_argument("--steps", type=int, default=150, help="MTBI training steps through the LLM (batch 8)")
     p.add_argument("--utterances", type=int, default=4800, help="training utterances (sentences) to synthesize")
     p.add_argument("--heldout", type=int, default=40, help="held-out sentences (each also spoken by the unseen voice)")
     p.add_argument("--open-vocabulary", action="store_true",

@@ -44,9 +44,9 @@ def test_padding_benchmark_counts_the_spliced_positions_of_each_batching(assets,
     model.save_to(str(tmp_path / "mtbi.nemo"))
     behaviors = write_behaviors(assets["manifest"], tmp_path / "behaviors.jsonl")
     result = run_benchmark("padding.py", "--nemo", str(tmp_path / "mtbi.nemo"), "--behaviors", str(behaviors),
-                           "--features", str(tmp_path / "features"), "--batches", "4", "--fixed-batch-size", "2",
-                           "data.train_ds.num_buckets=2", "data.train_ds.bucket_buffer_size=50")
-    assert set(result) == {"fixed", "frames", "mtbi.yaml"}
+                           "--features", str(tmp_path / "features"), "--batches", "4", "--num-buckets", "2",
+                           "data.train_ds.batch_size=2")
+    assert set(result) == {"fixed", "frames", "readout"}
     assert result["fixed"]["examples_per_batch"] == 2
     for r in result.values():
         assert 0 <= r["padding"] < 1 and r["positions_per_batch"] > 0
