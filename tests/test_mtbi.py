@@ -307,27 +307,32 @@ def test_behaviors_bucket_by_total_tokens(assets, whisper_dir, behaviors):
         assert torch.isfinite(model.compute_losses(batches[0])["loss"])
 
 
-def test_readout_models_bucket_by_transcript_tokens(assets, whisper_dir, behaviors):
+def test_readout_models_count_a_speech_turn_as_its_transcript_tokens(assets, whisper_dir, behaviors):
     """With the CTC read-out the LLM sees a speech turn as its transcript's tokens + 2, not its frames:
-    the sampler's lengths (what bucketing sorts on) count that, for whole utterances and interleaved spans."""
+    the sampler's lengths (what bucketing and max_tokens use) count that, for whole utterances and
+    interleaved spans, in ``type: group`` entries too; a value the user set is kept."""
     from nemo.collections.common.data.lhotse.text_adapters import AudioTurn
 
     from nemo_speechlm.data.conversations import ReadoutConversation
 
-    tokenizer = _mtbi_model(assets, whisper_dir).tokenizer.tokenizer
-    for readout, expected_type in ((True, ReadoutConversation), (False, None)):
+    for readout in (True, False):
         model = _mtbi_model(assets, whisper_dir, ctc_readout=readout)
-        dm = build_datamodule(_data_cfg(behaviors, prob=0.5), model)
+        tokenizer = model.tokenizer.tokenizer
+        cfg = _data_cfg(behaviors, prob=0.5)
+        cfg.train_ds.input_cfg = [{"type": "group", "input_cfg": cfg.train_ds.input_cfg}]
+        dm = build_datamodule(cfg, model)
+        assert cfg.train_ds.input_cfg[0].input_cfg[0].speech_positions == ("transcript" if readout else "frames")
         dm.setup("fit")
-        batches = [b for _, b in zip(range(3), dm.train_dataloader())]
-        conversations = [c for b in batches for c in b["conversations"]]
+        conversations = [c for _, b in zip(range(3), dm.train_dataloader()) for c in b["conversations"]]
         assert sum(isinstance(t, AudioTurn) for c in conversations for t in c.turns) > len(conversations)  # spans too
         for c in conversations:
             speech = [t for t in c.turns if isinstance(t, AudioTurn)]
             frames = sum(-(-t.cut.duration // c.token_equivalent_duration) - 1 for t in speech)
             words = sum(len(tokenizer(t.text, add_special_tokens=False).input_ids) + 1 for t in speech)
-            if expected_type is None:
-                assert type(c) is not ReadoutConversation and c.total_length == len(c.input_ids) + frames
-            else:
-                assert isinstance(c, expected_type) and c.total_length == len(c.input_ids) + words
-                assert c.input_length + c.output_length == c.total_length
+            assert isinstance(c, ReadoutConversation) == readout
+            assert c.total_length == len(c.input_ids) + (words if readout else frames)
+            assert c.input_length + c.output_length == c.total_length
+    kept = _data_cfg(behaviors)
+    kept.train_ds.input_cfg[0].speech_positions = "frames"
+    build_datamodule(kept, model=_mtbi_model(assets, whisper_dir, ctc_readout=True))
+    assert kept.train_ds.input_cfg[0].speech_positions == "frames"
