@@ -63,6 +63,10 @@ LOCATOR = "<|audio|>"
 # decoder on the shipped sentences: en-us@150 11%, en-gb@120 12%, en-us+m3 / en-us+f3@120 16% WER; the
 # en-gb-scotland and en-029 voices 29-50%). The held-out voice is a variant training never hears.
 HELDOUT_SETS = ("heldout", "heldout_unseen_voice")
+# Rows per generation batch (behaviors, evaluation). Decoding one token reads all the LLM's weights
+# whatever the batch, so on CPU more rows per batch is nearly free: 40 answers took 9.3 s in one batch
+# and 16.3-18.7 s in batches of 16, with identical answers (greedy).
+GENERATION_BATCH = 64
 
 
 def stage(title: str) -> None:
@@ -91,7 +95,7 @@ def make_corpus(out: Path, utterances: int, heldout: int, open_vocabulary: bool)
     return manifests
 
 
-def whisper_reference_wer(out: Path, heldout: dict[str, Path], encoder_cfg: DictConfig, batch_size: int = 8) -> None:
+def whisper_reference_wer(out: Path, heldout: dict[str, Path], encoder_cfg: DictConfig, batch_size: int = 40) -> None:
     """WER of a Whisper encoder's own decoder on the held-out speech (padded windows, greedy), cached.
 
     The speech LLM reads only the encoder's features; what the decoder trained with them makes of
@@ -148,6 +152,18 @@ def make_behaviors(out: Path, train_manifest: Path, teacher: str, llm_utterances
     return behaviors
 
 
+def training_precision() -> str:
+    """bf16-mixed where the hardware multiplies bf16 natively (a GPU, or a CPU with AVX512-BF16 or AMX), else 32.
+
+    Measured on the demo (2 CPU cores with AVX512-BF16, packed rows): an MTBI step took 1.9 s in bf16-mixed
+    against 2.4-2.7 s in fp32 (2.9 s unpacked), with ROUGE-L 0.501 / 0.404 / 0.363 against 0.515 / 0.407 / 0.386
+    (fp32, unpacked; docs/demo.md).
+    Without native bf16, CPUs emulate it and are slower than fp32."""
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32"
+    return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32"  # no public query for the CPU
+
+
 def training_config(out: Path, steps: int, overrides: list[str]) -> DictConfig:
     """``nemo_speechlm/conf/mtbi.yaml`` for the demo; user overrides (encoder=, llm=, trainer.*) come last and win.
 
@@ -155,6 +171,7 @@ def training_config(out: Path, steps: int, overrides: list[str]) -> DictConfig:
     Whisper's padded 30 s window (the same held-out CTC WER in ``benchmarks/convergence.py``) and 12x
     faster to cache (62 against 4.9 clips/s on 2 CPU cores)."""
     demo = [
+        f"trainer.precision={training_precision()}",
         f"data.train_ds.input_cfg.0.manifest_filepath={out / 'behaviors.jsonl'}",
         f"trainer.max_steps={steps}", "trainer.log_every_n_steps=10", "model.lr_scheduler.warmup_steps=10",
         f"feature_cache.dir={out / 'features'}", f"exp_manager.exp_dir={out / 'runs'}",
@@ -207,17 +224,17 @@ def evaluate(out: Path, models: dict[str, Path], manifests: dict[str, Path], ben
     for name, model in loaded.items():
         for set_name, manifest in heldout.items():
             metrics = evaluate_asr(model, manifest, out / "eval" / name / set_name, prompt=repeat_prompt,
-                                   max_new_tokens=48, model_name=name, batch_size=16)
+                                   max_new_tokens=48, model_name=name, batch_size=GENERATION_BATCH)
             print(f"[{name}] repeat WER {metrics['wer']:.1%} on {metrics['num_utterances']} {set_name} utterances")
     print(f"prompt: {repeat_prompt!r}")
     print("Listening diagnostics of the trained model (held-out speech, same prompt):")
     results = listening_diagnostics(loaded["mtbi"], manifests["heldout"], repeat_prompt, manifests["train"],
-                                    out_dir=out / "eval" / "listening")
+                                    out_dir=out / "eval" / "listening", batch_size=GENERATION_BATCH)
     print(listening_table(results))
     subset = out / "eval" / "benchmark_manifest.json"
     subset.write_text("".join(manifests["heldout"].read_text().splitlines(keepends=True)[:benchmark_utterances]))
     metrics = run_benchmark({k: str(v) for k, v in models.items()}, subset, out / "benchmark", prompts_per_task=1,
-                            max_new_tokens=48, batch_size=16)
+                            max_new_tokens=48, batch_size=GENERATION_BATCH)
     print("ROUGE-L against the text upper bound (SmolLM2 answering the transcript), task-following rate in brackets:")
     print(summary_table(metrics))
 
@@ -260,7 +277,7 @@ def main() -> None:
                    help="training utterances that get a repeat behavior for the LLM stage (0 = all; the connector "
                         "pre-alignment always uses every transcript)")
     p.add_argument("--benchmark-utterances", type=int, default=8, help="held-out utterances in the benchmark")
-    p.add_argument("--batch-size", type=int, default=16, help="teacher generation batch")
+    p.add_argument("--batch-size", type=int, default=GENERATION_BATCH, help="teacher generation batch")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of nemo_speechlm/conf/mtbi.yaml, e.g. encoder=whisper_small "
                    "llm=qwen2_5_1_5b_instruct trainer.precision=bf16-true")
     args = p.parse_intermixed_args()

@@ -35,6 +35,7 @@ from nemo_speechlm.parts.checkpoint import stamp_checkpoint_format
 from nemo_speechlm.parts.fsdp import shard_model
 from nemo_speechlm.parts.decoding import cut_at_stop, decode, end_token_ids, length_sorted_batches, sampler
 from nemo_speechlm.parts.llm import load_llm, load_tokenizer, pack_llm_files, resolve_llm_source, unpack_llm_files
+from nemo_speechlm.parts.packing import pack_rows
 from nemo_speechlm.parts.prompting import encode_messages, resolve_prompt_formatter
 
 IGNORE_INDEX = -100
@@ -264,8 +265,31 @@ class SpeechLMModel(ModelPT):
         (system prompt, instruction, speech) have no target; answers sit at the end of the
         left-padded rows, so the kept columns are few.
         """
+        if self.cfg.get("pack_sequences", True):
+            return self._packed_response_logits(input_embeds, attention_mask, target_ids)
         keep = (target_ids != IGNORE_INDEX).any(0).nonzero().squeeze(1)
         return self(input_embeds, attention_mask, logits_to_keep=keep), target_ids[:, keep]
+
+    def _packed_response_logits(
+        self, input_embeds: torch.Tensor, attention_mask: torch.Tensor, target_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`response_logits` with the rows packed (``nemo_speechlm.parts.packing``): the same logits for
+        fewer computed positions, returned as one row ``(1, targets, V)`` in the batch's row-major target order
+        (the order ``token_kl`` matches student and teacher tokens by)."""
+        source, position_ids = pack_rows(attention_mask)
+        batch, width, hidden = input_embeds.shape
+        padded = source < 0
+        flat = torch.cat([input_embeds.reshape(batch * width, hidden), input_embeds.new_zeros(1, hidden)])
+        embeds = flat[source.masked_fill(padded, batch * width)]
+        targets = target_ids.reshape(-1)[source.clamp(min=0)].masked_fill(padded, IGNORE_INDEX)
+        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+        logits = self.llm(
+            inputs_embeds=embeds, position_ids=position_ids, attention_mask=None, use_cache=False, logits_to_keep=keep
+        ).logits
+        targets, source = targets[:, keep], source[:, keep]
+        scored = targets != IGNORE_INDEX
+        order = source[scored].argsort()
+        return logits[scored][order].unsqueeze(0), targets[scored][order].unsqueeze(0)
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Objective hook. Returns ``{"loss": ..., <named terms>...}``; the base is CE on assistant tokens."""

@@ -1,0 +1,38 @@
+"""Sequence packing plan (``nemo_speechlm.parts.packing``); the model-level equality is in test_mtbi.py."""
+import pytest
+import torch
+
+from nemo_speechlm.parts.packing import pack_rows
+
+
+def _left_padded(lengths, width):
+    return torch.stack([torch.arange(width) >= width - n for n in lengths])
+
+
+def test_every_real_position_is_packed_once_with_positions_from_zero():
+    lengths = [50, 48, 30, 29, 12, 7, 5, 40]
+    mask = _left_padded(lengths, 52)
+    source, position_ids = pack_rows(mask)
+    real = source[source >= 0]
+    assert sorted(real.tolist()) == mask.flatten().nonzero().squeeze(1).tolist()  # each once, none invented
+    assert source.shape[0] == 3  # ceil(221 / (2 x 50)) rows instead of 8
+    assert (source < 0).float().mean() < 0.1  # 8 rows of 52 were 47% padding
+    for row, positions in zip(source, position_ids):
+        for b, n in enumerate(lengths):
+            taken = (row >= b * 52) & (row < (b + 1) * 52)
+            if taken.any():  # a sequence lies in one row, in order, its positions counting from 0
+                assert row[taken].tolist() == list(range(b * 52 + 52 - n, (b + 1) * 52))
+                assert positions[taken].tolist() == list(range(n))
+
+
+def test_right_padding_and_a_single_row_pack_too():
+    source, position_ids = pack_rows(~_left_padded([3, 1], 4))  # right-padded rows: [1 real], [3 real]
+    assert source.tolist() == [[4, 5, 6, 0]] and position_ids.tolist() == [[0, 1, 2, 0]]  # longest first
+    source, _ = pack_rows(torch.ones(1, 5, dtype=torch.bool))
+    assert source.tolist() == [[0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("mask", [[[1, 0, 1, 1]], [[0, 0, 0, 0], [1, 1, 1, 1]]])
+def test_holes_or_empty_rows_are_refused(mask):
+    with pytest.raises(ValueError, match="contiguous"):
+        pack_rows(torch.tensor(mask, dtype=torch.bool))
