@@ -15,8 +15,8 @@ positions are the real ones. Settings compared on the same data:
 * ``readout``: the same bucketing, a speech turn counted as the CTC read-out gives it to the LLM
   (transcript tokens + 2; ``speech_positions=transcript``, what our data types do for a read-out model).
 
-Prints one line per setting: padding share of positions, examples per batch, and positions per batch;
-the last line, ``RESULT {json}``, holds the same numbers.
+Prints one line per setting: padding share of positions, examples per batch, and positions per batch,
+in padded rows and packed (``model.pack_sequences``, on by default: what a training step computes); the last line, ``RESULT {json}``, holds the same numbers.
 Data loading is cheap here (cached features); nothing is timed.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ import nemo_speechlm
 from nemo_speechlm.data.datamodule import build_datamodule, fill_model_settings
 from nemo_speechlm.data.feature_cache import prepare_feature_cache
 from nemo_speechlm.models.loading import load_model
+from nemo_speechlm.parts.packing import pack_rows
 
 
 def batches_of(data_cfg, model, cache, n: int) -> list[dict]:
@@ -45,14 +46,16 @@ def batches_of(data_cfg, model, cache, n: int) -> list[dict]:
 
 @torch.no_grad()
 def measure(model, batches: list[dict]) -> dict:
-    """Padding share of the LLM input positions after audio splicing (what the LLM computes over)."""
-    attended = total = 0
+    """Padding share of the LLM input positions after audio splicing, in padded rows and after
+    ``model.pack_sequences`` packs them (what a training step computes over; ``parts/packing.py``)."""
+    attended = total = packed = 0
     for batch in batches:
         mask = model.prepare_inputs(batch)["attention_mask"]
-        attended, total = attended + int(mask.sum()), total + mask.numel()
+        attended, total, packed = attended + int(mask.sum()), total + mask.numel(), packed + pack_rows(mask)[0].numel()
     sizes = [len(b["input_ids"]) for b in batches]
     return {"padding": 1 - attended / total, "examples_per_batch": statistics.mean(sizes),
-            "positions_per_batch": total / len(batches)}
+            "positions_per_batch": total / len(batches), "packed_padding": 1 - attended / packed,
+            "packed_positions_per_batch": packed / len(batches)}
 
 
 def main(argv=None) -> None:
@@ -93,9 +96,11 @@ def main(argv=None) -> None:
         what = "the connector's frames" if counting == "frames" else "the read-out's positions"
         names[counting] = f"bucketed, batch_tokens={batch_tokens}, {args.num_buckets} buckets, speech counted as {what}"
     print(f"data: {args.behaviors}; model: {args.nemo}; {args.batches} batches per setting")
-    print("| setting | padding | examples / batch | positions / batch |\n|---|---:|---:|---:|")
+    print("| setting | padding | examples / batch | positions / batch | packed: padding | packed: positions / batch |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for key, r in results.items():
-        print(f"| {names[key]} | {r['padding']:.1%} | {r['examples_per_batch']:.1f} | {r['positions_per_batch']:.0f} |")
+        print(f"| {names[key]} | {r['padding']:.1%} | {r['examples_per_batch']:.1f} | {r['positions_per_batch']:.0f} | "
+              f"{r['packed_padding']:.1%} | {r['packed_positions_per_batch']:.0f} |")
     print("RESULT " + json.dumps(results))
 
 

@@ -95,7 +95,7 @@ def make_corpus(out: Path, utterances: int, heldout: int, open_vocabulary: bool)
     return manifests
 
 
-def whisper_reference_wer(out: Path, heldout: dict[str, Path], encoder_cfg: DictConfig, batch_size: int = 40) -> None:
+def whisper_reference_wer(out: Path, heldout: dict[str, Path], encoder_cfg: DictConfig, batch_size: int = 8) -> None:
     """WER of a Whisper encoder's own decoder on the held-out speech (padded windows, greedy), cached.
 
     The speech LLM reads only the encoder's features; what the decoder trained with them makes of

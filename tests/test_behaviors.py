@@ -1,8 +1,10 @@
 """MTBI behavior generation: catalog split rules, resumability after a real kill, the record format."""
 import json
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from nemo_speechlm.data.task_catalog import HELDOUT, TaskCatalog
 from nemo_speechlm.datagen.behaviors import behavior_items
@@ -16,6 +18,26 @@ def test_heldout_tasks_and_prompts_never_get_training_behaviors(assets):
     assert seen_tasks == {t.name for t in catalog.training_tasks}
     assert all(item["prompt"].split != HELDOUT for item in items)
     assert len({item["key"] for item in items}) == len(items)
+
+
+def test_the_same_corpus_in_another_folder_draws_the_same_prompts(assets, tmp_path):
+    """Prompts are sampled per utterance by its file name, not its path: a corpus moved (or the demo's
+    --out changed) keeps its tasks, and so its behaviors and results."""
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    lines = []
+    for line in open(assets["manifest"]):
+        entry = json.loads(line)
+        audio = moved / Path(entry["audio_filepath"]).name
+        shutil.copy(entry["audio_filepath"], audio)
+        lines.append(json.dumps({**entry, "audio_filepath": str(audio)}))
+    (tmp_path / "moved.json").write_text("\n".join(lines) + "\n")
+    catalog = TaskCatalog.load()
+
+    def prompts(manifest):
+        return [item["prompt"].id for item in behavior_items(manifest, catalog, tasks_per_utterance=2, prompts_per_task=1)]
+
+    assert prompts(tmp_path / "moved.json") == prompts(assets["manifest"])
 
 
 def _cmd(assets, output):

@@ -50,3 +50,4 @@ def test_padding_benchmark_counts_the_spliced_positions_of_each_batching(assets,
     assert result["fixed"]["examples_per_batch"] == 2
     for r in result.values():
         assert 0 <= r["padding"] < 1 and r["positions_per_batch"] > 0
+        assert 0 <= r["packed_padding"] <= r["padding"] and r["packed_positions_per_batch"] <= r["positions_per_batch"]

@@ -2,6 +2,7 @@
 
 * :func:`utterance_id` — a manifest line (its audio and offset): item keys of behavior
   generation, inference and the benchmark;
+* :func:`portable_utterance_id` — the same without the audio's folder: the seed of per-utterance sampling;
 * :func:`segment_key` — a line's whole segment (audio, offset and duration): word alignment's
   input and output lines;
 * :func:`utterance_key` — the audio a lhotse cut covers (hashed): the feature cache;
@@ -21,6 +22,13 @@ from lhotse.cut import Cut
 def utterance_id(entry) -> str:
     """Stable id of a manifest line: its audio and offset (line numbers shift when files are edited)."""
     return f"{entry['audio_filepath']}@{float(entry.get('offset', 0.0) or 0.0):.3f}"
+
+
+def portable_utterance_id(entry) -> str:
+    """:func:`utterance_id` without the audio's folder: what seeds per-utterance sampling (behavior
+    prompts), so the same corpus in another directory (another output folder, machine or clone) draws
+    the same prompts. Keyed by the full path, the demo's tasks changed with its ``--out``."""
+    return f"{Path(entry['audio_filepath']).name}@{float(entry.get('offset', 0.0) or 0.0):.3f}"
 
 
 def segment_key(record) -> str:

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 from nemo_speechlm.data.manifest import SkipSummary, read_manifest
 from nemo_speechlm.data.task_catalog import TaskCatalog
-from nemo_speechlm.data.utterance import utterance_id
+from nemo_speechlm.data.utterance import portable_utterance_id, utterance_id
 from nemo_speechlm.datagen.chat_generator import ChatGenerator
 from nemo_speechlm.datagen.filters import degenerate_reason
 from nemo_speechlm.errors import InputError
@@ -35,7 +35,8 @@ def behavior_items(
     n_tasks = min(tasks_per_utterance, len(catalog.training_tasks))
     for entry in read_manifest(manifest, skip_invalid=skip_invalid, summary=summary):
         utt_id = utterance_id(entry)
-        for prompt in catalog.sample_training_prompts(utt_id, n_tasks, prompts_per_task, seed=seed):
+        prompts = catalog.sample_training_prompts(portable_utterance_id(entry), n_tasks, prompts_per_task, seed=seed)
+        for prompt in prompts:
             yield {"key": f"{utt_id}|{prompt.id}", "entry": entry, "prompt": prompt}
 
 

@@ -23,9 +23,9 @@ __all__ = ["pack_rows"]
 def pack_rows(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Packing plan for a ``(B, T)`` mask whose rows each hold one contiguous run of real positions.
 
-    Returns ``source`` and ``position_ids``, both ``(R, C)``: ``R = ceil(real positions / (2 x longest sequence))``
-    rows, ``C`` the longest packed row; ``source`` is the flat index ``b * T + t`` of the padded position each
-    packed position takes (-1 where the packed row is padded), ``position_ids`` count from 0 within each
+    Returns ``source`` and ``position_ids``, both ``(R, C)``: ``R <= B`` rows, as many as compute the
+    fewest positions ``R x C``, ``C`` the longest packed row; ``source`` is the flat index ``b * T + t`` of
+    the padded position each packed position takes (-1 where the packed row is padded), ``position_ids`` count from 0 within each
     sequence (and within the trailing padding, which is then a sequence of its own that nothing reads).
     """
     mask = attention_mask.bool().cpu()
@@ -35,16 +35,16 @@ def pack_rows(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     contiguous = (mask.int().cumsum(1) == (torch.arange(width) - first[:, None] + 1).clamp(min=0)) | ~mask
     if not contiguous.all() or not (lengths > 0).all():
         raise ValueError("pack_rows needs one contiguous, non-empty run of real positions per row")
-    # Rows about twice the longest sequence, filled evenly: longest sequence first, each into the emptiest
-    # row (LPT scheduling). Longer rows pad less but attend over more positions; on the demo's batches
-    # twice was faster than once (13.8-24.7% padding left) or one row for all (docs/throughput.md).
-    rows: list[list[int]] = [[] for _ in range(math.ceil(int(lengths.sum()) / (2 * int(lengths.max()))))]
-    fill = [0] * len(rows)
-    for b in sorted(range(batch), key=lambda i: -int(lengths[i])):
-        r = fill.index(min(fill))
-        rows[r].append(b)
-        fill[r] += int(lengths[b])
-    capacity = max(fill)
+    # Rows at most about twice the longest sequence, filled evenly (LPT: longest sequence first, each into
+    # the emptiest row), as many as compute the fewest positions: from ceil(total / (2 x longest)) rows up to
+    # one per sequence, which is the padded batch, so packing never computes more. Longer rows pad less but
+    # attend over more positions; on the demo's batches twice was faster than once (13.8-24.7% padding left)
+    # or one row for all (docs/throughput.md).
+    order = sorted(range(batch), key=lambda i: -int(lengths[i]))
+    fewest = math.ceil(int(lengths.sum()) / (2 * int(lengths.max())))
+    rows = min((_fill_evenly(order, lengths, n) for n in range(fewest, batch + 1)),
+               key=lambda plan: (len(plan) * max(sum(int(lengths[b]) for b in row) for row in plan), len(plan)))
+    capacity = max(sum(int(lengths[b]) for b in row) for row in rows)
     source = torch.full((len(rows), capacity), -1, dtype=torch.long)
     position_ids = torch.zeros((len(rows), capacity), dtype=torch.long)
     for r, members in enumerate(rows):
@@ -57,3 +57,14 @@ def pack_rows(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         position_ids[r, column:] = torch.arange(capacity - column)
     device = attention_mask.device
     return source.to(device), position_ids.to(device)
+
+
+def _fill_evenly(order: list[int], lengths: torch.Tensor, n_rows: int) -> list[list[int]]:
+    """Sequences (``order``: longest first) into ``n_rows`` rows, each into the emptiest row."""
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    fill = [0] * n_rows
+    for b in order:
+        r = fill.index(min(fill))
+        rows[r].append(b)
+        fill[r] += int(lengths[b])
+    return rows
