@@ -16,7 +16,8 @@ positions are the real ones. Settings compared on the same data:
   (transcript tokens + 2; ``speech_positions=transcript``, what our data types do for a read-out model).
 
 Prints one line per setting: padding share of positions, examples per batch, and positions per batch,
-in padded rows and packed (``model.pack_sequences``, on by default: what a training step computes); the last line, ``RESULT {json}``, holds the same numbers.
+in padded rows and packed (``model.pack_sequences``, on by default: what a training step computes);
+the last line, ``RESULT {json}``, holds the same numbers.
 Data loading is cheap here (cached features); nothing is timed.
 """
 from __future__ import annotations

@@ -32,6 +32,12 @@ def test_right_padding_and_a_single_row_pack_too():
     assert source.tolist() == [[0, 1, 2, 3, 4]]
 
 
+def test_packing_never_computes_more_positions_than_the_padded_batch():
+    """Three near-equal sequences: 2 rows would hold 100 + 99 and 98 (394 positions); the plan keeps 3 rows of 100."""
+    source, _ = pack_rows(_left_padded([100, 99, 98], 100))
+    assert source.numel() <= 300
+
+
 @pytest.mark.parametrize("mask", [[[1, 0, 1, 1]], [[0, 0, 0, 0], [1, 1, 1, 1]]])
 def test_holes_or_empty_rows_are_refused(mask):
     with pytest.raises(ValueError, match="contiguous"):
