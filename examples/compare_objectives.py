@@ -57,6 +57,7 @@ from nemo_speechlm.parts.runner import run_resumable
 from nemo_speechlm.inference import load_model
 from nemo_speechlm.models import JointSFTModel, MTBIModel
 from nemo_speechlm.parts.connector_ctc import save_aligned_connector
+from nemo_speechlm.parts.precision import fastest_training_precision
 from nemo_speechlm.recipe import pre_align_connector, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +136,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def base_config(out: Path, features: Path, steps: int, overrides: list[str]) -> DictConfig:
     """mtbi.yaml with the comparison's paths; the user's overrides come last and win."""
-    ours = [f"trainer.max_steps={steps}", "trainer.log_every_n_steps=10", "model.lr_scheduler.warmup_steps=10",
+    ours = [f"trainer.precision={fastest_training_precision()}", f"trainer.max_steps={steps}", "trainer.log_every_n_steps=10", "model.lr_scheduler.warmup_steps=10",
             f"feature_cache.dir={features}", "model.perception.encoder.pad_to_window=false",
             "data.train_ds.input_cfg.0.manifest_filepath=unset"]
     with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
@@ -476,7 +477,7 @@ def main() -> None:
     p.add_argument("--benchmark-utterances", type=int, default=8)
     p.add_argument("--eval-utterances", type=int, default=16, help="held-out utterances for WER, zero audio and retention")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--batch-size", type=int, default=16, help="generation batch (teacher and evaluation)")
+    p.add_argument("--batch-size", type=int, default=64, help="generation batch (teacher and evaluation)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of nemo_speechlm/conf/mtbi.yaml")
     args = p.parse_intermixed_args()
     if bool(args.manifest) != bool(args.heldout_manifest):

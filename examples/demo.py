@@ -51,6 +51,7 @@ from nemo_speechlm.inference import load_model
 from nemo_speechlm.models import MTBIModel
 from nemo_speechlm.parts.llm import resolve_llm_source
 from nemo_speechlm.parts.metrics import word_error_rate
+from nemo_speechlm.parts.precision import fastest_training_precision
 from nemo_speechlm.parts.runner import run_resumable
 from nemo_speechlm.recipe import train
 from nemo_speechlm.tts import EspeakTTS, load_sentences, speakers, synthesize_corpus
@@ -152,18 +153,6 @@ def make_behaviors(out: Path, train_manifest: Path, teacher: str, llm_utterances
     return behaviors
 
 
-def training_precision() -> str:
-    """bf16-mixed where the hardware multiplies bf16 natively (a GPU, or a CPU with AVX512-BF16 or AMX), else 32.
-
-    Measured on the demo (2 CPU cores with AVX512-BF16, packed rows): an MTBI step took 1.9 s in bf16-mixed
-    against 2.4-2.7 s in fp32 (2.9 s unpacked), with ROUGE-L 0.501 / 0.404 / 0.363 against 0.515 / 0.407 / 0.386
-    (fp32, unpacked; docs/demo.md).
-    Without native bf16, CPUs emulate it and are slower than fp32."""
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32"
-    return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32"  # no public query for the CPU
-
-
 def training_config(out: Path, steps: int, overrides: list[str]) -> DictConfig:
     """``nemo_speechlm/conf/mtbi.yaml`` for the demo; user overrides (encoder=, llm=, trainer.*) come last and win.
 
@@ -171,7 +160,7 @@ def training_config(out: Path, steps: int, overrides: list[str]) -> DictConfig:
     Whisper's padded 30 s window (the same held-out CTC WER in ``benchmarks/convergence.py``) and 12x
     faster to cache (62 against 4.9 clips/s on 2 CPU cores)."""
     demo = [
-        f"trainer.precision={training_precision()}",
+        f"trainer.precision={fastest_training_precision()}",
         f"data.train_ds.input_cfg.0.manifest_filepath={out / 'behaviors.jsonl'}",
         f"trainer.max_steps={steps}", "trainer.log_every_n_steps=10", "model.lr_scheduler.warmup_steps=10",
         f"feature_cache.dir={out / 'features'}", f"exp_manager.exp_dir={out / 'runs'}",

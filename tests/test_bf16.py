@@ -219,3 +219,16 @@ def test_bf16_llm_inference_with_fp32_perception(assets, whisper_dir):
     model.llm.to(torch.bfloat16)
     answer = model.respond([wav], ["Repeat: <|audio|>"], max_new_tokens=3)
     assert len(answer) == 1 and isinstance(answer[0], str)
+
+
+@pytest.mark.parametrize(("cuda", "cuda_bf16", "cpu_bf16", "expected"), [
+    (True, True, False, "bf16-mixed"), (True, False, True, "32"),  # a GPU decides for itself
+    (False, False, True, "bf16-mixed"), (False, False, False, "32"),  # CPUs without native bf16 emulate it: slower
+])
+def test_fastest_training_precision_picks_bf16_only_where_it_is_native(monkeypatch, cuda, cuda_bf16, cpu_bf16, expected):
+    from nemo_speechlm.parts.precision import fastest_training_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: cpu_bf16)
+    assert fastest_training_precision() == expected

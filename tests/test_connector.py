@@ -85,6 +85,23 @@ def test_pre_alignment_lowers_the_ctc_loss_and_trains_only_the_adapter(assets):
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
+def test_pre_alignment_does_not_depend_on_the_randomness_used_before_it(assets):
+    """SpecAugment draws from torch's generator: stage 1 seeds its own (forked) one, so the aligned connector
+    is the same whatever ran before it (the demo's stage 1 changed with the behaviors' size before)."""
+    aligned = []
+    for earlier_draws in (0, 1000):
+        torch.manual_seed(0)
+        cfg = model_config(assets["llm"])
+        cfg.perception.modality_adapter = adapter_cfg(output_rms="auto", spec_augment={"time_masks": 2, "time_width": 3})
+        model = SpeechLMModel(cfg)
+        torch.rand(earlier_draws)
+        after_earlier = torch.get_rng_state()
+        pretrain_connector_ctc(model, utterances(assets), steps=4, lr=2e-2, batch_size=4, seed=3)
+        assert torch.equal(torch.get_rng_state(), after_earlier)  # the caller's generator is left as it was
+        aligned.append(model.perception.modality_adapter.state_dict())
+    assert all(torch.equal(aligned[0][k], aligned[1][k]) for k in aligned[0])
+
+
 @pytest.mark.slow
 def test_training_script_runs_the_pre_alignment(assets, tmp_path):
     from tests.test_training import run_train_script

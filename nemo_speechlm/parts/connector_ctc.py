@@ -103,19 +103,24 @@ def pretrain_connector_ctc(
     was_training = model.training
     model.train()
     bar = tqdm(range(steps), desc="Connector pre-alignment (CTC onto LLM embeddings)", unit="step")
-    for _ in bar:
-        if len(order) < batch_size:
-            order += rng.sample(range(len(utterances)), len(utterances))
-        batch, order = order[:batch_size], order[batch_size:]
-        features = _encoder_features(model, [utterances[i][0] for i in batch], feature_cache)
-        loss = connector_ctc_loss(model.adapt(features, readout=False), [targets[i] for i in batch], vocabulary, embeddings, blank)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        bar.set_postfix(ctc=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
+    # SpecAugment and dropout draw from torch's generator: seed it here, in a fork, so the aligned connector
+    # depends on ``seed`` and the data only, not on how much randomness the stage-2 data set-up used before.
+    with torch.random.fork_rng(devices=[embeddings.device] if embeddings.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for _ in bar:
+            if len(order) < batch_size:
+                order += rng.sample(range(len(utterances)), len(utterances))
+            batch, order = order[:batch_size], order[batch_size:]
+            features = _encoder_features(model, [utterances[i][0] for i in batch], feature_cache)
+            loss = connector_ctc_loss(model.adapt(features, readout=False), [targets[i] for i in batch], vocabulary,
+                                      embeddings, blank)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            bar.set_postfix(ctc=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
     model.train(was_training)
     result = {"steps": steps, "first_loss": _mean(losses[:20]), "final_loss": _mean(losses[-20:]),
               "vocabulary": len(vocabulary)}
