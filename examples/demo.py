@@ -252,7 +252,7 @@ def answer_spoken_request(out: Path, nemo: Path, manifests: dict[str, Path]) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "demo_out"))
-    p.add_argument("--steps", type=int, default=150, help="MTBI training steps through the LLM (batch 8)")
+    p.add_argument("--steps", type=int, default=120, help="MTBI training steps through the LLM (batch 8; with the KL term ~2.5 s each on 2 CPU cores)")
     p.add_argument("--utterances", type=int, default=4800, help="training utterances (sentences) to synthesize")
     p.add_argument("--heldout", type=int, default=40, help="held-out sentences (each also spoken by the unseen voice)")
     p.add_argument("--open-vocabulary", action="store_true",
