@@ -137,8 +137,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def base_config(out: Path, features: Path, steps: int, overrides: list[str]) -> DictConfig:
     """mtbi.yaml with the comparison's paths; the user's overrides come last and win."""
     ours = [f"trainer.precision={fastest_training_precision()}", f"trainer.max_steps={steps}",
-            "trainer.log_every_n_steps=10", "model.lr_scheduler.warmup_steps=10", f"feature_cache.dir={features}", "model.perception.encoder.pad_to_window=false",
-            "data.train_ds.input_cfg.0.manifest_filepath=unset"]
+            "trainer.log_every_n_steps=10", "model.lr_scheduler.warmup_steps=10", f"feature_cache.dir={features}",
+            "model.perception.encoder.pad_to_window=false", "data.train_ds.input_cfg.0.manifest_filepath=unset"]
     with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
         return compose("mtbi", overrides=ours + overrides)
 
