@@ -200,6 +200,7 @@ def test_packed_rows_give_the_padded_batch_losses_and_gradients(assets, whisper_
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[pack] = ({k: v.item() for k, v in losses.items()}, grads)
     (padded, padded_grads), (packed, packed_grads) = results[False], results[True]
+    assert model._packing_checked  # the LLM was tried once before packing was trusted
     assert packed == pytest.approx(padded, rel=1e-5, abs=1e-6)  # abs: the KL is ~7e-4, its rounding ~1e-7
     assert padded_grads.keys() == packed_grads.keys() and padded_grads
     for name, grad in padded_grads.items():

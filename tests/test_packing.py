@@ -1,8 +1,10 @@
 """Sequence packing plan (``nemo_speechlm.parts.packing``); the model-level equality is in test_mtbi.py."""
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from nemo_speechlm.parts.packing import pack_rows
+from nemo_speechlm.errors import ConfigError
+from nemo_speechlm.parts.packing import check_llm_keeps_packed_sequences_apart, pack_rows
 
 
 def _left_padded(lengths, width):
@@ -42,3 +44,26 @@ def test_packing_never_computes_more_positions_than_the_padded_batch():
 def test_holes_or_empty_rows_are_refused(mask):
     with pytest.raises(ValueError, match="contiguous"):
         pack_rows(torch.tensor(mask, dtype=torch.bool))
+
+
+def _tiny(config_class, model_class, **sizes):
+    torch.manual_seed(0)
+    return model_class(config_class(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **sizes))
+
+
+def test_an_llm_that_follows_restarting_positions_passes_the_packing_check():
+    llm = _tiny(LlamaConfig, LlamaForCausalLM, intermediate_size=64, num_key_value_heads=4).train()
+    llm.model.layers[0].eval()  # a frozen part in eval mode, as training_step leaves it
+    state = torch.random.get_rng_state()
+    check_llm_keeps_packed_sequences_apart(llm)
+    assert torch.equal(torch.random.get_rng_state(), state)  # draws no random numbers
+    assert llm.training and not llm.model.layers[0].training and llm.model.layers[1].training  # modes restored
+
+
+def test_an_llm_whose_packed_sequences_see_each_other_is_refused():
+    """OPT's positions and mask follow the attention mask, so restarting position_ids do not separate sequences."""
+    llm = _tiny(OPTConfig, OPTForCausalLM, ffn_dim=64).train()
+    with pytest.raises(ConfigError, match="OPTForCausalLM does not keep packed sequences apart") as error:
+        check_llm_keeps_packed_sequences_apart(llm)
+    assert error.value.fix == "set model.pack_sequences=false"
+    assert llm.training

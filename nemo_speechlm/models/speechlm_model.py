@@ -35,7 +35,7 @@ from nemo_speechlm.parts.checkpoint import stamp_checkpoint_format
 from nemo_speechlm.parts.fsdp import shard_model
 from nemo_speechlm.parts.decoding import cut_at_stop, decode, end_token_ids, length_sorted_batches, sampler
 from nemo_speechlm.parts.llm import load_llm, load_tokenizer, pack_llm_files, resolve_llm_source, unpack_llm_files
-from nemo_speechlm.parts.packing import pack_rows
+from nemo_speechlm.parts.packing import check_llm_keeps_packed_sequences_apart, pack_rows
 from nemo_speechlm.parts.prompting import encode_messages, resolve_prompt_formatter
 
 IGNORE_INDEX = -100
@@ -73,6 +73,7 @@ class SpeechLMModel(ModelPT):
         self._install_lora()
         self._freeze()
         self.prompt_formatter = resolve_prompt_formatter(self.cfg.get("prompt_format"), self.tokenizer)
+        self._packing_checked = False  # model.pack_sequences: the LLM is tried once, at the first packed batch
         counts = self.parameter_counts()
         logging.info(
             f"{type(self).__name__}: {counts['trainable']:,} trainable of {counts['total']:,} parameters "
@@ -276,6 +277,9 @@ class SpeechLMModel(ModelPT):
         """:meth:`response_logits` with the rows packed (``nemo_speechlm.parts.packing``): the same logits for
         fewer computed positions, returned as one row ``(1, targets, V)`` in the batch's row-major target order
         (the order ``token_kl`` matches student and teacher tokens by)."""
+        if not self._packing_checked:
+            check_llm_keeps_packed_sequences_apart(self.llm)
+            self._packing_checked = True
         source, position_ids = pack_rows(attention_mask)
         batch, width, hidden = input_embeds.shape
         padded = source < 0
