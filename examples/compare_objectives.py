@@ -440,9 +440,9 @@ def plot(out: Path, summary: dict) -> None:
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(EVALUATION_SPLITS))])
     ax.set_xticklabels([SPLIT_TITLES[s].split(" (")[0] for s in EVALUATION_SPLITS])
     ax.set_ylabel("ROUGE-L vs text upper bound")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=min(len(names), 4), loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below: never over a bar
     fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=120)
+    fig.savefig(out / "results.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
