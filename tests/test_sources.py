@@ -88,12 +88,16 @@ def test_feature_cache_finds_every_shar_utterance_once(model, shar_dir):
     assert len(utterances) == 8 and len({u.recording.id for u in utterances}) == 8  # spans map to their utterances
 
 
-def test_conversion_resumes_at_the_first_unfinished_shard_and_refuses_other_input(behaviors, tmp_path):
+def test_conversion_resumes_at_the_first_unfinished_shard_and_refuses_other_input(behaviors, tmp_path, monkeypatch):
     out = tmp_path / "shar"
     write_shar(behaviors, out, shard_size=3)
     (out / "cuts.000002.jsonl.gz").unlink()  # as if killed while writing the last shard
+    checked = []
+    real = manifest_module.audio_duration
+    monkeypatch.setattr(manifest_module, "audio_duration", lambda p: checked.append(p) or real(p))
     again = write_shar(behaviors, out, shard_size=3)
-    assert (again["shards_written"], again["shards_before"]) == (1, 2)
+    assert (again["shards_written"], again["shards_before"], again["lines"]) == (1, 2, 8)
+    assert len(checked) == 2  # only the unfinished shard's 2 lines; the 6 before it were checked when written
     assert len(CutSet.from_shar(in_dir=out).to_eager()) == 8
     with pytest.raises(InputError, match="shard_size differ"):
         write_shar(behaviors, out, shard_size=4)
@@ -108,6 +112,10 @@ def test_audio_is_checked_when_converting_and_never_again_when_training(behavior
         write_shar(broken, tmp_path / "out", shard_size=3)
     counts = write_shar(broken, tmp_path / "skipped", shard_size=3, skip_invalid=True)
     assert (counts["lines"], counts["skipped_invalid"]) == (7, 1)
+    (tmp_path / "skipped" / "cuts.000002.jsonl.gz").unlink()  # resumed: the skip counted before is still reported
+    again = write_shar(broken, tmp_path / "skipped", shard_size=3, skip_invalid=True)
+    assert (again["lines"], again["skipped_invalid"], again["shards_written"]) == (7, 1, 1)
+    assert "gone.wav" in again["skipped"]
 
     calls = []
     real = manifest_module.audio_duration

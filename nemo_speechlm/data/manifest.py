@@ -134,19 +134,21 @@ def read_manifest(
     summary: SkipSummary | None = None,
     duration_tolerance: float = 0.1,
     min_duration: float = 0.0,
+    start_line: int = 1,
 ) -> Iterator[ManifestEntry]:
     """Yield validated entries of a JSONL manifest, lazily.
 
     Every problem raises :class:`ManifestError` naming file, line and field; with
     ``skip_invalid`` the line is skipped and counted in ``summary`` instead. ``min_duration``:
-    see :func:`validate_audio_fields`.
+    see :func:`validate_audio_fields`. Lines before ``start_line`` (1-based) are passed over unread,
+    for resuming after lines already handled.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Manifest not found: {path}")
     with path.open(encoding="utf-8") as f:
         for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
+            if line_no < start_line or not raw.strip():
                 continue
             try:
                 data = _parse_line(path, line_no, raw, required_text_fields, has_audio, check_audio, duration_tolerance,

@@ -7,10 +7,11 @@ other field of the line (``text``, ``task``, ``prompt``, ``response``, ``words``
 ``shar_path`` inputs of our data types read back (``nemo_speechlm.data.sources``).
 
 Shards are written one at a time into a temporary directory and moved into place, lines file
-last, so a crashed run resumes at the first shard whose lines file is missing. Rerunning over a
-changed manifest is refused. The bookkeeping (``info.json`` with the manifest's size and mtime, the
-shard being written) lives next to the output, in ``.<name>.to_shar/``: lhotse reads every file
-inside a Shar directory as a field.
+last, so a crashed run resumes at the first shard whose lines file is missing, reading the manifest from
+the line after the last finished shard (its audio is not checked again). Rerunning over a changed
+manifest is refused. The bookkeeping (``info.json`` with the manifest's size and mtime, ``shards.json``
+with where each finished shard ends in the manifest, the shard being written) lives next to the output,
+in ``.<name>.to_shar/``: lhotse reads every file inside a Shar directory as a field.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections import Counter
 from itertools import islice
 from pathlib import Path
 
@@ -50,25 +52,47 @@ def write_shar(
     work_dir = out_dir.parent / f".{out_dir.name}.to_shar"
     work_dir.mkdir(exist_ok=True)
     _check_same_input(manifest, out_dir, work_dir, shard_size, audio_format)
-    summary = SkipSummary()
-    entries = read_manifest(manifest, required_text_fields=(), skip_invalid=skip_invalid, summary=summary)
-    counts = {"lines": 0, "shards_written": 0, "shards_before": 0}
-    with tqdm(desc=f"Writing Shar to {out_dir}", unit="line") as bar:
-        for shard in range(1 << 30):
+    done = _finished_shards(out_dir, work_dir)
+    # Resume after the last finished shard without reading, let alone re-checking, the lines before it:
+    # every line's audio was checked once, when its shard was written.
+    last = done[-1] if done else {"next_line": 1, "lines": 0, "skipped": {}, "examples": {}}
+    summary = SkipSummary(Counter(last["skipped"]), dict(last["examples"]))
+    entries = read_manifest(manifest, required_text_fields=(), skip_invalid=skip_invalid, summary=summary,
+                            start_line=last["next_line"])
+    counts = {"lines": last["lines"], "shards_written": 0, "shards_before": len(done)}
+    with tqdm(desc=f"Writing Shar to {out_dir}", unit="line", initial=last["lines"]) as bar:
+        for shard in range(len(done), 1 << 30):
             chunk = list(islice(entries, shard_size))
             if not chunk:
                 break
+            _write_shard(chunk, out_dir, work_dir, shard, audio_format)
             counts["lines"] += len(chunk)
-            if (out_dir / f"cuts.{shard:06d}.jsonl.gz").is_file():
-                counts["shards_before"] += 1
-            else:
-                _write_shard(chunk, out_dir, work_dir, shard, audio_format)
-                counts["shards_written"] += 1
+            counts["shards_written"] += 1
+            done.append({"next_line": chunk[-1].line + 1, "lines": counts["lines"],
+                         "skipped": dict(summary.counts), "examples": summary.examples})
+            _write_json_atomically(work_dir / "shards.json", done)
             bar.update(len(chunk))
     counts["skipped_invalid"] = summary.total
     if summary.total:
         counts["skipped"] = str(summary)
     return counts
+
+
+def _finished_shards(out_dir: Path, work_dir: Path) -> list[dict]:
+    """Progress records (``shards.json``: per shard, the manifest line after it and the running counts) of the
+    shards written before, up to the first whose lines file is missing: that one and all after it are redone."""
+    path = work_dir / "shards.json"
+    records = json.loads(path.read_text()) if path.is_file() else []
+    finished = 0
+    while finished < len(records) and (out_dir / f"cuts.{finished:06d}.jsonl.gz").is_file():
+        finished += 1
+    return records[:finished]
+
+
+def _write_json_atomically(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 def _write_shard(entries: list[ManifestEntry], out_dir: Path, work_dir: Path, shard: int, audio_format: str) -> None:
