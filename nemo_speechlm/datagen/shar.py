@@ -69,7 +69,7 @@ def write_shar(
             counts["lines"] += len(chunk)
             counts["shards_written"] += 1
             done.append({"next_line": chunk[-1].line + 1, "lines": counts["lines"],
-                         "skipped": dict(summary.counts), "examples": summary.examples})
+                         "skipped": dict(summary.counts), "examples": dict(summary.examples)})
             _write_json_atomically(work_dir / "shards.json", done)
             bar.update(len(chunk))
     counts["skipped_invalid"] = summary.total

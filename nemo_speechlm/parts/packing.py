@@ -88,7 +88,7 @@ def check_llm_keeps_packed_sequences_apart(llm: torch.nn.Module) -> None:
     embeddings = llm.get_input_embeddings()
     vocab, device = embeddings.num_embeddings, embeddings.weight.device
     before = torch.arange(32, device=device) * 7 % vocab  # fixed ids: the check draws no random numbers
-    tokens = torch.arange(3, device=device) * 11 % vocab + 1
+    tokens = (torch.arange(3, device=device) * 11 + 1) % vocab
     modes = {module: module.training for module in llm.modules()}
     llm.eval()
     try:
