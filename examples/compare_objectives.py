@@ -47,17 +47,18 @@ from tqdm import tqdm
 
 import nemo_speechlm
 from nemo_speechlm.data.task_catalog import EVALUATION_SPLITS, TRAIN, TaskCatalog, render_prompt
-from nemo_speechlm.evaluation.benchmark import SPLIT_TITLES, UPPER_BOUND, run_benchmark
-from nemo_speechlm.evaluation.listening import listening_diagnostics
-from nemo_speechlm.evaluation.standard import evaluate_text_retention
 from nemo_speechlm.data.utterance import utterance_id
 from nemo_speechlm.datagen.behaviors import behavior_items, behavior_job
 from nemo_speechlm.datagen.chat_generator import build_chat_generator
-from nemo_speechlm.parts.runner import run_resumable
+from nemo_speechlm.evaluation.benchmark import SPLIT_TITLES, UPPER_BOUND, run_benchmark
+from nemo_speechlm.evaluation.listening import listening_diagnostics
+from nemo_speechlm.evaluation.standard import evaluate_text_retention
 from nemo_speechlm.inference import load_model
 from nemo_speechlm.models import JointSFTModel, MTBIModel
+from nemo_speechlm.parts.cli import CommandParser, run_cli
 from nemo_speechlm.parts.connector_ctc import save_aligned_connector
 from nemo_speechlm.parts.precision import fastest_training_precision
+from nemo_speechlm.parts.runner import run_resumable
 from nemo_speechlm.recipe import pre_align_connector, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -459,8 +460,8 @@ def estimate_minutes(steps: int, seeds: int, ctc_steps: int, items_per_model: in
     return (seeds * per_seed + items_per_model * S_PER_ANSWER) / 60  # + the text upper bound's references, once
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str]) -> None:
+    p = CommandParser(description=__doc__)
     p.add_argument("--out", default=str(REPO / "compare_out"))
     p.add_argument("--data-dir", default=str(REPO / "demo_out"),
                    help="a demo output folder: corpus/, behaviors.jsonl, features/ (made there when missing)")
@@ -479,7 +480,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=64, help="generation batch (teacher and evaluation)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of nemo_speechlm/conf/mtbi.yaml")
-    args = p.parse_intermixed_args()
+    args = p.parse_intermixed_args(argv)
     if bool(args.manifest) != bool(args.heldout_manifest):
         p.error("--manifest and --heldout-manifest go together")
     start = time.time()
@@ -553,4 +554,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

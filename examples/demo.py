@@ -24,7 +24,6 @@ Stages (each reuses what an earlier run produced and skips to what changed):
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -49,6 +48,7 @@ from nemo_speechlm.evaluation.listening import listening_diagnostics, listening_
 from nemo_speechlm.evaluation.standard import evaluate_asr
 from nemo_speechlm.inference import load_model
 from nemo_speechlm.models import MTBIModel
+from nemo_speechlm.parts.cli import CommandParser, run_cli
 from nemo_speechlm.parts.llm import resolve_llm_source
 from nemo_speechlm.parts.metrics import word_error_rate
 from nemo_speechlm.parts.precision import fastest_training_precision
@@ -249,8 +249,8 @@ def answer_spoken_request(out: Path, nemo: Path, manifests: dict[str, Path]) -> 
     print(answer)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str]) -> None:
+    p = CommandParser(description=__doc__)
     p.add_argument("--out", default=str(REPO / "demo_out"))
     p.add_argument("--steps", type=int, default=120, help="MTBI training steps through the LLM (batch 8; with the KL term ~2.5 s each on 2 CPU cores)")
     p.add_argument("--utterances", type=int, default=4800, help="training utterances (sentences) to synthesize")
@@ -269,7 +269,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=GENERATION_BATCH, help="teacher generation batch")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of nemo_speechlm/conf/mtbi.yaml, e.g. encoder=whisper_small "
                    "llm=qwen2_5_1_5b_instruct trainer.precision=bf16-true")
-    args = p.parse_intermixed_args()
+    args = p.parse_intermixed_args(argv)
     if bool(args.manifest) != bool(args.heldout_manifest):
         p.error("--manifest and --heldout-manifest go together")
     out = Path(args.out)
@@ -299,4 +299,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -14,6 +14,7 @@ from nemo_speechlm.datagen import (
     degenerate_reason,
     run_resumable,
 )
+from nemo_speechlm.errors import InputError
 from tests.tiny_assets import make_tiny_llm
 from tests.conftest import REPO, run_python
 
@@ -224,6 +225,25 @@ def test_records_must_carry_their_key_and_callable_keys_work(tmp_path):
     summary = run_resumable(items, lambda b: [dict(r, answer="a") for r in b], tmp_path / "b.jsonl", 4, "x", key=key)
     assert summary.written == 6
     assert run_resumable(items, job, tmp_path / "b.jsonl", 4, "x", key=key).done_before == 6
+
+
+def test_output_of_other_items_is_an_error_not_appended_to(tmp_path):
+    """A copied demo folder (keys name the audio file, which moved) once got every behavior twice."""
+    out = tmp_path / "out.jsonl"
+    run_resumable(ITEMS[:7], job, out, batch_size=4, desc="first")
+    before = out.read_text()
+    moved = [{**item, "key": "moved/" + item["key"]} for item in ITEMS]
+    with pytest.raises(InputError, match=r"holds 7 records of items this run does not have \(e.g. 'utt00'\)") as err:
+        run_resumable(moved, job, out, batch_size=4, desc="moved")
+    assert "delete" in err.value.fix and "out.jsonl.rejected.jsonl" in err.value.fix
+    assert out.read_text() == before
+    larger = tmp_path / "larger.jsonl"
+    run_resumable(ITEMS[:21], job, larger, batch_size=4, desc="larger")
+    with pytest.raises(InputError, match="holds 1 records"):  # utt20 was rejected: it is in the sidecar only
+        run_resumable(ITEMS[:20], job, larger, batch_size=4, desc="smaller")
+    # Outputs read by key (evaluation predictions) keep an earlier, larger run's records.
+    summary = run_resumable(ITEMS[:5], job, larger, batch_size=4, desc="subset", exclusive=False)
+    assert summary.done_before == 5 and summary.written == 0
 
 
 def test_ctrl_c_keeps_written_lines_and_says_how_to_resume(tmp_path):

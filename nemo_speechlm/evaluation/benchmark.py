@@ -98,7 +98,8 @@ def _generate_references(items: list[dict], llm: LazyModel, job: _Job) -> tuple[
                  "prompt": it["prompt"].text, "reference": text} for it, text in zip(batch, texts)]
 
     path = job.out_dir / "references.jsonl"
-    summary = run_resumable(items, process, path, job.batch_size, desc="References (text LLM on transcripts)")
+    summary = run_resumable(items, process, path, job.batch_size, desc="References (text LLM on transcripts)",
+                            exclusive=False)
     return {r["key"]: r["reference"] for r in _read_jsonl(path)}, summary
 
 
@@ -117,7 +118,8 @@ def _transcribe(items: list[dict], asr: LazyModel, job: _Job) -> tuple[dict[str,
                 for u, t in zip(batch, texts)]
 
     path = job.out_dir / "asr_transcripts.jsonl"
-    summary = run_resumable(utterances, process, path, job.batch_size, desc="ASR transcripts (cascade)", key="utt")
+    summary = run_resumable(utterances, process, path, job.batch_size, desc="ASR transcripts (cascade)", key="utt",
+                            exclusive=False)
     return {r["utt"]: r["asr_transcript"] for r in _read_jsonl(path)}, summary
 
 
@@ -147,7 +149,7 @@ def _predict(system: str, items: list[dict], answer: Answerer | None,
 
     system_items = [{**it, "system": system} for it in items]
     summary = run_resumable(system_items, process, job.out_dir / "predictions.jsonl", job.batch_size,
-                            desc=f"Predictions: {system}", key=_prediction_key)
+                            desc=f"Predictions: {system}", key=_prediction_key, exclusive=False)
     return summary.to_dict()
 
 

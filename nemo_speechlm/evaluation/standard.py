@@ -303,7 +303,7 @@ def _evaluate_manifest(
     check_run_settings(predictions, {"mode": task.mode, "model": model_name, "manifest": str(Path(manifest).resolve()),
                                      "prompt": task.prompt_setting, "system_prompt": system_prompt, "generation": generation})
     answer_items(model, items, predictions, task.make_record, batch_size, system_prompt, desc=f"Evaluating {task.mode}",
-                 **generation)
+                 exclusive=False, **generation)
     records = read_records(predictions, [item["key"] for item in items])
     metrics = {"mode": task.mode, **task.score(records), "skipped_lines": skipped.total,
                "skipped_by_field": dict(skipped.counts), "model": model_name, "manifest": str(manifest),
@@ -397,7 +397,8 @@ def evaluate_text_retention(
             base = respond_to_messages(model, msgs, len(batch), **generation)
         return [_retention_record(item, b, t) for item, b, t in zip(batch, base, trained)]
 
-    run_resumable(items, process, predictions, batch_size=batch_size, desc="Evaluating text retention", key="key")
+    run_resumable(items, process, predictions, batch_size=batch_size, desc="Evaluating text retention", key="key",
+                  exclusive=False)
     records = read_records(predictions, keys)
     metrics = {"mode": "text-retention", **score_agreement([r["base"] for r in records], [r["trained"] for r in records])}
     with_ref = [r for r in records if r.get("reference")]

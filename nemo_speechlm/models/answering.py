@@ -60,12 +60,14 @@ def answer_items(
     batch_size: int = 8,
     system_prompt: str | None = None,
     desc: str = "Answering",
+    exclusive: bool = True,
     **generation: object,
 ) -> RunSummary:
     """Answer ``{"key", "entry", "prompt"}`` items about their audio through the resumable runner.
 
     ``make_record(item, answer)`` builds the output line (it must carry ``item["key"]``), so
-    inference and every evaluation share one batched, resumable loop.
+    inference and every evaluation share one batched, resumable loop. ``exclusive``: see
+    :func:`~nemo_speechlm.parts.runner.run_resumable` (False where the output is read by key).
     """
 
     def process(batch: list[dict]) -> list[dict]:
@@ -74,4 +76,4 @@ def answer_items(
                                 system_prompt=system_prompt, **generation)
         return [make_record(item, a) for item, a in zip(batch, answers)]
 
-    return run_resumable(items, process, output_path, batch_size=batch_size, desc=desc, key="key")
+    return run_resumable(items, process, output_path, batch_size=batch_size, desc=desc, key="key", exclusive=exclusive)

@@ -11,6 +11,12 @@ the runner owns everything that makes long jobs safe to run:
   so a rerun after a crash or Ctrl-C continues where it stopped and never duplicates a line.
   Because pending items keep their input order, an interrupted-then-resumed run writes the same
   file as an uninterrupted one (given a deterministic ``process_batch``).
+* **Someone else's file.** A datagen output is read whole (as training data), so it must hold
+  this job's items only: a record whose key is not among the items means the file came from
+  other input (another manifest, other tasks or limits, or a folder that moved: keys name the
+  audio file), and appending to it would silently mix the two (a copied demo folder once
+  trained on every behavior twice). That is an error; outputs read by key (evaluation
+  predictions) pass ``exclusive=False`` and may keep records of earlier, larger runs.
 * **Crash mid-write.** A final line without its newline is a torn write: it is cut away (with a
   warning) and its item recomputed. Any other unreadable line means the file is not ours or was
   edited, and is an error naming the file and line.
@@ -103,12 +109,14 @@ def run_resumable(
     batch_size: int,
     desc: str,
     key: KeyFn | str = "key",
+    exclusive: bool = True,
 ) -> RunSummary:
     """Run ``process_batch`` over the items not yet in ``output_path``, appending as it goes.
 
     ``key`` names the field (or is a function) that gives an item's unique key; the same
     field/function must give the same key for the item's output record, which is how a rerun
     knows what is done. Items are processed in input order, ``batch_size`` at a time.
+    ``exclusive``: records (or rejections) of items not in ``items`` are an error (see module doc).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -124,6 +132,8 @@ def run_resumable(
     earlier_rejections = _read_jsonl(rejected_path, _key_function("key"), what="rejection")
     rejected_before = Counter(rec.get("reason", "unknown") for rec in earlier_rejections)
     done |= {rec["key"] for rec in earlier_rejections}
+    if exclusive:
+        _check_no_foreign_records(done - set(keys), output_path, rejected_path)
     pending = [item for item, k in zip(items, keys) if k not in done]
     summary = RunSummary(
         output_path=str(output_path), total=len(items), done_before=len(items) - len(pending),
@@ -200,6 +210,16 @@ def _check_unique(keys: list, desc: str) -> None:
                 "unique key, otherwise resuming cannot tell which ones are done."
             )
         first_index[k] = index
+
+
+def _check_no_foreign_records(foreign: set, output_path: Path, rejected_path: Path) -> None:
+    if foreign:
+        raise InputError(
+            f"{output_path} holds {len(foreign)} records of items this run does not have "
+            f"(e.g. {min(foreign, key=str)!r}): it was written from other input (another manifest, other tasks "
+            "or limits, or audio that has moved since: keys name the audio file), and appending would mix the two",
+            f"write to another output, or delete {output_path} and {rejected_path.name} to generate it anew",
+        )
 
 
 def _check_outcomes(batch: list[dict], outcomes: list[Outcome], key_of: KeyFn, desc: str) -> None:
