@@ -20,18 +20,24 @@ def test_heldout_tasks_and_prompts_never_get_training_behaviors(assets):
     assert len({item["key"] for item in items}) == len(items)
 
 
-def test_the_same_corpus_in_another_folder_draws_the_same_prompts(assets, tmp_path):
-    """Prompts are sampled per utterance by its file name, not its path: a corpus moved (or the demo's
-    --out changed) keeps its tasks, and so its behaviors and results."""
+def _moved_corpus(manifest, tmp_path) -> Path:
+    """A copy of the manifest's audio in another folder, and its manifest."""
     moved = tmp_path / "elsewhere"
     moved.mkdir()
     lines = []
-    for line in open(assets["manifest"]):
+    for line in open(manifest):
         entry = json.loads(line)
         audio = moved / Path(entry["audio_filepath"]).name
         shutil.copy(entry["audio_filepath"], audio)
         lines.append(json.dumps({**entry, "audio_filepath": str(audio)}))
     (tmp_path / "moved.json").write_text("\n".join(lines) + "\n")
+    return tmp_path / "moved.json"
+
+
+def test_the_same_corpus_in_another_folder_draws_the_same_prompts(assets, tmp_path):
+    """Prompts are sampled per utterance by its file name, not its path: a corpus moved (or the demo's
+    --out changed) keeps its tasks, and so its behaviors and results."""
+    _moved_corpus(assets["manifest"], tmp_path)
     catalog = TaskCatalog.load()
 
     def prompts(manifest):
@@ -78,3 +84,12 @@ def test_killed_run_resumes_to_the_same_output(assets, tmp_path):
     assert _lines(rejected) == _lines(tmp_path / "full.jsonl.rejected.jsonl")
     record = json.loads(_lines(full)[0])
     assert {"audio_filepath", "duration", "text", "task", "prompt", "response", "split", "teacher"} <= set(record)
+
+    # The same corpus moved to another folder has other keys (they name the audio file): writing its
+    # behaviors into the old output is refused, not appended (a copied demo folder trained on all twice).
+    cmd = _cmd(assets, full)
+    cmd[cmd.index("--manifest") + 1] = str(_moved_corpus(assets["manifest"], tmp_path))
+    moved = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert moved.returncode == 2 and "Traceback" not in moved.stderr, moved.stderr[-2000:]
+    assert "full.jsonl holds 24 records of items this run does not have" in moved.stderr.strip().splitlines()[-1]
+    assert _lines(full) == _lines(part)
