@@ -1,13 +1,16 @@
 """MTBI: interleaving spans, behaviors data, the CE/KL objective, and the frozen-encoder feature cache."""
 import json
+import os
 import random
 
 import pytest
+import soundfile
 import torch
 from lightning.pytorch import Trainer
 from omegaconf import OmegaConf, open_dict
 
 from nemo_speechlm.data.behaviors import behavior_to_conversation
+from nemo_speechlm.data.conversations import cut_for_audio
 from nemo_speechlm.data.datamodule import build_datamodule
 from nemo_speechlm.data.dataset import as_text_messages
 from nemo_speechlm.data.feature_cache import FeatureCache, encoder_fingerprint, fill_feature_cache, utterances_in
@@ -247,6 +250,25 @@ def test_cached_features_give_the_same_loss_with_interleaving(assets, whisper_di
         assert "audios" not in cached_batch and cached_batch["encoder_features"].shape[0] == 4
         cached = model.compute_losses(cached_batch)
     assert cached["loss"].item() == pytest.approx(plain["loss"].item(), rel=1e-5)
+
+
+def test_audio_rewritten_in_place_is_encoded_again_not_read_stale(assets, whisper_dir, tmp_path):
+    model = _mtbi_model(assets, whisper_dir).eval()
+    cache = FeatureCache(tmp_path / "features", encoder_fingerprint(model.perception, model.cfg.perception))
+    wav = tmp_path / "utt.wav"
+    audio, rate = soundfile.read(json.loads(open(assets["manifest"]).readline())["audio_filepath"])
+    soundfile.write(wav, audio, rate)
+    cut = cut_for_audio(str(wav), 0.0, len(audio) / rate)
+    assert fill_feature_cache(model, cache, [cut])["encoded"] == 1
+    before = cache.load(cut)
+    soundfile.write(wav, audio[::-1].copy(), rate)  # same path, length and size; other content
+    os.utime(wav, ns=(os.stat(wav).st_atime_ns, os.stat(wav).st_mtime_ns + 10**9))
+    assert cut not in cache
+    assert fill_feature_cache(model, cache, [cut])["encoded"] == 1
+    with torch.no_grad():
+        fresh = model.encode_speech(torch.as_tensor(audio[::-1].copy(), dtype=torch.float32)[None], torch.tensor([len(audio)]))[0]
+    torch.testing.assert_close(cache.load(cut), fresh)
+    assert not torch.allclose(before, fresh)
 
 
 def test_a_whole_utterance_segment_equals_encoding_it_alone(assets, whisper_dir, behaviors):

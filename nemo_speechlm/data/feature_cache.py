@@ -4,7 +4,11 @@ With a frozen encoder (MTBI's default), every epoch would recompute identical en
 outputs. The cache stores them on disk, one ``.npy`` per utterance, under
 ``<dir>/<fingerprint>/``:
 
-* the key of an utterance is its audio file, offset and duration;
+* the key of an utterance is its audio file, offset and duration, and the file's size and
+  modification time: audio rewritten in place (normalised, denoised, re-synthesized) gets new
+  features instead of its path's stale ones; a copy that does not keep modification times
+  (``cp -r``; ``rsync -a`` keeps them) is encoded again. Shar and tarred audio have no file of
+  their own and are keyed by their recording id;
 * the fingerprint hashes the preprocessor + encoder config and weights, so a changed
   encoder reads from a new directory and never sees stale features;
 * each file is written to a temporary name and renamed, so a crash leaves no partial
@@ -62,7 +66,7 @@ class FeatureCache:
 
     def path(self, cut: Cut) -> Path:
         key = utterance_key(cut)
-        return self.root / key[:2] / f"{key}.npy"
+        return self.root / key[:2] / f"{key}{_file_stamp(cut)}.npy"
 
     def __contains__(self, cut: Cut) -> bool:
         return self.path(cut).is_file()
@@ -84,6 +88,18 @@ class FeatureCache:
         with open(tmp, "wb") as f:
             np.save(f, features.detach().cpu().float().numpy())
         os.replace(tmp, path)
+
+
+def _file_stamp(cut: Cut) -> str:
+    """``-<size>-<mtime ns>`` of the cut's audio file ("" for audio inside Shar or tar archives)."""
+    sources = cut.recording.sources
+    if not sources or sources[0].type != "file":
+        return ""
+    try:
+        stat = os.stat(sources[0].source)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"audio file not found: {sources[0].source} (needed to key its cached features)") from exc
+    return f"-{stat.st_size}-{stat.st_mtime_ns}"
 
 
 @torch.no_grad()
