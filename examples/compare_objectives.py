@@ -58,7 +58,7 @@ from nemo_speechlm.models import JointSFTModel, MTBIModel
 from nemo_speechlm.parts.cli import CommandParser, run_cli
 from nemo_speechlm.parts.connector_ctc import save_aligned_connector
 from nemo_speechlm.parts.precision import fastest_training_precision
-from nemo_speechlm.parts.runner import run_resumable
+from nemo_speechlm.parts.runner import keep_only, run_resumable
 from nemo_speechlm.recipe import pre_align_connector, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,6 +170,7 @@ def condition_data(out: Path, behaviors: Path, teacher: str, batch_size: int, ma
         path = data_dir / f"behaviors_{task}.jsonl"
         selected = catalog.select([task])
         items = list(behavior_items(manifest, selected, 1, 1))
+        keep_only(path, [item["key"] for item in items])  # its own cache: drop answers of other utterances
         done = {r["key"] for r in read_jsonl(path)} if path.is_file() else set()
         if task != "repeat" and any(item["key"] not in done for item in items) and generator is None:
             generator = build_chat_generator("hf", model=teacher, batch_size=batch_size)

@@ -52,7 +52,7 @@ from nemo_speechlm.parts.cli import CommandParser, run_cli
 from nemo_speechlm.parts.llm import resolve_llm_source
 from nemo_speechlm.parts.metrics import word_error_rate
 from nemo_speechlm.parts.precision import fastest_training_precision
-from nemo_speechlm.parts.runner import run_resumable
+from nemo_speechlm.parts.runner import keep_only, run_resumable
 from nemo_speechlm.recipe import train
 from nemo_speechlm.tts import EspeakTTS, load_sentences, speakers, synthesize_corpus
 from nemo_speechlm.tts.corpus import DEMO_RATES, DEMO_UNSEEN_VOICE, DEMO_VOICES, synthesize_split
@@ -146,6 +146,11 @@ def make_behaviors(out: Path, train_manifest: Path, teacher: str, llm_utterances
     items = list(behavior_items(train_manifest, others, 1, 1))[: llm_utterances or None]
     parts.append((out / "behaviors_tasks.jsonl", items, behavior_job(generator, others, 96)))
     for path, part_items, job in parts:
+        # Its own cache: answers of utterances no longer in the run (fewer utterances, or a copied folder
+        # whose audio paths changed) are dropped, not mixed in; the runner refuses a file holding them.
+        dropped = keep_only(path, [item["key"] for item in part_items])
+        if dropped:
+            print(f"{path.name}: dropped {dropped} answers of utterances not in this run (fewer utterances, or a moved corpus)")
         print(run_resumable(part_items, job, path, batch_size=batch_size, desc=f"Behaviors -> {path.name}"))
     behaviors = out / "behaviors.jsonl"
     behaviors.write_text("".join(p.read_text() for p, _, _ in parts))

@@ -2,6 +2,7 @@
 import json
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from nemo_speechlm.datagen import (
     run_resumable,
 )
 from nemo_speechlm.errors import InputError
+from nemo_speechlm.parts.runner import keep_only
 from tests.tiny_assets import make_tiny_llm
 from tests.conftest import REPO, run_python
 
@@ -244,6 +246,20 @@ def test_output_of_other_items_is_an_error_not_appended_to(tmp_path):
     # Outputs read by key (evaluation predictions) keep an earlier, larger run's records.
     summary = run_resumable(ITEMS[:5], job, larger, batch_size=4, desc="subset", exclusive=False)
     assert summary.done_before == 5 and summary.written == 0
+
+
+def test_keep_only_trims_an_owned_output_to_the_items_of_this_run(tmp_path):
+    expected = tmp_path / "expected.jsonl"
+    run_resumable(ITEMS[:5], job, expected, batch_size=4, desc="fresh")
+    out = tmp_path / "out.jsonl"
+    run_resumable(ITEMS[:10], job, out, batch_size=4, desc="larger")
+    assert keep_only(out, [item["key"] for item in ITEMS[:5]]) == 5  # utt06-09 and utt05's rejection
+    calls = []
+    assert run_resumable(ITEMS[:5], counting(calls), out, batch_size=4, desc="smaller").done_before == 5
+    assert calls == []
+    assert out.read_text() == expected.read_text()
+    assert Path(str(out) + ".rejected.jsonl").read_text() == Path(str(expected) + ".rejected.jsonl").read_text()
+    assert keep_only(tmp_path / "missing.jsonl", ["utt00"]) == 0
 
 
 def test_ctrl_c_keeps_written_lines_and_says_how_to_resume(tmp_path):

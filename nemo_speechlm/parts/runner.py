@@ -16,7 +16,8 @@ the runner owns everything that makes long jobs safe to run:
   other input (another manifest, other tasks or limits, or a folder that moved: keys name the
   audio file), and appending to it would silently mix the two (a copied demo folder once
   trained on every behavior twice). That is an error; outputs read by key (evaluation
-  predictions) pass ``exclusive=False`` and may keep records of earlier, larger runs.
+  predictions) pass ``exclusive=False`` and may keep records of earlier, larger runs, and a
+  caller that owns its output as a cache (the demo) trims it with :func:`keep_only` first.
 * **Crash mid-write.** A final line without its newline is a torn write: it is cut away (with a
   warning) and its item recomputed. Any other unreadable line means the file is not ours or was
   edited, and is an error naming the file and line.
@@ -184,6 +185,26 @@ def run_resumable(
             _write_summary(output_path, summary)
     log.info("%s: %s", desc, summary)
     return summary
+
+
+def keep_only(output_path: str | Path, keys: Iterable, key: KeyFn | str = "key") -> int:
+    """Rewrite ``output_path`` and its rejections with the records of ``keys`` only; returns how many were dropped.
+
+    For a caller whose output is its own cache, before :func:`run_resumable`: the demo rerun with
+    fewer utterances, or in a copied folder (its audio paths, and so its keys, changed), regenerates
+    what it needs instead of stopping at the runner's refusal. Each file is replaced atomically."""
+    wanted = set(keys)
+    dropped = 0
+    output_path = Path(output_path)
+    for path, key_of in ((output_path, _key_function(key)), (Path(str(output_path) + REJECTED_SUFFIX), _key_function("key"))):
+        records = _read_jsonl(path, key_of, what="record")
+        kept = [record for record in records if key_of(record) in wanted]
+        if len(kept) < len(records):
+            dropped += len(records) - len(kept)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+            os.replace(tmp, path)
+    return dropped
 
 
 def _key_function(key: KeyFn | str) -> KeyFn:
