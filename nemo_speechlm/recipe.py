@@ -15,8 +15,9 @@ from nemo_speechlm.data.conversations import cut_for_audio
 from nemo_speechlm.data.feature_cache import fill_feature_cache, prepare_feature_cache, transcribed_utterances
 from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.data.preflight import check_clip_lengths, check_training_data
-from nemo_speechlm.parts.connector_ctc import freeze_aligned_connector, load_aligned_connector, pretrain_connector_ctc
-from nemo_speechlm.parts.distributed import resolve_strategy, start_ranks
+from nemo_speechlm.parts.connector_ctc import (ALIGNED_CONNECTOR_PREFIXES, freeze_aligned_connector, load_aligned_connector,
+                                               pretrain_connector_ctc)
+from nemo_speechlm.parts.distributed import broadcast_from_rank0, resolve_strategy, start_ranks
 from nemo_speechlm.parts.fsdp import full_state_dict
 from nemo_speechlm.parts.precision import resolve_precision_plugins
 
@@ -78,6 +79,7 @@ def pre_align_connector(pre_cfg: DictConfig | None, model, data_cfg: DictConfig,
         load_aligned_connector(model, pre_cfg.init_from)
     else:
         _run_pre_alignment(pre_cfg, model, data_cfg, feature_cache)
+        broadcast_from_rank0(v for k, v in model.state_dict().items() if k.startswith(ALIGNED_CONNECTOR_PREFIXES))
     if pre_cfg.get("freeze_connector"):
         freeze_aligned_connector(model)
 

@@ -11,7 +11,7 @@ from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.modules.adapters import FrameStackingAdapter
 from nemo_speechlm.modules.perception import embedding_rms
 from nemo_speechlm.inference import load_entry_audio
-from nemo_speechlm.parts.connector_ctc import (connector_ctc_loss, connector_transcripts, pretrain_connector_ctc,
+from nemo_speechlm.parts.connector_ctc import (connector_ctc_loss, connector_transcripts, embed_vocabulary, pretrain_connector_ctc,
                                                transcript_targets, transcript_vocabulary)
 from tests.conftest import model_config, run_python
 
@@ -70,8 +70,10 @@ def test_ctc_loss_prefers_the_spoken_tokens(model):
     exact = torch.stack([v for i in ids for v in (embeddings[i] * 10, gap)])  # the tokens' own embeddings, sharpened
     wrong = torch.stack([v for i in reversed(ids) for v in (embeddings[i] * 10, gap)])
     target = [transcript_targets(tokenizer, vocabulary, "hello world")]
-    assert connector_ctc_loss([exact], target, vocabulary, embeddings, blank) < \
-        connector_ctc_loss([wrong], target, vocabulary, embeddings, blank)
+    vocabulary_embeddings = embed_vocabulary(model, vocabulary)
+    assert torch.equal(vocabulary_embeddings, embeddings[list(vocabulary)])  # in class order
+    assert connector_ctc_loss([exact], target, vocabulary_embeddings, blank) < \
+        connector_ctc_loss([wrong], target, vocabulary_embeddings, blank)
 
 
 def test_pre_alignment_lowers_the_ctc_loss_and_trains_only_the_adapter(assets):
@@ -159,27 +161,33 @@ def test_ctc_readout_collapses_to_the_spoken_tokens_embeddings():
 
     torch.manual_seed(0)
     embeddings = torch.nn.functional.normalize(torch.randn(20, 16), dim=1)
+    table = torch.nn.Embedding.from_pretrained(embeddings)
     readout = CTCReadout(16)
     readout.set_vocabulary([3, 7, 11])
+    read = lambda outputs: readout([outputs], table)[0]  # noqa: E731 - one utterance
     with torch.no_grad():
         readout.blank.copy_(torch.nn.functional.normalize(torch.randn(1, 16), dim=1))
     blank, a, b = readout.blank[0].detach(), embeddings[3], embeddings[7]
     sharp = lambda *vs: torch.stack([v * 50 for v in vs])  # noqa: E731 - near one-hot posteriors
     # "a a _ b b _ b _" -> a, b, b (a repeat across a blank is a new token, as in CTC)
-    out = readout(sharp(a, a, blank, b, b, blank, b, blank), embeddings)
+    out = read(sharp(a, a, blank, b, b, blank, b, blank))
     assert torch.allclose(out[1:-1], torch.stack([a, b, b]), atol=1e-3)
     assert torch.equal(out[0], readout.boundaries[0]) and torch.equal(out[-1], readout.boundaries[1])
-    assert readout.greedy_token_ids(sharp(a, a, blank, b, b, blank, b, blank), embeddings) == [3, 7, 7]
+    assert readout.greedy_token_ids(sharp(a, a, blank, b, b, blank, b, blank), readout.vocabulary_embeddings(table)) == [3, 7, 7]
     # Silence (all blank) still gives one position, so a prompt never loses its speech span.
-    assert readout(sharp(blank, blank, blank), embeddings).shape == (3, 16)
+    assert read(sharp(blank, blank, blank)).shape == (3, 16)
     # The gated residual starts closed and opens with training.
     with torch.no_grad():
         readout.residual_gate.fill_(0.5)
-    assert torch.allclose(readout(sharp(a), embeddings)[1], a + 0.5 * a * 50, atol=1e-3)
+    assert torch.allclose(read(sharp(a))[1], a + 0.5 * a * 50, atol=1e-3)
     # Another model's vocabulary size loads (the table is resized).
     other = CTCReadout(16)
     other.load_state_dict(readout.state_dict())
     assert other.token_ids.tolist() == [3, 7, 11] and other.ready
+    # A read-out saved when the gate was a scalar loads too.
+    older = CTCReadout(16)
+    older.load_state_dict({**readout.state_dict(), "residual_gate": torch.tensor(0.5)})
+    assert older.residual_gate.tolist() == [0.5]
 
 
 def test_ctc_readout_model_needs_pre_alignment_then_reads_fewer_positions(assets):
@@ -200,7 +208,7 @@ def test_ctc_readout_model_needs_pre_alignment_then_reads_fewer_positions(assets
     audio = [load_entry_audio({**e, "audio_filepath": str(assets["manifest"].parent / e["audio_filepath"])}, model.sampling_rate)
              for e in lines]
     heard = connector_transcripts(model, audio)
-    ids = model.ctc_readout.greedy_token_ids(raw, model.embed_tokens.weight)
+    ids = model.ctc_readout.greedy_token_ids(raw, model.ctc_readout.vocabulary_embeddings(model.embed_tokens))
     assert len(heard) == 2 and all(isinstance(t, str) for t in heard)
     assert set(ids) <= set(model.ctc_readout.token_ids.tolist()) and len(ids) in (read.shape[0] - 2, 0)  # 0: all blank
     quote = model.tokenizer.tokenizer(' "', add_special_tokens=False).input_ids[-1]

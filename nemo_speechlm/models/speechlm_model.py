@@ -218,7 +218,7 @@ class SpeechLMModel(ModelPT):
             if not self.ctc_readout.ready:
                 raise RuntimeError("model.ctc_readout is on but the read-out has no vocabulary: it is filled by connector "
                                    "pre-alignment (connector_pretraining.steps > 0) before training through the LLM")
-            adapted = [self.ctc_readout(a, self.embed_tokens.weight) for a in adapted]
+            adapted = self.ctc_readout(adapted, self.embed_tokens)
         return adapted
 
     def splice_audio(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:

@@ -45,7 +45,7 @@ class CTCReadout(nn.Module):
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
         self.blank = nn.Parameter(torch.zeros(1, hidden_size))
-        self.residual_gate = nn.Parameter(torch.zeros(()))
+        self.residual_gate = nn.Parameter(torch.zeros(1))  # not a scalar: FSDP2 cannot shard 0-d parameters
         self.boundaries = nn.Parameter(torch.zeros(2, hidden_size))  # before and after the segments
         self.register_buffer("token_ids", torch.zeros(0, dtype=torch.long))
 
@@ -60,23 +60,37 @@ class CTCReadout(nn.Module):
             with torch.no_grad():
                 self.boundaries.copy_(boundaries)
 
-    def classes(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """``(1 + V, hidden)``: the blank, then the LLM input embedding of each class's token."""
-        return torch.cat([self.blank.to(embeddings.dtype), embeddings[self.token_ids]], 0)
+    def vocabulary_embeddings(self, embedding: nn.Module) -> torch.Tensor:
+        """``(V, hidden)``: the LLM input embedding of each class's token, in class order.
 
-    def logits(self, outputs: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        Through the embedding module's forward, not its ``weight``: under FSDP2 the weight is a shard
+        outside that forward, whose hooks gather it (and route its gradient, if it trains)."""
+        return embedding(self.token_ids)
+
+    def classes(self, vocabulary: torch.Tensor) -> torch.Tensor:
+        """``(1 + V, hidden)``: the blank, then ``vocabulary`` (:meth:`vocabulary_embeddings`)."""
+        return torch.cat([self.blank.to(vocabulary.dtype), vocabulary], 0)
+
+    def logits(self, outputs: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
         """CTC logits ``(positions, 1 + V)`` of one utterance's connector outputs; class 0 is blank."""
-        return outputs @ self.classes(embeddings).T
+        return outputs @ self.classes(vocabulary).T
 
-    def greedy_token_ids(self, outputs: torch.Tensor, embeddings: torch.Tensor) -> list[int]:
+    def greedy_token_ids(self, outputs: torch.Tensor, vocabulary: torch.Tensor) -> list[int]:
         """Greedy CTC decoding of one utterance: LLM token ids (best class per position, runs merged, blanks dropped)."""
-        best = self.logits(outputs, embeddings).argmax(-1)
+        best = self.logits(outputs, vocabulary).argmax(-1)
         positions = (best != 0).nonzero().squeeze(1)
         return self.token_ids[best[positions[_segment_starts(best, positions)]] - 1].tolist()
 
-    def forward(self, outputs: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        """One utterance's connector outputs ``(positions, hidden)`` -> ``(segments + 2, hidden)`` LLM inputs."""
-        posteriors = self.logits(outputs, embeddings).float().softmax(-1)
+    def forward(self, outputs: list[torch.Tensor], embedding: nn.Module) -> list[torch.Tensor]:
+        """Each utterance's connector outputs ``(positions, hidden)`` -> ``(segments + 2, hidden)`` LLM inputs.
+
+        A batch per call: under FSDP2 this module and ``embedding`` (the LLM's input embeddings) are
+        sharded units, gathered once per call."""
+        vocabulary = self.vocabulary_embeddings(embedding)
+        return [self._read(o, vocabulary) for o in outputs]
+
+    def _read(self, outputs: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
+        posteriors = self.logits(outputs, vocabulary).float().softmax(-1)
         best = posteriors.argmax(-1)
         keep = best != 0
         if not keep.any():  # silence: keep the one position most likely to be a word, so the span is not empty
@@ -92,7 +106,7 @@ class CTCReadout(nn.Module):
         mean_words = torch.zeros(n, words.shape[1], device=outputs.device, dtype=torch.float).index_add_(0, segment, words) / counts[:, None]
         mean_outputs = torch.zeros(n, outputs.shape[1], device=outputs.device, dtype=torch.float).index_add_(
             0, segment, outputs[positions].float()) / counts[:, None]
-        text_like = mean_words @ embeddings[self.token_ids].float()
+        text_like = mean_words @ vocabulary.float()
         segments = text_like + self.residual_gate * mean_outputs
         return torch.cat([self.boundaries[:1].float(), segments, self.boundaries[1:].float()]).to(outputs.dtype)
 
@@ -100,6 +114,9 @@ class CTCReadout(nn.Module):
         saved = state_dict.get(prefix + "token_ids")
         if saved is not None:
             self.token_ids = torch.zeros_like(saved, device=self.token_ids.device)
+        gate = state_dict.get(prefix + "residual_gate")
+        if gate is not None and gate.dim() == 0:  # saved before the gate became 1-d
+            state_dict[prefix + "residual_gate"] = gate.reshape(1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

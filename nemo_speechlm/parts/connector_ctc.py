@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from nemo.utils import logging
 
-__all__ = ["transcript_vocabulary", "transcript_targets", "connector_ctc_loss", "pretrain_connector_ctc", "freeze_aligned_connector",
-           "connector_transcripts", "save_aligned_connector", "load_aligned_connector"]
+__all__ = ["transcript_vocabulary", "transcript_targets", "connector_ctc_loss", "embed_vocabulary", "pretrain_connector_ctc",
+           "freeze_aligned_connector", "connector_transcripts", "save_aligned_connector", "load_aligned_connector"]
 
 # What connector pre-alignment trains (and the read-out's vocabulary, a buffer): the weights that
 # save_aligned_connector writes and load_aligned_connector puts back into another model of the same config.
@@ -50,19 +50,26 @@ def transcript_targets(tokenizer, vocabulary: dict[int, int], text: str) -> list
 def connector_ctc_loss(
     outputs: Sequence[torch.Tensor],
     targets: Sequence[Sequence[int]],
-    vocabulary: dict[int, int],
-    embeddings: torch.Tensor,
+    vocabulary_embeddings: torch.Tensor,
     blank: torch.Tensor,
 ) -> torch.Tensor:
     """Mean CTC loss of connector ``outputs`` (one ``(positions, hidden)`` tensor per utterance) against
-    ``targets`` (from :func:`transcript_targets`); logits are dot products with ``[blank; embeddings[vocabulary]]``."""
-    classes = torch.cat([blank, embeddings[list(vocabulary)]], 0)
+    ``targets`` (from :func:`transcript_targets`); logits are dot products with ``[blank; vocabulary_embeddings]``
+    (the LLM input embeddings of the vocabulary's tokens, in class order: :func:`embed_vocabulary`)."""
+    classes = torch.cat([blank, vocabulary_embeddings], 0)
     log_probs = torch.nn.utils.rnn.pad_sequence([h @ classes.T for h in outputs]).log_softmax(-1)
     return torch.nn.functional.ctc_loss(
         log_probs, torch.tensor([c for t in targets for c in t]), torch.tensor([len(h) for h in outputs]),
         torch.tensor([len(t) for t in targets]),
         zero_infinity=True,  # an utterance with more tokens than positions is skipped, not NaN
     )
+
+
+def embed_vocabulary(model, token_ids: Sequence[int]) -> torch.Tensor:
+    """The LLM input embeddings ``(len(token_ids), hidden)`` of ``token_ids``, through the embedding module as
+    the CTC read-out reads them (:meth:`CTCReadout.vocabulary_embeddings`), detached: the LLM does not train here."""
+    embedding = model.embed_tokens
+    return embedding(torch.tensor(list(token_ids), dtype=torch.long, device=embedding.weight.device)).detach()
 
 
 def pretrain_connector_ctc(
@@ -82,11 +89,11 @@ def pretrain_connector_ctc(
     tokenizer = model.tokenizer.tokenizer
     vocabulary = transcript_vocabulary(tokenizer, [text for _, text in utterances])
     targets = [transcript_targets(tokenizer, vocabulary, text) for _, text in utterances]  # once, not every step
-    embeddings = model.embed_tokens.weight.detach()
+    embeddings = embed_vocabulary(model, vocabulary)
     readout = getattr(model, "ctc_readout", None)
     if readout is not None:
         quotes = [tokenizer(mark, add_special_tokens=False).input_ids[-1] for mark in (' "', '"')]
-        readout.set_vocabulary(list(vocabulary), boundaries=embeddings[quotes])
+        readout.set_vocabulary(list(vocabulary), boundaries=embed_vocabulary(model, quotes))
         blank = readout.blank
     else:
         blank = torch.nn.Parameter(torch.zeros(1, embeddings.shape[1], device=embeddings.device))
@@ -112,8 +119,7 @@ def pretrain_connector_ctc(
                 order += rng.sample(range(len(utterances)), len(utterances))
             batch, order = order[:batch_size], order[batch_size:]
             features = _encoder_features(model, [utterances[i][0] for i in batch], feature_cache)
-            loss = connector_ctc_loss(model.adapt(features, readout=False), [targets[i] for i in batch], vocabulary,
-                                      embeddings, blank)
+            loss = connector_ctc_loss(model.adapt(features, readout=False), [targets[i] for i in batch], embeddings, blank)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -178,12 +184,12 @@ def connector_transcripts(model, audios: Sequence, batch_size: int = 16) -> list
     readout = getattr(model, "ctc_readout", None)
     if readout is None or not readout.ready:
         raise ValueError("connector_transcripts needs a model trained with model.ctc_readout and connector pre-alignment")
-    tokenizer, embeddings = model.tokenizer.tokenizer, model.embed_tokens.weight
+    tokenizer, vocabulary = model.tokenizer.tokenizer, readout.vocabulary_embeddings(model.embed_tokens)
     texts = []
     for start in range(0, len(audios), batch_size):
         features = _encode_waveforms(model, [torch.as_tensor(a, dtype=torch.float32) for a in audios[start : start + batch_size]])
         for outputs in model.adapt(features, readout=False):
-            texts.append(tokenizer.decode(readout.greedy_token_ids(outputs, embeddings)).strip())
+            texts.append(tokenizer.decode(readout.greedy_token_ids(outputs, vocabulary)).strip())
     return texts
 
 

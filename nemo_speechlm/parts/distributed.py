@@ -10,10 +10,13 @@ SLURM every rank already runs the script from the start: only the process group 
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.distributed as dist
 from lightning.fabric.strategies.launchers.subprocess_script import _launch_process_observer
 from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from nemo.utils import logging
 
@@ -23,7 +26,7 @@ from nemo_speechlm.parts.fsdp import FSDP2_STRATEGY_NAME, fsdp2_strategy
 def start_ranks(trainer: Trainer) -> None:
     """Start the other ranks and the process group now rather than in ``fit`` (no-op on one device).
 
-    Only strategies with a process group (``ddp``, ``fsdp``, ...) and the script launcher are
+    Only strategies with a process group (``ddp``, ``fsdp``, ``fsdp2``, ...) and the script launcher are
     started early; ``ddp_spawn`` and ``ddp_notebook`` start theirs inside ``fit`` only, and the
     pre-fit work then runs in each process unshared, as before.
     """
@@ -31,13 +34,22 @@ def start_ranks(trainer: Trainer) -> None:
         return
     strategy = trainer.strategy
     launcher = getattr(strategy, "_launcher", None)
-    if not isinstance(launcher, _SubprocessScriptLauncher) or not hasattr(strategy, "setup_distributed"):
+    external = strategy.cluster_environment.creates_processes_externally  # torchrun, SLURM, or a child rank
+    model_parallel = isinstance(strategy, ModelParallelStrategy)  # trainer.strategy=fsdp2
+    # ModelParallelStrategy has no launcher where the processes are created externally; DDP always has one.
+    script_launched = isinstance(launcher, _SubprocessScriptLauncher) or (model_parallel and external)
+    if not script_launched or not (model_parallel or hasattr(strategy, "setup_distributed")):
         logging.info(f"{type(strategy).__name__} starts its processes inside fit: pre-fit work is not shared across ranks")
         return
-    if not launcher.cluster_environment.creates_processes_externally:
+    if not external:
         launcher._call_children_scripts()  # what launcher.launch() does in fit; sets LOCAL_RANK=0 here
         _launch_process_observer(launcher.procs)
-    strategy.setup_environment()  # this rank's device + init_process_group; fit skips an initialised group
+    if model_parallel:
+        # Its setup_environment also builds the device mesh and hands it to the model, which does not exist yet
+        # (fit does that part); _setup_distributed is the rest: this rank's device + init_process_group.
+        strategy._setup_distributed()
+    else:
+        strategy.setup_environment()  # this rank's device + init_process_group; fit skips an initialised group
     logging.info(f"Rank {dist.get_rank()} of {dist.get_world_size()} started before fit on {strategy.root_device}")
 
 
@@ -52,6 +64,18 @@ def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_from_rank0(tensors: Iterable[torch.Tensor]) -> None:
+    """Overwrite ``tensors`` in place with rank 0's values (no-op without a process group).
+
+    For work every rank repeats before ``fit`` (connector pre-alignment): GPU kernels are not bit-deterministic,
+    so the ranks' copies may differ in the last bits. DDP broadcasts rank 0's model when it wraps it; FSDP2 does
+    not, and would shard the slightly different copies, one shard each."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        with torch.no_grad():
+            for tensor in tensors:
+                dist.broadcast(tensor, src=0)
 
 
 def device_for_prefit_work(trainer: Trainer) -> torch.device:

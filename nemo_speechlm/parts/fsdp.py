@@ -3,14 +3,14 @@
 ``trainer.strategy=fsdp2`` selects Lightning's ``ModelParallelStrategy`` with every device in the
 data-parallel dimension (:func:`fsdp2_strategy`); Lightning then calls the model's
 ``configure_model``, which calls :func:`shard_model`: each LLM decoder layer, the input embeddings,
-the output head, the LLM, the speech encoder and the connector become FSDP2 units, as in SALM's
-``configure_model``. The embeddings get their own unit because the model embeds the prompt
-text outside the LLM's forward (speech is spliced in between).
+the output head, the LLM, the speech encoder, the connector and the CTC read-out become FSDP2 units,
+as in SALM's ``configure_model``. The embeddings get their own unit because the model embeds the
+prompt text outside the LLM's forward (speech is spliced in between), and the CTC read-out reads
+them through that unit's forward (``modules/ctc_readout.py``).
 
-Not supported, with a clear error: tensor parallelism (SALM's TP plan is Llama-specific), LLMs with
+Not supported, with a clear error: tensor parallelism (SALM's TP plan is Llama-specific) and LLMs with
 tied input/output embeddings (one parameter cannot live in two units; such LLMs are small enough
-for DDP), and the CTC read-out (it reads the embedding table directly, outside the embedding's
-forward). At the end of training :func:`full_state_dict` gathers the weights so rank 0 writes an
+for DDP). At the end of training :func:`full_state_dict` gathers the weights so rank 0 writes an
 ordinary ``.nemo``.
 """
 from __future__ import annotations
@@ -48,10 +48,6 @@ def shard_model(model, device_mesh) -> None:
     mesh = device_mesh["data_parallel"]
     if mesh.size() == 1:
         return
-    if model.ctc_readout is not None:
-        raise ConfigError("FSDP2 cannot shard a model with a CTC read-out (model.ctc_readout: it reads the LLM's "
-                          "embedding table outside the embedding's forward): use DDP (trainer.strategy default) "
-                          "or model.ctc_readout=false.")
     llm = model.llm.base_model.model if isinstance(model.llm, PeftModel) else model.llm
     embeddings, head = llm.get_input_embeddings(), llm.get_output_embeddings()
     if head is not None and head.weight is embeddings.weight:
@@ -70,6 +66,8 @@ def shard_model(model, device_mesh) -> None:
     for part in model.perception.children():
         if any(True for _ in part.parameters()):
             fully_shard(part, mesh=mesh)
+    if model.ctc_readout is not None:  # reads the embeddings through their unit's forward (modules/ctc_readout.py)
+        fully_shard(model.ctc_readout, mesh=mesh)
     left_out = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
     if left_out:
         raise ConfigError(f"FSDP2: parameters outside every sharded unit would not be synchronised: {left_out[:5]}")
