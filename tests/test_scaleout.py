@@ -11,8 +11,8 @@ cache filled once across ranks, and kill-and-resume.
   read-out sharded over the 2 ranks and the full weights gathered for the ``.nemo``; the one-process runs are
   shared with the DDP comparison (:func:`one_process`).
 * Feature cache: each rank encodes half of the utterances, then all read the full cache (DDP and FSDP2).
-* Kill and resume: ``ExitAfterStep`` kills the run after step 3 (last checkpoint: step 2); the same
-  command rerun resumes from step 2 (optimizer, scheduler and the data stream position restored;
+* Kill and resume (2 FSDP2 ranks): ``ExitAfterStep`` kills the run after step 3 (last checkpoint: step 2); the
+  same command rerun resumes from step 2 (optimizer, scheduler and the data stream position restored;
   connector pre-alignment skipped, the connector frozen again) and writes the uninterrupted run's
   ``.nemo``.
 
@@ -161,10 +161,13 @@ def test_two_ddp_ranks_equal_one_process_accumulating_two(assets, behaviors, whi
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(assets, behaviors, whisper_dir, data, tmp_path):  # noqa: F811
-    """MTBI with connector pre-alignment + frozen connector, feature cache, KL and interleaving."""
+    """MTBI with connector pre-alignment + frozen connector, feature cache, KL and interleaving, on 2 FSDP2 ranks:
+    the checkpoint is gathered, restored into the sharded model (the read-out's vocabulary included) and each rank's
+    stream skips its own trained batches."""
     def command(tmp):
         return recipe_command("mtbi_kl_interleaved", assets, behaviors, whisper_dir, data, tmp) + [
-            "trainer.max_steps=4", "exp_manager.checkpoint_callback_params.every_n_train_steps=2"]
+            "trainer.max_steps=4", "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+            "trainer.devices=2", "trainer.strategy=fsdp2"]
 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     run(command(whole), whole)
