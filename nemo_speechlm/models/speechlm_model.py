@@ -529,6 +529,10 @@ class SpeechLMModel(ModelPT):
     def configure_model(self) -> None:
         """Lightning calls this inside ``fit``; under ``trainer.strategy=fsdp2`` it shards the model (``parts/fsdp.py``)."""
         if self._device_mesh is not None:
+            # Lightning converts the model to a "-true" precision only after configure_model, when FSDP2 has set
+            # up its all-gathers in fp32 (bf16-true then failed: "Expected out tensor to have dtype BFloat16").
+            # Converting first makes the shards bf16; Lightning's own conversion then changes nothing.
+            self.trainer.precision_plugin.convert_module(self)
             shard_model(self, self._device_mesh)
 
     def setup_training_data(self, train_data_config) -> None:
