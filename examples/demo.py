@@ -148,9 +148,7 @@ def make_behaviors(out: Path, train_manifest: Path, teacher: str, llm_utterances
     for path, part_items, job in parts:
         # Its own cache: answers of utterances no longer in the run (fewer utterances, or a copied folder
         # whose audio paths changed) are dropped, not mixed in; the runner refuses a file holding them.
-        dropped = keep_only(path, [item["key"] for item in part_items])
-        if dropped:
-            print(f"{path.name}: dropped {dropped} answers of utterances not in this run (fewer utterances, or a moved corpus)")
+        keep_only(path, [item["key"] for item in part_items])
         print(run_resumable(part_items, job, path, batch_size=batch_size, desc=f"Behaviors -> {path.name}"))
     behaviors = out / "behaviors.jsonl"
     behaviors.write_text("".join(p.read_text() for p, _, _ in parts))

@@ -248,12 +248,14 @@ def test_output_of_other_items_is_an_error_not_appended_to(tmp_path):
     assert summary.done_before == 5 and summary.written == 0
 
 
-def test_keep_only_trims_an_owned_output_to_the_items_of_this_run(tmp_path):
+def test_keep_only_trims_an_owned_output_to_the_items_of_this_run(tmp_path, caplog):
     expected = tmp_path / "expected.jsonl"
     run_resumable(ITEMS[:5], job, expected, batch_size=4, desc="fresh")
     out = tmp_path / "out.jsonl"
     run_resumable(ITEMS[:10], job, out, batch_size=4, desc="larger")
-    assert keep_only(out, [item["key"] for item in ITEMS[:5]]) == 5  # utt06-09 and utt05's rejection
+    with caplog.at_level(logging.WARNING):
+        assert keep_only(out, [item["key"] for item in ITEMS[:5]]) == 5  # utt06-09 and utt05's rejection
+    assert f"{out}: dropped 5 records" in caplog.text  # the caller's user is told
     calls = []
     assert run_resumable(ITEMS[:5], counting(calls), out, batch_size=4, desc="smaller").done_before == 5
     assert calls == []

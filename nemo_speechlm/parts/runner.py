@@ -192,7 +192,8 @@ def keep_only(output_path: str | Path, keys: Iterable, key: KeyFn | str = "key")
 
     For a caller whose output is its own cache, before :func:`run_resumable`: the demo rerun with
     fewer utterances, or in a copied folder (its audio paths, and so its keys, changed), regenerates
-    what it needs instead of stopping at the runner's refusal. Each file is replaced atomically."""
+    what it needs instead of stopping at the runner's refusal. Each file is replaced atomically, and
+    what was dropped is logged (a warning: the cache held answers this run does not use)."""
     wanted = set(keys)
     dropped = 0
     output_path = Path(output_path)
@@ -204,6 +205,9 @@ def keep_only(output_path: str | Path, keys: Iterable, key: KeyFn | str = "key")
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
             os.replace(tmp, path)
+    if dropped:
+        log.warning(f"{output_path}: dropped {dropped} records of items not in this run (fewer items, or inputs "
+                    "that moved); what is missing is made anew")
     return dropped
 
 
