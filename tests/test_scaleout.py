@@ -43,7 +43,7 @@ from omegaconf import OmegaConf
 from nemo_speechlm.data.datamodule import build_datamodule
 from nemo_speechlm.data.resumable import skip_batches
 from nemo_speechlm.errors import ConfigError
-from nemo_speechlm.parts.distributed import resolve_strategy
+from nemo_speechlm.parts.distributed import broadcast_from_rank0, resolve_strategy
 from tests.conftest import REPO
 from tests.test_joint_sft import _joint_data_cfg, _single_loader, data, model  # noqa: F401  (fixtures)
 from tests.test_mtbi import behaviors, whisper_dir  # noqa: F401  (fixtures)
@@ -212,6 +212,32 @@ def test_fsdp2_on_two_ranks_equals_one_process_accumulating_two(assets, behavior
 
 
 # ------------------------------------------------------------------ fast checks of the pieces
+
+
+def _broadcast_connector(rank: int, init_file: str, results) -> None:
+    """One rank of the broadcast test: a connector whose values differ per rank, as GPU pre-alignment may leave them."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        connector = torch.nn.Linear(3, 2)
+        with torch.no_grad():
+            for param in connector.parameters():
+                param.fill_(float(rank + 1))
+        broadcast_from_rank0(connector.state_dict().values())  # as the recipe passes them: views of the parameters
+        results[rank] = [p.detach().clone() for p in connector.parameters()]
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_rank_takes_rank_0s_pre_aligned_connector(tmp_path):
+    """FSDP2 does not broadcast the model as DDP does; the recipe broadcasts the pre-aligned connector (2 gloo ranks)."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.start_processes(_broadcast_connector, args=(str(tmp_path / "init"), results), nprocs=2, start_method="fork")
+    for got in results[1]:
+        assert torch.equal(got, torch.ones_like(got))  # rank 1 held 2.0 everywhere; now rank 0's 1.0
+    assert all(torch.equal(a, b) for a, b in zip(results[0], results[1]))
+    broadcast_from_rank0([torch.zeros(1)])  # without a process group: nothing to do, no error
 
 
 @pytest.mark.parametrize("devices, nodes, want", [(1, 1, "auto"), ("1", 1, "auto"), ([0], 1, "auto"), (2, 1, "ddp_x"),
