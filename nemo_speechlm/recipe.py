@@ -48,7 +48,7 @@ def train(cfg: DictConfig, model_cls) -> Path:
     fill_model_settings(cfg.data, model)
     if _encodes_before_fit(cfg):
         model.to(trainer.strategy.root_device)  # feature cache / pre-alignment on this rank's accelerator
-    feature_cache = prepare_feature_cache(cfg.get("feature_cache"), model, cfg.data)
+    feature_cache = prepare_feature_cache(cfg.get("feature_cache"), model, cfg.data, trainer.precision)
     pre_align_connector(cfg.get("connector_pretraining"), model, cfg.data, feature_cache, resuming=bool(trainer.ckpt_path))
     datamodule = build_datamodule(cfg.data, model, feature_cache)
     trainer.fit(model, datamodule)

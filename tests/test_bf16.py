@@ -1,7 +1,8 @@
 """bf16-true and bf16-mixed on both encoder families (NeMo Conformer, Hugging Face Whisper), on CPU.
 
 * the real recipe (``nemo_speechlm.recipe.train``) runs a training step in each precision, also
-  from the frozen-encoder feature cache (fp32 features from disk into a bf16 adapter);
+  from the frozen-encoder feature cache (stored in bf16 under bf16-true; fp32 features into a bf16
+  adapter in the fixed-batch test);
 * the mel features are computed in fp32, bit for bit the fp32 model's, under both precisions;
 * the loss of a bf16 forward on a fixed batch stays within a stated tolerance of the fp32 loss.
 """
@@ -101,13 +102,20 @@ def test_recipe_trains_a_step(assets, whisper_dir, tmp_path, encoder, precision)
 
 @pytest.mark.parametrize("encoder", ENCODERS)
 def test_recipe_trains_from_the_feature_cache_in_bf16_true(assets, whisper_dir, tmp_path, encoder):
-    (step,) = run_recipe(assets, tmp_path, [
-        "trainer.precision=bf16-true", *encoder_overrides(encoder, whisper_dir), f"feature_cache.dir={tmp_path / 'features'}",
-        "model.freeze_params=['^llm\\..+$','^perception\\.encoder\\..+$']",
-    ])
-    assert len(list((tmp_path / "features").rglob("*.npy"))) == 8
-    assert math.isfinite(step["loss"])
-    assert step["encoder_features"] is not None and step["adapter"] == torch.bfloat16
+    def step(name: str, *extra: str) -> dict:
+        (seen,) = run_recipe(assets, tmp_path / name, [
+            "trainer.precision=bf16-true", *encoder_overrides(encoder, whisper_dir), f"feature_cache.dir={tmp_path / name}",
+            "model.freeze_params=['^llm\\..+$','^perception\\.encoder\\..+$']", *extra,
+        ])
+        return seen
+
+    stored_bf16, stored_fp32 = step("auto"), step("fp32", "feature_cache.dtype=float32")
+    # bf16-true stores the features in bf16 (feature_cache.dtype=null): the adapter rounds them to bf16 anyway,
+    # so the step is the one an fp32 cache gives, from half the bytes.
+    assert [p.parent.parent.name.endswith("-bf16") for p in (tmp_path / "auto").rglob("*.npy")] == [True] * 8
+    assert [p.parent.parent.name.endswith("-bf16") for p in (tmp_path / "fp32").rglob("*.npy")] == [False] * 8
+    assert math.isfinite(stored_bf16["loss"]) and stored_bf16["loss"] == stored_fp32["loss"]
+    assert stored_bf16["encoder_features"] == torch.bfloat16 and stored_bf16["adapter"] == torch.bfloat16
 
 
 # ---------------------------------------------------------------- fixed-batch numerics

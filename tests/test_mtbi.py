@@ -13,7 +13,9 @@ from nemo_speechlm.data.behaviors import behavior_to_conversation
 from nemo_speechlm.data.conversations import cut_for_audio
 from nemo_speechlm.data.datamodule import build_datamodule
 from nemo_speechlm.data.dataset import as_text_messages
-from nemo_speechlm.data.feature_cache import FeatureCache, encoder_fingerprint, fill_feature_cache, utterances_in
+from nemo_speechlm.data.feature_cache import (FeatureCache, cache_dtype, encoder_fingerprint, fill_feature_cache,
+                                              utterances_in)
+from nemo_speechlm.errors import ConfigError
 from nemo_speechlm.data.interleaving import InterleaveConfig, choose_spans
 from nemo_speechlm.data.manifest import ManifestError, read_manifest
 from nemo_speechlm.data.task_catalog import TaskCatalog, render_prompt
@@ -250,6 +252,43 @@ def test_cached_features_give_the_same_loss_with_interleaving(assets, whisper_di
         assert "audios" not in cached_batch and cached_batch["encoder_features"].shape[0] == 4
         cached = model.compute_losses(cached_batch)
     assert cached["loss"].item() == pytest.approx(plain["loss"].item(), rel=1e-5)
+
+
+def test_a_bf16_cache_gives_bf16_true_training_the_same_loss_from_half_the_bytes(assets, whisper_dir, behaviors, tmp_path):
+    from nemo_speechlm.data.datamodule import fill_model_settings
+    from nemo_speechlm.parts.precision import HalfPrecisionForSpeech
+
+    model = _mtbi_model(assets, whisper_dir).eval()
+    fingerprint = encoder_fingerprint(model.perception, model.cfg.perception)
+    fp32, bf16 = (FeatureCache(tmp_path / "features", fingerprint, dtype) for dtype in (torch.float32, torch.bfloat16))
+    assert fp32.root != bf16.root  # one directory per storage dtype: neither reads the other's files
+    data_cfg = _data_cfg(behaviors)
+    fill_model_settings(data_cfg, model)
+    utterances = utterances_in(data_cfg)
+    for cache in (fp32, bf16):
+        assert fill_feature_cache(model, cache, utterances)["encoded"] == 8
+    for cut in utterances:  # exactly the rounding a bf16 adapter applies to fp32 features
+        assert bf16.load(cut).dtype == torch.bfloat16 and torch.equal(bf16.load(cut), fp32.load(cut).to(torch.bfloat16))
+    size = lambda cache: sum(f.stat().st_size for f in cache.root.rglob("*.npy"))  # noqa: E731
+    assert size(bf16) < 0.55 * size(fp32)  # half, plus the .npy headers
+    batches = [_first_batch(model, behaviors, cache) for cache in (fp32, bf16)]
+    assert batches[1]["encoder_features"].dtype == torch.bfloat16
+    half = HalfPrecisionForSpeech("bf16-true").convert_module(model)
+    with torch.no_grad():
+        losses = [half.compute_losses(b)["loss"].item() for b in batches]
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize(("dtype", "precision", "expected"), [
+    (None, "bf16-true", torch.bfloat16), (None, "bf16-mixed", torch.float32), (None, "32-true", torch.float32),
+    ("float32", "bf16-true", torch.float32), ("bfloat16", "32-true", torch.bfloat16)])
+def test_cache_dtype_is_bf16_under_bf16_true_unless_set(dtype, precision, expected):
+    assert cache_dtype(OmegaConf.create({"dir": "f", "dtype": dtype}), precision) == expected
+
+
+def test_an_unknown_cache_dtype_is_a_config_error():
+    with pytest.raises(ConfigError, match="feature_cache.dtype='float16' is not one of"):
+        cache_dtype(OmegaConf.create({"dir": "f", "dtype": "float16"}), "bf16-true")
 
 
 def test_audio_rewritten_in_place_is_encoded_again_not_read_stale(assets, whisper_dir, tmp_path):

@@ -12,7 +12,10 @@ outputs. The cache stores them on disk, one ``.npy`` per utterance, under
 * the fingerprint hashes the preprocessor + encoder config and weights, so a changed
   encoder reads from a new directory and never sees stale features;
 * each file is written to a temporary name and renamed, so a crash leaves no partial
-  file and :func:`fill_feature_cache` resumes with the utterances still missing.
+  file and :func:`fill_feature_cache` resumes with the utterances still missing;
+* features are stored in fp32 or, when training runs in bf16-true (where the adapter casts them
+  to bf16 anyway), in bf16: half the disk and reading, the same training numbers. A bf16 cache
+  lives in its own ``<fingerprint>-bf16`` directory (``feature_cache.dtype``).
 
 Interleaved speech spans are slices of their whole utterance's features (see
 ``nemo_speechlm.data.dataset``), so only whole utterances are ever cached.
@@ -39,6 +42,23 @@ from nemo_speechlm.errors import ConfigError
 # Filled in after the encoder is built or restored: not part of what it computes.
 _NON_ARCHITECTURE_KEYS = ("load_pretrained_weights",)
 
+# ``feature_cache.dtype`` -> how the features are stored. numpy has no bf16: bf16 features are
+# stored as their raw 16-bit patterns (int16 ``.npy``) and viewed back as bf16 on load.
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cache_dtype(cache_cfg: DictConfig, precision: str | int | None) -> torch.dtype:
+    """The storage dtype ``feature_cache.dtype`` asks for; null = bf16 when ``trainer.precision`` is
+    bf16-true (the adapter's weights are bf16, so fp32 features would be rounded to bf16 anyway:
+    storing them rounded is lossless for training), else fp32 (bf16-mixed and fp32 read fp32 features)."""
+    name = cache_cfg.get("dtype")
+    if name is None:
+        return torch.bfloat16 if str(precision) == "bf16-true" else torch.float32
+    if name not in CACHE_DTYPES:
+        raise ConfigError(f"feature_cache.dtype={name!r} is not one of {sorted(CACHE_DTYPES)} (or null: bfloat16 "
+                          "when trainer.precision=bf16-true, else float32)")
+    return CACHE_DTYPES[name]
+
 
 def encoder_fingerprint(perception: torch.nn.Module, perception_cfg: DictConfig) -> str:
     """16 hex digits over the preprocessor/encoder config and every encoder weight."""
@@ -58,11 +78,15 @@ def encoder_fingerprint(perception: torch.nn.Module, perception_cfg: DictConfig)
 
 
 class FeatureCache:
-    """Encoder outputs ``(frames, d_model)`` on disk, keyed by :func:`utterance_key`."""
+    """Encoder outputs ``(frames, d_model)`` on disk, keyed by :func:`utterance_key`, stored as ``dtype``."""
 
-    def __init__(self, directory: str | Path, fingerprint: str) -> None:
-        self.root = Path(directory) / fingerprint
+    def __init__(self, directory: str | Path, fingerprint: str, dtype: torch.dtype = torch.float32) -> None:
+        if dtype not in CACHE_DTYPES.values():
+            raise ValueError(f"feature cache dtype {dtype} is not one of {list(CACHE_DTYPES.values())}")
+        # fp32 caches keep the bare fingerprint, as before the bf16 option existed.
+        self.root = Path(directory) / (fingerprint if dtype == torch.float32 else f"{fingerprint}-bf16")
         self.fingerprint = fingerprint
+        self.dtype = dtype
 
     def path(self, cut: Cut) -> Path:
         key = utterance_key(cut)
@@ -79,14 +103,16 @@ class FeatureCache:
                 f"(offset {cut.start}, duration {cut.duration}) in {self.root}; run the feature "
                 "cache fill first (the training recipe does it when feature_cache.dir is set)."
             )
-        return torch.from_numpy(np.load(path))
+        stored = torch.from_numpy(np.load(path))
+        return stored.view(torch.bfloat16) if self.dtype == torch.bfloat16 else stored
 
     def save(self, cut: Cut, features: torch.Tensor) -> None:
         path = self.path(cut)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        stored = features.detach().cpu().to(self.dtype)
         with open(tmp, "wb") as f:
-            np.save(f, features.detach().cpu().float().numpy())
+            np.save(f, (stored.view(torch.int16) if self.dtype == torch.bfloat16 else stored).numpy())
         os.replace(tmp, path)
 
 
@@ -180,8 +206,10 @@ def transcribed_utterances(data_cfg: DictConfig) -> list[tuple[Cut, str]]:
     return list(found.values())
 
 
-def prepare_feature_cache(cache_cfg: DictConfig | None, model, data_cfg: DictConfig) -> FeatureCache | None:
-    """The cache for ``model``'s encoder, filled for ``data_cfg`` (``feature_cache`` config; None when off)."""
+def prepare_feature_cache(cache_cfg: DictConfig | None, model, data_cfg: DictConfig,
+                          precision: str | int | None = None) -> FeatureCache | None:
+    """The cache for ``model``'s encoder, filled for ``data_cfg`` (``feature_cache`` config; None when off).
+    ``precision`` is the trainer's (``trainer.precision``): it picks the storage dtype when ``feature_cache.dtype`` is null."""
     if not cache_cfg or not cache_cfg.get("dir"):
         return None
     perception = model.perception
@@ -192,6 +220,6 @@ def prepare_feature_cache(cache_cfg: DictConfig | None, model, data_cfg: DictCon
             f"trainable encoder parameters: {trainable[:3]}, spec_augment: {perception.spec_augmentation is not None}. "
             "Freeze it with model.freeze_params: ['^perception\\\\.encoder\\\\..+$', ...] or set feature_cache.dir=null."
         )
-    cache = FeatureCache(cache_cfg.dir, encoder_fingerprint(perception, model.cfg.perception))
+    cache = FeatureCache(cache_cfg.dir, encoder_fingerprint(perception, model.cfg.perception), cache_dtype(cache_cfg, precision))
     fill_feature_cache(model, cache, utterances_in(data_cfg), batch_size=cache_cfg.get("batch_size", 8))
     return cache
