@@ -1,5 +1,6 @@
-"""One GPU check, under 10 minutes: each recipe trains briefly in bf16 (DDP over every visible GPU), then
-the training throughput (ours vs NeMo's SALM, with MFU) and the generation throughput; one table.
+"""One GPU check, under 10 minutes: each recipe trains briefly in bf16 (DDP over every visible GPU; with
+several, MTBI also under FSDP2), then the training throughput (ours vs NeMo's SALM, with MFU) and the
+generation throughput; one table.
 
     benchmarks/gpu_check.sh              # a machine with 1+ GPUs
     benchmarks/gpu_check.sh --cpu-smoke  # the same commands on CPU with tiny parts (tests/test_gpu_check.py)
@@ -16,6 +17,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,6 +32,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run of every step (seconds per step, not a benchmark)")
     p.add_argument("--out", default=None, help="directory for data, logs and .nemo files (default: a temp dir)")
     p.add_argument("--steps", type=int, default=None, help="training steps per recipe (default 20; smoke: 1)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="devices per recipe (default: every visible GPU; smoke: 1 CPU process, 2+ = gloo ranks)")
     return p.parse_args()
 
 
@@ -82,24 +86,27 @@ def recipe_commands(d: dict, out: Path, devices: int, accelerator: str, steps: i
               f"trainer.accelerator={accelerator}", f"trainer.devices={devices}", "trainer.precision=bf16-true",
               f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "exp_manager.create_tensorboard_logger=false"]
     run = lambda name: [f"exp_manager.exp_dir={out / name / 'runs'}", f"output_nemo={out / name / (name + '.nemo')}"]  # noqa: E731
-    return {
+    mtbi = [str(REPO / "examples" / "mtbi_train.py"), *common, "model.mtbi.kl_weight=0.5",
+            "data.train_ds.input_cfg.0.interleave.prob=0.5", "connector_pretraining.steps=5", "connector_pretraining.batch_size=4",
+            f"data.train_ds.input_cfg.0.manifest_filepath={d['behaviors']}", "data.train_ds.batch_size=2"]
+    commands = {
         "plain SFT": [str(REPO / "examples" / "speechlm_train.py"), *common, *run("plain"),
                       f"data.train_ds.input_cfg.0.manifest_filepath={d['manifest']}", "data.train_ds.batch_size=2"],
-        "MTBI (KL, interleaving)": [
-            str(REPO / "examples" / "mtbi_train.py"), *common, *run("mtbi"), "model.mtbi.kl_weight=0.5",
-            "data.train_ds.input_cfg.0.interleave.prob=0.5", "connector_pretraining.steps=5", "connector_pretraining.batch_size=4",
-            f"data.train_ds.input_cfg.0.manifest_filepath={d['behaviors']}", "data.train_ds.batch_size=2",
-            f"feature_cache.dir={out / 'mtbi' / 'features'}"],
+        "MTBI (KL, interleaving)": [*mtbi, *run("mtbi"), f"feature_cache.dir={out / 'mtbi' / 'features'}"],
         "joint SFT": [
             str(REPO / "examples" / "joint_sft_train.py"), *common, *run("joint"), "model.lora.r=4", "model.lora.lora_alpha=4",
             *[f"data.train_ds.audio.input_cfg.{i}.manifest_filepath={d[n]}" for i, n in enumerate(("asr", "ast", "sqa", "mixed_modal"))],
             f"data.train_ds.text.input_cfg.0.manifest_filepath={d['text_sft']}", "data.train_ds.audio.batch_size=2",
             "data.train_ds.sampler_weights.text=0.5"],  # text-only steps on some ranks' steps: DDP's unused parameters
     }
+    if devices > 1:  # the LLM (and the rest) sharded over the GPUs, as for an LLM too big for one
+        commands["MTBI, FSDP2"] = [*mtbi, *run("mtbi_fsdp2"), "trainer.strategy=fsdp2",
+                                   f"feature_cache.dir={out / 'mtbi_fsdp2' / 'features'}"]
+    return commands
 
 
 def run_step(name: str, cmd: list[str], log_dir: Path, timeout: int) -> dict:
-    log = log_dir / (name.split()[0].lower() + ".log")
+    log = log_dir / (re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + ".log")  # "MTBI, FSDP2" -> mtbi_fsdp2.log
     start = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=timeout, cwd=log_dir)
@@ -164,7 +171,10 @@ def main() -> int:
     if not args.cpu_smoke and gpus == 0:
         print("gpu_check: no GPU visible (use --cpu-smoke for the CPU stand-in)", file=sys.stderr)
         return 2
-    accelerator, devices = ("cpu", 1) if args.cpu_smoke else ("gpu", gpus)
+    if not args.cpu_smoke and (args.devices or 0) > gpus:
+        print(f"gpu_check: --devices {args.devices} but {gpus} GPU(s) visible", file=sys.stderr)
+        return 2
+    accelerator, devices = ("cpu", args.devices or 1) if args.cpu_smoke else ("gpu", args.devices or gpus)
     steps = args.steps or (1 if args.cpu_smoke else 20)
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu_check_"))
     out.mkdir(parents=True, exist_ok=True)

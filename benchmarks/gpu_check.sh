@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: short bf16 training of every recipe (DDP over all visible GPUs),
-# training throughput vs NeMo's SALM with MFU, generation throughput, then a table (< 10 minutes).
-#   benchmarks/gpu_check.sh [--cpu-smoke] [--out DIR] [--steps N]
+# One command for a GPU machine: short bf16 training of every recipe (DDP over all visible GPUs; with
+# several, MTBI also under FSDP2), training throughput vs NeMo's SALM with MFU, generation throughput,
+# then a table (< 10 minutes).
+#   benchmarks/gpu_check.sh [--cpu-smoke] [--out DIR] [--steps N] [--devices N]
 # --cpu-smoke runs the same steps on CPU with tiny parts (what tests/test_gpu_check.py runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."

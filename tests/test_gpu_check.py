@@ -1,5 +1,6 @@
 """``benchmarks/gpu_check.sh --cpu-smoke``: the GPU check's every step runs on CPU with tiny parts, so the
 script cannot rot between GPU runs (its numbers are printed, never asserted)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,9 +10,28 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
+def test_several_gpus_add_an_fsdp2_mtbi_run_beside_the_ddp_ones(tmp_path):
+    gpu_check = _gpu_check()
+    data = {k: tmp_path / k for k in ("llm", "manifest", "behaviors", "asr", "ast", "sqa", "mixed_modal", "text_sft")}
+    one = gpu_check.recipe_commands(data, tmp_path, 1, "gpu", 20)
+    several = gpu_check.recipe_commands(data, tmp_path, 8, "gpu", 20)
+    assert list(one) == ["plain SFT", "MTBI (KL, interleaving)", "joint SFT"]
+    assert list(several) == [*one, "MTBI, FSDP2"]
+    fsdp2, ddp = several["MTBI, FSDP2"], several["MTBI (KL, interleaving)"]
+    assert {"trainer.strategy=fsdp2", "trainer.devices=8", "trainer.precision=bf16-true"} <= set(fsdp2)
+    # the same MTBI run, sharded, writing its own model and cache
+    assert [a for a in fsdp2 if "mtbi_fsdp2" not in a and "strategy" not in a] == [a for a in ddp if "/mtbi/" not in a]
+
+
+@pytest.mark.slow
 def test_gpu_check_cpu_smoke_runs_every_step_and_prints_mfu(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=1500, env={**os.environ, "PYTHON": sys.executable})
