@@ -138,6 +138,27 @@ def test_interrupted_predictions_resume_without_recomputing(setup, tmp_path):
         run_benchmark({"tiny": str(setup["nemo"])}, setup["manifest"], out, **{**SETTINGS, "max_new_tokens": 9})
 
 
+def test_a_model_retrained_into_the_same_file_is_not_mixed_with_its_old_answers(setup, tmp_path):
+    """The cached answers belong to a model file as it was: a retrained model written to the same path
+    (a new modification time) is refused, where its predecessor's answers used to be reused as its own."""
+    import os
+
+    models = {name: tmp_path / f"{name}.nemo" for name in ("tiny", "other")}
+    for name, path in models.items():
+        shutil.copy2(setup[name if name == "other" else "nemo"], path)
+    models = {name: str(path) for name, path in models.items()}
+    settings = {**SETTINGS, "tasks": ["repeat"]}
+    run_benchmark(models, setup["manifest"], tmp_path / "out", **settings)
+    rerun = run_benchmark(models, setup["manifest"], tmp_path / "out", **settings)
+    assert all(run["written"] == 0 for run in rerun["runs"].values())  # unchanged files: every answer reused
+    for name, match in (("other", "answers of system 'other'"), ("tiny", "reference_model")):
+        stat = os.stat(models[name])
+        os.utime(models[name], ns=(stat.st_atime_ns, stat.st_mtime_ns + 5 * 10**9))  # rewritten: "retrained"
+        with pytest.raises(ValueError, match=match):
+            run_benchmark(models, setup["manifest"], tmp_path / "out", **settings)
+        os.utime(models[name], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 def test_cli_compares_models_side_by_side_reusing_cached_answers(setup, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(setup["out"], out)

@@ -55,7 +55,7 @@ from nemo_speechlm.evaluation.benchmark_systems import (
     task_caps,
     text_answerer,
 )
-from nemo_speechlm.models.loading import load_asr_model, load_model
+from nemo_speechlm.models.loading import load_asr_model, load_model, model_id
 from nemo_speechlm.parts.device import resolve_device
 from nemo_speechlm.parts.runner import RunSummary, run_resumable
 
@@ -214,7 +214,9 @@ def _json_safe(value):
 
 
 def _source(path: str) -> str:
-    return str(Path(path).resolve()) if Path(path).exists() else path
+    """A model file as it is now (absolute path + modification time: a model retrained into the same
+    file is another source, whose answers are not the cached ones), or a pretrained model's name."""
+    return model_id(path) if Path(path).exists() else path
 
 
 def _check_run_config(out_dir: Path, config: dict) -> None:
