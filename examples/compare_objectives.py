@@ -19,7 +19,8 @@ the trained model's text answers with the base LLM's).
 
 Reuses a demo output folder (``--data-dir``, default ``demo_out``: corpus, behaviors, cached
 features); what is missing there is made with ``examples/demo.py``'s own functions. Resumable: each
-condition's ``.nemo`` and metrics JSON are written atomically and skipped when present.
+condition's ``.nemo`` and metrics JSON are written atomically and skipped when present. A rerun into the
+same ``--out`` may add seeds or conditions; other steps, overrides or data are refused (``settings.json``).
 
     python examples/compare_objectives.py [--out compare_out] [--data-dir demo_out] [--steps N] [--seeds N]
         [--no-freeze-connector] [--manifest TRAIN --heldout-manifest TEST] [hydra overrides of mtbi.yaml ...]
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import importlib.util
 import json
 import math
@@ -58,7 +60,7 @@ from nemo_speechlm.models import JointSFTModel, MTBIModel
 from nemo_speechlm.parts.cli import CommandParser, run_cli
 from nemo_speechlm.parts.connector_ctc import save_aligned_connector
 from nemo_speechlm.parts.precision import fastest_training_precision
-from nemo_speechlm.parts.runner import keep_only, run_resumable
+from nemo_speechlm.parts.runner import check_run_settings, keep_only, run_resumable
 from nemo_speechlm.recipe import pre_align_connector, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,6 +144,18 @@ def base_config(out: Path, features: Path, steps: int, overrides: list[str]) -> 
             "model.perception.encoder.pad_to_window=false", "data.train_ds.input_cfg.0.manifest_filepath=unset"]
     with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
         return compose("mtbi", overrides=ours + overrides)
+
+
+def run_settings(base: DictConfig, manifests: dict[str, Path], behaviors: Path, args: argparse.Namespace) -> dict:
+    """What the results in ``--out`` depend on, but the seeds and conditions (a rerun may add those): a
+    rerun with other steps, overrides or data would otherwise reuse the ``.nemo`` files and metrics there."""
+    config = OmegaConf.to_container(base, resolve=False)
+    config["feature_cache"].pop("dir", None)  # where the features are cached does not change them
+    digest = lambda path: f"{Path(path).resolve()} sha256:{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"  # noqa: E731
+    return {"config": config, "train_manifest": digest(manifests["train"]), "heldout_manifest": digest(manifests["heldout"]),
+            "behaviors": digest(behaviors), "freeze_connector": args.freeze_connector, "max_utterances": args.max_utterances,
+            "benchmark_utterances": args.benchmark_utterances, "eval_utterances": args.eval_utterances,
+            "max_new_tokens": args.max_new_tokens}
 
 
 def condition_data(out: Path, behaviors: Path, teacher: str, batch_size: int, max_utterances: int = 0) -> dict[str, Path]:
@@ -503,6 +517,7 @@ def main(argv: list[str]) -> None:
         behaviors = load_demo().make_behaviors(data_dir, manifests["train"], base.model.pretrained_llm, 240,
                                                args.batch_size, 1200)
     print(f"train {manifests['train']}, held out {manifests['heldout']}, behaviors {behaviors}, features {features}")
+    check_run_settings(out, run_settings(base, manifests, behaviors, args), settings_file=out / "settings.json")
     data = condition_data(out, behaviors, base.model.pretrained_llm, args.batch_size, args.max_utterances)
     files = eval_files(out, manifests["heldout"], args.benchmark_utterances, args.eval_utterances)
 

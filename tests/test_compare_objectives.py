@@ -100,3 +100,10 @@ def test_every_condition_is_trained_evaluated_and_a_rerun_resumes(assets, tmp_pa
     assert "reusing the aligned connector" in log
     assert all(f"{name}: reusing" in log for name in CONDITIONS)
     assert "Connector loaded from" not in log and "`max_steps=2` reached" not in log  # nothing retrained
+
+    # Other steps into the same --out: refused at the start, where the 2-step models used to be reused as 3-step ones.
+    more_steps = [*cmd[:cmd.index("--steps") + 1], "3", *cmd[cmd.index("--steps") + 2:]]
+    third = subprocess.run(more_steps, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    assert third.returncode == 2, (third.stdout + third.stderr)[-6000:]
+    assert "holds results made with other settings (config.trainer.max_steps: 2 -> 3)" in third.stderr
+    assert "reusing" not in third.stdout

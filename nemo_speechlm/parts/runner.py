@@ -331,22 +331,36 @@ def _write_summary(output_path: Path, summary: RunSummary) -> None:
 SETTINGS_SUFFIX = ".settings.json"
 
 
-def check_run_settings(output_path: str | Path, settings: dict) -> None:
-    """Refuse to resume into an output written with other settings (model, prompt, decoding):
-    the old predictions would be silently mixed with new ones. Writes ``<output>.settings.json``."""
-    path = Path(str(output_path) + SETTINGS_SUFFIX)
+def check_run_settings(output_path: str | Path, settings: dict, settings_file: str | Path | None = None) -> None:
+    """Refuse to resume into an output (a file, or a folder of results) written with other settings
+    (model, prompt, decoding, training config): the old results would be silently mixed with new ones.
+    Writes ``settings_file`` (default ``<output>.settings.json``)."""
+    path = Path(settings_file) if settings_file is not None else Path(str(output_path) + SETTINGS_SUFFIX)
     settings = json.loads(json.dumps(settings))  # normalize tuples etc. for the comparison
-    if path.is_file() and Path(output_path).is_file():
+    if path.is_file() and Path(output_path).exists():
         before = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        changed = _changed_values(before, settings)
         if changed:
-            diff = "; ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
             raise InputError(
-                f"{output_path} holds predictions made with other settings ({diff})",
+                f"{output_path} holds results made with other settings ({diff})",
                 f"use another output location, or delete {output_path} and {path} to start over",
             )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _changed_values(before: dict, after: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, before, after)`` for each value that differs, nested dicts compared key by key
+    (so a changed training config names ``config.trainer.max_steps``, not the whole config)."""
+    changed = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed_values(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append((f"{prefix}{key}", old, new))
+    return changed
 
 
 def read_records(path: str | Path, keys: Sequence) -> list[dict]:
