@@ -93,3 +93,12 @@ def test_killed_run_resumes_to_the_same_output(assets, tmp_path):
     assert moved.returncode == 2 and "Traceback" not in moved.stderr, moved.stderr[-2000:]
     assert "full.jsonl holds 24 records of items this run does not have" in moved.stderr.strip().splitlines()[-1]
     assert _lines(full) == _lines(part)
+
+    # The same items with another teacher cap: refused, not resumed (one training set would mix two teachers'
+    # answers; that was silent before). The whole file is done, so only the settings check can stop it.
+    cmd = _cmd(assets, full)
+    cmd[cmd.index("--max-new-tokens") + 1] = "16"
+    other = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-2000:]
+    assert "full.jsonl holds results made with other settings (max_new_tokens: 12 -> 16)" in other.stderr.strip().splitlines()[-1]
+    assert _lines(full) == _lines(part)

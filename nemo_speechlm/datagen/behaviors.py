@@ -8,7 +8,7 @@ questions. The job itself is a small ``process_batch`` for the shared resumable 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from nemo_speechlm.data.manifest import SkipSummary, read_manifest
 from nemo_speechlm.data.task_catalog import TaskCatalog
@@ -16,7 +16,7 @@ from nemo_speechlm.data.utterance import portable_utterance_id, utterance_id
 from nemo_speechlm.datagen.chat_generator import ChatGenerator
 from nemo_speechlm.datagen.filters import degenerate_reason
 from nemo_speechlm.errors import InputError
-from nemo_speechlm.parts.runner import Outcome, Rejected
+from nemo_speechlm.parts.runner import Job, Outcome, Rejected
 
 # Manifest fields copied into each behavior line (plus anything else the line has).
 _RESERVED = ("key", "task", "prompt", "prompt_id", "response", "split", "teacher")
@@ -46,8 +46,9 @@ def behavior_job(
     max_new_tokens: int,
     system_prompt: str | None = None,
     ground_truth_tasks: tuple[str, ...] = (),
-) -> Callable[[list[dict]], list[Outcome]]:
+) -> Job:
     """``process_batch`` for the runner: ask the LLM, reject degenerate answers, write behavior lines.
+    Its settings (teacher, decoding, caps, ground-truth tasks) are checked when an output is resumed.
 
     ``ground_truth_tasks`` take the task's ground-truth field (e.g. the transcript for
     ``repeat``) as the response instead of the LLM's answer: small teachers paraphrase
@@ -78,7 +79,7 @@ def behavior_job(
                 outcomes[i] = _record(item, result.text, {**settings, "max_new_tokens": cap, "source": "llm"})
         return outcomes
 
-    return process
+    return Job(process, {**settings, "ground_truth_tasks": sorted(ground_truth_tasks)})
 
 
 def _messages(item: dict, system_prompt: str | None) -> list[dict]:

@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from nemo_speechlm.data.manifest import SkipSummary, read_manifest
 from nemo_speechlm.datagen.chat_generator import ChatGenerator
-from nemo_speechlm.parts.runner import Outcome, Rejected
+from nemo_speechlm.parts.runner import Job, Outcome, Rejected
 
 REASONS = ("unparsable", "none", "empty_field", "copied_example")
 
@@ -112,8 +112,9 @@ def _qa_fields(obj: dict, output: str) -> dict | Rejected:
 
 def sqa_job(
     generator: ChatGenerator, max_new_tokens: int, system_prompt: str | None = None
-) -> Callable[[list[dict]], list[Outcome]]:
-    """``process_batch`` for the runner: ask the LLM for each item's QA pair, parse it, write SQA lines."""
+) -> Job:
+    """``process_batch`` for the runner: ask the LLM for each item's QA pair, parse it, write SQA lines
+    (the teacher's settings are checked when an output is resumed)."""
     teacher = {**generator.generation_settings(), "max_new_tokens": max_new_tokens, "system_prompt": system_prompt}
 
     def process(items: list[dict]) -> list[Outcome]:
@@ -121,7 +122,7 @@ def sqa_job(
         results = generator.generate(conversations, max_new_tokens=max_new_tokens)
         return [_outcome(item, result.text, teacher) for item, result in zip(items, results)]
 
-    return process
+    return Job(process, teacher)
 
 
 def _outcome(item: dict, output: str, teacher: dict) -> Outcome:

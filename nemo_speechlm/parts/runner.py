@@ -18,6 +18,10 @@ the runner owns everything that makes long jobs safe to run:
   trained on every behavior twice). That is an error; outputs read by key (evaluation
   predictions) pass ``exclusive=False`` and may keep records of earlier, larger runs, and a
   caller that owns its output as a cache (the demo) trims it with :func:`keep_only` first.
+* **Other settings.** A :class:`Job` declares what its outputs depend on (the teacher model, its
+  decoding); resuming into an output made with other settings is an error naming them
+  (:func:`check_run_settings`, ``<output>.settings.json``): a rerun with another teacher once kept
+  the first teacher's answers and added the second's, one training set from two LLMs.
 * **Crash mid-write.** A final line without its newline is a torn write: it is cut away (with a
   warning) and its item recomputed. Any other unreadable line means the file is not ours or was
   edited, and is an error naming the file and line.
@@ -33,7 +37,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Sequence, Union
 
 from tqdm import tqdm
 
@@ -59,6 +63,17 @@ class Rejected:
 
 Outcome = Union[dict, Rejected]
 KeyFn = Callable[[dict], Any]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A ``process_batch`` with the settings its outputs depend on; :func:`run_resumable` checks them."""
+
+    process: Callable[[list[dict]], list[Outcome]]
+    settings: dict
+
+    def __call__(self, items: list[dict]) -> list[Outcome]:
+        return self.process(items)
 
 
 @dataclass
@@ -118,6 +133,7 @@ def run_resumable(
     field/function must give the same key for the item's output record, which is how a rerun
     knows what is done. Items are processed in input order, ``batch_size`` at a time.
     ``exclusive``: records (or rejections) of items not in ``items`` are an error (see module doc).
+    A :class:`Job` resumes only into an output made with its settings.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -129,6 +145,8 @@ def run_resumable(
     _check_unique(keys, desc)
 
     output_path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(process_batch, Job):
+        check_run_settings(output_path, process_batch.settings)
     done = {key_of(rec) for rec in _read_jsonl(output_path, key_of, what="output record")}
     earlier_rejections = _read_jsonl(rejected_path, _key_function("key"), what="rejection")
     rejected_before = Counter(rec.get("reason", "unknown") for rec in earlier_rejections)
