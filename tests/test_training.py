@@ -7,6 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import nemo_speechlm
+from nemo_speechlm.models import SpeechLMModel
+from nemo_speechlm.recipe import train
 
 from tests.conftest import REPO, run_python
 
@@ -55,6 +57,48 @@ def test_train_script_two_steps_then_restore(assets, tmp_path):
     )
     answer = out.split("ANSWER ")[1].strip()
     assert answer.startswith("'") and len(eval(answer)) > 0  # a real, non-empty greedy answer
+
+
+class _LrProbe(SpeechLMModel):
+    """Records the learning rate each training step runs with."""
+
+    lrs: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        _LrProbe.lrs.append(self.optimizers().param_groups[0]["lr"])
+        return super().training_step(batch, batch_idx)
+
+
+def _train_lrs(assets, runs, steps: int, lr: float) -> list[float]:
+    with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
+        cfg = compose("speechlm", overrides=[
+            "encoder=conformer_tiny", "llm=hf", f"model.pretrained_llm={assets['llm']}",
+            "model.perception.modality_adapter.hidden_dim=64", "model.lr_scheduler.warmup_steps=1",
+            f"data.train_ds.input_cfg.0.manifest_filepath={assets['manifest']}", "data.train_ds.batch_size=2",
+            "trainer.accelerator=cpu", f"trainer.max_steps={steps}", f"model.optimizer.lr={lr}",
+            f"exp_manager.exp_dir={runs}", f"output_nemo={runs / 'out.nemo'}",
+        ])
+    _LrProbe.lrs = []
+    train(cfg, _LrProbe)
+    return _LrProbe.lrs
+
+
+@pytest.mark.slow
+def test_a_resumed_run_trains_on_with_its_own_max_steps_and_lr(assets, tmp_path, monkeypatch):
+    """Rerunning with a longer trainer.max_steps and another lr continues from the checkpoint on the new
+    schedule; Lightning alone restored the old one, and the new steps ran at min_lr (1e-6)."""
+    from nemo_speechlm.models import speechlm_model
+
+    uninterrupted = _train_lrs(assets, tmp_path / "once", steps=4, lr=5e-2)
+    assert len(uninterrupted) == 4 and max(uninterrupted) == pytest.approx(5e-2)
+    assert _train_lrs(assets, tmp_path / "twice", steps=2, lr=1e-3) == pytest.approx([5e-4, 1e-3])
+    warnings = []
+    monkeypatch.setattr(speechlm_model.logging, "warning", warnings.append)
+    resumed = _train_lrs(assets, tmp_path / "twice", steps=4, lr=5e-2)
+    assert resumed == pytest.approx(uninterrupted[2:], rel=1e-9)
+    (warning,) = [w for w in warnings if w.startswith("Resuming from")]
+    assert "at step 2" in warning and "model.lr_scheduler.max_steps: 2 -> 4" in warning
+    assert "model.optimizer.lr: 0.001 -> 0.05" in warning
 
 
 CONFORMER = "nemo.collections.asr.modules.ConformerEncoder"

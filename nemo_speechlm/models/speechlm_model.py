@@ -37,6 +37,7 @@ from nemo_speechlm.parts.decoding import cut_at_stop, decode, end_token_ids, len
 from nemo_speechlm.parts.llm import load_llm, load_tokenizer, pack_llm_files, resolve_llm_source, unpack_llm_files
 from nemo_speechlm.parts.packing import check_llm_keeps_packed_sequences_apart, pack_rows
 from nemo_speechlm.parts.prompting import encode_messages, resolve_prompt_formatter
+from nemo_speechlm.parts.schedule import apply_configured_schedule
 
 IGNORE_INDEX = -100
 # Artifacts must outlive __init__ (save_to copies them later); one directory per process, removed at exit.
@@ -335,6 +336,19 @@ class SpeechLMModel(ModelPT):
             bs = sub["input_ids"].shape[0]
             self.log(f"val_loss{suffix}", loss, on_epoch=True, batch_size=bs, prog_bar=not name)
             self.log(f"val_acc{suffix}", acc, on_epoch=True, batch_size=bs)
+
+    def on_train_start(self) -> None:
+        """Resuming: this run's optimizer and scheduler settings apply from the checkpoint's step, where
+        Lightning would restore the old ones (a longer ``trainer.max_steps`` trained at ``min_lr``)."""
+        super().on_train_start()
+        if not self.trainer.ckpt_path or not self.trainer.optimizers:
+            return
+        schedulers = self.trainer.lr_scheduler_configs
+        changed = apply_configured_schedule(self.trainer.optimizers[0], schedulers[0].scheduler if schedulers else None,
+                                            self.cfg.optimizer, self.cfg.get("lr_scheduler"))
+        if changed:
+            logging.warning(f"Resuming from {self.trainer.ckpt_path} at step {self.trainer.global_step} with this run's "
+                            f"optimizer and schedule, which differ from the checkpoint's: {'; '.join(changed)}")
 
     def configure_optimizers(self):
         """Optimizer over the parameters left trainable by :meth:`_freeze`, plus the LR scheduler."""
