@@ -15,6 +15,7 @@ from nemo_speechlm.data.conversations import cut_for_audio
 from nemo_speechlm.data.feature_cache import fill_feature_cache, prepare_feature_cache, transcribed_utterances
 from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.data.preflight import check_clip_lengths, check_training_data
+from nemo_speechlm.parts.checkpoint import check_resume_fits
 from nemo_speechlm.parts.connector_ctc import (ALIGNED_CONNECTOR_PREFIXES, freeze_aligned_connector, load_aligned_connector,
                                                pretrain_connector_ctc)
 from nemo_speechlm.parts.distributed import broadcast_from_rank0, resolve_strategy, start_ranks
@@ -44,6 +45,8 @@ def train(cfg: DictConfig, model_cls) -> Path:
     log_dir = exp_manager(trainer, cfg.get("exp_manager"))
     start_ranks(trainer)  # several devices: the other ranks and the process group now, so pre-fit work is shared
     model = model_cls(cfg.model, trainer=trainer)
+    if trainer.ckpt_path:
+        check_resume_fits(model, trainer.ckpt_path)
     check_clip_lengths(clips, model)
     fill_model_settings(cfg.data, model)
     if _encodes_before_fit(cfg):

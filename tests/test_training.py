@@ -69,14 +69,14 @@ class _LrProbe(SpeechLMModel):
         return super().training_step(batch, batch_idx)
 
 
-def _train_lrs(assets, runs, steps: int, lr: float) -> list[float]:
+def _train_lrs(assets, runs, steps: int, lr: float, *extra: str) -> list[float]:
     with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
         cfg = compose("speechlm", overrides=[
             "encoder=conformer_tiny", "llm=hf", f"model.pretrained_llm={assets['llm']}",
             "model.perception.modality_adapter.hidden_dim=64", "model.lr_scheduler.warmup_steps=1",
             f"data.train_ds.input_cfg.0.manifest_filepath={assets['manifest']}", "data.train_ds.batch_size=2",
             "trainer.accelerator=cpu", f"trainer.max_steps={steps}", f"model.optimizer.lr={lr}",
-            f"exp_manager.exp_dir={runs}", f"output_nemo={runs / 'out.nemo'}",
+            f"exp_manager.exp_dir={runs}", f"output_nemo={runs / 'out.nemo'}", *extra,
         ])
     _LrProbe.lrs = []
     train(cfg, _LrProbe)
@@ -99,6 +99,15 @@ def test_a_resumed_run_trains_on_with_its_own_max_steps_and_lr(assets, tmp_path,
     (warning,) = [w for w in warnings if w.startswith("Resuming from")]
     assert "at step 2" in warning and "model.lr_scheduler.max_steps: 2 -> 4" in warning
     assert "model.optimizer.lr: 0.001 -> 0.05" in warning
+
+    # Another architecture into the same run folder: one clear error naming the change (it was a traceback of
+    # size mismatches from Lightning's load_state_dict), before any training.
+    from nemo_speechlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"checkpoint of another model \(3 weights do not fit; changed settings: "
+                                          r"model\.perception\.modality_adapter\.hidden_dim: 64 -> 128\)"):
+        _train_lrs(assets, tmp_path / "twice", 6, 5e-2, "model.perception.modality_adapter.hidden_dim=128")
+    assert _LrProbe.lrs == []
 
 
 CONFORMER = "nemo.collections.asr.modules.ConformerEncoder"

@@ -6,6 +6,10 @@ from a ``.nemo`` that is not ours. :func:`read_nemo_config` looks inside first a
 which case it is: not a tar, truncated, not a NeMo model, another toolkit's model, or one
 written by a newer, incompatible version of this package. ``save_to`` stamps the format
 (:func:`stamp_checkpoint_format`) so that the last case can be told apart.
+
+A training checkpoint (``.ckpt``) that a rerun would resume from is checked against the model first
+(:func:`check_resume_fits`): a rerun with another architecture (a wider adapter, another LLM) used to
+die in Lightning's ``load_state_dict`` with a traceback of size mismatches.
 """
 from __future__ import annotations
 
@@ -15,12 +19,14 @@ import zipfile
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from nemo.core.classes.common import UnsafeTargetError
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import nemo_speechlm  # its __version__ is read at call time (this module loads while the package initialises)
-from nemo_speechlm.errors import InputError
+from nemo_speechlm.errors import ConfigError, InputError
+from nemo_speechlm.parts.runner import changed_values
 
 # Bump when a .nemo written by this code can no longer be restored by older code.
 CHECKPOINT_FORMAT = 1
@@ -29,6 +35,7 @@ OUR_PREFIX = "nemo_speechlm."
 _OURS_FIX = "give a .nemo written by nemo_speechlm training (output_nemo, or <log dir>/<name>.nemo)"
 
 Model = TypeVar("Model")
+_NOT_ARCHITECTURE = ("model.optimizer.", "model.lr_scheduler.", "model.llm_files", "model.nemo_version", "model.target")
 
 
 class CheckpointError(InputError):
@@ -37,6 +44,32 @@ class CheckpointError(InputError):
     def __init__(self, path: str | Path, problem: str, fix: str | None = None) -> None:
         super().__init__(f"{path}: {problem}", fix)
         self.path = str(path)
+
+
+def check_resume_fits(model, ckpt_path: str | Path) -> None:
+    """Raise :class:`~nemo_speechlm.errors.ConfigError` naming the changed ``model.*`` settings when the
+    weights in ``ckpt_path`` (the checkpoint this run would resume from) do not fit ``model``."""
+    model_cfg = model.cfg
+    ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+    saved = {k: tuple(v.shape) for k, v in ckpt.get("state_dict", {}).items() if torch.is_tensor(v)}
+    # Parameters must match in shape; buffers may not (the CTC read-out's vocabulary is sized when it loads),
+    # but a saved entry the model has no place for is a misfit too.
+    params = {k: tuple(v.shape) for k, v in model.named_parameters()}
+    misfits = sorted({k for k in params if saved.get(k) != params[k]} | (saved.keys() - model.state_dict().keys()))
+    if not misfits:
+        return
+    before = (ckpt.get("hyper_parameters") or {}).get("cfg")
+    changed = changed_values(OmegaConf.to_container(before, resolve=True), OmegaConf.to_container(model_cfg, resolve=True),
+                             prefix="model.") if before is not None else []
+    # what shapes the weights: not the optimizer, nor what saving and building write into the config
+    changed = [c for c in changed if None not in c[1:] and not c[0].startswith(_NOT_ARCHITECTURE)]
+    what = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed[:8]) or f"e.g. {misfits[0]}"
+    run_dir = Path(ckpt_path).parent.parent
+    raise ConfigError(
+        f"{ckpt_path}: this run would resume from a checkpoint of another model ({len(misfits)} weights do not "
+        f"fit; changed settings: {what})",
+        f"give the run another name= or exp_manager.exp_dir, or delete {run_dir} to start over",
+    )
 
 
 def stamp_checkpoint_format(cfg: DictConfig) -> None:

@@ -357,7 +357,7 @@ def check_run_settings(output_path: str | Path, settings: dict, settings_file: s
     settings = json.loads(json.dumps(settings))  # normalize tuples etc. for the comparison
     if path.is_file() and Path(output_path).exists():
         before = json.loads(path.read_text(encoding="utf-8"))
-        changed = _changed_values(before, settings)
+        changed = changed_values(before, settings)
         if changed:
             diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
             raise InputError(
@@ -368,14 +368,14 @@ def check_run_settings(output_path: str | Path, settings: dict, settings_file: s
     path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _changed_values(before: dict, after: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+def changed_values(before: dict, after: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """``(dotted key, before, after)`` for each value that differs, nested dicts compared key by key
     (so a changed training config names ``config.trainer.max_steps``, not the whole config)."""
     changed = []
     for key in sorted(set(before) | set(after)):
         old, new = before.get(key), after.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            changed += _changed_values(old, new, f"{prefix}{key}.")
+            changed += changed_values(old, new, f"{prefix}{key}.")
         elif old != new:
             changed.append((f"{prefix}{key}", old, new))
     return changed
