@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from nemo.utils import logging
 from nemo.utils.exp_manager import exp_manager
@@ -15,6 +16,7 @@ from nemo_speechlm.data.conversations import cut_for_audio
 from nemo_speechlm.data.feature_cache import fill_feature_cache, prepare_feature_cache, transcribed_utterances
 from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.data.preflight import check_clip_lengths, check_training_data
+from nemo_speechlm.errors import ConfigError
 from nemo_speechlm.parts.checkpoint import check_resume_fits
 from nemo_speechlm.parts.connector_ctc import (ALIGNED_CONNECTOR_PREFIXES, freeze_aligned_connector, load_aligned_connector,
                                                pretrain_connector_ctc)
@@ -41,7 +43,11 @@ def train(cfg: DictConfig, model_cls) -> Path:
     trainer_cfg = resolve_strategy(resolve_precision_plugins(resolve_trainer_cfg(cfg.trainer)))
     if cfg.data.get("validation_ds") is None:
         trainer_cfg["limit_val_batches"] = 0  # Lightning rejects a missing val dataloader otherwise
-    trainer = Trainer(**trainer_cfg)
+    try:
+        trainer = Trainer(**trainer_cfg)
+    except MisconfigurationException as exc:  # Lightning's word for trainer settings this machine cannot run
+        raise ConfigError(f"trainer: {exc}", "set trainer.accelerator / trainer.devices / trainer.strategy to what this "
+                          "machine has (e.g. trainer.accelerator=cpu)") from exc
     log_dir = exp_manager(trainer, cfg.get("exp_manager"))
     start_ranks(trainer)  # several devices: the other ranks and the process group now, so pre-fit work is shared
     model = model_cls(cfg.model, trainer=trainer)

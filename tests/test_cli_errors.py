@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+import torch
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -259,6 +260,11 @@ TRAIN_ERRORS = {  # row: (overrides, pattern of the error line, whether a model 
         ".*long.wav" + E(": 45.0 s of audio is longer than the encoder's 30 s window — set model.encoder_chunk_size_seconds=30"),
         True),
 }
+if not torch.cuda.is_available():  # the README's GPU command on a machine without one: Lightning raised a traceback
+    TRAIN_ERRORS["GPU command without a GPU"] = (
+        lambda f: [f"{MANIFEST}={f['behaviors']}", "data.train_ds.input_cfg.0.type=mtbi_behaviors", "trainer.accelerator=gpu"],
+        E("trainer: No supported gpu backend found! — set trainer.accelerator / trainer.devices / "
+          "trainer.strategy to what this machine has (e.g. trainer.accelerator=cpu)"), False)
 
 
 @pytest.fixture(scope="module")
