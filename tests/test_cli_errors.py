@@ -338,3 +338,20 @@ def test_error_line_is_one_line_with_what_to_do(tmp_path):
         open(tmp_path / "gone.jsonl")
     assert error_line(not_found.value) == f"error: {tmp_path / 'gone.jsonl'}: No such file or directory"
     assert error_line(ValueError("two\nlines")) == "error: two lines"
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("./no/such/llm_dir", "no such file or directory, and not a Hugging Face hub id"),
+    ("nemo-speechlm-tests/no-such-llm", "not a local path, and the Hugging Face hub could not be reached"),
+])
+def test_an_llm_that_cannot_be_found_is_a_config_error_saying_what_to_do(monkeypatch, source, message):
+    """A mistyped model.pretrained_llm (or no network) was a ValueError traceback from NeMo's tokenizer wrapper."""
+    from huggingface_hub import constants
+
+    from nemo_speechlm.errors import ConfigError
+    from nemo_speechlm.parts.llm import resolve_llm_source
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what an unreachable hub gives, without waiting for retries
+    with pytest.raises(ConfigError, match=f"model.pretrained_llm='{source}': {message}") as error:
+        resolve_llm_source(source)
+    assert "local Hugging Face directory or .gguf file" in error.value.fix

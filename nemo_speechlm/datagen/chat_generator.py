@@ -251,9 +251,8 @@ def _caps(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
 
 
 def _loadable_source(model: str) -> str:
-    """A hub id or directory as is; a ``.gguf`` file converted (once, cached) to an HF directory."""
-    if not model.endswith(".gguf"):
-        return model
+    """A directory as is; a hub id checked (a clear error if it cannot be fetched); a ``.gguf`` file
+    converted (once, cached) to an HF directory."""
     from nemo_speechlm.parts.llm import resolve_llm_source
 
     return resolve_llm_source(model)

@@ -15,6 +15,8 @@ from nemo.collections.speechlm2.parts.pretrained import load_pretrained_hf
 from transformers import AutoModelForCausalLM
 from transformers import AutoTokenizer as HFAutoTokenizer
 
+from nemo_speechlm.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<|speechlm_pad|>"
@@ -31,6 +33,8 @@ def resolve_llm_source(pretrained_llm: str) -> str:
     a normal Hugging Face directory to the cache, keyed by the file's path, size and mtime.
     """
     if not str(pretrained_llm).endswith(".gguf"):
+        if not Path(pretrained_llm).expanduser().exists():
+            _check_hub_model(str(pretrained_llm))
         return str(pretrained_llm)
     gguf = Path(pretrained_llm).expanduser().resolve()
     if not gguf.is_file():
@@ -56,6 +60,28 @@ def resolve_llm_source(pretrained_llm: str) -> str:
     tokenizer.save_pretrained(tmp)
     tmp.rename(out)
     return str(out)
+
+
+def _check_hub_model(repo_id: str) -> None:
+    """Fetch (or find cached) the model's ``config.json`` first: a mistyped id, a gated model or no network
+    then fail with what to do, where NeMo's tokenizer wrapper raised a ValueError traceback."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    where = f"model.pretrained_llm={repo_id!r}"
+    local = "or give a local Hugging Face directory or .gguf file"
+    try:
+        hf_hub_download(repo_id, "config.json")
+    except HFValidationError as exc:
+        raise ConfigError(f"{where}: no such file or directory, and not a Hugging Face hub id", local) from exc
+    except GatedRepoError as exc:
+        raise ConfigError(f"{where}: a gated model on the Hugging Face hub",
+                          f"accept its license on huggingface.co and set HF_TOKEN (or run `hf auth login`), {local}") from exc
+    except RepositoryNotFoundError as exc:
+        raise ConfigError(f"{where}: no such model on the Hugging Face hub (or it is private)", f"check the id, {local}") from exc
+    except LocalEntryNotFoundError as exc:
+        raise ConfigError(f"{where}: not a local path, and the Hugging Face hub could not be reached (or HF_HUB_OFFLINE "
+                          "is set) and has no cached copy", f"check the network and the id, {local}") from exc
 
 
 def load_tokenizer(source: str, audio_locator_tag: str) -> AutoTokenizer:
