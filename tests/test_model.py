@@ -119,6 +119,26 @@ def test_pretrained_asr_encoder_weights_are_copied(assets):
     assert model.cfg.perception.encoder.d_model == asr.cfg.encoder.d_model
 
 
+@pytest.mark.parametrize(("recipe", "adapter"), [("speechlm", "stack_mlp"), ("joint_sft", "conformer")])
+def test_an_encoder_group_naming_only_a_pretrained_asr_model_builds(assets, recipe, adapter):
+    """encoder=asr_nemo / canary_1b_flash / parakeet_tdt_0_6b_v2 set only model.pretrained_asr; every such model
+    failed to build ("Interpolation key 'encoder.d_model' not found"): the adapter's width refers to the encoder."""
+    from hydra import compose, initialize_config_dir
+
+    import nemo_speechlm
+
+    with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
+        cfg = compose(recipe, overrides=["encoder=asr_nemo", f"model.pretrained_asr={assets['asr']}", f"adapter={adapter}",
+                                         "llm=hf", f"model.pretrained_llm={assets['llm']}", "model.lora=null"])
+    assert "encoder" not in cfg.model.perception
+    model = SpeechLMModel(cfg.model)
+    asr = ASRModel.restore_from(str(assets["asr"]))
+    for name, value in asr.encoder.state_dict().items():
+        torch.testing.assert_close(model.perception.encoder.state_dict()[name], value, rtol=0, atol=0)
+    width = {"stack_mlp": "input_dim", "conformer": "feat_in"}[adapter]
+    assert model.cfg.perception.modality_adapter[width] == asr.cfg.encoder.d_model
+
+
 def test_unsupported_architecture_has_clear_error():
     class NoEmbeddings(torch.nn.Module):
         def forward(self, input_ids):

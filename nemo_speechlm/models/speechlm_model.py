@@ -30,7 +30,7 @@ from transformers import GenerationConfig
 
 from nemo_speechlm.data.audio import check_audio_length, read_audio
 from nemo_speechlm.modules.ctc_readout import CTCReadout
-from nemo_speechlm.modules.perception import build_perception
+from nemo_speechlm.modules.perception import build_perception, fill_pretrained_encoder_config
 from nemo_speechlm.parts.checkpoint import stamp_checkpoint_format
 from nemo_speechlm.parts.fsdp import shard_model
 from nemo_speechlm.parts.decoding import cut_at_stop, decode, end_token_ids, length_sorted_batches, sampler
@@ -52,6 +52,7 @@ class SpeechLMModel(ModelPT):
     """Speech LLM core. Config keys are documented in ``nemo_speechlm/conf/speechlm.yaml``."""
 
     def __init__(self, cfg: DictConfig, trainer=None) -> None:
+        fill_pretrained_encoder_config(cfg)  # before ModelPT resolves ${..encoder.d_model}
         super().__init__(cfg=cfg, trainer=trainer)
         restoring = self._is_model_being_restored()
         # A "trainable" checkpoint stores only what was trained; base weights come from the references.

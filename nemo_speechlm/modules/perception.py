@@ -6,6 +6,8 @@ This module only decides which of the two paths to take and sizes the output to 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig, open_dict
 from nemo.collections.speechlm2.modules import AudioPerceptionModule
 from nemo.collections.speechlm2.parts.pretrained import setup_speech_encoder
@@ -16,6 +18,28 @@ class _PerceptionHost:
 
     def __init__(self, cfg: DictConfig, llm) -> None:
         self.cfg, self.llm, self.perception = cfg, llm, None
+
+
+def fill_pretrained_encoder_config(cfg: DictConfig) -> None:
+    """Put the pretrained ASR model's preprocessor + encoder config into ``cfg.perception`` when the config
+    names only ``pretrained_asr`` (``encoder=canary_1b_flash``, ``parakeet_tdt_0_6b_v2``, ``asr_nemo``).
+
+    It must be there before ``ModelPT`` resolves the config: the adapter's width is
+    ``${..encoder.d_model}``, and without an encoder section every such model failed to build
+    (``Interpolation key 'encoder.d_model' not found``). Reads the config only; the weights are
+    loaded later by :func:`build_perception` (a hub model is downloaded once and then cached)."""
+    if not cfg.get("pretrained_asr") or "encoder" in cfg.get("perception", {}):
+        return
+    from nemo.collections.asr.models import ASRModel
+
+    source = str(cfg.pretrained_asr)
+    if Path(source).exists() and source.endswith(".nemo"):  # as speechlm2's load_pretrained_nemo decides
+        asr_cfg = ASRModel.restore_from(source, return_config=True, map_location="cpu")
+    else:
+        asr_cfg = ASRModel.from_pretrained(source, return_config=True)
+    with open_dict(cfg):
+        cfg.perception.preprocessor = asr_cfg.preprocessor
+        cfg.perception.encoder = asr_cfg.encoder
 
 
 def embedding_rms(llm) -> float:
