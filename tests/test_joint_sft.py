@@ -303,7 +303,8 @@ def test_joint_sft_script_trains_and_exports(assets, data, tmp_path):
     nemo = tmp_path / "joint.nemo"
     cmd = [
         sys.executable, str(REPO / "examples" / "joint_sft_train.py"),
-        "encoder=conformer_tiny", "llm=hf", f"model.pretrained_llm={assets['llm']}",
+        # a pretrained NeMo ASR model's encoder, as joint SFT's default (Canary) is: the group sets only pretrained_asr
+        "encoder=asr_nemo", f"model.pretrained_asr={assets['asr']}", "llm=hf", f"model.pretrained_llm={assets['llm']}",
         "model.lora.r=4", "model.lora.lora_alpha=4", "model.lr_scheduler.warmup_steps=1",
         *[f"data.train_ds.audio.input_cfg.{i}.manifest_filepath={data[n]}" for i, n in enumerate(("asr", "ast", "sqa", "mixed_modal"))],
         f"data.train_ds.text.input_cfg.0.manifest_filepath={data['text_sft']}", "data.train_ds.audio.batch_size=2",
