@@ -40,6 +40,7 @@ from tqdm import tqdm
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 import nemo_speechlm  # noqa: F401  (registries, resolvers)
+from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.data.task_catalog import TRAIN, TaskCatalog
 from nemo_speechlm.datagen.behaviors import behavior_items, behavior_job
 from nemo_speechlm.datagen.chat_generator import build_chat_generator
@@ -234,7 +235,9 @@ def evaluate(out: Path, models: dict[str, Path], manifests: dict[str, Path], ben
 def answer_spoken_request(out: Path, nemo: Path, manifests: dict[str, Path]) -> None:
     stage("6/6 export and use: a fresh process loads the .nemo and answers a spoken request")
     manifest = manifests.get("heldout_unseen_voice", manifests["heldout"])
-    entry = json.loads(manifest.read_text().splitlines()[0])
+    # read_manifest makes a relative audio path absolute (the process below runs elsewhere); a real
+    # manifest (--manifest) has no `speaker`
+    entry = next(read_manifest(manifest)).data
     code = (
         "import sys, nemo_speechlm\n"
         "from nemo_speechlm.inference import load_model\n"
@@ -248,7 +251,8 @@ def answer_spoken_request(out: Path, nemo: Path, manifests: dict[str, Path]) -> 
     )
     answer = subprocess.run([sys.executable, "-c", code, str(nemo), entry["audio_filepath"], entry["text"], LOCATOR],
                             check=True, capture_output=True, text=True).stdout.strip()
-    print(f"request ({entry['audio_filepath']}, voice {entry['speaker']}): {entry['text']!r}")
+    voice = f", voice {entry['speaker']}" if "speaker" in entry else ""
+    print(f"request ({entry['audio_filepath']}{voice}): {entry['text']!r}")
     print(answer)
 
 

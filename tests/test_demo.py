@@ -125,6 +125,27 @@ def test_the_nemo_answers_a_spoken_request_in_a_fresh_process(demo):
     assert answer == speech[: len(answer)] or answer.split()[0] == speech.split()[0]  # same greedy answer
 
 
+def test_step_6_takes_a_real_manifest_with_relative_paths_and_no_speaker(demo, tmp_path, capsys):
+    """With --manifest (real data, the GPU command) step 6 read the first held-out line raw: a relative audio
+    path did not resolve in the answering process, and the missing `speaker` was a KeyError after training."""
+    import importlib.util
+    import shutil
+
+    out, _, _ = demo
+    line = read_jsonl(out / "corpus" / "heldout_manifest.json")[0]
+    (tmp_path / "wav").mkdir()
+    shutil.copy(line["audio_filepath"], tmp_path / "wav" / "request.wav")
+    manifest = tmp_path / "test.jsonl"
+    manifest.write_text(json.dumps({"audio_filepath": "wav/request.wav", "duration": line["duration"], "text": line["text"]}) + "\n")
+    spec = importlib.util.spec_from_file_location("demo_script", REPO / "examples" / "demo.py")
+    demo_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_script)
+    demo_script.answer_spoken_request(out, out / "mtbi.nemo", {"train": manifest, "heldout": manifest})
+    printed = capsys.readouterr().out
+    assert f"request ({tmp_path / 'wav' / 'request.wav'}): {line['text']!r}" in printed
+    assert printed.split("speech LLM (hears the audio): ")[1].splitlines()[0].strip()
+
+
 def test_a_second_run_reuses_what_did_not_change(demo):
     _, first, second = demo
     assert f"{{'utterances': {UTTERANCES}, " in first  # the pre-alignment fills the cache for every training utterance

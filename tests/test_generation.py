@@ -86,8 +86,11 @@ def test_unknown_backend_and_missing_vllm():
     try:
         import vllm  # noqa: F401
     except ImportError:
-        with pytest.raises(ImportError, match="pip install vllm"):
+        from nemo_speechlm.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="backend='vllm' needs vLLM") as missing:  # one line at the command line
             build_chat_generator("vllm", model="x")
+        assert "pip install vllm" in missing.value.fix
 
 
 @pytest.mark.timeout(600)

@@ -20,7 +20,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
-from nemo_speechlm.errors import InputError
+from nemo_speechlm.errors import ConfigError, InputError
 from nemo_speechlm.parts.decoding import decode, end_token_ids, length_sorted_batches, sampler
 from nemo_speechlm.parts.device import resolve_device
 
@@ -189,10 +189,9 @@ class VLLMChatGenerator:
     ) -> None:
         try:
             import vllm
-        except ImportError as exc:
-            raise ImportError(
-                "backend='vllm' needs vLLM (pip install vllm, on a CUDA machine); use backend='hf' otherwise"
-            ) from exc
+        except ImportError as exc:  # a choice the user can change: one error line at the command line
+            raise ConfigError("backend='vllm' needs vLLM, which is not installed",
+                              "pip install vllm (on a CUDA machine), or use --backend hf") from exc
         self._vllm = vllm
         self.model_name = str(model)
         self.llm = vllm.LLM(model=_loadable_source(str(model)), seed=seed, **llm_kwargs)
