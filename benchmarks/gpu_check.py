@@ -84,7 +84,9 @@ def recipe_commands(d: dict, out: Path, devices: int, accelerator: str, steps: i
     common = ["llm=hf", f"model.pretrained_llm={d['llm']}", "encoder=conformer_tiny", "adapter=stack_mlp",
               "model.perception.modality_adapter.hidden_dim=64", "model.lr_scheduler.warmup_steps=1",
               f"trainer.accelerator={accelerator}", f"trainer.devices={devices}", "trainer.precision=bf16-true",
-              f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "exp_manager.create_tensorboard_logger=false"]
+              f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "exp_manager.create_tensorboard_logger=false",
+              # as the README's GPU commands load (the CPU smoke loads in the training process: 2 cores)
+              f"data.train_ds.num_workers={4 if accelerator == 'gpu' else 0}"]
     run = lambda name: [f"exp_manager.exp_dir={out / name / 'runs'}", f"output_nemo={out / name / (name + '.nemo')}"]  # noqa: E731
     mtbi = [str(REPO / "examples" / "mtbi_train.py"), *common, "model.mtbi.kl_weight=0.5",
             "data.train_ds.input_cfg.0.interleave.prob=0.5", "connector_pretraining.steps=5", "connector_pretraining.batch_size=4",
