@@ -64,21 +64,24 @@ class _LrProbe(SpeechLMModel):
 
     lrs: list[float] = []
 
+    batches: list[list] = []
+
     def training_step(self, batch, batch_idx):
         _LrProbe.lrs.append(self.optimizers().param_groups[0]["lr"])
+        _LrProbe.batches.append(batch["input_ids"].tolist())
         return super().training_step(batch, batch_idx)
 
 
-def _train_lrs(assets, runs, steps: int, lr: float, *extra: str) -> list[float]:
+def _train_lrs(assets, runs, steps: int, lr: float, *extra: str, manifest=None) -> list[float]:
     with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
         cfg = compose("speechlm", overrides=[
             "encoder=conformer_tiny", "llm=hf", f"model.pretrained_llm={assets['llm']}",
             "model.perception.modality_adapter.hidden_dim=64", "model.lr_scheduler.warmup_steps=1",
-            f"data.train_ds.input_cfg.0.manifest_filepath={assets['manifest']}", "data.train_ds.batch_size=2",
+            f"data.train_ds.input_cfg.0.manifest_filepath={manifest or assets['manifest']}", "data.train_ds.batch_size=2",
             "trainer.accelerator=cpu", f"trainer.max_steps={steps}", f"model.optimizer.lr={lr}",
             f"exp_manager.exp_dir={runs}", f"output_nemo={runs / 'out.nemo'}", *extra,
         ])
-    _LrProbe.lrs = []
+    _LrProbe.lrs, _LrProbe.batches = [], []
     train(cfg, _LrProbe)
     return _LrProbe.lrs
 
@@ -108,6 +111,25 @@ def test_a_resumed_run_trains_on_with_its_own_max_steps_and_lr(assets, tmp_path,
                                           r"model\.perception\.modality_adapter\.hidden_dim: 64 -> 128\)"):
         _train_lrs(assets, tmp_path / "twice", 6, 5e-2, "model.perception.modality_adapter.hidden_dim=128")
     assert _LrProbe.lrs == []
+
+
+@pytest.mark.slow
+def test_a_run_resumed_on_other_data_starts_that_data_at_its_first_batch(assets, tmp_path, monkeypatch):
+    """The resumed stream skips the batches already trained on; with other training data that count belongs to
+    another stream, and skipping it dropped the new data's first batches unseen."""
+    from nemo_speechlm.data import resumable
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(assets["manifest"].read_text().splitlines(keepends=True)[4:]))
+    _train_lrs(assets, tmp_path / "fresh", 1, 1e-3, manifest=other)
+    first_of_other = _LrProbe.batches[0]
+    _train_lrs(assets, tmp_path / "run", 2, 1e-3)
+    warnings = []
+    monkeypatch.setattr(resumable.logging, "warning", warnings.append)
+    _train_lrs(assets, tmp_path / "run", 3, 1e-3, manifest=other)
+    assert _LrProbe.batches == [first_of_other]
+    (warning,) = [w for w in warnings if "other training data" in w]
+    assert f"data.train_ds.input_cfg: [{{'type': 'speechlm_manifest', 'manifest_filepath': '{assets['manifest']}'" in warning
 
 
 CONFORMER = "nemo.collections.asr.modules.ConformerEncoder"

@@ -17,8 +17,14 @@ on each rank. On resume, :class:`ResumableDataModule` replays that many batches 
 *sampler* (cut metadata only, no audio is read) before training starts, group draws of a
 multi-config (joint SFT) sampler included.
 
-Not restored: iterable datasets (tarred / Shar inputs, ``force_iterable_dataset``), whose sampler
-runs inside each dataloader worker; they start the stream again, with a warning.
+The position belongs to one stream: each checkpoint records the training data config it was made
+with (the datamodule's ``state_dict``), and a run resumed with other training data (another manifest,
+weights, batch size, seed) starts its new stream at the first batch, with a warning naming what
+changed, instead of skipping that many batches of data it never saw.
+
+Not restored: a loader with ``force_iterable_dataset: true``, whose sampler runs inside each dataloader
+worker; it starts the stream again, with a warning. (Tarred and Shar inputs of our data types resume
+like JSONL: ``force_map_dataset`` puts their sampler in the training process too.)
 """
 from __future__ import annotations
 
@@ -80,15 +86,43 @@ class ResumableDataModule(DataModule):
     def __init__(self, cfg, tokenizer, dataset) -> None:
         split_across_ranks(cfg)
         super().__init__(cfg, tokenizer=tokenizer, dataset=dataset)
+        self._changed_data: list[str] = []  # set on resume when the checkpoint's run trained on other data
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: the stream the step count is a position in."""
+        return {"train_stream": _stream_config(self.cfg)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        from nemo_speechlm.parts.runner import changed_values
+
+        saved = state_dict.get("train_stream")
+        if saved is not None:
+            self._changed_data = [f"data.train_ds.{k}: {old!r} -> {new!r}"
+                                  for k, old, new in changed_values(saved, _stream_config(self.cfg))]
 
     def train_dataloader(self):
         loader = super().train_dataloader()
         trainer = self.trainer
         consumed = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
-        if consumed:
+        if consumed and self._changed_data:
+            logging.warning(f"Resumed at step {trainer.global_step} with other training data than the checkpoint's run "
+                            f"({'; '.join(self._changed_data[:5])}): the new stream starts at its first batch")
+        elif consumed:
             if skip_batches(loader, consumed):
                 logging.info(f"Resumed at step {trainer.global_step}: the training stream skips {consumed} batches")
             else:
                 logging.warning(f"Resumed at step {trainer.global_step}: this training stream (an iterable dataset) "
                                 "cannot skip the batches already trained on and starts again")
         return loader
+
+
+# Loading settings that do not change which batches the stream gives (its sampler runs in the training process).
+_LOADING_ONLY = ("num_workers", "pin_memory", "prefetch_factor", "persistent_workers")
+
+
+def _stream_config(data_cfg) -> dict:
+    """The training split's config as plain data, without loading-only settings."""
+    from omegaconf import OmegaConf
+
+    train = OmegaConf.to_container(data_cfg.get("train_ds") or {}, resolve=True)
+    return {k: v for k, v in train.items() if k not in _LOADING_ONLY}
