@@ -27,7 +27,7 @@ def main(argv=None) -> None:
 
     model = load_asr_model(args.model, device=args.device)
     summary = align_manifest(
-        args.manifest, args.output, model, batch_size=args.batch_size, skip_invalid=args.skip_invalid
+        args.manifest, args.output, model, batch_size=args.batch_size, skip_invalid=args.skip_invalid, model_name=args.model
     )
     print(summary)
 

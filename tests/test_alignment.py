@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from nemo_speechlm.data.manifest import ManifestError
 from nemo_speechlm.datagen.alignment import NoCTCHeadError, align_manifest, load_asr_model, load_segment
+from nemo_speechlm.errors import InputError
 from nemo_speechlm.parts.runner import REJECTED_SUFFIX
 from tests.tiny_assets import SENTENCES, tiny_conformer_config
 from tests.conftest import REPO
@@ -85,6 +86,14 @@ def test_cli_adds_words_to_every_line(assets, corpus, tmp_path, capsys):
     # the offset line hears exactly clip 1, so it gets clip 1's alignment
     np.testing.assert_array_equal(load_segment(inputs[-1], SR), load_segment(inputs[1], SR))
     assert rows[-1]["words"] == rows[1]["words"]
+
+    # Resuming into that output with another aligner is refused: word times of two models would be mixed.
+    import shutil
+
+    other = tmp_path / "other_aligner.nemo"
+    shutil.copy(assets["asr"], other)
+    with pytest.raises(InputError, match="holds results made with other settings \\(aligner: "):
+        run_example("--manifest", str(corpus), "--output", str(out), "--model", str(other), "--device", "cpu")
 
 
 def test_rerun_resumes_without_duplicates(ctc_model, corpus, tmp_path):

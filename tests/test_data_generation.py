@@ -175,6 +175,12 @@ def test_mixed_modal_rerun_resumes_and_reproduces_the_choices(mixed_modal, tmp_p
     assert {p: p.stat().st_mtime_ns for p in (root / "wavs").iterdir()} == wav_times  # nothing re-synthesized
     summary = json.loads((root / "mixed.jsonl.summary.json").read_text())
     assert summary["done_before"] == 5 and summary["written"] == 0
+    # Other voices into the same output: refused, not appended in the new voices (settings.json beside it).
+    from nemo_speechlm.errors import InputError
+
+    with pytest.raises(InputError, match="holds results made with other settings \\(voices: \\['en-us', 'en-gb'\\] -> "):
+        script("generate_mixed_modal.py")(["--input", str(source), "--output", str(out), "--audio-dir", str(root / "wavs"),
+                                           "--voices", "en-us", "--rates", "160", "200", "--seed", "3"])
     # A fresh run with the same seed picks the same speakers and sentences (the audio may differ by a few samples).
     run_mixed_modal(source, tmp_path / "again.jsonl", tmp_path / "wavs")
     choices = lambda path: [(r["id"], r["conversations"], r["spoken_text"], r["speaker"]) for r in jsonl(path)]  # noqa: E731

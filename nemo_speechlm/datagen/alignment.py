@@ -29,7 +29,8 @@ from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummar
 from nemo_speechlm.data.utterance import segment_key
 from nemo_speechlm.errors import InputError
 from nemo_speechlm.models.loading import load_asr_model as _load_asr_model
-from nemo_speechlm.parts.runner import Outcome, Rejected, RunSummary, run_resumable
+from nemo_speechlm.models.loading import model_id
+from nemo_speechlm.parts.runner import Job, Outcome, Rejected, RunSummary, run_resumable
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,7 @@ def align_manifest(
     asr_model,
     batch_size: int = 8,
     skip_invalid: bool = False,
+    model_name: str | None = None,
 ) -> AlignmentSummary:
     """Write ``manifest_in``'s lines to ``manifest_out`` with ``words`` added (resumable).
 
@@ -271,6 +273,8 @@ def align_manifest(
     Lines keep all their fields (``audio_filepath`` made absolute, so the output works from
     any directory). A line that cannot be aligned raises :class:`ManifestError`; with
     ``skip_invalid`` it is skipped and counted (invalid lines as well as unalignable ones).
+    ``model_name`` (or ``asr_model`` itself when it is a name or path) identifies the aligner: an output
+    made with another one is not resumed.
     """
     model = asr_model if isinstance(asr_model, torch.nn.Module) else load_asr_model(asr_model)
     aligner = WordAligner(model, skip_invalid=skip_invalid)
@@ -287,6 +291,9 @@ def align_manifest(
     def process_batch(items: list[dict]) -> list[Outcome]:
         return aligner([entries[segment_key(item)] for item in items])
 
+    name = model_name or (None if isinstance(asr_model, torch.nn.Module) else str(asr_model))
+    if name is not None:  # a named model: resuming with another aligner is refused (two models' word times)
+        process_batch = Job(process_batch, {"aligner": model_id(name) if Path(name).exists() else name})
     items = [entry.data for entry in entries.values()]
     run = run_resumable(items, process_batch, manifest_out, batch_size=batch_size, desc="Aligning words", key=segment_key)
     return AlignmentSummary(run, invalid)
