@@ -67,11 +67,10 @@ def recipe_command(recipe: str, assets, behaviors, whisper_dir, data, tmp: Path)
                 "model.perception.modality_adapter.hidden_dim=64",
                 f"data.train_ds.input_cfg.0.manifest_filepath={assets['manifest']}", "data.train_ds.batch_size=2",
                 "data.train_ds.shard_seed=0"]
-    if recipe.startswith("mtbi"):
-        kl, prob = (0.5, 0.5) if recipe == "mtbi_kl_interleaved" else (0.0, 0.0)
+    if recipe == "mtbi_kl_interleaved":
         return [str(REPO / "examples" / "mtbi_train.py"), *_whisper(whisper_dir), *common,
                 "model.perception.modality_adapter.hidden_dim=64", "model.perception.modality_adapter.spec_augment=null",
-                f"model.mtbi.kl_weight={kl}", f"data.train_ds.input_cfg.0.interleave.prob={prob}",
+                "model.mtbi.kl_weight=0.5", "data.train_ds.input_cfg.0.interleave.prob=0.5",
                 "connector_pretraining.steps=3", "connector_pretraining.batch_size=4",
                 f"data.train_ds.input_cfg.0.manifest_filepath={behaviors}", "data.train_ds.batch_size=2",
                 "data.train_ds.shard_seed=0", f"feature_cache.dir={tmp.parent / 'features'}"]
@@ -126,7 +125,9 @@ def assert_same_weights(got: Path, want: Path, start: Path | None = None, atol: 
 # on different batches: the audio group, at sampler weight 0, still gave the first batch (lhotse's round robin
 # starts at its first sampler whatever the weights), and each DDP rank draws the same group per step, so the 2
 # ranks trained on two audio batches where one process got audio + text. With the text group alone: 1.2e-10.
-RECIPES = ["plain", "mtbi", "mtbi_kl_interleaved", "joint_text_steps"]
+# MTBI without KL and interleaving is not run here: its code is a subset of mtbi_kl_interleaved's (measured
+# bit-identical under DDP in sessions 12-15), and the suite's time goes to the runs that cover more.
+RECIPES = ["plain", "mtbi_kl_interleaved", "joint_text_steps"]
 
 
 @pytest.fixture(scope="module")

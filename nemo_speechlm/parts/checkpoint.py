@@ -49,7 +49,6 @@ class CheckpointError(InputError):
 def check_resume_fits(model, ckpt_path: str | Path) -> None:
     """Raise :class:`~nemo_speechlm.errors.ConfigError` naming the changed ``model.*`` settings when the
     weights in ``ckpt_path`` (the checkpoint this run would resume from) do not fit ``model``."""
-    model_cfg = model.cfg
     ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
     saved = {k: tuple(v.shape) for k, v in ckpt.get("state_dict", {}).items() if torch.is_tensor(v)}
     # Parameters must match in shape; buffers may not (the CTC read-out's vocabulary is sized when it loads),
@@ -59,7 +58,7 @@ def check_resume_fits(model, ckpt_path: str | Path) -> None:
     if not misfits:
         return
     before = (ckpt.get("hyper_parameters") or {}).get("cfg")
-    changed = changed_values(OmegaConf.to_container(before, resolve=True), OmegaConf.to_container(model_cfg, resolve=True),
+    changed = changed_values(OmegaConf.to_container(before, resolve=True), OmegaConf.to_container(model.cfg, resolve=True),
                              prefix="model.") if before is not None else []
     # what shapes the weights: not the optimizer, nor what saving and building write into the config
     changed = [c for c in changed if None not in c[1:] and not c[0].startswith(_NOT_ARCHITECTURE)]

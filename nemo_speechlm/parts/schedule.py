@@ -31,12 +31,13 @@ def apply_configured_schedule(optimizer: torch.optim.Optimizer, scheduler, optim
     changed = []
     for group in optimizer.param_groups:
         for key, value in probe.defaults.items():
-            if key in group and _differs(group[key], value) and key != "lr":  # lr: the scheduler's business below
+            if key not in group:
+                continue
+            if key != "lr" and _plain(group[key]) != _plain(value):  # lr moves with the schedule: see initial_lr
                 changed.append(f"model.optimizer.{key}: {group[key]} -> {value}")
-            if key in group:
-                group[key] = value
+            group[key] = value
         if "initial_lr" in group:
-            if _differs(group["initial_lr"], probe.defaults["lr"]):
+            if group["initial_lr"] != probe.defaults["lr"]:
                 changed.append(f"model.optimizer.lr: {group['initial_lr']} -> {probe.defaults['lr']}")
             group["initial_lr"] = probe.defaults["lr"]
     if scheduler is None or scheduler_cfg is None:
@@ -44,7 +45,7 @@ def apply_configured_schedule(optimizer: torch.optim.Optimizer, scheduler, optim
     fresh = safe_instantiate(scheduler_cfg, probe).state_dict()
     restored = scheduler.state_dict()
     for key, value in fresh.items():
-        if key not in _PROGRESS and key != "base_lrs" and key in restored and _differs(restored[key], value):
+        if key not in _PROGRESS and key != "base_lrs" and key in restored and _plain(restored[key]) != _plain(value):
             changed.append(f"model.lr_scheduler.{key}: {restored[key]} -> {value}")
     state = {**fresh, **{k: restored[k] for k in _PROGRESS if k in restored}}
     state["base_lrs"] = [group["initial_lr"] for group in optimizer.param_groups]
@@ -56,9 +57,6 @@ def apply_configured_schedule(optimizer: torch.optim.Optimizer, scheduler, optim
     return sorted(set(changed))
 
 
-def _differs(a, b) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        return not (isinstance(a, (int, float)) and isinstance(b, (int, float))) or abs(a - b) > 1e-12 * max(abs(a), abs(b), 1e-30)
-    return a != b
+def _plain(value):
+    """Tuples as lists, so ``betas=(0.9, 0.98)`` from a restored group equals ``[0.9, 0.98]`` from a config."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
