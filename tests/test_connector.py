@@ -1,5 +1,6 @@
 """The connector options (output RMSNorm at the LLM's embedding scale, word-wide context), the CTC
 pre-alignment onto the LLM's embeddings, and the listening diagnostics, on the tiny real model."""
+import datetime
 import json
 
 import pytest
@@ -82,7 +83,8 @@ def test_pre_alignment_lowers_the_ctc_loss_and_trains_only_the_adapter(assets):
     cfg.perception.modality_adapter = adapter_cfg(output_rms="auto")
     model = SpeechLMModel(cfg)
     frozen = {n: p.clone() for n, p in model.named_parameters() if not n.startswith("perception.modality_adapter")}
-    result = pretrain_connector_ctc(model, utterances(assets), steps=40, lr=2e-2, batch_size=8)
+    # 60 steps: the random tiny encoder runs in eval mode (its BatchNorm on untrained running statistics)
+    result = pretrain_connector_ctc(model, utterances(assets), steps=60, lr=2e-2, batch_size=8)
     assert result["final_loss"] < 0.95 * result["first_loss"], result
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
@@ -241,3 +243,50 @@ def test_freeze_connector_trains_only_the_readout_gate_and_boundaries_through_th
     cfg.ctc_readout = False
     with pytest.raises(ValueError, match="ctc_readout"):
         pre_align_connector(pre, SpeechLMModel(cfg), None, None, resuming=False)
+
+
+def _pre_align_on_rank(rank: int, world: int, init_file: str, model, assets, batch_size: int, results) -> None:
+    """One rank of the data-parallel pre-alignment test (``world`` 1: one process, no process group)."""
+    if world > 1:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                             timeout=datetime.timedelta(seconds=60))  # a mismatch fails, not hangs
+    try:
+        torch.set_num_threads(1)
+        result = pretrain_connector_ctc(model, utterances(assets), steps=4, lr=2e-2, batch_size=batch_size, seed=3)
+        results[(world, rank)] = (result, {k: v.clone() for k, v in model.perception.modality_adapter.state_dict().items()})
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("batch_size", [3, 1])  # 3: shares of 2 and 1 utterances; 1: rank 1's share is empty
+def test_pre_alignment_split_across_two_ranks_is_the_one_process_step(model, assets, tmp_path, batch_size):
+    """With a process group (several devices), each rank computes its share of every batch and the gradients
+    are summed over the ranks (2 gloo processes): the aligned connector is one process's, up to summation order."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    for world in (1, 2):
+        mp.start_processes(_pre_align_on_rank, args=(world, str(tmp_path / f"init{world}"), model, assets, batch_size, results),
+                           nprocs=world, start_method="fork")
+    one_result, one = results[(1, 0)]
+    for rank in (0, 1):
+        result, got = results[(2, rank)]
+        assert result["first_loss"] == pytest.approx(one_result["first_loss"], rel=1e-5)  # the whole batch's loss
+        for key in one:
+            torch.testing.assert_close(got[key], one[key], atol=1e-5, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+    before = model.perception.modality_adapter.state_dict()  # the parent's model, untouched by the forked runs
+    assert any(not torch.equal(one[k], before[k]) for k in one)
+
+
+def test_pre_alignment_encodes_as_inference_does(assets):
+    """Without a feature cache stage 1 runs the encoder itself: in eval mode, so the Conformer's BatchNorm uses
+    (and keeps) its running statistics, and an utterance's features do not depend on the rest of the batch."""
+    torch.manual_seed(0)
+    cfg = model_config(assets["llm"])
+    cfg.perception.modality_adapter = adapter_cfg()
+    model = SpeechLMModel(cfg)
+    before = {n: b.clone() for n, b in model.perception.encoder.named_buffers() if "running" in n}
+    assert before
+    pretrain_connector_ctc(model, utterances(assets), steps=2, lr=2e-2, batch_size=4)
+    assert all(torch.equal(b, before[n]) for n, b in model.perception.encoder.named_buffers() if n in before)

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from nemo_speechlm.models import MTBIModel
 from tests.conftest import REPO, model_config
 from tests.tiny_assets import write_behaviors
@@ -51,3 +53,12 @@ def test_padding_benchmark_counts_the_spliced_positions_of_each_batching(assets,
     for r in result.values():
         assert 0 <= r["padding"] < 1 and r["positions_per_batch"] > 0
         assert 0 <= r["packed_padding"] <= r["padding"] and r["packed_positions_per_batch"] <= r["positions_per_batch"]
+
+
+def test_prealign_ranks_benchmark_tiny_two_ranks_align_the_one_process_connector(tmp_path):
+    """Without SpecAugment (masks are seeded per rank) the 2-rank connector is the one-process one up to summation order."""
+    result = run_benchmark("prealign_ranks.py", "--tiny", "--steps", "4", "--utterances", "8", "--batch-size", "4",
+                           "--out", str(tmp_path), "model.perception.modality_adapter.spec_augment=null")
+    assert result["max_weight_difference"] < 1e-4
+    assert result["final_loss"]["2"] == pytest.approx(result["final_loss"]["1"], abs=2e-4)  # rounded to 4 digits
+    assert result["speedup"] > 0

@@ -136,7 +136,7 @@ def fill_feature_cache(model, cache: FeatureCache, cuts: list[Cut], batch_size: 
     encodes the distinct utterances ``r, r+N, ...`` (a split that does not depend on what other ranks
     have written meanwhile), then every rank waits at a barrier, so all of them read a full cache.
     """
-    from nemo_speechlm.parts.distributed import barrier, rank_and_world
+    from nemo_speechlm.parts.distributed import barrier, encoding_on_this_rank_only, rank_and_world
 
     rank, world = rank_and_world()
     distinct: dict[str, Cut] = {}
@@ -150,7 +150,8 @@ def fill_feature_cache(model, cache: FeatureCache, cuts: list[Cut], batch_size: 
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=len(mine), initial=counts["cached_before"], desc="Caching encoder features", unit="utt") as bar:
+        with encoding_on_this_rank_only(model), \
+                tqdm(total=len(mine), initial=counts["cached_before"], desc="Caching encoder features", unit="utt") as bar:
             for start in range(0, len(todo), batch_size):
                 batch_cuts = todo[start : start + batch_size]
                 wavs = [

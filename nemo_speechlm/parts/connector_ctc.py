@@ -28,6 +28,8 @@ from tqdm import tqdm
 
 from nemo.utils import logging
 
+from nemo_speechlm.parts.distributed import encoding_on_this_rank_only, rank_and_world, sum_over_ranks
+
 __all__ = ["transcript_vocabulary", "transcript_targets", "connector_ctc_loss", "embed_vocabulary", "pretrain_connector_ctc",
            "freeze_aligned_connector", "connector_transcripts", "save_aligned_connector", "load_aligned_connector"]
 
@@ -52,17 +54,24 @@ def connector_ctc_loss(
     targets: Sequence[Sequence[int]],
     vocabulary_embeddings: torch.Tensor,
     blank: torch.Tensor,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean CTC loss of connector ``outputs`` (one ``(positions, hidden)`` tensor per utterance) against
+    """CTC loss of connector ``outputs`` (one ``(positions, hidden)`` tensor per utterance) against
     ``targets`` (from :func:`transcript_targets`); logits are dot products with ``[blank; vocabulary_embeddings]``
-    (the LLM input embeddings of the vocabulary's tokens, in class order: :func:`embed_vocabulary`)."""
+    (the LLM input embeddings of the vocabulary's tokens, in class order: :func:`embed_vocabulary`).
+    Each utterance's loss is divided by its target length, as torch's ``reduction="mean"`` does, then
+    averaged (``"mean"``) or summed (``"sum"``: one rank's share of a batch split across ranks)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
     classes = torch.cat([blank, vocabulary_embeddings], 0)
     log_probs = torch.nn.utils.rnn.pad_sequence([h @ classes.T for h in outputs]).log_softmax(-1)
-    return torch.nn.functional.ctc_loss(
-        log_probs, torch.tensor([c for t in targets for c in t]), torch.tensor([len(h) for h in outputs]),
-        torch.tensor([len(t) for t in targets]),
-        zero_infinity=True,  # an utterance with more tokens than positions is skipped, not NaN
+    target_lengths = torch.tensor([len(t) for t in targets])
+    losses = torch.nn.functional.ctc_loss(
+        log_probs, torch.tensor([c for t in targets for c in t]), torch.tensor([len(h) for h in outputs]), target_lengths,
+        reduction="none", zero_infinity=True,  # an utterance with more tokens than positions is skipped, not NaN
     )
+    per_utterance = losses / target_lengths.to(losses.device, losses.dtype).clamp(min=1)  # torch's "mean", before averaging
+    return per_utterance.mean() if reduction == "mean" else per_utterance.sum()
 
 
 def embed_vocabulary(model, token_ids: Sequence[int]) -> torch.Tensor:
@@ -83,7 +92,12 @@ def pretrain_connector_ctc(
 ) -> dict:
     """Train ``model``'s modality adapter with :func:`connector_ctc_loss` for ``steps`` steps over
     ``(utterance cut, transcript)`` pairs; encoder features come from ``feature_cache`` when given.
-    Returns ``{"steps", "first_loss", "final_loss"}`` (loss averaged over the first/last 20 steps)."""
+    Returns ``{"steps", "first_loss", "final_loss"}`` (loss averaged over the first/last 20 steps).
+
+    With a process group (several devices; the recipe starts it before ``fit``), each step's batch is split
+    across the ranks, each rank encodes and computes its share on its own device, and the gradients are summed
+    over the ranks: the step is the one-process step (same batch, same loss), ``world_size`` times less work
+    per rank. SpecAugment and dropout draw from a generator seeded ``seed + rank``."""
     if not utterances:
         raise ValueError("connector pre-alignment needs utterances with transcripts; the training data has none")
     tokenizer = model.tokenizer.tokenizer
@@ -104,24 +118,31 @@ def pretrain_connector_ctc(
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
                                                   0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
-    rng = random.Random(seed)
+    rank, world = rank_and_world()
+    rng = random.Random(seed)  # the same on every rank: all ranks agree on each step's batch
     order: list[int] = []
     losses: list[float] = []
     was_training = model.training
     model.train()
-    bar = tqdm(range(steps), desc="Connector pre-alignment (CTC onto LLM embeddings)", unit="step")
+    for module in (model.perception.preprocessor, model.perception.encoder, model.llm):
+        # Not trained here: no dither, dropout or batch statistics (a Conformer's BatchNorm), as in inference
+        # and the feature cache, and no running statistics updated.
+        module.eval()
+    bar = tqdm(range(steps), desc="Connector pre-alignment (CTC onto LLM embeddings)", unit="step", disable=rank > 0)
     # SpecAugment and dropout draw from torch's generator: seed it here, in a fork, so the aligned connector
     # depends on ``seed`` and the data only, not on how much randomness the stage-2 data set-up used before.
-    with torch.random.fork_rng(devices=[embeddings.device] if embeddings.device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[embeddings.device] if embeddings.device.type == "cuda" else []), \
+            encoding_on_this_rank_only(model):  # without a feature cache, a rank with an empty share does not encode
+        torch.manual_seed(seed + rank)
         for _ in bar:
             if len(order) < batch_size:
                 order += rng.sample(range(len(utterances)), len(utterances))
             batch, order = order[:batch_size], order[batch_size:]
-            features = _encoder_features(model, [utterances[i][0] for i in batch], feature_cache)
-            loss = connector_ctc_loss(model.adapt(features, readout=False), [targets[i] for i in batch], embeddings, blank)
             optimizer.zero_grad()
-            loss.backward()
+            loss = _share_of_batch_loss(model, batch[rank::world], len(batch), utterances, targets, embeddings, blank,
+                                        feature_cache)
+            if world > 1:
+                loss = _sum_gradients_over_ranks(params + [blank], loss)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
@@ -132,6 +153,30 @@ def pretrain_connector_ctc(
               "vocabulary": len(vocabulary)}
     logging.info(f"Connector pre-alignment: {result}")
     return result
+
+
+def _share_of_batch_loss(model, share: list[int], batch_size: int, utterances, targets, embeddings, blank,
+                         feature_cache) -> torch.Tensor:
+    """This rank's share of the batch's mean loss (its utterances' losses summed, divided by the whole batch's
+    size), backpropagated; zero where the share is empty (more ranks than utterances in a step)."""
+    if not share:
+        return torch.zeros((), device=embeddings.device)
+    features = _encoder_features(model, [utterances[i][0] for i in share], feature_cache)
+    outputs = model.adapt(features, readout=False)
+    loss = connector_ctc_loss(outputs, [targets[i] for i in share], embeddings, blank, reduction="sum") / batch_size
+    loss.backward()
+    return loss.detach()
+
+
+def _sum_gradients_over_ranks(params: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+    """Sum the ranks' gradients (each is its share of the batch mean's gradient) and losses in one all-reduce;
+    returns the batch's loss. A parameter without gradient on this rank contributes zeros."""
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    total = loss.clone()
+    sum_over_ranks([p.grad for p in params] + [total])
+    return total
 
 
 def freeze_aligned_connector(model) -> None:

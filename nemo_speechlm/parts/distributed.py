@@ -10,7 +10,8 @@ SLURM every rank already runs the script from the start: only the process group 
 """
 from __future__ import annotations
 
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -69,8 +70,8 @@ def barrier() -> None:
 def broadcast_from_rank0(tensors: Iterable[torch.Tensor]) -> None:
     """Overwrite ``tensors`` in place with rank 0's values (no-op without a process group).
 
-    For work every rank repeats before ``fit`` (connector pre-alignment): GPU kernels are not bit-deterministic,
-    so the ranks' copies may differ in the last bits. DDP broadcasts rank 0's model when it wraps it; FSDP2 does
+    For weights every rank computes before ``fit`` (connector pre-alignment: the same summed gradients on every rank):
+    GPU kernels are not bit-deterministic, so the ranks' copies may differ in the last bits. DDP broadcasts rank 0's model when it wraps it; FSDP2 does
     not, and would shard the slightly different copies, one shard each."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         with torch.no_grad():
@@ -78,9 +79,43 @@ def broadcast_from_rank0(tensors: Iterable[torch.Tensor]) -> None:
                 dist.broadcast(tensor, src=0)
 
 
-def device_for_prefit_work(trainer: Trainer) -> torch.device:
-    """The device this rank trains on (its GPU, or the CPU): pre-fit encoding runs there."""
-    return trainer.strategy.root_device
+def sum_over_ranks(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor in place by its sum over the ranks, all in one all-reduce (no-op without a process
+    group). For data-parallel work before ``fit`` (connector pre-alignment's gradients), where no DDP wrapper is."""
+    if not tensors or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    with torch.no_grad():
+        flat = torch.cat([t.reshape(-1).to(tensors[0].dtype) for t in tensors])
+        dist.all_reduce(flat)
+        offset = 0
+        for tensor in tensors:
+            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+
+
+
+@contextmanager
+def encoding_on_this_rank_only(model) -> Iterator[None]:
+    """Encode speech on this rank alone, for work before ``fit`` where ranks encode different numbers of batches
+    (their shares of the feature cache or of a pre-alignment batch).
+
+    NeMo's Conformer (FastConformer, Canary, Parakeet) all-reduces its longest input in every forward
+    (``sync_max_audio_length``) so every rank's positional table has the same size (DDP broadcasts buffers).
+    Ranks calling it unequally deadlock (NCCL, gloo). It is switched off here and the tables are made equal
+    afterwards with one all-reduce. A no-op on one rank and for encoders without the setting (Whisper)."""
+    encoder = model.perception.encoder
+    if not getattr(encoder, "sync_max_audio_length", False) or rank_and_world()[1] == 1:
+        yield
+        return
+    encoder.sync_max_audio_length = False
+    try:
+        yield
+    finally:
+        encoder.sync_max_audio_length = True
+    longest = torch.tensor([float(encoder.max_audio_length)], device=model.device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    if int(longest.item()) > encoder.max_audio_length:
+        encoder.set_max_audio_length(int(longest.item()))
 
 
 def _device_count(devices) -> int | None:

@@ -1,0 +1,167 @@
+"""Connector pre-alignment (stage 1) in one process vs split across N ranks: steps/s, final loss, and how far the
+two aligned connectors are apart.
+
+    python benchmarks/prealign_ranks.py [--tiny] [--ranks 2] [--steps 200] [--batch-size 16] [--utterances 256]
+        [--device cpu|cuda] [hydra overrides of nemo_speechlm/conf/mtbi.yaml ...]
+
+The utterances are the package's sentences spoken by espeak-ng (``--tiny``: synthetic wavs and tiny parts),
+encoded once into a feature cache, as the MTBI recipe does before stage 1. Then ``pretrain_connector_ctc``
+runs ``--steps`` steps of ``--batch-size`` utterances from the same initial connector, first in one process,
+then on ``--ranks`` processes (gloo on CPU, NCCL with one GPU per rank), where each rank computes its share
+of every batch and the gradients are summed over the ranks (what ``trainer.devices=N`` does before ``fit``).
+On CPU every process, in both runs, gets ``--threads`` threads (default ``cores / ranks``): each process stands
+in for one device, so the ratio is what N devices gain over one (a GPU rank has its own GPU). The same cores
+split between the ranks is not that question: one process with every core then did as well as the ranks
+(0.91x on 2 cores, docs/throughput.md). SpecAugment draws different masks on each rank (seeded ``seed + rank``), so the
+connectors differ by more than summation order unless ``model.perception.modality_adapter.spec_augment=null``.
+Default parts: the demo's (Whisper tiny.en, SmolLM2-135M-Instruct). Last line: ``RESULT {json}``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import soundfile
+import torch
+import torch.multiprocessing as mp
+
+import nemo_speechlm  # noqa: F401  (resolvers, target allow-list)
+from nemo_speechlm.data.conversations import cut_for_audio
+from nemo_speechlm.data.feature_cache import FeatureCache, encoder_fingerprint, fill_feature_cache
+from nemo_speechlm.models import SpeechLMModel
+from nemo_speechlm.parts.connector_ctc import ALIGNED_CONNECTOR_PREFIXES, pretrain_connector_ctc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.tiny_assets
+from tests.tiny_assets import make_tiny_llm, make_wav_manifest  # noqa: E402
+from train_throughput import compose_config, machine_info  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny random Llama + conformer, synthetic wavs (smoke test)")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--utterances", type=int, default=256)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per rank)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of every process (default: cores / ranks)")
+    p.add_argument("--out", default=None, help="keep the corpus, cache and connectors here (default: a temp dir)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides of mtbi.yaml")
+    args = p.parse_intermixed_args()
+    if args.ranks < 2 or args.steps < 1 or args.batch_size < 1 or args.utterances < 1:
+        p.error("--ranks must be >= 2; --steps, --batch-size and --utterances >= 1")
+    if args.device == "cuda" and torch.cuda.device_count() < args.ranks:
+        p.error(f"--ranks {args.ranks} needs as many GPUs; {torch.cuda.device_count()} visible")
+    return args
+
+
+def model_overrides(args: argparse.Namespace, root: Path) -> list[str]:
+    if args.tiny:
+        parts = ["encoder=conformer_tiny", "llm=hf", f"model.pretrained_llm={make_tiny_llm(root / 'llm')}",
+                 "model.perception.modality_adapter.hidden_dim=64", "model.perception.modality_adapter.stack=2"]
+    else:
+        parts = ["model.perception.encoder.pad_to_window=false"]  # as the demo encodes (examples/demo.py)
+    return parts + list(args.overrides)
+
+
+def build_model(overrides: list[str], seed: int) -> SpeechLMModel:
+    """The same initial model in every process: the config's seed before construction."""
+    cfg = compose_config("mtbi", overrides)
+    torch.manual_seed(seed)
+    return SpeechLMModel(cfg.model)
+
+
+def make_corpus(args: argparse.Namespace, root: Path, sample_rate: int) -> list[tuple[str, str]]:
+    """``(wav path, transcript)`` for ``--utterances`` utterances."""
+    if args.tiny:
+        manifest = make_wav_manifest(root / "data", n=args.utterances, sample_rate=sample_rate)
+        return [(e["audio_filepath"], e["text"]) for e in map(json.loads, manifest.read_text().splitlines())]
+    from nemo_speechlm.tts.corpus import load_sentences
+    from nemo_speechlm.tts.espeak import EspeakTTS
+
+    tts, wav_dir = EspeakTTS(sample_rate=sample_rate), root / "wav"
+    wav_dir.mkdir(parents=True, exist_ok=True)
+    sentences = load_sentences()
+    corpus = []
+    for i in range(args.utterances):
+        text, path = sentences[i % len(sentences)], wav_dir / f"{i:05d}.wav"
+        if not path.exists():
+            soundfile.write(path, tts.synthesize(text).audio, sample_rate)
+        corpus.append((str(path), text))
+    return corpus
+
+
+def utterances_of(corpus: list[tuple[str, str]]) -> list:
+    return [(cut_for_audio(path, 0.0, soundfile.info(path).duration), text) for path, text in corpus]
+
+
+def run_rank(rank: int, world: int, args: argparse.Namespace, overrides: list[str], corpus, cache_dir: str,
+             fingerprint: str, root: str, threads: int) -> None:
+    """One process of one run: pre-align, time it, and (rank 0) write the connector and the numbers."""
+    torch.set_num_threads(threads)
+    device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
+    if world > 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{root}/init{world}",
+                                             rank=rank, world_size=world, timeout=datetime.timedelta(minutes=5))
+    try:
+        model = build_model(overrides, seed=0).to(device)
+        cache = FeatureCache(cache_dir, fingerprint)
+        utterances = utterances_of(corpus)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = pretrain_connector_ctc(model, utterances, args.steps, batch_size=args.batch_size, feature_cache=cache)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        if rank == 0:
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith(ALIGNED_CONNECTOR_PREFIXES)}
+            torch.save({"state": state, "seconds": seconds, "result": result}, Path(root) / f"run{world}.pt")
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def main() -> None:
+    args = parse_args()
+    root = Path(args.out or tempfile.mkdtemp(prefix="prealign_ranks_"))
+    root.mkdir(parents=True, exist_ok=True)
+    overrides = model_overrides(args, root)
+    model = build_model(overrides, seed=0)
+    corpus = make_corpus(args, root, model.sampling_rate)
+    fingerprint = encoder_fingerprint(model.perception, model.cfg.perception)
+    cache = FeatureCache(root / "features", fingerprint)
+    fill_feature_cache(model.to(args.device if args.device == "cpu" else "cuda:0"), cache, [c for c, _ in utterances_of(corpus)])
+    del model
+    cores = len(os.sched_getaffinity(0))
+    runs = {}
+    threads = args.threads or max(1, cores // args.ranks)
+    for world in (1, args.ranks):
+        mp.start_processes(run_rank, args=(world, args, overrides, corpus, str(cache.root.parent), fingerprint, str(root), threads),
+                           nprocs=world, start_method="spawn")
+        runs[world] = torch.load(root / f"run{world}.pt")
+    one, split = runs[1], runs[args.ranks]
+    worst = max(float((one["state"][k].float() - split["state"][k].float()).abs().max()) for k in one["state"] if one["state"][k].numel())
+    speedup = one["seconds"] / split["seconds"]
+    print(f"Stage 1: {args.steps} steps x {args.batch_size} utterances ({args.utterances} utterances, cached features), "
+          f"overrides {overrides}")
+    print(f"Machine: {machine_info(torch.device('cuda:0' if args.device == 'cuda' else 'cpu'))}; {threads} CPU threads per process")
+    for world, run in runs.items():
+        print(f"  {world} rank{'s' if world > 1 else ''}: {args.steps / run['seconds']:.2f} steps/s, "
+              f"CTC loss {run['result']['first_loss']} -> {run['result']['final_loss']}")
+    print(f"  {args.ranks} ranks / 1 process: {speedup:.2f}x steps/s; largest connector weight difference {worst:.2e}")
+    print("RESULT " + json.dumps({"ranks": args.ranks, "steps": args.steps, "batch_size": args.batch_size, "device": args.device, "threads_per_process": threads,
+                                  "seconds": {w: round(r["seconds"], 2) for w, r in runs.items()}, "speedup": round(speedup, 3),
+                                  "final_loss": {w: r["result"]["final_loss"] for w, r in runs.items()},
+                                  "max_weight_difference": worst, "overrides": overrides}))
+
+
+if __name__ == "__main__":
+    main()
