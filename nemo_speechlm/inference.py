@@ -35,7 +35,7 @@ from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummar
 from nemo_speechlm.errors import InputError
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.models.answering import answer_items, ensure_audio_locator, generation_kwargs, item_keys
-from nemo_speechlm.models.loading import load_model, model_id, resolve_device  # noqa: F401  (kept importable here)
+from nemo_speechlm.models.loading import load_model, model_id, model_identity, resolve_device  # noqa: F401  (kept importable here)
 from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, UsageError, run_cli
 from nemo_speechlm.parts.runner import RunSummary, check_run_settings, read_records  # noqa: F401
 
@@ -99,7 +99,8 @@ def infer_manifest(
         items.append({"key": key, "entry": entry, "prompt": text})
     if appended:
         _note(f"{appended} prompts have no audio locator {tag!r}: the audio goes after the prompt, on a new line.")
-    check_run_settings(output, {"model": model_name, "manifest": str(Path(manifest).resolve()), "prompt": prompt,
+    check_run_settings(output, {"model": model_identity(model, model_name), "manifest": str(Path(manifest).resolve()),
+                                "prompt": prompt,
                                 "prompt_field": prompt_field, "system_prompt": system_prompt, "generation": generation})
 
     def record(item: dict, answer: str) -> dict:

@@ -107,6 +107,32 @@ def test_asr_eval_writes_per_utterance_wer_and_corpus_wer(tiny, assets, tmp_path
     assert json.loads((tmp_path / "asr_metrics.json").read_text())["wer"] == metrics["wer"]
 
 
+def test_library_evaluation_of_another_model_into_the_same_folder_is_refused(tiny, assets, tmp_path):
+    """Called without ``model_name`` (a model in memory), answers resume under a digest of the weights: the same
+    model resumes, a model trained on since is refused instead of being credited with the first one's answers."""
+    from nemo_speechlm.errors import InputError
+    from nemo_speechlm.models.loading import model_identity
+
+    model, answers = tiny[0], tmp_path / "answers.jsonl"
+    first = standard.evaluate_asr(model, assets["manifest"], tmp_path, batch_size=4, max_new_tokens=4)
+    assert first["model"] == model_identity(model) and "in memory" in first["model"]
+    assert standard.evaluate_asr(model, assets["manifest"], tmp_path, batch_size=4, max_new_tokens=4)["wer"] == first["wer"]
+    inference.infer_manifest(model, assets["manifest"], answers, prompt="Repeat: <|audio|>", max_new_tokens=2)
+    weight = next(model.perception.modality_adapter.parameters())
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.add_(1e-3)  # "trained on"
+        with pytest.raises(InputError, match="other settings.*model"):
+            standard.evaluate_asr(model, assets["manifest"], tmp_path, batch_size=4, max_new_tokens=4)
+        with pytest.raises(InputError, match="other settings.*model"):
+            inference.infer_manifest(model, assets["manifest"], answers, prompt="Repeat: <|audio|>", max_new_tokens=2)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert model_identity(model) == first["model"]
+
+
 def test_canary_style_prompts():
     assert standard.canary_prompt("en", "de", pnc=False) == (
         "Translate the English content to German, ignoring punctuations and capitalizations.")

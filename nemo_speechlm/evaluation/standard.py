@@ -32,7 +32,7 @@ from nemo_speechlm.errors import InputError
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.models.answering import answer_items, ensure_audio_locator, generation_kwargs, item_keys
 from nemo_speechlm.models.base_llm import base_llm, base_llm_description
-from nemo_speechlm.models.loading import load_model, model_id
+from nemo_speechlm.models.loading import load_model, model_id, model_identity
 from nemo_speechlm.parts.metrics import (
     bleu,
     char_error_rate,
@@ -300,6 +300,7 @@ def _evaluate_manifest(
     if not items:
         raise InputError(f"{manifest}: no usable lines to evaluate ({skipped})")
     predictions, metrics_path = _output_paths(out_dir, task.mode)
+    model_name = model_identity(model, model_name)
     check_run_settings(predictions, {"mode": task.mode, "model": model_name, "manifest": str(Path(manifest).resolve()),
                                      "prompt": task.prompt_setting, "system_prompt": system_prompt, "generation": generation})
     answer_items(model, items, predictions, task.make_record, batch_size, system_prompt, desc=f"Evaluating {task.mode}",
@@ -387,6 +388,7 @@ def evaluate_text_retention(
     keys = _conversation_keys(convs)
     items = [{"key": k, **conv} for k, conv in zip(keys, convs)]
     predictions, metrics_path = _output_paths(out_dir, "text-retention")
+    model_name = model_identity(model, model_name)
     check_run_settings(predictions, {"mode": "text-retention", "model": model_name,
                                      "conversations": str(Path(conversations).resolve()), "generation": generation})
 

@@ -1,10 +1,12 @@
 """Loading models for inference, evaluation and data generation, in one place: a ``.nemo`` of
-ours (:func:`load_model`), its identity for resuming (:func:`model_id`), and a NeMo ASR model
+ours (:func:`load_model`), its identity for resuming (:func:`model_id` for a file, :func:`model_identity` for a
+model in memory), and a NeMo ASR model
 (:func:`load_asr_model`). The device rule is :func:`~nemo_speechlm.parts.device.resolve_device`; the
 model's base LLM is in :mod:`nemo_speechlm.models.base_llm`.
 """
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from pathlib import Path
 
@@ -41,6 +43,29 @@ def model_id(path: str | Path) -> str:
     if not path.exists():
         return str(path)
     return f"{path} (modified {datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec='seconds')})"
+
+
+def model_identity(model: torch.nn.Module, model_name: str | None = None) -> str:
+    """``model_name`` (the CLI gives :func:`model_id`), or, for a model handed over in memory, a digest of its
+    weights: the library's evaluation and inference functions resume their answers under it, and refuse an
+    output that another model wrote. Keyed by ``None``, a notebook that evaluated a model, trained on and
+    evaluated again into the same folder got the first model's answers back as the second's.
+
+    Each tensor contributes its name, shape, fp64 sum and norm (8 significant digits: the same weights on
+    another device agree) and its first 16 values: one read of the weights, no copy of them."""
+    if model_name is not None:
+        return model_name
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            if flat.is_floating_point():
+                stats = [float(flat.sum(dtype=torch.float64)), float(torch.linalg.vector_norm(flat, dtype=torch.float64))]
+            else:
+                stats = [int(flat.sum())]
+            head = flat[:16].float().tolist()
+            digest.update(f"{name}{tuple(tensor.shape)}{[f'{v:.8g}' for v in stats + head]}".encode())
+    return f"{type(model).__name__} in memory, weights {digest.hexdigest()[:16]}"
 
 
 def load_asr_model(name_or_path: str | Path, device: str | torch.device | None = None):
