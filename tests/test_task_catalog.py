@@ -100,6 +100,32 @@ def test_sampling_respects_counts(catalog):
         catalog.sample_training_prompts("utt", 1, 100)
 
 
+def test_a_task_with_fewer_train_prompts_gives_all_it_has(tmp_path):
+    """A task trained on one wording (the bare utterance) beside tasks with many: ``prompts_per_task`` 2 takes
+    both of the others' and the one of it, instead of refusing every count above 1."""
+    path = write_catalog(tmp_path, """  respond:
+    split: train
+    description: Reply to the utterance.
+    check: differs_from_input
+    prompts:
+      - {text: "{input}", split: train}
+      - {text: "Reply to this: {input}", split: heldout}
+  summarize:
+    split: train
+    description: Summarize.
+    check: one_sentence
+    prompts:
+      - {text: "Summarize: {input}", split: train}
+      - {text: "Sum up: {input}", split: train}
+      - {text: "Give the gist: {input}", split: heldout}
+""")
+    catalog = TaskCatalog.load(path)
+    prompts = catalog.sample_training_prompts("utt", tasks_per_utterance=2, prompts_per_task=2)
+    assert sorted(p.text for p in prompts) == ["Sum up: {input}", "Summarize: {input}", "{input}"]
+    with pytest.raises(ValueError, match=r"prompts_per_task must be in 1\.\.2"):
+        catalog.sample_training_prompts("utt", 2, 3)
+
+
 def test_sampling_is_deterministic_per_utterance_and_seed(catalog):
     first = [catalog.sample_training_prompts(u, 3, 2) for u in UTT_IDS[:50]]
     again = [TaskCatalog.load().sample_training_prompts(u, 3, 2) for u in UTT_IDS[:50]]

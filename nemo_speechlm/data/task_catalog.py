@@ -196,7 +196,9 @@ class TaskCatalog:
     def sample_training_prompts(
         self, utt_id: str, tasks_per_utterance: int, prompts_per_task: int, seed: int = 0
     ) -> list[TaskPrompt]:
-        """Training prompts for one utterance: distinct train tasks, distinct train prompts each.
+        """Training prompts for one utterance: distinct train tasks, up to ``prompts_per_task`` distinct
+        train prompts each (all of a task's train prompts where it has fewer, e.g. a task trained on the
+        bare ``{input}`` alone: docs/connector.md).
 
         Depends only on (catalog, utt_id, seed, counts), so a resumed behavior-generation
         job picks the same prompts for the same utterance.
@@ -206,15 +208,16 @@ class TaskCatalog:
             raise ValueError(f"task catalog {self.path or ''} has no train tasks to sample from")
         if not 1 <= tasks_per_utterance <= len(tasks):
             raise ValueError(f"tasks_per_utterance must be in 1..{len(tasks)} (train tasks), got {tasks_per_utterance}")
-        fewest = min(len(t.prompts_in(TRAIN)) for t in tasks)
-        if not 1 <= prompts_per_task <= fewest:
+        most = max(len(t.prompts_in(TRAIN)) for t in tasks)
+        if not 1 <= prompts_per_task <= most:
             raise ValueError(
-                f"prompts_per_task must be in 1..{fewest} (fewest train prompts of a train task), got {prompts_per_task}"
+                f"prompts_per_task must be in 1..{most} (most train prompts of a train task), got {prompts_per_task}"
             )
         rng = _rng("train", seed, utt_id)
         chosen = []
         for task in rng.sample(tasks, tasks_per_utterance):
-            chosen.extend(rng.sample(task.prompts_in(TRAIN), prompts_per_task))
+            prompts = task.prompts_in(TRAIN)
+            chosen.extend(rng.sample(prompts, min(prompts_per_task, len(prompts))))
         return chosen
 
 
