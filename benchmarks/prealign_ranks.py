@@ -107,7 +107,6 @@ def run_rank(rank: int, world: int, args: argparse.Namespace, overrides: list[st
     torch.set_num_threads(threads)
     device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
     if world > 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{root}/init{world}",
                                              rank=rank, world_size=world, timeout=datetime.timedelta(minutes=5))
     try:

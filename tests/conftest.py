@@ -1,7 +1,10 @@
 """Shared tiny-but-real assets: a Llama LLM + BPE tokenizer, a NeMo CTC ``.nemo``, wav files + manifest."""
+import datetime
 import os
 import sys
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from omegaconf import OmegaConf
@@ -56,3 +59,29 @@ def run_python(code: str, cwd=None, timeout=600) -> str:
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc.stdout
+
+
+def run_on_ranks(fn: Callable, world: int, tmp_dir: Path, *args) -> dict:
+    """``fn(rank, *args)`` in ``world`` forked processes, in a gloo process group when ``world`` > 1 (no group for 1:
+    the one-process reference); returns ``{rank: what fn returned}``. The group times out after 60 s, so a
+    collective one rank never joins fails the test instead of hanging it."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    init_file = Path(tempfile.mkdtemp(dir=tmp_dir)) / "gloo-init"
+    mp.start_processes(_rank_process, args=(world, str(init_file), fn, args, results), nprocs=world, start_method="fork")
+    return dict(results)
+
+
+def _rank_process(rank: int, world: int, init_file: str, fn: Callable, args: tuple, results) -> None:
+    import torch
+
+    if world > 1:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                             timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)  # the parent's OpenMP pool does not survive the fork
+        results[rank] = fn(rank, *args)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()

@@ -1,6 +1,5 @@
 """The connector options (output RMSNorm at the LLM's embedding scale, word-wide context), the CTC
 pre-alignment onto the LLM's embeddings, and the listening diagnostics, on the tiny real model."""
-import datetime
 import json
 
 import pytest
@@ -14,7 +13,7 @@ from nemo_speechlm.modules.perception import embedding_rms
 from nemo_speechlm.inference import load_entry_audio
 from nemo_speechlm.parts.connector_ctc import (connector_ctc_loss, connector_transcripts, embed_vocabulary, pretrain_connector_ctc,
                                                transcript_targets, transcript_vocabulary)
-from tests.conftest import model_config, run_python
+from tests.conftest import model_config, run_on_ranks, run_python
 
 ADAPTER = "nemo_speechlm.modules.adapters.FrameStackingAdapter"
 
@@ -245,33 +244,16 @@ def test_freeze_connector_trains_only_the_readout_gate_and_boundaries_through_th
         pre_align_connector(pre, SpeechLMModel(cfg), None, None, resuming=False)
 
 
-def _pre_align_on_rank(rank: int, world: int, init_file: str, model, assets, batch_size: int, results) -> None:
-    """One rank of the data-parallel pre-alignment test (``world`` 1: one process, no process group)."""
-    if world > 1:
-        torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                             timeout=datetime.timedelta(seconds=60))  # a mismatch fails, not hangs
-    try:
-        torch.set_num_threads(1)
-        result = pretrain_connector_ctc(model, utterances(assets), steps=4, lr=2e-2, batch_size=batch_size, seed=3)
-        results[(world, rank)] = (result, {k: v.clone() for k, v in model.perception.modality_adapter.state_dict().items()})
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
-
-
 @pytest.mark.parametrize("batch_size", [3, 1])  # 3: shares of 2 and 1 utterances; 1: rank 1's share is empty
 def test_pre_alignment_split_across_two_ranks_is_the_one_process_step(model, assets, tmp_path, batch_size):
     """With a process group (several devices), each rank computes its share of every batch and the gradients
     are summed over the ranks (2 gloo processes): the aligned connector is one process's, up to summation order."""
-    import torch.multiprocessing as mp
+    def pre_align(rank: int) -> tuple:
+        result = pretrain_connector_ctc(model, utterances(assets), steps=4, lr=2e-2, batch_size=batch_size, seed=3)
+        return result, {k: v.clone() for k, v in model.perception.modality_adapter.state_dict().items()}
 
-    results = mp.Manager().dict()
-    for world in (1, 2):
-        mp.start_processes(_pre_align_on_rank, args=(world, str(tmp_path / f"init{world}"), model, assets, batch_size, results),
-                           nprocs=world, start_method="fork")
-    one_result, one = results[(1, 0)]
-    for rank in (0, 1):
-        result, got = results[(2, rank)]
+    one_result, one = run_on_ranks(pre_align, 1, tmp_path)[0]
+    for result, got in run_on_ranks(pre_align, 2, tmp_path).values():
         assert result["first_loss"] == pytest.approx(one_result["first_loss"], rel=1e-5)  # the whole batch's loss
         for key in one:
             torch.testing.assert_close(got[key], one[key], atol=1e-5, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")

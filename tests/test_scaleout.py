@@ -32,7 +32,6 @@ step at their size), 2.4e-4 the largest difference of any weight, within one ste
 (torch 2.13 CPU): MTBI with KL + interleaving 1.6e-6 under DDP and FSDP2 (fp32), kill-and-resume 1.6e-6 (its
 uninterrupted run is one process); both were bit-identical while every rank ran the whole pre-alignment.
 """
-import datetime
 import io
 import os
 import subprocess
@@ -49,7 +48,7 @@ from nemo_speechlm.data.datamodule import build_datamodule
 from nemo_speechlm.data.resumable import skip_batches
 from nemo_speechlm.errors import ConfigError
 from nemo_speechlm.parts.distributed import broadcast_from_rank0, resolve_strategy
-from tests.conftest import REPO
+from tests.conftest import REPO, run_on_ranks
 from tests.test_joint_sft import _joint_data_cfg, _single_loader, data, model  # noqa: F401  (fixtures)
 from tests.test_mtbi import behaviors, whisper_dir  # noqa: F401  (fixtures)
 
@@ -223,26 +222,17 @@ def test_fsdp2_on_two_ranks_equals_one_process_accumulating_two(assets, behavior
 # ------------------------------------------------------------------ fast checks of the pieces
 
 
-def _broadcast_connector(rank: int, init_file: str, results) -> None:
-    """One rank of the broadcast test: a connector whose values differ per rank, as GPU pre-alignment may leave them."""
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        connector = torch.nn.Linear(3, 2)
+def test_every_rank_takes_rank_0s_pre_aligned_connector(tmp_path):
+    """FSDP2 does not broadcast the model as DDP does; the recipe broadcasts the pre-aligned connector (2 gloo ranks)."""
+    def broadcast(rank: int) -> list:
+        connector = torch.nn.Linear(3, 2)  # values that differ per rank, as GPU pre-alignment may leave them
         with torch.no_grad():
             for param in connector.parameters():
                 param.fill_(float(rank + 1))
         broadcast_from_rank0(connector.state_dict().values())  # as the recipe passes them: views of the parameters
-        results[rank] = [p.detach().clone() for p in connector.parameters()]
-    finally:
-        torch.distributed.destroy_process_group()
+        return [p.detach().clone() for p in connector.parameters()]
 
-
-def test_every_rank_takes_rank_0s_pre_aligned_connector(tmp_path):
-    """FSDP2 does not broadcast the model as DDP does; the recipe broadcasts the pre-aligned connector (2 gloo ranks)."""
-    import torch.multiprocessing as mp
-
-    results = mp.Manager().dict()
-    mp.start_processes(_broadcast_connector, args=(str(tmp_path / "init"), results), nprocs=2, start_method="fork")
+    results = run_on_ranks(broadcast, 2, tmp_path)
     for got in results[1]:
         assert torch.equal(got, torch.ones_like(got))  # rank 1 held 2.0 everywhere; now rank 0's 1.0
     assert all(torch.equal(a, b) for a, b in zip(results[0], results[1]))
@@ -296,29 +286,11 @@ def test_a_resumed_stream_skips_exactly_the_batches_trained_on(assets, data, mod
         torch.testing.assert_close(got, want)
 
 
-
-def _fill_cache_on_rank(rank: int, world: int, init_file: str, model, cuts, cache_dir: str, results) -> None:
-    """One rank of the uneven cache-fill test (``world`` 1: one process, no process group)."""
-    from nemo_speechlm.data.feature_cache import FeatureCache, fill_feature_cache
-
-    if world > 1:
-        torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                             timeout=datetime.timedelta(seconds=60))  # a mismatch fails, not hangs
-    try:
-        torch.set_num_threads(1)  # the parent's OpenMP pool does not survive the fork
-        counts = fill_feature_cache(model, FeatureCache(cache_dir, "fp"), cuts, batch_size=1)
-        results[(world, rank)] = (counts["encoded"], model.perception.encoder.max_audio_length)
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
-
-
 def test_ranks_with_uneven_shares_fill_the_cache_with_a_nemo_conformer(assets, tmp_path):  # noqa: F811
     """NeMo's Conformer all-reduces its longest input in every forward; ranks encoding different numbers of
     batches (3 utterances over 2 ranks: 2 and 1) must neither deadlock nor abort, and end with positional tables of
     the same size (DDP broadcasts buffers), the size one process encoding everything reaches."""
-    import torch.multiprocessing as mp
-
+    from nemo_speechlm.data.feature_cache import FeatureCache, fill_feature_cache
     from nemo_speechlm.models import SpeechLMModel
     from tests.conftest import model_config
     from tests.test_connector import utterances
@@ -326,9 +298,12 @@ def test_ranks_with_uneven_shares_fill_the_cache_with_a_nemo_conformer(assets, t
     model = SpeechLMModel(model_config(assets["llm"]))
     model.perception.encoder.set_max_audio_length(4)  # short, so encoding these clips extends it
     cuts = [cut for cut, _ in utterances(assets)[:3]]
-    results = mp.Manager().dict()
-    for world in (1, 2):
-        mp.start_processes(_fill_cache_on_rank, args=(world, str(tmp_path / f"init{world}"), model, cuts,
-                                                      str(tmp_path / f"cache{world}"), results), nprocs=world, start_method="fork")
-    assert [results[(2, r)][0] for r in (0, 1)] == [2, 1]
-    assert results[(2, 0)][1] == results[(2, 1)][1] == results[(1, 0)][1] > 4
+
+    def fill(rank: int, cache_dir: Path) -> tuple[int, int]:
+        counts = fill_feature_cache(model, FeatureCache(cache_dir, "fp"), cuts, batch_size=1)
+        return counts["encoded"], model.perception.encoder.max_audio_length
+
+    one = run_on_ranks(fill, 1, tmp_path, tmp_path / "cache1")[0]
+    two = run_on_ranks(fill, 2, tmp_path, tmp_path / "cache2")
+    assert [two[r][0] for r in (0, 1)] == [2, 1]
+    assert two[0][1] == two[1][1] == one[1] > 4

@@ -51,21 +51,16 @@ def model_identity(model: torch.nn.Module, model_name: str | None = None) -> str
     output that another model wrote. Keyed by ``None``, a notebook that evaluated a model, trained on and
     evaluated again into the same folder got the first model's answers back as the second's.
 
-    Each tensor contributes its name, shape, fp64 sum and norm (8 significant digits: the same weights on
-    another device agree) and its first 16 values: one read of the weights, no copy of them."""
+    The digest covers every tensor's name, shape, dtype and bytes, read one tensor at a time (on the host:
+    the same weights give the same digest on any device)."""
     if model_name is not None:
         return model_name
-    digest = hashlib.sha256()
+    digest = hashlib.blake2b(digest_size=8)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            flat = tensor.detach().reshape(-1)
-            if flat.is_floating_point():
-                stats = [float(flat.sum(dtype=torch.float64)), float(torch.linalg.vector_norm(flat, dtype=torch.float64))]
-            else:
-                stats = [int(flat.sum())]
-            head = flat[:16].float().tolist()
-            digest.update(f"{name}{tuple(tensor.shape)}{[f'{v:.8g}' for v in stats + head]}".encode())
-    return f"{type(model).__name__} in memory, weights {digest.hexdigest()[:16]}"
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
+    return f"{type(model).__name__} in memory, weights {digest.hexdigest()}"
 
 
 def load_asr_model(name_or_path: str | Path, device: str | torch.device | None = None):

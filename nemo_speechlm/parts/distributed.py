@@ -70,9 +70,9 @@ def barrier() -> None:
 def broadcast_from_rank0(tensors: Iterable[torch.Tensor]) -> None:
     """Overwrite ``tensors`` in place with rank 0's values (no-op without a process group).
 
-    For weights every rank computes before ``fit`` (connector pre-alignment: the same summed gradients on every rank):
-    GPU kernels are not bit-deterministic, so the ranks' copies may differ in the last bits. DDP broadcasts rank 0's model when it wraps it; FSDP2 does
-    not, and would shard the slightly different copies, one shard each."""
+    For weights every rank computes before ``fit`` (connector pre-alignment: the same summed gradients on every
+    rank): GPU kernels are not bit-deterministic, so the ranks' copies may differ in the last bits. DDP broadcasts
+    rank 0's model when it wraps it; FSDP2 does not, and would shard the slightly different copies, one shard each."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         with torch.no_grad():
             for tensor in tensors:
@@ -91,7 +91,6 @@ def sum_over_ranks(tensors: list[torch.Tensor]) -> None:
         for tensor in tensors:
             tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
             offset += tensor.numel()
-
 
 
 @contextmanager
