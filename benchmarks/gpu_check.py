@@ -162,7 +162,7 @@ def numbers(r: dict) -> str:
     if r["name"].startswith("pre-alignment") and res:
         one, split = "1", str(res["ranks"])  # JSON keys
         return (f"x{res['speedup']:.2f} steps/s vs 1 device ({res['seconds'][one]} vs {res['seconds'][split]} s), "
-                f"CTC loss {res['final_loss'][one]} vs {res['final_loss'][split]}, weights apart {res['max_weight_difference']:.1e}")
+                f"held-out connector WER {res['heldout_connector_wer'][one]:.1%} vs {res['heldout_connector_wer'][split]:.1%}")
     if r["name"].startswith("generation") and res:
         parts = []
         for part in ("speech", "text"):

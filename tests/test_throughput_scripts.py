@@ -57,8 +57,9 @@ def test_padding_benchmark_counts_the_spliced_positions_of_each_batching(assets,
 
 def test_prealign_ranks_benchmark_tiny_two_ranks_align_the_one_process_connector(tmp_path):
     """Without SpecAugment (masks are seeded per rank) the 2-rank connector is the one-process one up to summation order."""
-    result = run_benchmark("prealign_ranks.py", "--tiny", "--steps", "4", "--utterances", "8", "--batch-size", "4",
-                           "--out", str(tmp_path), "model.perception.modality_adapter.spec_augment=null")
+    result = run_benchmark("prealign_ranks.py", "--tiny", "--steps", "4", "--utterances", "8", "--heldout", "2",
+                           "--batch-size", "4", "--out", str(tmp_path), "model.perception.modality_adapter.spec_augment=null")
+    assert set(result["heldout_connector_wer"]) == {"1", "2"}
     assert result["max_weight_difference"] < 1e-4
     assert result["final_loss"]["2"] == pytest.approx(result["final_loss"]["1"], abs=2e-4)  # rounded to 4 digits
     assert result["speedup"] > 0
