@@ -77,7 +77,7 @@ def test_wheel_installs_and_trains_outside_the_repository(assets, tmp_path):
     script = tmp_path / "use_installed.py"
     script.write_text(INSIDE_VENV.format(repo=REPO))
     out = _run([str(python), str(script), str(assets["llm"]), str(assets["manifest"]), str(tmp_path / "out")], cwd=tmp_path)
-    assert "catalog tasks 14" in out
+    assert "catalog tasks 15" in out
     assert int(out.split("grammar sentences ")[1].split()[0]) >= 3000
     installed = float(out.split("logit sum ")[1].split()[0])
 

@@ -28,7 +28,12 @@ def test_shipped_catalog_size(catalog):
     assert len(catalog) >= 10
     assert len(catalog.heldout_tasks) >= 3
     for task in catalog:
-        assert len(task.prompts) >= 12, task.name
+        if [p.text for p in task.prompts_in("train")] == ["{input}"]:
+            # spoken with no instruction (reply): nothing to paraphrase in training, only held out
+            assert len(task.prompts_in("heldout")) >= 3, task.name
+        else:
+            assert len(task.prompts) >= 12, task.name
+    assert "reply" in catalog.names
 
 
 def test_shipped_split_rules(catalog):
@@ -87,11 +92,13 @@ def test_sampling_never_returns_heldout_prompts_or_tasks(catalog):
 
 
 def test_sampling_respects_counts(catalog):
-    prompts = catalog.sample_training_prompts("utt", tasks_per_utterance=3, prompts_per_task=2)
-    tasks = [p.task for p in prompts]
-    assert len(prompts) == 6 and len(set(tasks)) == 3
-    assert all(tasks.count(t) == 2 for t in set(tasks))
-    assert len(set(prompts)) == 6
+    for utt in ("utt", "utt2", "utt3"):
+        prompts = catalog.sample_training_prompts(utt, tasks_per_utterance=3, prompts_per_task=2)
+        tasks = [p.task for p in prompts]
+        assert len(set(tasks)) == 3
+        # two prompts each, or all a task has (reply has one)
+        assert all(tasks.count(t) == min(2, len(catalog.task(t).prompts_in("train"))) for t in set(tasks))
+        assert len(set(prompts)) == len(prompts)
     n_train_tasks = len(catalog.training_tasks)
     assert len(catalog.sample_training_prompts("utt", n_train_tasks, 1)) == n_train_tasks
     with pytest.raises(ValueError, match="tasks_per_utterance"):
