@@ -1,4 +1,5 @@
 """MTBI: interleaving spans, behaviors data, the CE/KL objective, and the frozen-encoder feature cache."""
+import dataclasses
 import json
 import os
 import random
@@ -79,6 +80,21 @@ def test_ratio_zero_is_the_plain_speech_input(behaviors):
     assert len(audio_turns) == 1 and audio_turns[0].cut.duration == pytest.approx(entry["duration"])
     assert as_text_messages(conv)[0]["content"] == render_prompt(entry["prompt"], entry["text"])
     assert conv.turns[-1].value == entry["response"]
+
+
+@pytest.mark.parametrize("prob", [0.0, 1.0])
+def test_the_bare_reply_prompt_is_the_speech_alone(behaviors, prob):
+    """The shipped ``reply`` task trains on the speech with no instruction: the user turn holds the audio (or,
+    interleaved, audio and text spans of the same words) and nothing else, no empty text turns around it."""
+    first = _entries(behaviors)[0]
+    entry = dataclasses.replace(first, data={**first.data, "task": "reply", "prompt": "{input}"})
+    assert [p.text for p in TaskCatalog.load().task("reply").prompts_in("train")] == ["{input}"]
+    conv = behavior_to_conversation(entry, TAG, 0.08, TaskCatalog.load(), InterleaveConfig(prob=prob), random.Random(3))
+    user = [t for t in conv.turns if t.role == "user"]
+    assert all(hasattr(t, "cut") or t.value.strip() for t in user)  # no empty text turn
+    assert sum(hasattr(t, "cut") for t in user) >= 1
+    assert as_text_messages(conv)[0]["content"].split() == " ".join(w["word"] for w in entry["words"]).split()
+    assert [t.role for t in conv.turns][-1] == "assistant"
 
 
 @pytest.mark.parametrize(
