@@ -184,7 +184,8 @@ def train_model(out: Path, cfg: DictConfig) -> tuple[Path, Path]:
     behaviors = Path(cfg.data.train_ds.input_cfg[0].manifest_filepath)
     # Retrain only when the config or the behaviors changed. An interrupted run with the same
     # fingerprint resumes from its checkpoint in runs/; a changed one starts over. A new model
-    # makes old evaluation outputs stale (they resume by utterance, not by model).
+    # makes old evaluation outputs stale (they resume by utterance, not by model); the benchmark
+    # drops a retrained model's answers itself and keeps the text LLM's references (replace=True).
     fingerprint = hashlib.sha256((OmegaConf.to_yaml(cfg) + behaviors.read_text()).encode()).hexdigest()[:16]
     stamp = out / "runs" / "fingerprint"
     same = stamp.is_file() and stamp.read_text() == fingerprint
@@ -196,7 +197,7 @@ def train_model(out: Path, cfg: DictConfig) -> tuple[Path, Path]:
         untrained.unlink(missing_ok=True)
         for stale in (out / "runs", out / "eval" / "untrained_connector"):
             shutil.rmtree(stale, ignore_errors=True)
-    for stale in (out / "eval" / "mtbi", out / "eval" / "listening", out / "benchmark"):
+    for stale in (out / "eval" / "mtbi", out / "eval" / "listening"):
         shutil.rmtree(stale, ignore_errors=True)
     if not untrained.is_file():
         torch.manual_seed(cfg.seed)
@@ -227,7 +228,7 @@ def evaluate(out: Path, models: dict[str, Path], manifests: dict[str, Path], ben
     subset = out / "eval" / "benchmark_manifest.json"
     subset.write_text("".join(manifests["heldout"].read_text().splitlines(keepends=True)[:benchmark_utterances]))
     metrics = run_benchmark({k: str(v) for k, v in models.items()}, subset, out / "benchmark", prompts_per_task=1,
-                            max_new_tokens=48, batch_size=GENERATION_BATCH)
+                            max_new_tokens=48, batch_size=GENERATION_BATCH, replace=True)
     print("ROUGE-L against the text upper bound (SmolLM2 answering the transcript), task-following rate in brackets:")
     print(summary_table(metrics))
 
@@ -272,7 +273,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--repeat-utterances", type=int, default=240,
                    help="training utterances that get a repeat behavior for the LLM stage (0 = all; the connector "
                         "pre-alignment always uses every transcript)")
-    p.add_argument("--benchmark-utterances", type=int, default=8, help="held-out utterances in the benchmark")
+    p.add_argument("--benchmark-utterances", type=int, default=16,
+                   help="held-out utterances in the benchmark (each split's ROUGE-L averages over all of them: more, less noise)")
     p.add_argument("--batch-size", type=int, default=GENERATION_BATCH, help="teacher generation batch")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of nemo_speechlm/conf/mtbi.yaml, e.g. encoder=whisper_small "
                    "llm=qwen2_5_1_5b_instruct trainer.precision=bf16-true")

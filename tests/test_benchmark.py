@@ -19,6 +19,7 @@ from nemo_speechlm.evaluation.benchmark import (
     summarize_lines,
 )
 from nemo_speechlm.models import SpeechLMModel
+from nemo_speechlm.models.base_llm import base_llm_identity
 from tests.conftest import model_config
 
 # Three seen tasks (one with a WER ground truth, one with BLEU) and two held-out tasks.
@@ -138,9 +139,10 @@ def test_interrupted_predictions_resume_without_recomputing(setup, tmp_path):
         run_benchmark({"tiny": str(setup["nemo"])}, setup["manifest"], out, **{**SETTINGS, "max_new_tokens": 9})
 
 
-def test_a_model_retrained_into_the_same_file_is_not_mixed_with_its_old_answers(setup, tmp_path):
+def test_a_model_retrained_into_the_same_file_is_not_mixed_with_its_old_answers(setup, tmp_path, monkeypatch):
     """The cached answers belong to a model file as it was: a retrained model written to the same path
-    (a new modification time) is refused, where its predecessor's answers used to be reused as its own."""
+    (a new modification time) is refused, where its predecessor's answers used to be reused as its own;
+    with ``replace`` only its answers are made anew (the references of the same base LLM are kept)."""
     import os
 
     models = {name: tmp_path / f"{name}.nemo" for name in ("tiny", "other")}
@@ -149,14 +151,39 @@ def test_a_model_retrained_into_the_same_file_is_not_mixed_with_its_old_answers(
     models = {name: str(path) for name, path in models.items()}
     settings = {**SETTINGS, "tasks": ["repeat"]}
     run_benchmark(models, setup["manifest"], tmp_path / "out", **settings)
-    rerun = run_benchmark(models, setup["manifest"], tmp_path / "out", **settings)
+    with monkeypatch.context() as patched:  # nothing left to answer: no model is loaded, not even for the references
+        patched.setattr(benchmark, "load_model", lambda *a, **k: pytest.fail("a fully cached rerun loaded a model"))
+        rerun = run_benchmark(models, setup["manifest"], tmp_path / "out", **settings)
     assert all(run["written"] == 0 for run in rerun["runs"].values())  # unchanged files: every answer reused
-    for name, match in (("other", "answers of system 'other'"), ("tiny", "reference_model")):
+    for name in ("other", "tiny"):
         stat = os.stat(models[name])
         os.utime(models[name], ns=(stat.st_atime_ns, stat.st_mtime_ns + 5 * 10**9))  # rewritten: "retrained"
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ValueError, match=f"answers of system '{name}'"):
             run_benchmark(models, setup["manifest"], tmp_path / "out", **settings)
-        os.utime(models[name], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        replaced = run_benchmark(models, setup["manifest"], tmp_path / "out", replace=True, **settings)["runs"]
+        assert replaced[name]["written"] == replaced[name]["total"] > 0
+        assert all(run["written"] == 0 for system, run in replaced.items() if system != name)
+    lines = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert len(lines) == len({(l["system"], l["key"]) for l in lines}) == 3 * replaced["tiny"]["total"]
+
+
+def test_models_on_the_same_llm_share_the_references(setup, tmp_path):
+    """The references are the base LLM's answers, so another model on the same LLM (here other adapter
+    weights) reuses them as the first model; other settings are refused, or start over with ``replace``."""
+    out = tmp_path / "out"
+    shutil.copytree(setup["out"], out)
+    runs = run_benchmark({"other": str(setup["other"])}, setup["manifest"], out, **SETTINGS)["runs"]
+    assert runs["references"]["written"] == 0 and runs["references"]["done_before"] > 0
+    assert runs["other"]["written"] == runs["other"]["total"] > 0
+    assert json.loads((out / "metrics.json").read_text())["systems"].keys() == {"other", UPPER_BOUND}
+
+    longer = {**SETTINGS, "max_new_tokens": 9}
+    with pytest.raises(ValueError, match="max_new_tokens=8"):
+        run_benchmark({"other": str(setup["other"])}, setup["manifest"], out, **longer)
+    runs = run_benchmark({"other": str(setup["other"])}, setup["manifest"], out, replace=True, **longer)["runs"]
+    assert runs["references"]["written"] == runs["references"]["total"] > 0  # every answer made anew
+    systems = {l["system"] for l in read_jsonl(out / "predictions.jsonl")}
+    assert systems == {"other", UPPER_BOUND} and not (out / "asr_transcripts.jsonl").exists()
 
 
 def test_cli_compares_models_side_by_side_reusing_cached_answers(setup, tmp_path, capsys):
@@ -228,3 +255,10 @@ def test_text_upper_bound_turns_lora_off(assets):
     expected = plain.respond([None], [prompt.render("the cat sat on the mat")], max_new_tokens=8)
     assert answer([item], 8) == expected
     assert tuned.respond([None], [prompt.render("the cat sat on the mat")], max_new_tokens=8) != expected
+
+    # the references' key: the same base LLM under LoRA or not; another LLM (one weight, or its dtype) differs
+    assert base_llm_identity(tuned) == base_llm_identity(plain)
+    with torch.no_grad():
+        plain.llm.lm_head.weight[0, 0] += 1e-3
+    assert base_llm_identity(plain) != base_llm_identity(tuned)
+    assert base_llm_identity(tuned.to(torch.bfloat16)) != base_llm_identity(tuned.float())

@@ -147,9 +147,14 @@ def test_step_6_takes_a_real_manifest_with_relative_paths_and_no_speaker(demo, t
 
 
 def test_a_second_run_reuses_what_did_not_change(demo):
-    _, first, second = demo
+    out, first, second = demo
     assert f"{{'utterances': {UTTERANCES}, " in first  # the pre-alignment fills the cache for every training utterance
     assert f"reused={UTTERANCES + 2 * HELDOUT}" in second  # no utterance synthesized again
     assert "0 written" in second and " 0 remaining" in second  # behaviors: nothing generated again
     assert "'encoded': 0" in second  # features read from the cache
     assert "then MTBI, 4 steps" in second and "(same config and behaviors)" not in second  # retrained
+    # the retrained models answer the benchmark anew; the text LLM's references are kept
+    references = json.loads((out / "benchmark" / "references.jsonl.summary.json").read_text())
+    assert references["written"] == 0 and references["done_before"] == references["total"] > 0
+    systems = [line["system"] for line in read_jsonl(out / "benchmark" / "predictions.jsonl")]
+    assert systems.count("mtbi") == systems.count("untrained_connector") == references["total"]

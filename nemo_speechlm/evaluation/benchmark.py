@@ -55,9 +55,10 @@ from nemo_speechlm.evaluation.benchmark_systems import (
     task_caps,
     text_answerer,
 )
+from nemo_speechlm.models.base_llm import base_llm_identity
 from nemo_speechlm.models.loading import load_asr_model, load_model, model_id
 from nemo_speechlm.parts.device import resolve_device
-from nemo_speechlm.parts.runner import RunSummary, run_resumable
+from nemo_speechlm.parts.runner import RunSummary, keep_only, run_resumable
 
 __all__ = [  # the public names, wherever they live (benchmark_items, _scoring, _systems, _report)
     "CASCADE", "SPLIT_TITLES", "UPPER_BOUND", "add_arguments", "aggregate", "benchmark_items", "copy_expected",
@@ -68,6 +69,7 @@ __all__ = [  # the public names, wherever they live (benchmark_items, _scoring, 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "benchmark_config.json"
+REFERENCES, ASR_TRANSCRIPTS, PREDICTIONS = "references.jsonl", "asr_transcripts.jsonl", "predictions.jsonl"
 
 
 # --------------------------------------------------------------------------- jobs
@@ -97,7 +99,7 @@ def _generate_references(items: list[dict], llm: LazyModel, job: _Job) -> tuple[
         return [{"key": it["key"], "utt": it["utt"], "task": it["prompt"].task, "prompt_id": it["prompt"].id,
                  "prompt": it["prompt"].text, "reference": text} for it, text in zip(batch, texts)]
 
-    path = job.out_dir / "references.jsonl"
+    path = job.out_dir / REFERENCES
     summary = run_resumable(items, process, path, job.batch_size, desc="References (text LLM on transcripts)",
                             exclusive=False)
     return {r["key"]: r["reference"] for r in _read_jsonl(path)}, summary
@@ -117,7 +119,7 @@ def _transcribe(items: list[dict], asr: LazyModel, job: _Job) -> tuple[dict[str,
         return [{"utt": u["utt"], "audio_filepath": u["entry"]["audio_filepath"], "asr_transcript": t}
                 for u, t in zip(batch, texts)]
 
-    path = job.out_dir / "asr_transcripts.jsonl"
+    path = job.out_dir / ASR_TRANSCRIPTS
     summary = run_resumable(utterances, process, path, job.batch_size, desc="ASR transcripts (cascade)", key="utt",
                             exclusive=False)
     return {r["utt"]: r["asr_transcript"] for r in _read_jsonl(path)}, summary
@@ -148,15 +150,15 @@ def _predict(system: str, items: list[dict], answer: Answerer | None,
                 for it, text in zip(batch, answers_for(batch))]
 
     system_items = [{**it, "system": system} for it in items]
-    summary = run_resumable(system_items, process, job.out_dir / "predictions.jsonl", job.batch_size,
+    summary = run_resumable(system_items, process, job.out_dir / PREDICTIONS, job.batch_size,
                             desc=f"Predictions: {system}", key=_prediction_key, exclusive=False)
     return summary.to_dict()
 
 
-def _run_systems(items: list[dict], models: dict[str, str], asr_model: str | None, device: str, job: _Job) -> dict:
+def _run_systems(items: list[dict], loaded: dict[str, LazyModel], asr_model: str | None, device: str,
+                 job: _Job) -> dict:
     """References, then every system's predictions; each model is loaded only if it has work left."""
-    loaded = {name: LazyModel(lambda p=path: load_model(p, device)) for name, path in models.items()}
-    text_llm = loaded[next(iter(models))]
+    text_llm = loaded[next(iter(loaded))]
     references, summary = _generate_references(items, text_llm, job)
     runs = {"references": summary.to_dict()}
     if asr_model:
@@ -219,30 +221,64 @@ def _source(path: str) -> str:
     return model_id(path) if Path(path).exists() else path
 
 
-def _check_run_config(out_dir: Path, config: dict) -> None:
-    """Refuse to mix cached answers made under other settings into this run's results.
+def _text_llm_of(out_dir: Path, path: str, model: LazyModel) -> str:
+    """Identity of the text LLM that answers the references: the base LLM of the model at ``path``
+    (:func:`~nemo_speechlm.models.base_llm.base_llm_identity`). The run config remembers it per model
+    file, so a rerun with nothing left to answer loads no model."""
+    known = _read_run_config(out_dir).get("text_llm_of", {})
+    return known.get(_source(path)) or base_llm_identity(model.get())
+
+
+def _read_run_config(out_dir: Path) -> dict:
+    path = out_dir / CONFIG_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def _check_run_config(out_dir: Path, config: dict, replace: bool = False) -> None:
+    """Refuse to mix cached answers made under other settings into this run's results (with ``replace``:
+    drop them, to be made anew).
 
     Settings that change answers must match; systems may be added (names must keep
     their model), which is how several models are compared in one directory.
     """
-    path = out_dir / CONFIG_FILE
-    if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        for field in ("reference_model", "max_new_tokens", "generation_kwargs"):
-            if old.get(field) != config[field]:
-                raise InputError(
-                    f"{out_dir} holds results made with {field}={old.get(field)!r}, this run asks for "
-                    f"{config[field]!r}; use another --out-dir (or delete {out_dir}) so cached answers are not mixed."
-                )
-        for name, source in config["systems"].items():
-            if name in old.get("systems", {}) and old["systems"][name] != source:
-                raise InputError(
-                    f"{out_dir} holds answers of system {name!r} from {old['systems'][name]}, this run gives "
-                    f"{source}; give the model another name (NAME=PATH) or use another --out-dir."
-                )
-        config = {**config, "systems": {**old.get("systems", {}), **config["systems"]}}
+    old = _read_run_config(out_dir)
+    changed = [(field, old[field]) for field in ("reference_model", "max_new_tokens", "generation_kwargs")
+               if field in old and old[field] != config[field]]
+    if changed and replace:
+        field, before = changed[0]
+        log.warning("%s: every cached answer was made with %s=%r, this run has %r: dropping them all",
+                    out_dir, field, before, config[field])
+        for name in (REFERENCES, ASR_TRANSCRIPTS, PREDICTIONS):
+            for path in out_dir.glob(f"{name}*"):  # the file and its runner sidecars (.summary.json, ...)
+                path.unlink()
+        old = {"text_llm_of": old.get("text_llm_of", {})}
+    elif changed:
+        field, before = changed[0]
+        raise InputError(
+            f"{out_dir} holds results made with {field}={before!r}, this run asks for "
+            f"{config[field]!r}; use another --out-dir (or delete {out_dir}) so cached answers are not mixed.",
+            "or pass --replace to drop them and answer anew",
+        )
+    before = old.get("systems", {})
+    stale = [name for name, source in config["systems"].items() if name in before and before[name] != source]
+    if stale and not replace:
+        name = stale[0]
+        raise InputError(
+            f"{out_dir} holds answers of system {name!r} from {before[name]}, this run gives "
+            f"{config['systems'][name]}; give the model another name (NAME=PATH) or use another --out-dir.",
+            "or pass --replace to drop that system's answers and answer anew (a retrained model)",
+        )
+    if stale:
+        log.warning("%s: dropping the cached answers of %s (made by another model under the same name)",
+                    out_dir, ", ".join(stale))
+        keep_only(out_dir / PREDICTIONS, set(before) - set(stale), key="system", why="systems whose model changed")
+        if CASCADE in stale:  # the cascade's ASR model changed: its transcripts too
+            for path in out_dir.glob(f"{ASR_TRANSCRIPTS}*"):
+                path.unlink()
+    config = {**config, "systems": {**before, **config["systems"]},
+              "text_llm_of": {**old.get("text_llm_of", {}), **config["text_llm_of"]}}
     out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -261,13 +297,16 @@ def run_benchmark(
     seed: int = 0,
     tasks: Sequence[str] | None = None,
     device: str = "auto",
+    replace: bool = False,
     **generation_kwargs,
 ) -> dict:
     """Run the benchmark for ``models`` (name -> ``.nemo``) and write all outputs to ``out_dir``.
 
     Returns the metrics (as in ``metrics.json``) plus ``outputs`` (paths) and ``runs``
     (what each resumable job computed this time). ``tasks`` restricts the catalog;
-    generation kwargs go to ``SpeechLMModel.respond`` for every system.
+    generation kwargs go to ``SpeechLMModel.respond`` for every system. Answers cached in ``out_dir``
+    by another model under the same name (a retrained file), or under other settings, are refused,
+    or dropped and made anew with ``replace``; references made by the same base LLM are reused.
     """
     _check_models(models)
     catalog = catalog if isinstance(catalog, TaskCatalog) else TaskCatalog.load(catalog)
@@ -283,15 +322,18 @@ def run_benchmark(
         )
 
     first = next(iter(models))
+    loaded = {name: LazyModel(lambda p=path: load_model(p, device)) for name, path in models.items()}
+    reference = _text_llm_of(out_dir, models[first], loaded[first])
     systems = {name: _source(path) for name, path in models.items()}
     if asr_model:
-        systems[CASCADE] = f"asr:{_source(asr_model)} -> text LLM of {first}"
-    systems[UPPER_BOUND] = f"text LLM of {first}"
-    _check_run_config(out_dir, {"reference_model": _source(models[first]), "max_new_tokens": max_new_tokens,
-                                "generation_kwargs": generation_kwargs, "systems": systems})
+        systems[CASCADE] = f"asr:{_source(asr_model)} -> {reference}"
+    systems[UPPER_BOUND] = reference
+    _check_run_config(out_dir, {"reference_model": reference, "max_new_tokens": max_new_tokens,
+                                "generation_kwargs": generation_kwargs, "systems": systems,
+                                "text_llm_of": {_source(models[first]): reference}}, replace)
 
     job = _Job(catalog, out_dir, batch_size, max_new_tokens, {"batch_size": batch_size, **generation_kwargs})
-    runs = _run_systems(items, models, asr_model, device, job)
+    runs = _run_systems(items, loaded, asr_model, device, job)
     config = {"manifest": str(manifest), "catalog": str(catalog.path), "tasks": catalog.names, "splits": list(splits),
               "prompts_per_task": prompts_per_task, "seed": seed, "max_new_tokens": max_new_tokens,
               "generation_kwargs": generation_kwargs, "utterances": len({it["utt"] for it in items}),
@@ -314,7 +356,7 @@ def write_reports(items: list[dict], systems: list[str], config: dict, skipped: 
     """``metrics.json``, ``results.md`` and ``splits.png`` from this run's lines of ``predictions.jsonl``."""
     wanted = {it["key"]: it for it in items}
     lines = []
-    for line in _read_jsonl(out_dir / "predictions.jsonl"):
+    for line in _read_jsonl(out_dir / PREDICTIONS):
         if line["system"] in systems and line["key"] in wanted:
             item = wanted[line["key"]]
             if line["prompt"] != item["prompt"].text:
@@ -324,7 +366,7 @@ def write_reports(items: list[dict], systems: list[str], config: dict, skipped: 
                 )
             lines.append(line)
     outputs = {name: str(out_dir / name) for name in
-               ("predictions.jsonl", "references.jsonl", "metrics.json", "results.md", "splits.png")}
+               (PREDICTIONS, REFERENCES, "metrics.json", "results.md", "splits.png")}
     metrics = {
         "config": config,
         "skipped_lines": {"total": skipped.total, "counts": dict(skipped.counts), "examples": dict(skipped.examples)},
@@ -361,7 +403,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's flags (for a subcommand of ``examples/evaluate.py``)."""
     parser.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH.nemo",
                         help="speech LLM to evaluate; repeat to compare models side by side (the first one's "
-                             "base LLM gives the references)")
+                             "base LLM gives the references; models on the same LLM share them)")
     parser.add_argument("--manifest", required=True,
                         help="held-out NeMo manifest (audio_filepath, duration, text, ...)")
     parser.add_argument("--out-dir", required=True, help="output directory; rerun the same command to resume")
@@ -373,6 +415,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="answer cap (tasks may set a lower one)")
     parser.add_argument("--seed", type=int, default=0, help="which prompts are drawn per task and split")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--replace", action="store_true",
+                        help="answers cached in --out-dir by another model under the same name (retrained) or under "
+                             "other settings are dropped and made anew, instead of refused")
     return parser
 
 
@@ -382,6 +427,7 @@ def main(args: argparse.Namespace) -> dict:
         parse_model_specs(args.model), args.manifest, args.out_dir, catalog=args.catalog,
         prompts_per_task=args.prompts_per_task, asr_model=args.asr_model, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, seed=args.seed, tasks=args.tasks, device=args.device,
+        replace=args.replace,
     )
     print("Mean ROUGE-L vs the text upper bound (task-following rate):\n")
     print(summary_table(metrics))

@@ -8,6 +8,7 @@ its own base; an LLM fine-tuned without LoRA is reloaded from ``pretrained_llm``
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Iterator
 
 import torch
@@ -53,6 +54,29 @@ def base_llm_description(model) -> str:
     if not _llm_was_trained(model):
         return FROZEN_LLM_NOTE
     return f"the LLM reloaded from pretrained_llm={model.cfg.pretrained_llm} (the LLM was fine-tuned without LoRA)"
+
+
+def base_llm_identity(model) -> str:
+    """What the base LLM answers with, as a string: ``pretrained_llm`` and a digest of the base LLM's weights
+    (LoRA's left out, peft's name prefixes stripped), its dtype, generation config and prompt format.
+
+    Two speech models on the same LLM share it whatever their adapters or LoRA: the benchmark keys its cached
+    text-LLM references by it, so a retrained model, or another model on the same LLM, reuses them."""
+    digest = hashlib.blake2b(digest_size=8)
+    with base_llm(model), torch.no_grad():
+        weights = {_plain_llm_name(name): tensor for name, tensor in model.llm.state_dict().items() if "lora_" not in name}
+        for name in sorted(weights):
+            tensor = weights[name]
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
+        digest.update(model.llm.generation_config.to_json_string().encode())
+    digest.update(repr(model.cfg.get("prompt_format")).encode())
+    return f"{model.cfg.pretrained_llm} (base LLM {digest.hexdigest()})"
+
+
+def _plain_llm_name(name: str) -> str:
+    """A peft-wrapped LLM's weight name as the plain LLM's (``base_model.model.`` and ``.base_layer`` dropped)."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
 def _llm_was_trained(model) -> bool:

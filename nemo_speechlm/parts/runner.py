@@ -205,13 +205,15 @@ def run_resumable(
     return summary
 
 
-def keep_only(output_path: str | Path, keys: Iterable, key: KeyFn | str = "key") -> int:
+def keep_only(output_path: str | Path, keys: Iterable, key: KeyFn | str = "key",
+              why: str = "items not in this run (fewer items, or inputs that moved)") -> int:
     """Rewrite ``output_path`` and its rejections with the records of ``keys`` only; returns how many were dropped.
 
     For a caller whose output is its own cache, before :func:`run_resumable`: the demo rerun with
     fewer utterances, or in a copied folder (its audio paths, and so its keys, changed), regenerates
-    what it needs instead of stopping at the runner's refusal. Each file is replaced atomically, and
-    what was dropped is logged (a warning: the cache held answers this run does not use)."""
+    what it needs instead of stopping at the runner's refusal; the benchmark drops the answers of a
+    retrained model (``key="system"``). Each file is replaced atomically, and what was dropped is
+    logged with ``why`` (a warning: the cache held answers this run does not use)."""
     wanted = set(keys)
     dropped = 0
     output_path = Path(output_path)
@@ -224,8 +226,7 @@ def keep_only(output_path: str | Path, keys: Iterable, key: KeyFn | str = "key")
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
             os.replace(tmp, path)
     if dropped:
-        log.warning(f"{output_path}: dropped {dropped} records of items not in this run (fewer items, or inputs "
-                    "that moved); what is missing is made anew")
+        log.warning(f"{output_path}: dropped {dropped} records of {why}; what is missing is made anew")
     return dropped
 
 
