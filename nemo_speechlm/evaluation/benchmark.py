@@ -257,7 +257,7 @@ def _check_run_config(out_dir: Path, config: dict, replace: bool = False) -> Non
         raise InputError(
             f"{out_dir} holds results made with {field}={before!r}, this run asks for "
             f"{config[field]!r}; use another --out-dir (or delete {out_dir}) so cached answers are not mixed.",
-            "or pass --replace to drop them and answer anew",
+            "pass --replace to drop them all and answer anew",
         )
     before = old.get("systems", {})
     stale = [name for name, source in config["systems"].items() if name in before and before[name] != source]
@@ -266,7 +266,7 @@ def _check_run_config(out_dir: Path, config: dict, replace: bool = False) -> Non
         raise InputError(
             f"{out_dir} holds answers of system {name!r} from {before[name]}, this run gives "
             f"{config['systems'][name]}; give the model another name (NAME=PATH) or use another --out-dir.",
-            "or pass --replace to drop that system's answers and answer anew (a retrained model)",
+            "pass --replace to drop that system's answers and answer anew (a retrained model)",
         )
     if stale:
         log.warning("%s: dropping the cached answers of %s (made by another model under the same name)",
