@@ -249,11 +249,11 @@ def align_connector(cfg: DictConfig, path: Path) -> Path:
     if path.is_file():
         print(f"reusing the aligned connector {path}")
         return path
-    from nemo_speechlm.data.feature_cache import prepare_feature_cache
+    from nemo_speechlm.data.feature_cache import open_feature_cache
 
     torch.manual_seed(cfg.seed)
     model = MTBIModel(cfg.model)
-    cache = prepare_feature_cache(cfg.get("feature_cache"), model, OmegaConf.create({}))
+    cache = open_feature_cache(cfg.get("feature_cache"), model)
     pre = copy.deepcopy(cfg.connector_pretraining)
     with open_dict(pre):
         pre.freeze_connector = False

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_speechlm.data.datamodule import build_datamodule, fill_model_settings
 from nemo_speechlm.data.conversations import cut_for_audio
-from nemo_speechlm.data.feature_cache import fill_feature_cache, prepare_feature_cache, transcribed_utterances
+from nemo_speechlm.data.feature_cache import fill_feature_cache, open_feature_cache, transcribed_utterances, utterances_in
 from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.data.preflight import check_clip_lengths, check_training_data
 from nemo_speechlm.errors import ConfigError
@@ -57,8 +57,14 @@ def train(cfg: DictConfig, model_cls) -> Path:
     fill_model_settings(cfg.data, model)
     if _encodes_before_fit(cfg):
         model.to(trainer.strategy.root_device)  # feature cache / pre-alignment on this rank's accelerator
-    feature_cache = prepare_feature_cache(cfg.get("feature_cache"), model, cfg.data, trainer.precision)
+    feature_cache = open_feature_cache(cfg.get("feature_cache"), model, trainer.precision)
+    # The pre-alignment encodes its manifest first, in manifest order: an utterance's cached features (to
+    # rounding, the batch it was encoded in) then do not depend on which utterances the training data asks for.
+    # Filled the other way round, a new task in the catalog changed the behaviors' utterances, their features
+    # by up to 1.1e-4, and with them stage 1's whole trajectory.
     pre_align_connector(cfg.get("connector_pretraining"), model, cfg.data, feature_cache, resuming=bool(trainer.ckpt_path))
+    if feature_cache is not None:
+        fill_feature_cache(model, feature_cache, utterances_in(cfg.data))
     datamodule = build_datamodule(cfg.data, model, feature_cache)
     trainer.fit(model, datamodule)
     nemo_path = Path(cfg.get("output_nemo") or Path(log_dir) / f"{cfg.get('name', 'speechlm')}.nemo")
@@ -98,10 +104,10 @@ def _run_pre_alignment(pre_cfg: DictConfig, model, data_cfg: DictConfig, feature
     if manifest:
         utterances = [(cut_for_audio(e["audio_filepath"], float(e.get("offset") or 0.0), e.get("duration")), e["text"])
                       for e in read_manifest(manifest)]
-        if feature_cache is not None:
-            fill_feature_cache(model, feature_cache, [cut for cut, _ in utterances])
     else:
         utterances = transcribed_utterances(data_cfg)
+    if feature_cache is not None:
+        fill_feature_cache(model, feature_cache, [cut for cut, _ in utterances])
     pretrain_connector_ctc(model, utterances, pre_cfg.steps, lr=pre_cfg.get("lr", 2e-3),
                            batch_size=pre_cfg.get("batch_size", 16), feature_cache=feature_cache,
                            seed=pre_cfg.get("seed", 0))

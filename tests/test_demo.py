@@ -8,6 +8,7 @@ and a fresh process answering from the `.nemo`.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -148,7 +149,11 @@ def test_step_6_takes_a_real_manifest_with_relative_paths_and_no_speaker(demo, t
 
 def test_a_second_run_reuses_what_did_not_change(demo):
     out, first, second = demo
-    assert f"{{'utterances': {UTTERANCES}, " in first  # the pre-alignment fills the cache for every training utterance
+    # the pre-alignment fills the cache for every training utterance first, in manifest order; the behaviors'
+    # utterances (a subset) are then all cached: their features do not depend on which ones got behaviors
+    fills = re.findall(r"Feature cache \S+: (\{[^}]*\})", first)
+    assert fills[0] == f"{{'utterances': {UTTERANCES}, 'cached_before': 0, 'encoded': {UTTERANCES}}}", fills
+    assert all("'encoded': 0}" in fill for fill in fills[1:]) and len(fills) == 2, fills
     assert f"reused={UTTERANCES + 2 * HELDOUT}" in second  # no utterance synthesized again
     assert "0 written" in second and " 0 remaining" in second  # behaviors: nothing generated again
     assert "'encoded': 0" in second  # features read from the cache

@@ -15,7 +15,7 @@ from nemo_speechlm.data.conversations import cut_for_audio
 from nemo_speechlm.data.datamodule import build_datamodule
 from nemo_speechlm.data.dataset import as_text_messages
 from nemo_speechlm.data.feature_cache import (FeatureCache, cache_dtype, encoder_fingerprint, fill_feature_cache,
-                                              utterances_in)
+                                              open_feature_cache, utterances_in)
 from nemo_speechlm.errors import ConfigError
 from nemo_speechlm.data.interleaving import InterleaveConfig, choose_spans
 from nemo_speechlm.data.manifest import ManifestError, read_manifest
@@ -268,6 +268,29 @@ def test_cached_features_give_the_same_loss_with_interleaving(assets, whisper_di
         assert "audios" not in cached_batch and cached_batch["encoder_features"].shape[0] == 4
         cached = model.compute_losses(cached_batch)
     assert cached["loss"].item() == pytest.approx(plain["loss"].item(), rel=1e-5)
+
+
+def test_the_fill_encodes_in_the_order_given_and_the_configured_batch_size(assets, whisper_dir, behaviors, tmp_path):
+    """``feature_cache.batch_size`` holds for every fill (the pre-alignment's used 8 whatever it said), and
+    utterances are encoded in the order given: what the recipe relies on to encode the pre-alignment
+    manifest in a fixed order (``tests/test_demo.py`` checks that order in a real run)."""
+    from nemo_speechlm.data.datamodule import fill_model_settings
+
+    model = _mtbi_model(assets, whisper_dir).eval()
+    data_cfg = _data_cfg(behaviors)
+    fill_model_settings(data_cfg, model)
+    utterances = utterances_in(data_cfg)[::-1]
+    cache = open_feature_cache(OmegaConf.create({"dir": str(tmp_path / "features"), "batch_size": 3}), model)
+    encode, calls = model.encode_speech, []
+
+    def recording(audio, lengths):  # the real encoder, its calls recorded
+        calls.append([int(n) for n in lengths])
+        return encode(audio, lengths)
+
+    model.encode_speech = recording
+    assert fill_feature_cache(model, cache, utterances)["encoded"] == 8
+    expected = [len(c.resample(model.sampling_rate).load_audio().mean(axis=0)) for c in utterances]
+    assert calls == [expected[:3], expected[3:6], expected[6:]]
 
 
 def test_a_bf16_cache_gives_bf16_true_training_the_same_loss_from_half_the_bytes(assets, whisper_dir, behaviors, tmp_path):

@@ -80,13 +80,15 @@ def encoder_fingerprint(perception: torch.nn.Module, perception_cfg: DictConfig)
 class FeatureCache:
     """Encoder outputs ``(frames, d_model)`` on disk, keyed by :func:`utterance_key`, stored as ``dtype``."""
 
-    def __init__(self, directory: str | Path, fingerprint: str, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, directory: str | Path, fingerprint: str, dtype: torch.dtype = torch.float32,
+                 batch_size: int = 8) -> None:
         if dtype not in CACHE_DTYPES.values():
             raise ValueError(f"feature cache dtype {dtype} is not one of {list(CACHE_DTYPES.values())}")
         # fp32 caches keep the bare fingerprint, as before the bf16 option existed.
         self.root = Path(directory) / (fingerprint if dtype == torch.float32 else f"{fingerprint}-bf16")
         self.fingerprint = fingerprint
         self.dtype = dtype
+        self.batch_size = batch_size  # utterances encoded together when filling (feature_cache.batch_size)
 
     def path(self, cut: Cut) -> Path:
         key = utterance_key(cut)
@@ -129,8 +131,13 @@ def _file_stamp(cut: Cut) -> str:
 
 
 @torch.no_grad()
-def fill_feature_cache(model, cache: FeatureCache, cuts: list[Cut], batch_size: int = 8) -> dict[str, int]:
-    """Encode every cut not yet in ``cache`` (resumable) on ``model.device``; returns counts for the log.
+def fill_feature_cache(model, cache: FeatureCache, cuts: list[Cut], batch_size: int | None = None) -> dict[str, int]:
+    """Encode every cut not yet in ``cache`` (resumable) on ``model.device``, ``batch_size`` (default: the
+    cache's) at a time in the order given; returns counts for the log.
+
+    An utterance's features depend on the batch it was encoded in by rounding only (~1e-4: the padded
+    length and batch size change how the GEMMs are blocked); callers that want the same features
+    whatever else is cached fill in a fixed order (the training recipe: the pre-alignment manifest first).
 
     With a process group (``nemo_speechlm.parts.distributed.start_ranks``), rank ``r`` of ``N``
     encodes the distinct utterances ``r, r+N, ...`` (a split that does not depend on what other ranks
@@ -138,6 +145,7 @@ def fill_feature_cache(model, cache: FeatureCache, cuts: list[Cut], batch_size: 
     """
     from nemo_speechlm.parts.distributed import barrier, encoding_on_this_rank_only, rank_and_world
 
+    batch_size = batch_size or cache.batch_size
     rank, world = rank_and_world()
     distinct: dict[str, Cut] = {}
     for cut in cuts:
@@ -207,9 +215,8 @@ def transcribed_utterances(data_cfg: DictConfig) -> list[tuple[Cut, str]]:
     return list(found.values())
 
 
-def prepare_feature_cache(cache_cfg: DictConfig | None, model, data_cfg: DictConfig,
-                          precision: str | int | None = None) -> FeatureCache | None:
-    """The cache for ``model``'s encoder, filled for ``data_cfg`` (``feature_cache`` config; None when off).
+def open_feature_cache(cache_cfg: DictConfig | None, model, precision: str | int | None = None) -> FeatureCache | None:
+    """The cache for ``model``'s encoder (``feature_cache`` config; None when off), not filled yet.
     ``precision`` is the trainer's (``trainer.precision``): it picks the storage dtype when ``feature_cache.dtype`` is null."""
     if not cache_cfg or not cache_cfg.get("dir"):
         return None
@@ -221,6 +228,14 @@ def prepare_feature_cache(cache_cfg: DictConfig | None, model, data_cfg: DictCon
             f"trainable encoder parameters: {trainable[:3]}, spec_augment: {perception.spec_augmentation is not None}. "
             "Freeze it with model.freeze_params: ['^perception\\\\.encoder\\\\..+$', ...] or set feature_cache.dir=null."
         )
-    cache = FeatureCache(cache_cfg.dir, encoder_fingerprint(perception, model.cfg.perception), cache_dtype(cache_cfg, precision))
-    fill_feature_cache(model, cache, utterances_in(data_cfg), batch_size=cache_cfg.get("batch_size", 8))
+    return FeatureCache(cache_cfg.dir, encoder_fingerprint(perception, model.cfg.perception),
+                        cache_dtype(cache_cfg, precision), batch_size=cache_cfg.get("batch_size", 8))
+
+
+def prepare_feature_cache(cache_cfg: DictConfig | None, model, data_cfg: DictConfig,
+                          precision: str | int | None = None) -> FeatureCache | None:
+    """:func:`open_feature_cache`, filled for every utterance of ``data_cfg``."""
+    cache = open_feature_cache(cache_cfg, model, precision)
+    if cache is not None:
+        fill_feature_cache(model, cache, utterances_in(data_cfg))
     return cache
