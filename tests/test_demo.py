@@ -117,6 +117,11 @@ def test_the_nemo_answers_a_spoken_request_in_a_fresh_process(demo):
     text = second.split("text LLM (reads the words):   ")[1].splitlines()[0]
     assert speech.strip() and text.strip()
     assert str(out / "mtbi.nemo") in second  # artifact paths are printed
+    requests = min(4, HELDOUT)  # several requests, then how many were only repeated back
+    assert second.count("speech LLM (hears the audio): ") == second.count("text LLM (reads the words):   ") == requests
+    answered, shown, copied = map(int, re.search(r"answered (\d+) of (\d+) spoken requests; (\d+) only repeated back",
+                                                 second).groups())
+    assert shown == requests and answered + copied == requests
     request = read_jsonl(out / "corpus" / "heldout_unseen_voice_manifest.json")[0]["audio_filepath"]
     answer = subprocess.run(
         [sys.executable, str(REPO / "examples" / "infer.py"), str(out / "mtbi.nemo"), request,
@@ -145,6 +150,7 @@ def test_step_6_takes_a_real_manifest_with_relative_paths_and_no_speaker(demo, t
     printed = capsys.readouterr().out
     assert f"request ({tmp_path / 'wav' / 'request.wav'}): {line['text']!r}" in printed
     assert printed.split("speech LLM (hears the audio): ")[1].splitlines()[0].strip()
+    assert re.search(r"answered \d of 1 spoken requests", printed)  # a manifest shorter than the 4 asked for
 
 
 def test_a_second_run_reuses_what_did_not_change(demo):
