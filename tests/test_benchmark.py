@@ -186,6 +186,24 @@ def test_models_on_the_same_llm_share_the_references(setup, tmp_path):
     assert systems == {"other", UPPER_BOUND} and not (out / "asr_transcripts.jsonl").exists()
 
 
+def test_a_changed_asr_model_redoes_the_cascade_only_with_replace(setup, tmp_path):
+    """The cascade's transcripts belong to its ASR model: another one (here the same file rewritten) is
+    refused, and with ``replace`` its transcripts and answers are made anew while the rest is kept."""
+    import os
+
+    out, asr = tmp_path / "out", tmp_path / "asr.nemo"
+    shutil.copytree(setup["out"], out)
+    shutil.copy2(setup["asr"], asr)
+    os.utime(asr, ns=(0, os.stat(asr).st_mtime_ns + 5 * 10**9))
+    with pytest.raises(ValueError, match="answers of system 'cascade'"):
+        run_benchmark({"tiny": str(setup["nemo"])}, setup["manifest"], out, asr_model=str(asr), **SETTINGS)
+    runs = run_benchmark({"tiny": str(setup["nemo"])}, setup["manifest"], out, asr_model=str(asr), replace=True,
+                         **SETTINGS)["runs"]
+    assert runs["asr_transcripts"]["written"] == runs["asr_transcripts"]["total"] == N_UTTERANCES
+    assert runs[CASCADE]["written"] == runs[CASCADE]["total"] > 0
+    assert runs["references"]["written"] == runs["tiny"]["written"] == 0
+
+
 def test_cli_compares_models_side_by_side_reusing_cached_answers(setup, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(setup["out"], out)

@@ -248,9 +248,7 @@ def _check_run_config(out_dir: Path, config: dict, replace: bool = False) -> Non
         field, before = changed[0]
         log.warning("%s: every cached answer was made with %s=%r, this run has %r: dropping them all",
                     out_dir, field, before, config[field])
-        for name in (REFERENCES, ASR_TRANSCRIPTS, PREDICTIONS):
-            for path in out_dir.glob(f"{name}*"):  # the file and its runner sidecars (.summary.json, ...)
-                path.unlink()
+        _remove_answers(out_dir, REFERENCES, ASR_TRANSCRIPTS, PREDICTIONS)
         old = {"text_llm_of": old.get("text_llm_of", {})}
     elif changed:
         field, before = changed[0]
@@ -273,12 +271,18 @@ def _check_run_config(out_dir: Path, config: dict, replace: bool = False) -> Non
                     out_dir, ", ".join(stale))
         keep_only(out_dir / PREDICTIONS, set(before) - set(stale), key="system", why="systems whose model changed")
         if CASCADE in stale:  # the cascade's ASR model changed: its transcripts too
-            for path in out_dir.glob(f"{ASR_TRANSCRIPTS}*"):
-                path.unlink()
+            _remove_answers(out_dir, ASR_TRANSCRIPTS)
     config = {**config, "systems": {**before, **config["systems"]},
               "text_llm_of": {**old.get("text_llm_of", {}), **config["text_llm_of"]}}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _remove_answers(out_dir: Path, *names: str) -> None:
+    """Delete answer files and their runner sidecars (``.summary.json``, ``.rejected.jsonl``, ...)."""
+    for name in names:
+        for path in out_dir.glob(f"{name}*"):
+            path.unlink()
 
 
 # --------------------------------------------------------------------------- entry point
