@@ -17,7 +17,9 @@ from nemo_speechlm.evaluation.benchmark import (
     run_benchmark,
     score_answer,
     summarize_lines,
+    write_results_md,
 )
+from nemo_speechlm.evaluation.benchmark_scoring import aggregate
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.models.base_llm import base_llm_identity
 from tests.conftest import model_config
@@ -256,6 +258,32 @@ def test_scores_of_hand_made_answers():
     assert summary["count"] == 3 and summary["rouge_l"] == pytest.approx(0.5)
     assert summary["transcript_copy"] == pytest.approx(0.5) and summary["transcript_copy_count"] == 2
     assert summary["transcript_copy_where_expected"] == 1.0
+
+
+def test_classification_answers_are_also_scored_on_the_label(tmp_path):
+    """ROUGE-L rates the wrong sentiment in the reference's own words high; the label score does not."""
+    sentiment = TaskCatalog.load().task("sentiment")
+    text, reference = "what a lovely day", "The sentiment of this sentence is positive."
+    wrong = score_answer(sentiment, "The sentiment of this sentence is negative.", reference, text, None)
+    right = score_answer(sentiment, "Positive.", reference, text, None)
+    assert wrong["rouge_l"] > 0.8 > right["rouge_l"]
+    assert wrong["same_label"] is False and right["same_label"] is True
+    no_label = score_answer(sentiment, "Positive.", "It is a day.", text, None)  # nothing to agree with
+    two_labels = score_answer(sentiment, "Positive.", "Positive or negative.", text, None)
+    assert "same_label" not in no_label and "same_label" not in two_labels
+    assert "same_label" not in score_answer(TaskCatalog.load().task("summarize"), text, text, text, None)
+
+    lines = [{"scores": s, "copy_expected": False} for s in (wrong, right, no_label)]
+    summary = summarize_lines(lines)
+    assert summary["same_label"] == pytest.approx(0.5) and summary["same_label_count"] == 2
+    assert "same_label" not in summarize_lines(lines[2:])
+
+    split = "seen_task_seen_prompt"
+    lines = [{**l, "system": "m", "split": split, "task": "sentiment"} for l in lines]
+    config = {"manifest": "x", "utterances": 3, "catalog": "c", "prompts_per_task": 1, "seed": 0, "splits": [split]}
+    metrics = {"config": config, "skipped_lines": {"total": 0}, "systems": aggregate(lines, ["m"], [split])}
+    write_results_md(metrics, tmp_path / "results.md")
+    assert "| same label as reference (n=2) | 50% |" in (tmp_path / "results.md").read_text()
 
 
 def test_text_upper_bound_turns_lora_off(assets):

@@ -206,16 +206,20 @@ def language(answer: str, transcript: str, lang: str = "en") -> bool:
 def one_of(answer: str, transcript: str, labels: Sequence[str] = ()) -> bool:
     """Exactly one of ``labels`` occurs in the answer as a whole word or phrase
     (case-insensitive), e.g. sentiment or topic classification."""
+    return len(named_labels(answer, labels)) == 1
+
+
+def named_labels(answer: str, labels: Sequence[str]) -> set[str]:
+    """The ``labels`` (lower-cased) that occur in the answer as whole words or phrases, case-insensitive."""
     if isinstance(labels, str) or not isinstance(labels, Sequence) or not labels:
         raise ValueError(f"labels must be a non-empty list of strings, got {labels!r}")
     if not all(isinstance(label, str) and label.strip() for label in labels):
         raise ValueError(f"labels must be non-empty strings, got {list(labels)!r}")
-    found = {
+    return {
         label.lower()
         for label in labels
         if re.search(r"(?<!\w)" + r"\s+".join(map(re.escape, label.split())) + r"(?!\w)", answer, re.IGNORECASE)
     }
-    return len(found) == 1
 
 
 def shorter_than_input(answer: str, transcript: str, ratio: float = 1.0) -> bool:

@@ -29,7 +29,7 @@ def _fmt(value: float | None, kind: str) -> str:
 
 
 _ROWS = [("rouge_l", "ROUGE-L", "score"), ("chrf", "chrF", "score100"), ("follows_task", "follows task", "rate"),
-         ("transcript_copy", "transcript copy", "rate"), ("gt_wer", _GT_LABELS["gt_wer"], "wer"),
+         ("transcript_copy", "transcript copy", "rate"), ("same_label", "same label as reference", "rate"), ("gt_wer", _GT_LABELS["gt_wer"], "wer"),
          ("gt_cer", _GT_LABELS["gt_cer"], "wer"), ("gt_bleu", _GT_LABELS["gt_bleu"], "score100"),
          ("gt_chrf", _GT_LABELS["gt_chrf"], "score100")]
 
@@ -62,7 +62,7 @@ def _split_table(metrics: dict, split: str) -> str:
             if key == "transcript_copy" and name != "all" and summaries[0].get("transcript_copy_count") == 0:
                 continue
             head = f"{label} | {summaries[0].get('count', 0)}" if not shown else " | "
-            if key in GT_METRICS and name == "all":  # scored on a subset of the split's items
+            if (key in GT_METRICS and name == "all") or key == "same_label":  # scored on a subset of the items
                 metric_label += f" (n={summaries[0].get(f'{key}_count', 0)})"
             rows.append(f"| {head} | {metric_label} | {' | '.join(_fmt(s.get(key), kind) for s in summaries)} |")
             shown = True
@@ -89,7 +89,8 @@ def write_results_md(metrics: dict, path: Path) -> None:
         "Reference for every item: the text LLM's answer to the transcript under the same prompt "
         f"(`{UPPER_BOUND}`, which matches it by definition). ROUGE-L (0-1) and chrF (0-100) are against "
         "that reference; *follows task* is the task's check; *transcript copy* is the share of answers "
-        "that only repeat the transcript (a failure, except for tasks that ask for it); ground-truth "
+        "that only repeat the transcript (a failure, except for tasks that ask for it); *same label as "
+        "reference* scores classification tasks on the label, where the reference names exactly one; ground-truth "
         "metrics are corpus-level against the manifest field named by the task.",
         "",
         "## Summary: mean ROUGE-L (task-following rate)",

@@ -6,7 +6,7 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 from nemo_speechlm.data.task_catalog import Task
-from nemo_speechlm.data.task_checks import run_check
+from nemo_speechlm.data.task_checks import named_labels, run_check
 from nemo_speechlm.parts.metrics import (
     bleu,
     char_error_rate,
@@ -30,6 +30,13 @@ def score_answer(task: Task, prediction: str, reference: str, transcript: str, g
         "follows_task": run_check(task.check, prediction, transcript),
         "transcript_copy": is_transcript_copy(prediction, transcript),
     }
+    if task.check["name"] == "one_of":
+        # A classification: ROUGE-L hardly tells "The sentiment is positive." from "... negative.",
+        # so it is also scored on the label, where the reference names exactly one.
+        labels = task.check["labels"]
+        wanted = named_labels(reference, labels)
+        if len(wanted) == 1:
+            scores["same_label"] = named_labels(prediction, labels) == wanted
     if ground_truth is not None:
         metric = task.ground_truth.metric
         if metric == "wer":
@@ -48,7 +55,8 @@ def summarize_lines(lines: list[dict]) -> dict:
 
     ROUGE-L, chrF, follows_task: means over items. ``transcript_copy``: share of copies
     among items where a copy is a failure (None if none); copies on tasks that expect
-    them are counted apart. Ground-truth metrics are corpus-level (total edits / total
+    them are counted apart. ``same_label``: share of classification answers naming the
+    reference's label, among items whose reference names one, with their count. Ground-truth metrics are corpus-level (total edits / total
     words; corpus BLEU) over the items that have one, with their count.
     """
     n = len(lines)
@@ -60,6 +68,10 @@ def summarize_lines(lines: list[dict]) -> dict:
     out["transcript_copy"] = _mean([float(l["scores"]["transcript_copy"]) for l in failing])
     out["transcript_copy_count"] = len(failing)
     out["transcript_copy_where_expected"] = _mean([float(l["scores"]["transcript_copy"]) for l in expected])
+    labelled = [l for l in lines if "same_label" in l["scores"]]
+    if labelled:
+        out["same_label"] = _mean([float(l["scores"]["same_label"]) for l in labelled])
+        out["same_label_count"] = len(labelled)
     for metric in GT_METRICS:
         scored = [l for l in lines if metric in l["scores"]]
         if scored:
