@@ -3,7 +3,14 @@
 Importing the package makes our classes instantiable by NeMo (target allow-list) and
 registers our prompt formatter and lhotse data types with NeMo's registries.
 """
+import logging
 from pathlib import Path
+
+# NeMo's import sets up NVIDIA's OneLogger telemetry, disabled by default, and its logger warns about
+# that on every command ("No exporters were provided ..."): two lines of noise above every CLI's
+# output and above its one-line error. Quieted to errors unless the user configured that logger.
+if logging.getLogger("nv_one_logger").level == logging.NOTSET:
+    logging.getLogger("nv_one_logger").setLevel(logging.ERROR)
 
 from nemo.core.classes.common import ALLOWED_EXACT_CLASS_TARGETS, ALLOWED_TARGET_PREFIXES
 

@@ -221,6 +221,17 @@ def test_installed_command_takes_options_before_files(files):
     assert json.loads(proc.stdout)["audio_filepath"] == files["wav"]
 
 
+def test_an_error_is_the_only_line_on_stderr_in_a_fresh_process(tmp_path):
+    """The rows above share one process, so the import's own output lands in the first row only; here a
+    fresh process: nothing but the error (NeMo's import warned twice about its disabled telemetry)."""
+    command = Path(sys.executable).with_name("speechlm-infer")
+    proc = subprocess.run([str(command), str(tmp_path / "missing.nemo"), "a.wav", "--prompt", "x <|audio|>"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: model file not found: {tmp_path / 'missing.nemo'} — check the path"]
+    assert proc.stdout == ""
+
+
 def test_debug_flag_shows_the_traceback(files):
     proc = subprocess.run([sys.executable, "examples/infer.py", files["truncated"], files["wav"], "--prompt", "x", "--debug"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
