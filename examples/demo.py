@@ -123,9 +123,10 @@ def whisper_reference_wer(out: Path, heldout: dict[str, Path], encoder_cfg: Dict
             hypotheses = []
             for start in tqdm(range(0, len(entries), batch_size), desc=f"Whisper's own decoder ({name})", unit="batch"):
                 audio = [soundfile.read(e["audio_filepath"])[0] for e in entries[start : start + batch_size]]
-                features = processor(audio, sampling_rate=16000, return_tensors="pt").input_features
+                inputs = processor(audio, sampling_rate=16000, return_tensors="pt", return_attention_mask=True)
                 with torch.no_grad():
-                    ids = model.generate(features.to(device), max_new_tokens=96)
+                    ids = model.generate(inputs.input_features.to(device), attention_mask=inputs.attention_mask.to(device),
+                                         max_new_tokens=96)
                 hypotheses += processor.batch_decode(ids, skip_special_tokens=True)
             result = {**word_error_rate([e["text"] for e in entries], hypotheses), "key": manifest_sha}
             result_path.parent.mkdir(parents=True, exist_ok=True)
