@@ -29,9 +29,9 @@ def _fmt(value: float | None, kind: str) -> str:
 
 
 _ROWS = [("rouge_l", "ROUGE-L", "score"), ("chrf", "chrF", "score100"), ("follows_task", "follows task", "rate"),
-         ("transcript_copy", "transcript copy", "rate"), ("same_label", "same label as reference", "rate"), ("gt_wer", _GT_LABELS["gt_wer"], "wer"),
-         ("gt_cer", _GT_LABELS["gt_cer"], "wer"), ("gt_bleu", _GT_LABELS["gt_bleu"], "score100"),
-         ("gt_chrf", _GT_LABELS["gt_chrf"], "score100")]
+         ("transcript_copy", "transcript copy", "rate"), ("same_label", "same label as reference", "rate"),
+         ("gt_wer", _GT_LABELS["gt_wer"], "wer"), ("gt_cer", _GT_LABELS["gt_cer"], "wer"),
+         ("gt_bleu", _GT_LABELS["gt_bleu"], "score100"), ("gt_chrf", _GT_LABELS["gt_chrf"], "score100")]
 
 
 def summary_table(metrics: dict) -> str:
@@ -90,8 +90,8 @@ def write_results_md(metrics: dict, path: Path) -> None:
         f"(`{UPPER_BOUND}`, which matches it by definition). ROUGE-L (0-1) and chrF (0-100) are against "
         "that reference; *follows task* is the task's check; *transcript copy* is the share of answers "
         "that only repeat the transcript (a failure, except for tasks that ask for it); *same label as "
-        "reference* scores classification tasks on the label, where the reference names exactly one; ground-truth "
-        "metrics are corpus-level against the manifest field named by the task.",
+        "reference* scores classification tasks on the label, where the reference names exactly one; "
+        "ground-truth metrics are corpus-level against the manifest field named by the task.",
         "",
         "## Summary: mean ROUGE-L (task-following rate)",
         "",

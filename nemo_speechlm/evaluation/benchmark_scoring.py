@@ -56,8 +56,9 @@ def summarize_lines(lines: list[dict]) -> dict:
     ROUGE-L, chrF, follows_task: means over items. ``transcript_copy``: share of copies
     among items where a copy is a failure (None if none); copies on tasks that expect
     them are counted apart. ``same_label``: share of classification answers naming the
-    reference's label, among items whose reference names one, with their count. Ground-truth metrics are corpus-level (total edits / total
-    words; corpus BLEU) over the items that have one, with their count.
+    reference's label, among items whose reference names one, with their count. Ground-truth
+    metrics are corpus-level (total edits / total words; corpus BLEU) over the items that have
+    one, with their count.
     """
     n = len(lines)
     out: dict[str, Any] = {"count": n}
