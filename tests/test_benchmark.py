@@ -2,6 +2,7 @@
 resume, bad input, and the scores of hand-made answers."""
 import argparse
 import json
+import os
 import shutil
 
 import pytest
@@ -191,8 +192,6 @@ def test_models_on_the_same_llm_share_the_references(setup, tmp_path):
 def test_a_changed_asr_model_redoes_the_cascade_only_with_replace(setup, tmp_path):
     """The cascade's transcripts belong to its ASR model: another one (here the same file rewritten) is
     refused, and with ``replace`` its transcripts and answers are made anew while the rest is kept."""
-    import os
-
     out, asr = tmp_path / "out", tmp_path / "asr.nemo"
     shutil.copytree(setup["out"], out)
     shutil.copy2(setup["asr"], asr)
@@ -272,6 +271,10 @@ def test_classification_answers_are_also_scored_on_the_label(tmp_path):
     two_labels = score_answer(sentiment, "Positive.", "Positive or negative.", text, None)
     assert "same_label" not in no_label and "same_label" not in two_labels
     assert "same_label" not in score_answer(TaskCatalog.load().task("summarize"), text, text, text, None)
+    yes_no = TaskCatalog.load().task("mentions_person")  # a yes/no question is a classification too
+    assert score_answer(yes_no, "No, nobody.", "No.", text, None)["same_label"] is True
+    assert score_answer(yes_no, "Yes, the speaker.", "**No**", text, None)["same_label"] is False
+    assert "same_label" not in score_answer(yes_no, "No.", "I'm sorry for", text, None)
 
     lines = [{"scores": s, "copy_expected": False} for s in (wrong, right, no_label)]
     summary = summarize_lines(lines)

@@ -7,6 +7,7 @@ and a fresh process answering from the `.nemo`.
 """
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 import soundfile
 
 from nemo_speechlm.data.task_catalog import TRAIN, TaskCatalog
+from nemo_speechlm.evaluation import is_transcript_copy
 from nemo_speechlm.evaluation.listening import CONDITIONS
 from nemo_speechlm.tts.grammar import words_of
 
@@ -121,7 +123,12 @@ def test_the_nemo_answers_a_spoken_request_in_a_fresh_process(demo):
     assert second.count("speech LLM (hears the audio): ") == second.count("text LLM (reads the words):   ") == requests
     answered, shown, copied = map(int, re.search(r"answered (\d+) of (\d+) spoken requests; (\d+) only repeated back",
                                                  second).groups())
-    assert shown == requests and answered + copied == requests
+    # The count is of the answers shown, each paired with its request (the manifest's first ones).
+    said = [ast.literal_eval(line.split("): ", 1)[1]) for line in second.splitlines() if line.startswith("request (")]
+    heard = [line.split(": ", 1)[1] for line in second.splitlines() if line.startswith("speech LLM (hears the audio): ")]
+    manifest = read_jsonl(out / "corpus" / "heldout_unseen_voice_manifest.json")
+    assert said == [e["text"] for e in manifest[:requests]]
+    assert shown == requests and copied == sum(map(is_transcript_copy, heard, said)) and answered == requests - copied
     request = read_jsonl(out / "corpus" / "heldout_unseen_voice_manifest.json")[0]["audio_filepath"]
     answer = subprocess.run(
         [sys.executable, str(REPO / "examples" / "infer.py"), str(out / "mtbi.nemo"), request,

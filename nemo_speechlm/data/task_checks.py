@@ -242,12 +242,18 @@ def differs_from_input(answer: str, transcript: str) -> bool:
     return bool(answer.strip()) and not is_transcript_copy(answer, transcript)
 
 
-_YES_NO = re.compile(r"^[\W_]*(?:yes|no)(?![^\W_])", re.IGNORECASE)
+_YES_NO = re.compile(r"^[\W_]*(yes|no)(?![^\W_])", re.IGNORECASE)
 
 
 def yes_no(answer: str, transcript: str) -> bool:
     """The answer starts with "yes" or "no" ("**No.**", "Yes, because ..."; not "Nope")."""
-    return bool(_YES_NO.match(answer))
+    return bool(yes_no_label(answer))
+
+
+def yes_no_label(answer: str) -> set[str]:
+    """``{"yes"}`` or ``{"no"}`` for an answer that starts with it (see :func:`yes_no`), else empty."""
+    match = _YES_NO.match(answer)
+    return {match.group(1).lower()} if match else set()
 
 
 TASK_CHECKS: dict[str, Callable[..., bool]] = {
@@ -262,6 +268,12 @@ TASK_CHECKS: dict[str, Callable[..., bool]] = {
     "close_to_input": close_to_input,
     "differs_from_input": differs_from_input,
     "yes_no": yes_no,
+}
+
+# The classification checks: which of their labels an answer gives (the benchmark scores agreement on it).
+_LABEL_READERS: dict[Callable[..., bool], Callable[..., set[str]]] = {
+    one_of: named_labels,
+    yes_no: yes_no_label,
 }
 
 
@@ -293,6 +305,14 @@ def resolve_check(spec: str | Mapping) -> tuple[Callable[..., bool], dict]:
     except (TypeError, ValueError) as e:
         raise ValueError(f"bad parameters {params!r} for task check {name!r}: {e}; {_known()}") from e
     return check, params
+
+
+def answer_labels(spec: str | Mapping, answer: str) -> set[str] | None:
+    """The labels an answer gives under a classification check (``one_of``, ``yes_no``), lower-cased;
+    None for a check that is not a classification."""
+    check, params = resolve_check(spec)
+    reader = _LABEL_READERS.get(check)
+    return None if reader is None else reader(answer, **params)
 
 
 def run_check(spec: str | Mapping, answer: str, transcript: str) -> bool:

@@ -6,7 +6,7 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 from nemo_speechlm.data.task_catalog import Task
-from nemo_speechlm.data.task_checks import named_labels, run_check
+from nemo_speechlm.data.task_checks import answer_labels, run_check
 from nemo_speechlm.parts.metrics import (
     bleu,
     char_error_rate,
@@ -30,13 +30,11 @@ def score_answer(task: Task, prediction: str, reference: str, transcript: str, g
         "follows_task": run_check(task.check, prediction, transcript),
         "transcript_copy": is_transcript_copy(prediction, transcript),
     }
-    if task.check["name"] == "one_of":
-        # A classification: ROUGE-L hardly tells "The sentiment is positive." from "... negative.",
-        # so it is also scored on the label, where the reference names exactly one.
-        labels = task.check["labels"]
-        wanted = named_labels(reference, labels)
-        if len(wanted) == 1:
-            scores["same_label"] = named_labels(prediction, labels) == wanted
+    # A classification (sentiment, topic, yes/no): ROUGE-L hardly tells "The sentiment is positive."
+    # from "... negative.", so it is also scored on the label, where the reference gives exactly one.
+    wanted = answer_labels(task.check, reference)
+    if wanted is not None and len(wanted) == 1:
+        scores["same_label"] = answer_labels(task.check, prediction) == wanted
     if ground_truth is not None:
         metric = task.ground_truth.metric
         if metric == "wer":
