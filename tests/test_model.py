@@ -8,8 +8,10 @@ from nemo.core.classes.common import ALLOWED_TARGET_PREFIXES, safe_instantiate
 from omegaconf import OmegaConf
 
 from nemo_speechlm.models import SpeechLMModel
+from nemo_speechlm.parts.checkpoint import CheckpointError, restore_checked
 from nemo_speechlm.parts.llm import check_can_splice
 from tests.conftest import model_config, run_python
+from tests.tiny_assets import make_tiny_llm
 
 PROMPTS = ["Repeat exactly what is said in the audio: <|audio|>", "what do you hear <|audio|> ?"]
 
@@ -203,20 +205,62 @@ def test_nemo_round_trip_in_fresh_process_without_original_files(assets, tmp_pat
 
 
 def test_trainable_only_export_is_small_and_equivalent(assets, tmp_path):
+    """MTBI's default freezes the connector after stage 1 (freeze_aligned_connector): the file must keep it,
+    though it is no longer trainable (it left every frozen weight out, and could not be restored)."""
     torch.manual_seed(2)
     model = SpeechLMModel(model_config(assets["llm"], pretrained_asr=str(assets["asr"]), freeze_params=[r"^llm\..+$", r"^perception\.encoder\..+$", r"^perception\.preprocessor\..+$"]))
+    for name, param in model.perception.named_parameters():
+        if name.startswith(("modality_adapter", "proj")):
+            param.requires_grad_(False)
     full, small = tmp_path / "full.nemo", tmp_path / "small.nemo"
     model.save_to(str(full))
     model.save_trainable_to(str(small))
-    assert model.cfg.checkpoint_scope == "full"
+    assert model.cfg.get("checkpoint_scope", "full") == "full" and model.cfg.get("reference_fingerprints") is None
     assert small.stat().st_size < full.stat().st_size
     reference_outputs(model, assets, tmp_path / "ref.pt")
     out = run_python(ROUND_TRIP_CHECK.format(ref=str(tmp_path / "ref.pt"), nemo=str(small), wavs=wavs(assets, 2), prompts=PROMPTS))
     assert "ROUND_TRIP_OK" in out
     restored = SpeechLMModel.restore_from(str(small))
-    assert restored.cfg.checkpoint_scope == "trainable"
+    assert restored.cfg.checkpoint_scope == "trainable" and set(restored.cfg.reference_fingerprints) == {"llm", "encoder"}
     sd = OmegaConf.to_container(restored.cfg)
     assert sd["pretrained_llm"] == str(assets["llm"]) and sd["pretrained_asr"] == str(assets["asr"])
+    # A full file written from the restored model holds every weight and says so.
+    restored.save_to(str(tmp_path / "again.nemo"))
+    again = SpeechLMModel.restore_from(str(tmp_path / "again.nemo"))
+    assert again.cfg.checkpoint_scope == "full" and again.cfg.reference_fingerprints is None
+    assert_same_weights(again, model)
+
+
+def test_trainable_only_keeps_a_frozen_encoder_that_no_reference_gives_back(assets, tmp_path):
+    """An encoder built from config alone (no pretrained_asr) and frozen is in the file: restoring used to
+    build another random encoder in its place, silently."""
+    torch.manual_seed(3)
+    model = SpeechLMModel(model_config(assets["llm"], freeze_params=[r"^llm\..+$", r"^perception\.encoder\..+$"]))
+    model.save_trainable_to(str(tmp_path / "small.nemo"))
+    torch.manual_seed(4)
+    restored = SpeechLMModel.restore_from(str(tmp_path / "small.nemo"))
+    assert set(restored.cfg.reference_fingerprints) == {"llm"}
+    assert_same_weights(restored, model)
+
+
+def test_trainable_only_refuses_a_base_llm_replaced_in_place(assets, tmp_path):
+    """The file's adapters were trained on one base LLM; the reference now holds another of the same shape."""
+    llm = tmp_path / "llm"
+    shutil.copytree(assets["llm"], llm)
+    SpeechLMModel(model_config(llm)).save_trainable_to(str(tmp_path / "small.nemo"))
+    shutil.rmtree(llm)
+    make_tiny_llm(llm, seed=1)
+    with pytest.raises(CheckpointError, match=r"small\.nemo: this trainable-only model was trained on other llm weights "
+                                              r"than '.*llm' gives now") as raised:
+        restore_checked(SpeechLMModel, tmp_path / "small.nemo")
+    assert "model.pretrained_llm" in raised.value.fix
+    SpeechLMModel(model_config(llm))  # a failed restore leaves the process able to build models (NeMo's flag reset)
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    left, right = a.state_dict(), b.state_dict()
+    assert left.keys() == right.keys()
+    assert [name for name in left if not torch.equal(left[name], right[name])] == []
 
 
 def test_optimizer_gets_only_trainable_parameters_and_a_scheduler(assets):

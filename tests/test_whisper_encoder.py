@@ -95,3 +95,25 @@ def test_encoder_lora_is_the_only_trainable_encoder_part(assets, whisper_dir):
     trainable = [n for n, p in model.perception.encoder.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n for n in trainable)
     assert len(trainable) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+
+
+def test_trainable_only_file_reloads_whisper_and_keeps_its_lora(assets, whisper_dir, tmp_path):
+    """Whisper's weights come back from its own checkpoint (``pretrained_model``); its LoRA is in the file."""
+    cfg = model_config(assets["llm"])
+    cfg.perception.update(tiny_whisper_perception(whisper_dir))
+    cfg.perception.encoder.lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    cfg.freeze_params = [r"^llm\..+$", r"^perception\.encoder\..+$"]
+    torch.manual_seed(0)
+    model = SpeechLMModel(cfg)
+    with torch.no_grad():  # LoRA B starts at zero: make the adapters matter
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_()
+    model.save_trainable_to(str(tmp_path / "small.nemo"))
+    model.save_to(str(tmp_path / "full.nemo"))
+    assert (tmp_path / "small.nemo").stat().st_size < (tmp_path / "full.nemo").stat().st_size
+    restored = SpeechLMModel.restore_from(str(tmp_path / "small.nemo"))
+    assert set(restored.cfg.reference_fingerprints) == {"llm", "encoder"}
+    before, after = model.state_dict(), restored.state_dict()
+    assert before.keys() == after.keys()
+    assert [name for name in before if not torch.equal(before[name], after[name])] == []

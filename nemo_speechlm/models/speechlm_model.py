@@ -30,6 +30,7 @@ from transformers import GenerationConfig
 
 from nemo_speechlm.data.audio import check_audio_length, read_audio
 from nemo_speechlm.modules.ctc_readout import CTCReadout
+from nemo_speechlm.models.reference_weights import check_reference_weights, reference_fingerprints, reference_weight_names
 from nemo_speechlm.modules.perception import build_perception, fill_pretrained_encoder_config
 from nemo_speechlm.parts.checkpoint import stamp_checkpoint_format
 from nemo_speechlm.parts.fsdp import shard_model
@@ -493,53 +494,79 @@ class SpeechLMModel(ModelPT):
     # ------------------------------------------------------------------ export
 
     def save_to(self, save_path: str) -> None:
-        """Write the ``.nemo``, stamped with the checkpoint format so that every later version can tell
-        whether it can read it (``nemo_speechlm.parts.checkpoint``)."""
+        """Write the ``.nemo`` with every weight, stamped with the checkpoint format so that every later version
+        can tell whether it can read it (``nemo_speechlm.parts.checkpoint``)."""
+        with self._checkpoint_scope("full", None):  # also for a model restored from a trainable-only file
+            self._write_nemo(save_path)
+
+    def save_trainable_to(self, save_path: str) -> None:
+        """Write a small ``.nemo`` without the frozen weights that ``pretrained_llm``/``pretrained_asr`` (or the
+        encoder's own checkpoint) load again; restoring loads them from there and checks that they are the same
+        (``models/reference_weights.py``)."""
+        left_out = reference_weight_names(self, self.cfg)
+        with self._checkpoint_scope("trainable", reference_fingerprints(self, self.cfg, left_out)):
+            self._state_dict_filter = {name for names in left_out.values() for name in names}
+            try:
+                self._write_nemo(save_path)
+            finally:
+                self._state_dict_filter = None
+
+    def _write_nemo(self, save_path: str) -> None:
         with open_dict(self._cfg):
             stamp_checkpoint_format(self._cfg)
         super().save_to(save_path)
 
-    def save_trainable_to(self, save_path: str) -> None:
-        """Write a small ``.nemo`` with only trained weights (adapter, LoRA, unfrozen parts);
-        restoring it re-loads the base LLM and ASR model from ``pretrained_llm``/``pretrained_asr``."""
-        with self._trainable_only():
-            self.save_to(save_path)
-
     @contextlib.contextmanager
-    def _trainable_only(self):
-        previous = self.cfg.get("checkpoint_scope", "full")
+    def _checkpoint_scope(self, scope: str, fingerprints: dict | None):
+        """The config a file is written with says what it holds; the model's own config is left as it was."""
+        keys = ("checkpoint_scope", "reference_fingerprints")
+        before = {key: self._cfg[key] for key in keys if key in self._cfg}
         with open_dict(self._cfg):
-            self._cfg.checkpoint_scope = "trainable"
-        self._state_dict_filter = {n for n, p in self.named_parameters() if not p.requires_grad}
+            self._cfg.checkpoint_scope = scope
+            self._cfg.reference_fingerprints = fingerprints
         try:
             yield
         finally:
-            self._state_dict_filter = None
             with open_dict(self._cfg):
-                self._cfg.checkpoint_scope = previous
+                for key in keys:
+                    self._cfg.pop(key, None)
+                self._cfg.update(before)
 
     def state_dict(self, *args, **kwargs):
         gathered = getattr(self, "_gathered_state_dict", None)  # FSDP2: the full weights (parts/fsdp.py)
         sd = gathered if gathered is not None else super().state_dict(*args, **kwargs)
-        frozen = getattr(self, "_state_dict_filter", None)
-        if frozen:
-            sd = type(sd)((k, v) for k, v in sd.items() if k not in frozen)
+        left_out = getattr(self, "_state_dict_filter", None)  # save_trainable_to
+        if left_out:
+            sd = type(sd)((k, v) for k, v in sd.items() if k not in left_out)
         return sd
 
     def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
         if self.cfg.get("checkpoint_scope", "full") != "trainable":
             return super().load_state_dict(state_dict, strict=strict, **kwargs)
         result = super().load_state_dict(state_dict, strict=False, **kwargs)
-        frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
-        missing = [k for k in result.missing_keys if k not in frozen]
+        from_references = {n for names in reference_weight_names(self, self.cfg, frozen_only=False).values() for n in names}
+        missing = [k for k in result.missing_keys if k not in from_references]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(
-                f"Trainable-only checkpoint does not match the model: missing trainable weights {missing[:5]}, "
+                f"Trainable-only checkpoint does not match the model: missing weights {missing[:5]}, "
                 f"unexpected {result.unexpected_keys[:5]}"
             )
+        check_reference_weights(self, self.cfg, [k for k in result.missing_keys if k in from_references])
         return result
 
     # ------------------------------------------------------------------ ModelPT plumbing
+
+    @classmethod
+    def restore_from(cls, restore_path: str, *args, **kwargs):
+        """NeMo's ``restore_from``, leaving the process able to build models when it fails: NeMo marks "a model is
+        being restored" for the whole process and clears it only after a successful load, so after a failed restore
+        (a missing reference, other base weights) every new model took itself for a restored one and died
+        (``Key 'llm_files' is not in struct``)."""
+        try:
+            return super().restore_from(restore_path, *args, **kwargs)
+        except Exception:
+            cls._set_model_restore_state(is_being_restored=False)
+            raise
 
     def configure_model(self) -> None:
         """Lightning calls this inside ``fit``; under ``trainer.strategy=fsdp2`` it shards the model (``parts/fsdp.py``)."""

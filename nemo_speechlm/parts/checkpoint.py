@@ -106,7 +106,8 @@ def read_nemo_config(path: str | Path) -> DictConfig:
 
 def restore_checked(model_cls: type[Model], path: str | Path, map_location=None) -> Model:
     """``model_cls.restore_from(path)`` after :func:`read_nemo_config`; NeMo's refusal of a class the
-    config names (its target allow-list) becomes a :class:`CheckpointError` naming the file."""
+    config names (its target allow-list), and any other :class:`~nemo_speechlm.errors.InputError` while restoring
+    (a trainable-only file whose references load other weights now), become a :class:`CheckpointError` naming the file."""
     read_nemo_config(path)
     try:
         return model_cls.restore_from(str(path), map_location=map_location)
@@ -115,6 +116,10 @@ def restore_checked(model_cls: type[Model], path: str | Path, map_location=None)
         what = repr(named.group(1)) if named else "a class"
         raise CheckpointError(path, f"its config names {what}, which NeMo refuses to build (not in its allowed targets)",
                               "only load .nemo files from sources you trust") from e
+    except CheckpointError:
+        raise
+    except InputError as e:  # e.g. a trainable-only file whose references now load other weights: name the file
+        raise CheckpointError(path, str(e), e.fix) from e
 
 
 def _check_ours(path: Path, cfg: DictConfig) -> None:
