@@ -49,6 +49,7 @@ def test_cli_prints_one_answer_per_audio_and_appends_the_locator(tiny, assets):
     expected = model.respond(wavs, ["Repeat:\n<|audio|>"] * 2, max_new_tokens=3)
     assert proc.stdout == "".join(a + "\n" for a in expected)  # only answers on stdout, NeMo logs go to stderr
     assert proc.stderr.count("no audio locator") == 1
+    assert "torch_dtype" not in proc.stderr  # transformers' deprecation line of the LLM loading, in every command
 
 
 def test_cli_missing_audio_is_a_clear_error(tiny, capsys):

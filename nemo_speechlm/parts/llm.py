@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 from nemo.collections.common.tokenizers import AutoTokenizer
-from nemo.collections.speechlm2.parts.pretrained import load_pretrained_hf
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers import AutoTokenizer as HFAutoTokenizer
 
 from nemo_speechlm.errors import ConfigError
@@ -48,13 +47,13 @@ def resolve_llm_source(pretrained_llm: str) -> str:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = HFAutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model carries a quantization_config and refuses save_pretrained:
     # rebuild it from a clean config and copy the (already dequantized) weights.
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    clean = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(model.state_dict())
     clean.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -99,8 +98,15 @@ def load_tokenizer(source: str, audio_locator_tag: str) -> AutoTokenizer:
 
 
 def load_llm(source: str, pretrained_weights: bool = True) -> torch.nn.Module:
-    """The causal LM in fp32 (Lightning's precision plugin casts for bf16 training)."""
-    llm = load_pretrained_hf(source, pretrained_weights=pretrained_weights)
+    """The causal LM in fp32 (Lightning's precision plugin casts for bf16 training); with
+    ``pretrained_weights=False``, the same architecture, randomly initialised (a ``.nemo`` fills the weights).
+
+    What speechlm2's ``load_pretrained_hf`` does, with transformers' current ``dtype`` argument: its
+    ``torch_dtype`` made transformers print a deprecation line on stderr in every command that loads a model."""
+    if pretrained_weights:
+        llm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    else:
+        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32)
     check_can_splice(llm, source)
     return llm
 
