@@ -45,7 +45,7 @@ from nemo_speechlm.data.task_catalog import TRAIN, TaskCatalog
 from nemo_speechlm.datagen.behaviors import behavior_items, behavior_job
 from nemo_speechlm.datagen.chat_generator import build_chat_generator
 from nemo_speechlm.evaluation import is_transcript_copy
-from nemo_speechlm.evaluation.benchmark import run_benchmark, summary_table
+from nemo_speechlm.evaluation.benchmark import differences_table, run_benchmark, summary_table
 from nemo_speechlm.evaluation.listening import listening_diagnostics, listening_table
 from nemo_speechlm.evaluation.standard import evaluate_asr
 from nemo_speechlm.inference import load_model
@@ -231,8 +231,11 @@ def evaluate(out: Path, models: dict[str, Path], manifests: dict[str, Path], ben
     subset.write_text("".join(manifests["heldout"].read_text().splitlines(keepends=True)[:benchmark_utterances]))
     metrics = run_benchmark({k: str(v) for k, v in models.items()}, subset, out / "benchmark", prompts_per_task=1,
                             max_new_tokens=48, batch_size=GENERATION_BATCH, replace=True)
-    print("ROUGE-L against the text upper bound (SmolLM2 answering the transcript), task-following rate in brackets:")
+    print("ROUGE-L against the text upper bound (SmolLM2 answering the transcript) [95% interval over utterances], "
+          "task-following rate in parentheses:")
     print(summary_table(metrics))
+    print("The trained model minus the untrained connector on the same items [95% interval]:")
+    print(differences_table(metrics))
 
 
 def answer_spoken_request(out: Path, nemo: Path, manifests: dict[str, Path], requests: int = 4) -> None:

@@ -222,6 +222,14 @@ def test_cli_compares_models_side_by_side_reusing_cached_answers(setup, tmp_path
     assert runs["other"]["written"] == runs["other"]["total"] > 0  # only the new model is computed
     assert all(run["written"] == 0 for name, run in runs.items() if name != "other")
     assert "| tiny | other | cascade | text_upper_bound |" in (out / "results.md").read_text()
+    # every pair of systems but the references themselves, per split, on the same items
+    assert "Paired differences (same items)" in printed
+    differences = metrics["differences"]
+    assert set(differences) == set(EVALUATION_SPLITS)
+    for pairs in differences.values():
+        assert [(p["a"], p["b"]) for p in pairs] == [("tiny", "other"), ("tiny", CASCADE), ("other", CASCADE)]
+        assert all(p["count"] > 0 and p["rouge_l_ci"][0] <= p["rouge_l"] <= p["rouge_l_ci"][1] for p in pairs)
+    assert "| tiny − other |" in (out / "results.md").read_text()
 
 
 def test_unknown_task_is_a_clear_error(setup, tmp_path):
@@ -250,7 +258,7 @@ def test_scores_of_hand_made_answers():
     assert score_answer(translate, fr, fr, text, ground_truth=fr)["gt_bleu"] == pytest.approx(100.0)
 
     def line(copy, expected, rouge):
-        return {"scores": {"rouge_l": rouge, "chrf": 0.0, "follows_task": True, "transcript_copy": copy},
+        return {"utt": f"u{rouge}", "scores": {"rouge_l": rouge, "chrf": 0.0, "follows_task": True, "transcript_copy": copy},
                 "copy_expected": expected}
 
     summary = summarize_lines([line(True, True, 1.0), line(True, False, 0.5), line(False, False, 0.0)])
@@ -276,7 +284,7 @@ def test_classification_answers_are_also_scored_on_the_label(tmp_path):
     assert score_answer(yes_no, "Yes, the speaker.", "**No**", text, None)["same_label"] is False
     assert "same_label" not in score_answer(yes_no, "No.", "I'm sorry for", text, None)
 
-    lines = [{"scores": s, "copy_expected": False} for s in (wrong, right, no_label)]
+    lines = [{"utt": f"u{i}", "scores": s, "copy_expected": False} for i, s in enumerate((wrong, right, no_label))]
     summary = summarize_lines(lines)
     assert summary["same_label"] == pytest.approx(0.5) and summary["same_label_count"] == 2
     assert "same_label" not in summarize_lines(lines[2:])
@@ -287,6 +295,43 @@ def test_classification_answers_are_also_scored_on_the_label(tmp_path):
     metrics = {"config": config, "skipped_lines": {"total": 0}, "systems": aggregate(lines, ["m"], [split])}
     write_results_md(metrics, tmp_path / "results.md")
     assert "| same label as reference (n=2) | 50% |" in (tmp_path / "results.md").read_text()
+
+
+def test_intervals_resample_utterances_and_differences_pair_the_items(tmp_path):
+    """An utterance's items go together: heard wrong, all its answers are wrong. Answering each utterance's
+    prompts k times over adds no evidence, so it must not narrow the interval (an item bootstrap would)."""
+    split = "seen_task_seen_prompt"
+
+    def lines(system, scores, copies=1):
+        return [{"system": system, "split": split, "task": "summarize", "utt": f"u{u}", "key": f"u{u}|{c}",
+                 "copy_expected": False, "scores": {"rouge_l": score, "chrf": 0.0, "follows_task": True,
+                                                    "transcript_copy": False}}
+                for u, score in enumerate(scores) for c in range(copies)]
+
+    scores = [0.1, 0.9, 0.4, 0.6, 0.2, 0.8, 0.5, 0.3, 0.7, 0.0]
+    once, ten_times = summarize_lines(lines("m", scores)), summarize_lines(lines("m", scores, copies=10))
+    assert once["rouge_l"] == pytest.approx(0.45) and once["rouge_l_ci"] == ten_times["rouge_l_ci"]
+    low, high = once["rouge_l_ci"]
+    assert 0.25 < low < 0.45 < high < 0.65  # the mean's spread over 10 utterances: 0.30 / sqrt(10) ~ 0.09 a side
+    assert summarize_lines(lines("m", [0.5], copies=3))["rouge_l_ci"] is None  # one utterance: no interval
+
+    # b answers every item 0.2 worse than a; c answered only the first half of the items
+    worse = [s - 0.2 for s in scores]
+    both = lines("a", scores) + lines("b", worse) + lines("c", scores[:5])
+    (ab, ac, bc) = benchmark.paired_differences(both, ["a", "b", "c"], [split])[split]
+    assert (ab["a"], ab["b"], ab["count"]) == ("a", "b", 10)
+    assert ab["rouge_l"] == pytest.approx(0.2) and ab["rouge_l_ci"] == pytest.approx([0.2, 0.2])
+    assert ac["count"] == 5 and ac["rouge_l"] == pytest.approx(0.0)
+    assert bc["rouge_l"] == pytest.approx(-0.2)
+
+    config = {"manifest": "x", "utterances": 10, "catalog": "c", "prompts_per_task": 1, "seed": 0, "splits": [split]}
+    metrics = {"config": config, "skipped_lines": {"total": 0},
+               "systems": aggregate(both, ["a", "b", "c"], [split]),
+               "differences": benchmark.paired_differences(both, ["a", "b", "c"], [split])}
+    write_results_md(metrics, tmp_path / "results.md")
+    results = (tmp_path / "results.md").read_text()
+    assert f"| 0.450 [{low:.3f}, {high:.3f}] (100%) |" in results
+    assert "| Seen task, seen prompt | a − b | 10 | +0.200 [+0.200, +0.200] |" in results
 
 
 def test_text_upper_bound_turns_lora_off(assets):

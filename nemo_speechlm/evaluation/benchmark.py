@@ -43,8 +43,8 @@ from nemo_speechlm.data.manifest import SkipSummary
 from nemo_speechlm.data.task_catalog import EVALUATION_SPLITS, TaskCatalog
 from nemo_speechlm.errors import InputError
 from nemo_speechlm.evaluation.benchmark_items import TRANSCRIPT_FIELD, benchmark_items, copy_expected, ground_truth_of
-from nemo_speechlm.evaluation.benchmark_report import SPLIT_TITLES, plot_splits, summary_table, write_results_md
-from nemo_speechlm.evaluation.benchmark_scoring import aggregate, score_answer, summarize_lines
+from nemo_speechlm.evaluation.benchmark_report import SPLIT_TITLES, differences_table, plot_splits, summary_table, write_results_md
+from nemo_speechlm.evaluation.benchmark_scoring import aggregate, paired_differences, score_answer, summarize_lines
 from nemo_speechlm.evaluation.benchmark_systems import (
     CASCADE,
     UPPER_BOUND,
@@ -62,7 +62,8 @@ from nemo_speechlm.parts.runner import RunSummary, keep_only, run_resumable
 
 __all__ = [  # the public names, wherever they live (benchmark_items, _scoring, _systems, _report)
     "CASCADE", "SPLIT_TITLES", "UPPER_BOUND", "add_arguments", "aggregate", "benchmark_items", "copy_expected",
-    "ground_truth_of", "main", "parse_model_specs", "plot_splits", "run_benchmark", "score_answer",
+    "differences_table", "ground_truth_of", "main", "paired_differences", "parse_model_specs", "plot_splits",
+    "run_benchmark", "score_answer",
     "summarize_lines", "summary_table", "write_reports", "write_results_md",
 ]
 
@@ -375,6 +376,7 @@ def write_reports(items: list[dict], systems: list[str], config: dict, skipped: 
         "config": config,
         "skipped_lines": {"total": skipped.total, "counts": dict(skipped.counts), "examples": dict(skipped.examples)},
         "systems": aggregate(lines, systems, config["splits"]),
+        "differences": paired_differences(lines, [s for s in systems if s != UPPER_BOUND], config["splits"]),
         "runs": runs,
         "outputs": outputs,
     }
@@ -433,8 +435,11 @@ def main(args: argparse.Namespace) -> dict:
         max_new_tokens=args.max_new_tokens, seed=args.seed, tasks=args.tasks, device=args.device,
         replace=args.replace,
     )
-    print("Mean ROUGE-L vs the text upper bound (task-following rate):\n")
+    print("Mean ROUGE-L vs the text upper bound [95% interval over utterances] (task-following rate):\n")
     print(summary_table(metrics))
+    if any(metrics["differences"].values()):
+        print("\nPaired differences (same items):\n")
+        print(differences_table(metrics))
     if metrics["skipped_lines"]["total"]:
         print(f"\nSkipped manifest lines: {metrics['skipped_lines']['total']} {metrics['skipped_lines']['counts']}")
     print("\nOutputs:")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from nemo_speechlm.evaluation.benchmark_scoring import GT_METRICS
+from nemo_speechlm.evaluation.benchmark_scoring import BOOTSTRAP_RESAMPLES, GT_METRICS
 from nemo_speechlm.evaluation.benchmark_systems import UPPER_BOUND
 
 SPLIT_TITLES = {
@@ -34,17 +34,35 @@ _ROWS = [("rouge_l", "ROUGE-L", "score"), ("chrf", "chrF", "score100"), ("follow
          ("gt_bleu", _GT_LABELS["gt_bleu"], "score100"), ("gt_chrf", _GT_LABELS["gt_chrf"], "score100")]
 
 
+def _interval(ci: list[float] | None, signed: bool = False) -> str:
+    if not ci:
+        return ""
+    form = "{:+.3f}" if signed else "{:.3f}"
+    return f" [{form.format(ci[0])}, {form.format(ci[1])}]"
+
+
 def summary_table(metrics: dict) -> str:
-    """Markdown: per split, each system's mean ROUGE-L vs the reference (task-following rate)."""
+    """Markdown: per split, each system's mean ROUGE-L vs the reference [95% interval] (task-following rate)."""
     systems = list(metrics["systems"])
     rows = [f"| Split | n | {' | '.join(systems)} |", "|---|---:|" + "---:|" * len(systems)]
     for split in metrics["config"]["splits"]:
         cells = []
         for system in systems:
             s = metrics["systems"][system]["splits"][split]["all"]
-            cells.append(f"{_fmt(s['rouge_l'], 'score')} ({_fmt(s['follows_task'], 'rate')})")
+            ci = "" if system == UPPER_BOUND else _interval(s.get("rouge_l_ci"))  # the references themselves: 1.0
+            cells.append(f"{_fmt(s['rouge_l'], 'score')}{ci} ({_fmt(s['follows_task'], 'rate')})")
         count = metrics["systems"][systems[0]]["splits"][split]["all"]["count"]
         rows.append(f"| {SPLIT_TITLES[split]} | {count} | {' | '.join(cells)} |")
+    return "\n".join(rows)
+
+
+def differences_table(metrics: dict) -> str:
+    """Markdown: per split and pair of systems, the mean ROUGE-L difference on the same items [95% interval]."""
+    rows = ["| Split | Systems | n | ROUGE-L difference [95% interval] |", "|---|---|---:|---:|"]
+    for split, pairs in metrics.get("differences", {}).items():
+        for pair in pairs:
+            diff = "–" if pair["rouge_l"] is None else f"{pair['rouge_l']:+.3f}{_interval(pair['rouge_l_ci'], signed=True)}"
+            rows.append(f"| {SPLIT_TITLES[split]} | {pair['a']} − {pair['b']} | {pair['count']} | {diff} |")
     return "\n".join(rows)
 
 
@@ -93,10 +111,18 @@ def write_results_md(metrics: dict, path: Path) -> None:
         "reference* scores classification tasks on the label, where the reference names exactly one; "
         "ground-truth metrics are corpus-level against the manifest field named by the task.",
         "",
-        "## Summary: mean ROUGE-L (task-following rate)",
+        "## Summary: mean ROUGE-L [95% interval] (task-following rate)",
+        "",
+        "Intervals come from a bootstrap over utterances (an utterance's items resampled together: heard wrong, all "
+        f"its answers are wrong), {BOOTSTRAP_RESAMPLES} resamples.",
         "",
         summary_table(metrics),
     ]
+    if any(metrics.get("differences", {}).values()):
+        parts += ["", "## Paired differences between systems", "",
+                  "Mean ROUGE-L of the first system minus the second on the items both answered, with the same "
+                  "bootstrap over utterances. An interval that excludes 0 is a difference this benchmark can tell "
+                  "apart from its sampling noise; one that spans 0 is not.", "", differences_table(metrics)]
     for split in cfg["splits"]:
         parts += ["", f"## {SPLIT_TITLES[split]}", "", _split_table(metrics, split)]
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")

@@ -1,9 +1,13 @@
-"""The benchmark's scores: per answer (:func:`score_answer`) and per group of prediction lines
-(:func:`summarize_lines`, :func:`aggregate`). Pure functions of the texts, no model needed."""
+"""The benchmark's scores: per answer (:func:`score_answer`), per group of prediction lines
+(:func:`summarize_lines`, :func:`aggregate`) and between systems (:func:`paired_differences`), with 95%
+intervals from a bootstrap over utterances (:func:`utterance_bootstrap`). Pure functions of the texts,
+no model needed."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from nemo_speechlm.data.task_catalog import Task
 from nemo_speechlm.data.task_checks import answer_labels, run_check
@@ -20,6 +24,8 @@ from nemo_speechlm.parts.metrics import (
 )
 
 GT_METRICS = ("gt_wer", "gt_cer", "gt_bleu", "gt_chrf")
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 2000
 
 
 def score_answer(task: Task, prediction: str, reference: str, transcript: str, ground_truth: str | None) -> dict:
@@ -54,7 +60,8 @@ def summarize_lines(lines: list[dict]) -> dict:
     ROUGE-L, chrF, follows_task: means over items. ``transcript_copy``: share of copies
     among items where a copy is a failure (None if none); copies on tasks that expect
     them are counted apart. ``same_label``: share of classification answers naming the
-    reference's label, among items whose reference names one, with their count. Ground-truth
+    reference's label, among items whose reference names one, with their count. ``rouge_l_ci``: the
+    95% interval of the ROUGE-L mean (:func:`utterance_bootstrap`; None under 2 utterances). Ground-truth
     metrics are corpus-level (total edits / total words; corpus BLEU) over the items that have
     one, with their count.
     """
@@ -62,6 +69,7 @@ def summarize_lines(lines: list[dict]) -> dict:
     out: dict[str, Any] = {"count": n}
     for name in ("rouge_l", "chrf", "follows_task"):
         out[name] = _mean([float(l["scores"][name]) for l in lines])
+    out["rouge_l_ci"] = utterance_bootstrap(lines, lambda l: float(l["scores"]["rouge_l"]))
     failing = [l for l in lines if not l["copy_expected"]]
     expected = [l for l in lines if l["copy_expected"]]
     out["transcript_copy"] = _mean([float(l["scores"]["transcript_copy"]) for l in failing])
@@ -93,6 +101,49 @@ def _corpus_metric(metric: str, refs: list[str], hyps: list[str]) -> float:
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def utterance_bootstrap(lines: list[dict], value: Callable[[dict], float], resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = 0) -> list[float] | None:
+    """95% percentile interval of the mean of ``value`` over ``lines``, resampling *utterances* with their items.
+
+    One utterance's answers (a dozen tasks on the same audio) succeed or fail together: heard wrong, every
+    task's answer is wrong. Resampling items as if independent made the intervals too narrow; resampling
+    utterances keeps that. None under 2 utterances. Seeded: the same lines give the same interval."""
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for line in lines:
+        sums[line["utt"]] += value(line)
+        counts[line["utt"]] += 1
+    if len(sums) < 2:
+        return None
+    utts = sorted(sums)
+    total, count = np.array([sums[u] for u in utts]), np.array([counts[u] for u in utts])
+    draws = np.random.default_rng(seed).integers(0, len(utts), size=(resamples, len(utts)))
+    means = total[draws].sum(axis=1) / count[draws].sum(axis=1)
+    tail = (1 - CONFIDENCE) / 2
+    return [float(x) for x in np.quantile(means, [tail, 1 - tail])]
+
+
+def paired_differences(lines: list[dict], systems: Sequence[str], splits: Sequence[str]) -> dict:
+    """Per split, each pair of ``systems`` (in order, ``a`` before ``b``): the mean ROUGE-L difference a - b over
+    the items both answered, with its 95% interval (:func:`utterance_bootstrap` of the per-item differences).
+
+    Paired on the same items, the difference's interval is much narrower than the two means' intervals side by
+    side: it says whether one model answers the same prompts better, not only whether the means differ."""
+    by_key = {(line["system"], line["split"], line["key"]): line for line in lines}
+    out: dict[str, list[dict]] = {}
+    for split in splits:
+        rows = []
+        for i, a in enumerate(systems):
+            for b in systems[i + 1:]:
+                pairs = [{"utt": line["utt"], "diff": line["scores"]["rouge_l"] - other["scores"]["rouge_l"]}
+                         for (system, s, key), line in by_key.items() if system == a and s == split
+                         for other in [by_key.get((b, split, key))] if other is not None]
+                rows.append({"a": a, "b": b, "count": len(pairs), "rouge_l": _mean([p["diff"] for p in pairs]),
+                             "rouge_l_ci": utterance_bootstrap(pairs, lambda p: p["diff"])})
+        out[split] = rows
+    return out
 
 
 def aggregate(lines: list[dict], systems: Sequence[str], splits: Sequence[str]) -> dict:
