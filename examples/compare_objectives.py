@@ -52,7 +52,7 @@ from nemo_speechlm.data.task_catalog import EVALUATION_SPLITS, TRAIN, TaskCatalo
 from nemo_speechlm.data.utterance import utterance_id
 from nemo_speechlm.datagen.behaviors import behavior_items, behavior_job
 from nemo_speechlm.datagen.chat_generator import build_chat_generator
-from nemo_speechlm.evaluation.benchmark import SPLIT_TITLES, UPPER_BOUND, run_benchmark
+from nemo_speechlm.evaluation.benchmark import SPLIT_TITLES, UPPER_BOUND, format_difference, paired_difference, run_benchmark
 from nemo_speechlm.evaluation.listening import listening_diagnostics
 from nemo_speechlm.evaluation.standard import evaluate_text_retention
 from nemo_speechlm.inference import load_model
@@ -387,6 +387,20 @@ def summarize(per_seed: dict[int, dict[str, dict]]) -> dict:
     return {"conditions": result, "comparisons": comparisons}
 
 
+def paired_comparisons(out: Path, seeds: list[int]) -> list[dict]:
+    """Each named comparison's ROUGE-L difference on the same benchmark items, per split, each item's difference
+    averaged over the seeds, with a 95% interval over utterances (``benchmark.paired_difference``): with two
+    seeds, "beyond the seed spread" compares two ranges of two numbers each; this uses every item."""
+    runs = [read_jsonl(out / f"seed{seed}" / "benchmark" / "predictions.jsonl") for seed in seeds]
+    rows = []
+    for a, b in COMPARISONS:
+        for split in EVALUATION_SPLITS:
+            row = paired_difference(runs, a, b, split)
+            if row["count"]:
+                rows.append({"split": split, **row})
+    return rows
+
+
 def _fmt(stat: dict, kind: str) -> str:
     if stat["mean"] is None:
         return "–"
@@ -435,6 +449,15 @@ def write_report(out: Path, summary: dict, run_info: dict) -> None:
     for c in beyond:
         lines.append(f"- {c['condition']} vs {c['baseline']}, {c['metric']}: {c['difference']:+.3f} "
                      f"(seed spread {c['seed_spread']:.3f})")
+    lines += ["", "## Benchmark differences on the same items, pooled over seeds", "",
+              "ROUGE-L of the first condition minus the second on the benchmark items both answered, each item's "
+              "difference averaged over the seeds, with a 95% interval from a bootstrap over utterances "
+              "(docs/evaluation.md). An interval that excludes 0 is a difference these utterances tell apart.", "",
+              "| Comparison | " + " | ".join(SPLIT_TITLES[s] for s in EVALUATION_SPLITS) + " |",
+              "|---|" + "---:|" * len(EVALUATION_SPLITS)]
+    paired = {(row["a"], row["b"], row["split"]): row for row in summary.get("paired", [])}
+    for a, b in dict.fromkeys((row["a"], row["b"]) for row in summary.get("paired", [])):
+        lines.append(f"| {a} − {b} | " + " | ".join(format_difference(paired.get((a, b, s))) for s in EVALUATION_SPLITS) + " |")
     lines.append("")
     (out / "results.md").write_text("\n".join(lines))
 
@@ -547,7 +570,7 @@ def main(argv: list[str]) -> None:
         per_seed[seed] = evaluate_seed(seed_dir, nemos, files, args.batch_size, args.max_new_tokens)
 
     stage("5/5 report")
-    summary = summarize(per_seed)
+    summary = {**summarize(per_seed), "paired": paired_comparisons(out, seeds)}
     first = per_seed[seeds[0]][args.conditions[0]]["splits"]
     run_info = {"steps": args.steps, "batch_size": base.data.train_ds.batch_size, "seeds": seeds, "ctc_steps": ctc_steps,
                 "stage2_trains": ("the CTC read-out's gate and boundary vectors (~1k parameters; the connector is "

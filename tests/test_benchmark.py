@@ -323,6 +323,10 @@ def test_intervals_resample_utterances_and_differences_pair_the_items(tmp_path):
     assert ab["rouge_l"] == pytest.approx(0.2) and ab["rouge_l_ci"] == pytest.approx([0.2, 0.2])
     assert ac["count"] == 5 and ac["rouge_l"] == pytest.approx(0.0)
     assert bc["rouge_l"] == pytest.approx(-0.2)
+    # two runs (training seeds) on the same items: each item's difference is averaged over them
+    seed1 = lines("a", scores) + lines("b", [s - 0.4 for s in scores])
+    pooled = benchmark.paired_difference([lines("a", scores) + lines("b", worse), seed1], "a", "b", split)
+    assert pooled["count"] == 10 and pooled["rouge_l"] == pytest.approx(0.3) and pooled["rouge_l_ci"] == pytest.approx([0.3, 0.3])
 
     config = {"manifest": "x", "utterances": 10, "catalog": "c", "prompts_per_task": 1, "seed": 0, "splits": [split]}
     metrics = {"config": config, "skipped_lines": {"total": 0},

@@ -90,6 +90,12 @@ def test_every_condition_is_trained_evaluated_and_a_rerun_resumes(assets, tmp_pa
             assert metrics[key]["mean"] is not None and math.isfinite(metrics[key]["mean"]), (name, key)
         assert (out / "seed0" / f"{name}.nemo").is_file()
     assert (out / "results.md").read_text().count("| mtbi_interleave_kl |") == 2
+    # every named comparison, item by item on the benchmark, per split (one utterance: no interval)
+    paired = {(row["a"], row["b"], row["split"]): row for row in results["paired"]}
+    pairs = {(a, b) for a, b, _ in paired}
+    assert len(pairs) == 7 and set(paired) == {(a, b, split) for a, b in pairs for split in EVALUATION_SPLITS}
+    assert all(row["count"] > 0 and row["rouge_l_ci"] is None for row in paired.values())
+    assert "| mtbi_interleave_kl − mtbi_interleave | " in (out / "results.md").read_text()
     assert (out / "results.png").stat().st_size > 0
     assert "estimate: ~" in first.stdout
     assert "Connector loaded from" in first.stdout + first.stderr  # every condition starts from the seed's stage 1

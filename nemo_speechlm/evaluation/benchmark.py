@@ -43,8 +43,10 @@ from nemo_speechlm.data.manifest import SkipSummary
 from nemo_speechlm.data.task_catalog import EVALUATION_SPLITS, TaskCatalog
 from nemo_speechlm.errors import InputError
 from nemo_speechlm.evaluation.benchmark_items import TRANSCRIPT_FIELD, benchmark_items, copy_expected, ground_truth_of
-from nemo_speechlm.evaluation.benchmark_report import SPLIT_TITLES, differences_table, plot_splits, summary_table, write_results_md
-from nemo_speechlm.evaluation.benchmark_scoring import aggregate, paired_differences, score_answer, summarize_lines
+from nemo_speechlm.evaluation.benchmark_report import (
+    SPLIT_TITLES, differences_table, format_difference, plot_splits, summary_table, write_results_md,
+)
+from nemo_speechlm.evaluation.benchmark_scoring import aggregate, paired_difference, paired_differences, score_answer, summarize_lines
 from nemo_speechlm.evaluation.benchmark_systems import (
     CASCADE,
     UPPER_BOUND,
@@ -62,7 +64,7 @@ from nemo_speechlm.parts.runner import RunSummary, keep_only, run_resumable
 
 __all__ = [  # the public names, wherever they live (benchmark_items, _scoring, _systems, _report)
     "CASCADE", "SPLIT_TITLES", "UPPER_BOUND", "add_arguments", "aggregate", "benchmark_items", "copy_expected",
-    "differences_table", "ground_truth_of", "main", "paired_differences", "parse_model_specs", "plot_splits",
+    "differences_table", "format_difference", "ground_truth_of", "main", "paired_difference", "paired_differences", "parse_model_specs", "plot_splits",
     "run_benchmark", "score_answer",
     "summarize_lines", "summary_table", "write_reports", "write_results_md",
 ]

@@ -56,13 +56,19 @@ def summary_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def format_difference(pair: dict | None) -> str:
+    """``+0.172 [+0.079, +0.269]`` for a ``paired_difference`` (no interval under 2 utterances; – for none)."""
+    if pair is None or pair["rouge_l"] is None:
+        return "–"
+    return f"{pair['rouge_l']:+.3f}{_interval(pair['rouge_l_ci'], signed=True)}"
+
+
 def differences_table(metrics: dict) -> str:
     """Markdown: per split and pair of systems, the mean ROUGE-L difference on the same items [95% interval]."""
     rows = ["| Split | Systems | n | ROUGE-L difference [95% interval] |", "|---|---|---:|---:|"]
     for split, pairs in metrics.get("differences", {}).items():
         for pair in pairs:
-            diff = "–" if pair["rouge_l"] is None else f"{pair['rouge_l']:+.3f}{_interval(pair['rouge_l_ci'], signed=True)}"
-            rows.append(f"| {SPLIT_TITLES[split]} | {pair['a']} − {pair['b']} | {pair['count']} | {diff} |")
+            rows.append(f"| {SPLIT_TITLES[split]} | {pair['a']} − {pair['b']} | {pair['count']} | {format_difference(pair)} |")
     return "\n".join(rows)
 
 

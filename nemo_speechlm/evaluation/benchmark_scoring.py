@@ -126,24 +126,31 @@ def utterance_bootstrap(lines: list[dict], value: Callable[[dict], float], resam
 
 
 def paired_differences(lines: list[dict], systems: Sequence[str], splits: Sequence[str]) -> dict:
-    """Per split, each pair of ``systems`` (in order, ``a`` before ``b``): the mean ROUGE-L difference a - b over
-    the items both answered, with its 95% interval (:func:`utterance_bootstrap` of the per-item differences).
+    """Per split, :func:`paired_difference` of each pair of ``systems`` (in order, ``a`` before ``b``)."""
+    return {split: [paired_difference([lines], a, b, split) for i, a in enumerate(systems) for b in systems[i + 1:]]
+            for split in splits}
 
-    Paired on the same items, the difference's interval is much narrower than the two means' intervals side by
-    side: it says whether one model answers the same prompts better, not only whether the means differ."""
-    by_key = {(line["system"], line["split"], line["key"]): line for line in lines}
-    out: dict[str, list[dict]] = {}
-    for split in splits:
-        rows = []
-        for i, a in enumerate(systems):
-            for b in systems[i + 1:]:
-                pairs = [{"utt": line["utt"], "diff": line["scores"]["rouge_l"] - other["scores"]["rouge_l"]}
-                         for (system, s, key), line in by_key.items() if system == a and s == split
-                         for other in [by_key.get((b, split, key))] if other is not None]
-                rows.append({"a": a, "b": b, "count": len(pairs), "rouge_l": _mean([p["diff"] for p in pairs]),
-                             "rouge_l_ci": utterance_bootstrap(pairs, lambda p: p["diff"])})
-        out[split] = rows
-    return out
+
+def paired_difference(runs: Sequence[list[dict]], a: str, b: str, split: str) -> dict:
+    """Mean ROUGE-L difference a - b over the items of ``split`` both systems answered, with its 95% interval
+    (:func:`utterance_bootstrap` of the per-item differences).
+
+    Paired on the same items, the interval is much narrower than the two means' intervals side by side: it says
+    whether one model answers the same prompts on the same audio better. ``runs`` holds the prediction lines of
+    one benchmark run, or of several answering the same items (one per training seed): an item's difference is
+    then its mean over the runs, so the interval is over utterances for the seeds' average."""
+    differences: dict[str, list[float]] = defaultdict(list)
+    utterance: dict[str, str] = {}
+    for lines in runs:
+        answers = {(line["system"], line["key"]): line for line in lines if line["split"] == split}
+        for (system, key), line in answers.items():
+            other = answers.get((b, key))
+            if system == a and other is not None:
+                differences[key].append(line["scores"]["rouge_l"] - other["scores"]["rouge_l"])
+                utterance[key] = line["utt"]
+    items = [{"utt": utterance[key], "diff": sum(d) / len(d)} for key, d in differences.items()]
+    return {"a": a, "b": b, "count": len(items), "rouge_l": _mean([item["diff"] for item in items]),
+            "rouge_l_ci": utterance_bootstrap(items, lambda item: item["diff"])}
 
 
 def aggregate(lines: list[dict], systems: Sequence[str], splits: Sequence[str]) -> dict:
