@@ -46,7 +46,9 @@ from nemo_speechlm.evaluation.benchmark_items import TRANSCRIPT_FIELD, benchmark
 from nemo_speechlm.evaluation.benchmark_report import (
     SPLIT_TITLES, differences_table, format_difference, plot_splits, summary_table, write_results_md,
 )
-from nemo_speechlm.evaluation.benchmark_scoring import aggregate, paired_difference, paired_differences, score_answer, summarize_lines
+from nemo_speechlm.evaluation.benchmark_scoring import (
+    aggregate, paired_difference, paired_differences, score_answer, summarize_lines,
+)
 from nemo_speechlm.evaluation.benchmark_systems import (
     CASCADE,
     UPPER_BOUND,
@@ -64,9 +66,9 @@ from nemo_speechlm.parts.runner import RunSummary, keep_only, run_resumable
 
 __all__ = [  # the public names, wherever they live (benchmark_items, _scoring, _systems, _report)
     "CASCADE", "SPLIT_TITLES", "UPPER_BOUND", "add_arguments", "aggregate", "benchmark_items", "copy_expected",
-    "differences_table", "format_difference", "ground_truth_of", "main", "paired_difference", "paired_differences", "parse_model_specs", "plot_splits",
-    "run_benchmark", "score_answer",
-    "summarize_lines", "summary_table", "write_reports", "write_results_md",
+    "differences_table", "format_difference", "ground_truth_of", "main", "paired_difference", "paired_differences",
+    "parse_model_specs", "plot_splits", "run_benchmark", "score_answer", "summarize_lines", "summary_table",
+    "write_reports", "write_results_md",
 ]
 
 log = logging.getLogger(__name__)

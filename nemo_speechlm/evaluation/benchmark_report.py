@@ -68,7 +68,8 @@ def differences_table(metrics: dict) -> str:
     rows = ["| Split | Systems | n | ROUGE-L difference [95% interval] |", "|---|---|---:|---:|"]
     for split, pairs in metrics.get("differences", {}).items():
         for pair in pairs:
-            rows.append(f"| {SPLIT_TITLES[split]} | {pair['a']} − {pair['b']} | {pair['count']} | {format_difference(pair)} |")
+            systems = f"{pair['a']} − {pair['b']}"
+            rows.append(f"| {SPLIT_TITLES[split]} | {systems} | {pair['count']} | {format_difference(pair)} |")
     return "\n".join(rows)
 
 

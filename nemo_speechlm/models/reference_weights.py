@@ -77,7 +77,7 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def reference_fingerprints(model: torch.nn.Module, cfg: DictConfig, names: dict[str, list[str]]) -> dict[str, str]:
+def reference_fingerprints(model: torch.nn.Module, names: dict[str, list[str]]) -> dict[str, str]:
     """What a trainable-only file records: each reference part's fingerprint over the weights it leaves out."""
     params = dict(model.named_parameters())
     return {part: fingerprint({n: params[n] for n in part_names}) for part, part_names in names.items() if part_names}

@@ -29,8 +29,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
 from nemo_speechlm.data.audio import check_audio_length, read_audio
-from nemo_speechlm.modules.ctc_readout import CTCReadout
 from nemo_speechlm.models.reference_weights import check_reference_weights, reference_fingerprints, reference_weight_names
+from nemo_speechlm.modules.ctc_readout import CTCReadout
 from nemo_speechlm.modules.perception import build_perception, fill_pretrained_encoder_config
 from nemo_speechlm.parts.checkpoint import stamp_checkpoint_format
 from nemo_speechlm.parts.fsdp import shard_model
@@ -504,7 +504,7 @@ class SpeechLMModel(ModelPT):
         encoder's own checkpoint) load again; restoring loads them from there and checks that they are the same
         (``models/reference_weights.py``)."""
         left_out = reference_weight_names(self, self.cfg)
-        with self._checkpoint_scope("trainable", reference_fingerprints(self, self.cfg, left_out)):
+        with self._checkpoint_scope("trainable", reference_fingerprints(self, left_out)):
             self._state_dict_filter = {name for names in left_out.values() for name in names}
             try:
                 self._write_nemo(save_path)
