@@ -8,6 +8,7 @@ from nemo.core.classes.common import ALLOWED_TARGET_PREFIXES, safe_instantiate
 from omegaconf import OmegaConf
 
 from nemo_speechlm.models import SpeechLMModel
+from nemo_speechlm.models.reference_weights import fingerprint
 from nemo_speechlm.parts.checkpoint import CheckpointError, restore_checked
 from nemo_speechlm.parts.llm import check_can_splice
 from tests.conftest import model_config, run_python
@@ -255,6 +256,16 @@ def test_trainable_only_refuses_a_base_llm_replaced_in_place(assets, tmp_path):
         restore_checked(SpeechLMModel, tmp_path / "small.nemo")
     assert "model.pretrained_llm" in raised.value.fix
     SpeechLMModel(model_config(llm))  # a failed restore leaves the process able to build models (NeMo's flag reset)
+
+
+def test_reference_fingerprint_is_the_same_in_fp32_and_bf16_and_tells_other_weights_apart():
+    """A bf16-true run's model holds its base LLM in bf16; restoring loads the reference in fp32."""
+    torch.manual_seed(0)
+    weights = {"llm.a.weight": torch.randn(300, 70), "llm.b.weight": torch.randn(5)}
+    assert fingerprint(weights) == fingerprint({k: v.to(torch.bfloat16) for k, v in weights.items()})
+    other = {**weights, "llm.a.weight": weights["llm.a.weight"] + 0.01 * torch.randn(300, 70)}  # a fine-tune's drift
+    assert fingerprint(other) != fingerprint(weights)
+    assert fingerprint({"llm.c.weight": weights["llm.a.weight"], "llm.b.weight": weights["llm.b.weight"]}) != fingerprint(weights)
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
