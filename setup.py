@@ -31,6 +31,7 @@ setup(
         "num2words",
         "soxr",
         "matplotlib",
+        "scipy",
     ],
     entry_points={"console_scripts": ["speechlm-infer = nemo_speechlm.inference:main"]},
     extras_require={

@@ -8,6 +8,7 @@ from collections import defaultdict
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from scipy.stats import bootstrap
 
 from nemo_speechlm.data.task_catalog import Task
 from nemo_speechlm.data.task_checks import answer_labels, run_check
@@ -109,7 +110,8 @@ def utterance_bootstrap(lines: list[dict], value: Callable[[dict], float], resam
 
     One utterance's answers (a dozen tasks on the same audio) succeed or fail together: heard wrong, every
     task's answer is wrong. Resampling items as if independent made the intervals too narrow; resampling
-    utterances keeps that. None under 2 utterances. Seeded: the same lines give the same interval."""
+    utterances keeps that: scipy's paired bootstrap over the utterances' (sum, count), the statistic their
+    ratio. None under 2 utterances. Seeded: the same lines give the same interval."""
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     for line in lines:
@@ -118,11 +120,12 @@ def utterance_bootstrap(lines: list[dict], value: Callable[[dict], float], resam
     if len(sums) < 2:
         return None
     utts = sorted(sums)
-    total, count = np.array([sums[u] for u in utts]), np.array([counts[u] for u in utts])
-    draws = np.random.default_rng(seed).integers(0, len(utts), size=(resamples, len(utts)))
-    means = total[draws].sum(axis=1) / count[draws].sum(axis=1)
-    tail = (1 - CONFIDENCE) / 2
-    return [float(x) for x in np.quantile(means, [tail, 1 - tail])]
+    total, count = np.array([sums[u] for u in utts]), np.array([counts[u] for u in utts], dtype=float)
+    result = bootstrap((total, count), lambda t, c, axis: t.sum(axis=axis) / c.sum(axis=axis), paired=True,
+                       vectorized=True, n_resamples=resamples, confidence_level=CONFIDENCE, method="percentile",
+                       rng=np.random.default_rng(seed))
+    interval = result.confidence_interval
+    return [float(interval.low), float(interval.high)]
 
 
 def paired_differences(lines: list[dict], systems: Sequence[str], splits: Sequence[str]) -> dict:
