@@ -1,5 +1,6 @@
 """SpeechLMModel: splicing, encoder swap, LoRA/freezing, inference, .nemo round trips in fresh processes."""
 import shutil
+import tarfile
 
 import pytest
 import torch
@@ -234,14 +235,28 @@ def test_trainable_only_export_is_small_and_equivalent(assets, tmp_path):
 
 def test_trainable_only_keeps_a_frozen_encoder_that_no_reference_gives_back(assets, tmp_path):
     """An encoder built from config alone (no pretrained_asr) and frozen is in the file: restoring used to
-    build another random encoder in its place, silently."""
+    build another random encoder in its place, silently. The base LLM is not, not even its output layer tied
+    to the embeddings (SmolLM2's): the file kept that whole matrix under its second name."""
+    llm = make_tiny_llm(tmp_path / "tied_llm", tie_word_embeddings=True)
     torch.manual_seed(3)
-    model = SpeechLMModel(model_config(assets["llm"], freeze_params=[r"^llm\..+$", r"^perception\.encoder\..+$"]))
+    model = SpeechLMModel(model_config(llm, freeze_params=[r"^llm\..+$", r"^perception\.encoder\..+$"],
+                                       lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}))
+    assert model.llm.get_output_embeddings().weight is model.llm.get_input_embeddings().weight
     model.save_trainable_to(str(tmp_path / "small.nemo"))
+    saved = nemo_weights(tmp_path / "small.nemo")
+    assert [k for k in saved if k.startswith("llm.") and ".lora_" not in k] == []
+    assert any(".lora_" in k for k in saved) and any(k.startswith("perception.encoder.") for k in saved)
     torch.manual_seed(4)
     restored = SpeechLMModel.restore_from(str(tmp_path / "small.nemo"))
     assert set(restored.cfg.reference_fingerprints) == {"llm"}
     assert_same_weights(restored, model)
+
+
+def nemo_weights(path) -> dict:
+    """The state dict stored in a ``.nemo`` file."""
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("model_weights.ckpt"))
+        return torch.load(tar.extractfile(member), map_location="cpu")
 
 
 def test_trainable_only_refuses_a_base_llm_replaced_in_place(assets, tmp_path):

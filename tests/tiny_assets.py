@@ -29,8 +29,10 @@ SENTENCES = [
 ]
 
 
-def make_tiny_llm(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
-    """A randomly initialised ``LlamaForCausalLM`` + a BPE tokenizer trained on a small corpus."""
+def make_tiny_llm(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
+                  tie_word_embeddings: bool = False) -> Path:
+    """A randomly initialised ``LlamaForCausalLM`` + a BPE tokenizer trained on a small corpus (its output layer
+    tied to the embeddings with ``tie_word_embeddings``, as in SmolLM2)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -62,7 +64,7 @@ def make_tiny_llm(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     LlamaForCausalLM(config).save_pretrained(out_dir)
     return out_dir

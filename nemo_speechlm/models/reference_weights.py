@@ -52,12 +52,19 @@ def _part_of(name: str, parts: Iterable[str]) -> str | None:
     return None
 
 
-def reference_weight_names(model: torch.nn.Module, cfg: DictConfig, frozen_only: bool = True) -> dict[str, list[str]]:
-    """Per reference part, the parameters it loads: the frozen ones (what a trainable-only file leaves out)
-    or, with ``frozen_only=False``, all of them (what a restore may find missing in the file)."""
-    parts = reference_sources(cfg)
+def _named_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Every name a parameter has in the state dict, tied ones included: an LLM whose output layer shares the
+    embedding matrix (SmolLM2, Llama 3.2, Gemma) lists ``lm_head.weight`` only here, and a file that left out
+    just the first name kept the whole matrix (113 of the demo model's 126 MB)."""
+    return dict(model.named_parameters(remove_duplicate=False))
+
+
+def reference_weight_names(model: torch.nn.Module, frozen_only: bool = True) -> dict[str, list[str]]:
+    """Per reference part of ``model`` (its ``cfg`` says which), the parameters it loads: the frozen ones (what a
+    trainable-only file leaves out) or, with ``frozen_only=False``, all of them (what a restore may find missing)."""
+    parts = reference_sources(model.cfg)
     names: dict[str, list[str]] = {part: [] for part in parts}
-    for name, param in model.named_parameters():
+    for name, param in _named_weights(model).items():
         part = _part_of(name, parts)
         if part is not None and not (frozen_only and param.requires_grad):
             names[part].append(name)
@@ -80,20 +87,20 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 
 def reference_fingerprints(model: torch.nn.Module, names: dict[str, list[str]]) -> dict[str, str]:
     """What a trainable-only file records: each reference part's fingerprint over the weights it leaves out."""
-    params = dict(model.named_parameters())
-    return {part: fingerprint({n: params[n] for n in part_names}) for part, part_names in names.items() if part_names}
+    weights = _named_weights(model)
+    return {part: fingerprint({n: weights[n] for n in part_names}) for part, part_names in names.items() if part_names}
 
 
-def check_reference_weights(model: torch.nn.Module, cfg: DictConfig, missing: Iterable[str]) -> None:
+def check_reference_weights(model: torch.nn.Module, missing: Iterable[str]) -> None:
     """Raise :class:`~nemo_speechlm.errors.InputError` when a reference loaded other weights for ``missing`` (the
     names the file left out) than those the file was saved with (``cfg.reference_fingerprints``; files written
     before it are not checked)."""
-    recorded = cfg.get("reference_fingerprints") or {}
-    sources = reference_sources(cfg)
-    params = dict(model.named_parameters())
+    recorded = model.cfg.get("reference_fingerprints") or {}
+    sources = reference_sources(model.cfg)
+    weights = _named_weights(model)
     by_part: dict[str | None, dict[str, torch.Tensor]] = {}
     for name in missing:
-        by_part.setdefault(_part_of(name, sources), {})[name] = params[name]
+        by_part.setdefault(_part_of(name, sources), {})[name] = weights[name]
     for part, expected in recorded.items():
         found = fingerprint(by_part.get(part, {}))
         if found != expected:

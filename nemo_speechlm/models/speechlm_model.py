@@ -503,7 +503,7 @@ class SpeechLMModel(ModelPT):
         """Write a small ``.nemo`` without the frozen weights that ``pretrained_llm``/``pretrained_asr`` (or the
         encoder's own checkpoint) load again; restoring loads them from there and checks that they are the same
         (``models/reference_weights.py``)."""
-        left_out = reference_weight_names(self, self.cfg)
+        left_out = reference_weight_names(self)
         with self._checkpoint_scope("trainable", reference_fingerprints(self, left_out)):
             self._state_dict_filter = {name for names in left_out.values() for name in names}
             try:
@@ -544,14 +544,14 @@ class SpeechLMModel(ModelPT):
         if self.cfg.get("checkpoint_scope", "full") != "trainable":
             return super().load_state_dict(state_dict, strict=strict, **kwargs)
         result = super().load_state_dict(state_dict, strict=False, **kwargs)
-        from_references = {n for names in reference_weight_names(self, self.cfg, frozen_only=False).values() for n in names}
+        from_references = {n for names in reference_weight_names(self, frozen_only=False).values() for n in names}
         missing = [k for k in result.missing_keys if k not in from_references]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(
                 f"Trainable-only checkpoint does not match the model: missing weights {missing[:5]}, "
                 f"unexpected {result.unexpected_keys[:5]}"
             )
-        check_reference_weights(self, self.cfg, [k for k in result.missing_keys if k in from_references])
+        check_reference_weights(self, [k for k in result.missing_keys if k in from_references])
         return result
 
     # ------------------------------------------------------------------ ModelPT plumbing
