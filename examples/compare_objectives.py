@@ -387,18 +387,13 @@ def summarize(per_seed: dict[int, dict[str, dict]]) -> dict:
     return {"conditions": result, "comparisons": comparisons}
 
 
-def paired_comparisons(out: Path, seeds: list[int]) -> list[dict]:
+def paired_comparisons(out: Path, seeds: list[int], conditions: list[str]) -> list[dict]:
     """Each named comparison's ROUGE-L difference on the same benchmark items, per split, each item's difference
     averaged over the seeds, with a 95% interval over utterances (``benchmark.paired_difference``): with two
     seeds, "beyond the seed spread" compares two ranges of two numbers each; this uses every item."""
     runs = [read_jsonl(out / f"seed{seed}" / "benchmark" / "predictions.jsonl") for seed in seeds]
-    rows = []
-    for a, b in COMPARISONS:
-        for split in EVALUATION_SPLITS:
-            row = paired_difference(runs, a, b, split)
-            if row["count"]:
-                rows.append({"split": split, **row})
-    return rows
+    return [{"a": a, "b": b, "splits": {split: paired_difference(runs, a, b, split) for split in EVALUATION_SPLITS}}
+            for a, b in COMPARISONS if a in conditions and b in conditions]
 
 
 def _fmt(stat: dict, kind: str) -> str:
@@ -455,9 +450,9 @@ def write_report(out: Path, summary: dict, run_info: dict) -> None:
               "(docs/evaluation.md). An interval that excludes 0 is a difference these utterances tell apart.", "",
               "| Comparison | " + " | ".join(SPLIT_TITLES[s] for s in EVALUATION_SPLITS) + " |",
               "|---|" + "---:|" * len(EVALUATION_SPLITS)]
-    paired = {(row["a"], row["b"], row["split"]): row for row in summary.get("paired", [])}
-    for a, b in dict.fromkeys((row["a"], row["b"]) for row in summary.get("paired", [])):
-        lines.append(f"| {a} − {b} | " + " | ".join(format_difference(paired.get((a, b, s))) for s in EVALUATION_SPLITS) + " |")
+    for pair in summary["paired"]:
+        cells = " | ".join(format_difference(pair["splits"][split]) for split in EVALUATION_SPLITS)
+        lines.append(f"| {pair['a']} − {pair['b']} | {cells} |")
     lines.append("")
     (out / "results.md").write_text("\n".join(lines))
 
@@ -570,7 +565,7 @@ def main(argv: list[str]) -> None:
         per_seed[seed] = evaluate_seed(seed_dir, nemos, files, args.batch_size, args.max_new_tokens)
 
     stage("5/5 report")
-    summary = {**summarize(per_seed), "paired": paired_comparisons(out, seeds)}
+    summary = {**summarize(per_seed), "paired": paired_comparisons(out, seeds, args.conditions)}
     first = per_seed[seeds[0]][args.conditions[0]]["splits"]
     run_info = {"steps": args.steps, "batch_size": base.data.train_ds.batch_size, "seeds": seeds, "ctc_steps": ctc_steps,
                 "stage2_trains": ("the CTC read-out's gate and boundary vectors (~1k parameters; the connector is "

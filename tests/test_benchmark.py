@@ -298,7 +298,7 @@ def test_classification_answers_are_also_scored_on_the_label(tmp_path):
 
 
 def test_intervals_resample_utterances_and_differences_pair_the_items(tmp_path):
-    """An utterance's items go together: heard wrong, all its answers are wrong. Answering each utterance's
+    """An utterance's items go together (they share its audio). Answering each utterance's
     prompts k times over adds no evidence, so it must not narrow the interval (an item bootstrap would)."""
     split = "seen_task_seen_prompt"
 

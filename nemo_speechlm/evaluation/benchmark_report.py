@@ -120,8 +120,8 @@ def write_results_md(metrics: dict, path: Path) -> None:
         "",
         "## Summary: mean ROUGE-L [95% interval] (task-following rate)",
         "",
-        "Intervals come from a bootstrap over utterances (an utterance's items resampled together: heard wrong, all "
-        f"its answers are wrong), {BOOTSTRAP_RESAMPLES} resamples.",
+        "Intervals come from a bootstrap over utterances (each resample draws utterances with all their answers, the "
+        f"tasks and prompts as the catalog fixes them), {BOOTSTRAP_RESAMPLES} resamples.",
         "",
         summary_table(metrics),
     ]
