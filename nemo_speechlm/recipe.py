@@ -24,6 +24,10 @@ from nemo_speechlm.parts.distributed import broadcast_from_rank0, resolve_strate
 from nemo_speechlm.parts.fsdp import full_state_dict
 from nemo_speechlm.parts.precision import resolve_precision_plugins
 
+# What the final .nemo holds: every weight (save_to), or all but the frozen base weights that the references
+# (model.pretrained_llm, the encoder's checkpoint) load again (save_trainable_to; models/reference_weights.py).
+OUTPUT_SCOPES = ("full", "trainable")
+
 
 def train(cfg: DictConfig, model_cls) -> Path:
     """Train ``model_cls(cfg.model)`` on ``cfg.data``; returns the path of the written ``.nemo``.
@@ -34,6 +38,10 @@ def train(cfg: DictConfig, model_cls) -> Path:
     The data is read and checked before any model is built (``nemo_speechlm.data.preflight``).
     """
     logging.info(f"Config:\n{OmegaConf.to_yaml(cfg)}")
+    scope = cfg.get("output_scope") or "full"
+    if scope not in OUTPUT_SCOPES:
+        raise ConfigError(f"config: output_scope is {scope!r}, not one of {', '.join(OUTPUT_SCOPES)}",
+                          "output_scope=full (every weight) or output_scope=trainable (without the frozen base weights)")
     clips = check_training_data(cfg)
     # Data configs are copied around by NeMo's loaders and lose their root: resolve
     # interpolations such as ${model.audio_locator_tag} now.
@@ -70,8 +78,11 @@ def train(cfg: DictConfig, model_cls) -> Path:
     nemo_path = Path(cfg.get("output_nemo") or Path(log_dir) / f"{cfg.get('name', 'speechlm')}.nemo")
     with full_state_dict(model):  # FSDP2: every rank takes part in gathering the weights
         if trainer.is_global_zero:
-            model.save_to(str(nemo_path))
-            logging.info(f"Saved {nemo_path}")
+            if scope == "trainable":  # without the frozen base weights the references load again
+                model.save_trainable_to(str(nemo_path))
+            else:
+                model.save_to(str(nemo_path))
+            logging.info(f"Saved {nemo_path} ({scope} weights)")
     return nemo_path
 
 

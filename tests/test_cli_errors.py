@@ -263,6 +263,9 @@ TRAIN_ERRORS = {  # row: (overrides, pattern of the error line, whether a model 
     "bad task catalog": (lambda f: [f"{MANIFEST}={f['behaviors']}", "data.train_ds.input_cfg.0.type=mtbi_behaviors",
                                     f"+data.train_ds.input_cfg.0.catalog={f['bad_catalog']}"],
                          ".*catalog.yaml" + E(": not valid YAML"), False),
+    "unknown output scope": (lambda f: [f"{MANIFEST}={f['behaviors']}", "output_scope=lora"],
+                             E("config: output_scope is 'lora', not one of full, trainable — output_scope=full (every "
+                               "weight) or output_scope=trainable (without the frozen base weights)"), False),
     "unknown config option": (lambda f: ["encoder=nonexistent"],
                               E("In 'speechlm': Could not find 'encoder/nonexistent' Available options in 'encoder': "), False),
     "clip longer than the encoder's window": (

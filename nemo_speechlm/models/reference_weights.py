@@ -59,6 +59,12 @@ def _named_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return dict(model.named_parameters(remove_duplicate=False))
 
 
+def _weight_values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full weights by name, read from the state dict rather than the parameters: under FSDP2 a parameter is
+    this rank's shard, and the state dict is the gathered whole while ``parts.fsdp.full_state_dict`` is open."""
+    return model.state_dict()
+
+
 def reference_weight_names(model: torch.nn.Module, frozen_only: bool = True) -> dict[str, list[str]]:
     """Per reference part of ``model`` (its ``cfg`` says which), the parameters it loads: the frozen ones (what a
     trainable-only file leaves out) or, with ``frozen_only=False``, all of them (what a restore may find missing)."""
@@ -87,7 +93,7 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 
 def reference_fingerprints(model: torch.nn.Module, names: dict[str, list[str]]) -> dict[str, str]:
     """What a trainable-only file records: each reference part's fingerprint over the weights it leaves out."""
-    weights = _named_weights(model)
+    weights = _weight_values(model)
     return {part: fingerprint({n: weights[n] for n in part_names}) for part, part_names in names.items() if part_names}
 
 
@@ -97,7 +103,7 @@ def check_reference_weights(model: torch.nn.Module, missing: Iterable[str]) -> N
     before it are not checked)."""
     recorded = model.cfg.get("reference_fingerprints") or {}
     sources = reference_sources(model.cfg)
-    weights = _named_weights(model)
+    weights = _weight_values(model)
     by_part: dict[str | None, dict[str, torch.Tensor]] = {}
     for name in missing:
         by_part.setdefault(_part_of(name, sources), {})[name] = weights[name]
