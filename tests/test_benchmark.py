@@ -142,6 +142,26 @@ def test_interrupted_predictions_resume_without_recomputing(setup, tmp_path):
         run_benchmark({"tiny": str(setup["nemo"])}, setup["manifest"], out, **{**SETTINGS, "max_new_tokens": 9})
 
 
+def test_answers_scored_by_an_earlier_version_are_scored_again(setup, tmp_path):
+    """A folder answered before a scoring change (here: lines without ``same_label``, a wrong ROUGE-L) is reported
+    with today's scores, and its lines are updated; nothing is answered again."""
+    out = tmp_path / "out"
+    shutil.copytree(setup["out"], out)
+    path = out / "predictions.jsonl"
+    today = read_jsonl(path)
+    old = json.loads(json.dumps(today))
+    for line in old:
+        line["scores"].pop("same_label", None)
+        line["scores"]["rouge_l"] = 0.0
+    path.write_text("".join(json.dumps(l) + "\n" for l in old))
+
+    metrics = run_benchmark({"tiny": str(setup["nemo"])}, setup["manifest"], out, asr_model=setup["asr"], **SETTINGS)
+    assert all(run["written"] == 0 for name, run in metrics["runs"].items() if "written" in run)
+    assert read_jsonl(path) == today
+    assert metrics["systems"] == setup["metrics"]["systems"]
+    assert metrics["differences"] == setup["metrics"]["differences"]
+
+
 def test_a_model_retrained_into_the_same_file_is_not_mixed_with_its_old_answers(setup, tmp_path, monkeypatch):
     """The cached answers belong to a model file as it was: a retrained model written to the same path
     (a new modification time) is refused, where its predecessor's answers used to be reused as its own;

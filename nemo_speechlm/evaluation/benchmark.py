@@ -62,7 +62,7 @@ from nemo_speechlm.evaluation.benchmark_systems import (
 from nemo_speechlm.models.base_llm import base_llm_identity
 from nemo_speechlm.models.loading import load_asr_model, load_model, model_id
 from nemo_speechlm.parts.device import resolve_device
-from nemo_speechlm.parts.runner import RunSummary, keep_only, run_resumable
+from nemo_speechlm.parts.runner import RunSummary, keep_only, run_resumable, update_records
 
 __all__ = [  # the public names, wherever they live (benchmark_items, _scoring, _systems, _report)
     "CASCADE", "SPLIT_TITLES", "UPPER_BOUND", "add_arguments", "aggregate", "benchmark_items", "copy_expected",
@@ -347,7 +347,7 @@ def run_benchmark(
               "prompts_per_task": prompts_per_task, "seed": seed, "max_new_tokens": max_new_tokens,
               "generation_kwargs": generation_kwargs, "utterances": len({it["utt"] for it in items}),
               "items": len(items), "systems": systems, "reference_model": first}
-    return write_reports(items, list(systems), config, skipped, runs, out_dir)
+    return write_reports(items, list(systems), config, skipped, runs, out_dir, catalog)
 
 
 def _check_models(models: dict[str, str]) -> None:
@@ -361,19 +361,29 @@ def _check_models(models: dict[str, str]) -> None:
 
 
 def write_reports(items: list[dict], systems: list[str], config: dict, skipped: SkipSummary,
-                  runs: dict, out_dir: Path) -> dict:
-    """``metrics.json``, ``results.md`` and ``splits.png`` from this run's lines of ``predictions.jsonl``."""
+                  runs: dict, out_dir: Path, catalog: TaskCatalog) -> dict:
+    """``metrics.json``, ``results.md`` and ``splits.png`` from this run's lines of ``predictions.jsonl``.
+
+    Cached answers are scored again first (and their lines updated where the scores differ): answers made before
+    a change to the scoring or to a task's label check kept their old scores, and the metrics were aggregated
+    from them."""
     wanted = {it["key"]: it for it in items}
-    lines = []
-    for line in _read_jsonl(out_dir / PREDICTIONS):
-        if line["system"] in systems and line["key"] in wanted:
-            item = wanted[line["key"]]
-            if line["prompt"] != item["prompt"].text:
-                raise InputError(
-                    f"{out_dir / 'predictions.jsonl'}: the answer for {line['key']} was made for prompt "
-                    f"{line['prompt']!r}, the catalog now says {item['prompt'].text!r}; use another --out-dir."
-                )
-            lines.append(line)
+    path = out_dir / PREDICTIONS
+
+    def rescored(line: dict) -> dict:
+        if line["system"] not in systems or line["key"] not in wanted:
+            return line
+        item = wanted[line["key"]]
+        if line["prompt"] != item["prompt"].text:
+            raise InputError(
+                f"{path}: the answer for {line['key']} was made for prompt "
+                f"{line['prompt']!r}, the catalog now says {item['prompt'].text!r}; use another --out-dir."
+            )
+        return _prediction_line(line["system"], item, line["prediction"], line["reference"], catalog)
+
+    update_records(path, rescored, why="scored again: they were scored by another version of the scoring or task "
+                   "checks", key=_prediction_key)
+    lines = [line for line in _read_jsonl(path) if line["system"] in systems and line["key"] in wanted]
     outputs = {name: str(out_dir / name) for name in
                (PREDICTIONS, REFERENCES, "metrics.json", "results.md", "splits.png")}
     metrics = {

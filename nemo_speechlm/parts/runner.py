@@ -222,12 +222,36 @@ def keep_only(output_path: str | Path, keys: Iterable, key: KeyFn | str = "key",
         kept = [record for record in records if key_of(record) in wanted]
         if len(kept) < len(records):
             dropped += len(records) - len(kept)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
-            os.replace(tmp, path)
+            _replace_jsonl(path, kept)
     if dropped:
         log.warning(f"{output_path}: dropped {dropped} records of {why}; what is missing is made anew")
     return dropped
+
+
+def update_records(output_path: str | Path, update: Callable[[dict], dict], why: str, key: KeyFn | str = "key") -> int:
+    """Replace each record of ``output_path`` by ``update(record)``; returns how many changed (the file is
+    rewritten atomically only then, and the count logged with ``why``).
+
+    For a caller that derives part of its records from the rest: the benchmark rescores cached answers,
+    so a folder answered before a scoring change is not reported with the old scores."""
+    output_path = Path(output_path)
+    records = _read_jsonl(output_path, _key_function(key), what="record")
+    updated = [update(record) for record in records]
+    changed = sum(_canonical(a) != _canonical(b) for a, b in zip(records, updated))
+    if changed:
+        _replace_jsonl(output_path, updated)
+        log.warning(f"{output_path}: updated {changed} of {len(records)} records ({why})")
+    return changed
+
+
+def _canonical(record: dict) -> str:
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)  # NaN == NaN here, unlike in dict comparison
+
+
+def _replace_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _key_function(key: KeyFn | str) -> KeyFn:
