@@ -151,6 +151,7 @@ def run_settings(base: DictConfig, manifests: dict[str, Path], behaviors: Path, 
     rerun with other steps, overrides or data would otherwise reuse the ``.nemo`` files and metrics there."""
     config = OmegaConf.to_container(base, resolve=False)
     config["feature_cache"].pop("dir", None)  # where the features are cached does not change them
+    config.pop("output_scope", None)  # nor whether a .nemo holds the base weights (same answers either way)
     digest = lambda path: f"{Path(path).resolve()} sha256:{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"  # noqa: E731
     return {"config": config, "train_manifest": digest(manifests["train"]), "heldout_manifest": digest(manifests["heldout"]),
             "behaviors": digest(behaviors), "freeze_connector": args.freeze_connector, "max_utterances": args.max_utterances,
