@@ -20,7 +20,9 @@ the trained model's text answers with the base LLM's).
 Reuses a demo output folder (``--data-dir``, default ``demo_out``: corpus, behaviors, cached
 features); what is missing there is made with ``examples/demo.py``'s own functions. Resumable: each
 condition's ``.nemo`` and metrics JSON are written atomically and skipped when present. A rerun into the
-same ``--out`` may add seeds or conditions; other steps, overrides or data are refused (``settings.json``).
+same ``--out`` may add seeds or conditions, or change ``--benchmark-utterances`` / ``--eval-utterances``: the
+trained models are kept, and only what the larger evaluation adds is answered; other steps, overrides or data
+are refused (``settings.json``).
 
     python examples/compare_objectives.py [--out compare_out] [--data-dir demo_out] [--steps N] [--seeds N]
         [--no-freeze-connector] [--manifest TRAIN --heldout-manifest TEST] [hydra overrides of mtbi.yaml ...]
@@ -147,16 +149,22 @@ def base_config(out: Path, features: Path, steps: int, overrides: list[str]) -> 
 
 
 def run_settings(base: DictConfig, manifests: dict[str, Path], behaviors: Path, args: argparse.Namespace) -> dict:
-    """What the results in ``--out`` depend on, but the seeds and conditions (a rerun may add those): a
-    rerun with other steps, overrides or data would otherwise reuse the ``.nemo`` files and metrics there."""
+    """What the trained models in ``--out`` depend on (and the answers' length), but the seeds and conditions (a
+    rerun may add those) and how many utterances evaluate them (:func:`evaluation_settings`): a rerun with other
+    steps, overrides or data would otherwise reuse the ``.nemo`` files and metrics there."""
     config = OmegaConf.to_container(base, resolve=False)
     config["feature_cache"].pop("dir", None)  # where the features are cached does not change them
     config.pop("output_scope", None)  # nor whether a .nemo holds the base weights (same answers either way)
     digest = lambda path: f"{Path(path).resolve()} sha256:{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"  # noqa: E731
     return {"config": config, "train_manifest": digest(manifests["train"]), "heldout_manifest": digest(manifests["heldout"]),
             "behaviors": digest(behaviors), "freeze_connector": args.freeze_connector, "max_utterances": args.max_utterances,
-            "benchmark_utterances": args.benchmark_utterances, "eval_utterances": args.eval_utterances,
             "max_new_tokens": args.max_new_tokens}
+
+
+def evaluation_settings(args: argparse.Namespace) -> dict:
+    """What a condition's metrics JSON was made with; another value evaluates it again, reusing the answers already
+    made (a larger benchmark answers only its new utterances)."""
+    return {"benchmark_utterances": args.benchmark_utterances, "eval_utterances": args.eval_utterances}
 
 
 def condition_data(out: Path, behaviors: Path, teacher: str, batch_size: int, max_utterances: int = 0) -> dict[str, Path]:
@@ -311,10 +319,12 @@ def train_condition(cfg: DictConfig, name: str, seed_dir: Path) -> Path:
 
 
 def evaluate_seed(seed_dir: Path, nemos: dict[str, Path], files: dict[str, Path], batch_size: int,
-                  max_new_tokens: int) -> dict[str, dict]:
-    """Metrics per condition of one seed; each condition's JSON is written once and reused."""
+                  max_new_tokens: int, evaluation: dict) -> dict[str, dict]:
+    """Metrics per condition of one seed; each condition's JSON is written once and reused while ``evaluation``
+    (:func:`evaluation_settings`) stays the same."""
     paths = {name: seed_dir / name / "metrics.json" for name in nemos}
-    todo = [name for name, path in paths.items() if not path.is_file()]
+    todo = [name for name, path in paths.items()
+            if not path.is_file() or json.loads(path.read_text()).get("evaluation") != evaluation]
     if todo:
         bench = run_benchmark({k: str(v) for k, v in nemos.items()}, files["benchmark"], seed_dir / "benchmark",
                               prompts_per_task=1, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -324,7 +334,7 @@ def evaluate_seed(seed_dir: Path, nemos: dict[str, Path], files: dict[str, Path]
             model = load_model(str(nemos[name]))
             listening = listening_diagnostics(model, files["eval"], repeat_prompt, None, max_new_tokens=max_new_tokens,
                                               batch_size=batch_size, out_dir=seed_dir / name / "listening")
-            metrics = {"splits": {}}
+            metrics = {"evaluation": evaluation, "splits": {}}
             for split in EVALUATION_SPLITS:
                 s = bench["systems"][name]["splits"][split]["all"]
                 metrics["splits"][split] = {"rouge_l": s["rouge_l"], "follows_task": s["follows_task"], "n": s["count"],
@@ -388,11 +398,14 @@ def summarize(per_seed: dict[int, dict[str, dict]]) -> dict:
     return {"conditions": result, "comparisons": comparisons}
 
 
-def paired_comparisons(out: Path, seeds: list[int], conditions: list[str]) -> list[dict]:
+def paired_comparisons(out: Path, seeds: list[int], conditions: list[str], benchmark: Path) -> list[dict]:
     """Each named comparison's ROUGE-L difference on the same benchmark items, per split, each item's difference
     averaged over the seeds, with a 95% interval over utterances (``benchmark.paired_difference``): with two
-    seeds, "beyond the seed spread" compares two ranges of two numbers each; this uses every item."""
-    runs = [read_jsonl(out / f"seed{seed}" / "benchmark" / "predictions.jsonl") for seed in seeds]
+    seeds, "beyond the seed spread" compares two ranges of two numbers each; this uses every item of the
+    ``benchmark`` manifest (a folder once benchmarked on more utterances keeps their answers)."""
+    utterances = {utterance_id(entry) for entry in read_jsonl(benchmark)}
+    runs = [[line for line in read_jsonl(out / f"seed{seed}" / "benchmark" / "predictions.jsonl") if line["utt"] in utterances]
+            for seed in seeds]
     return [{"a": a, "b": b, "splits": {split: paired_difference(runs, a, b, split) for split in EVALUATION_SPLITS}}
             for a, b in COMPARISONS if a in conditions and b in conditions]
 
@@ -563,10 +576,11 @@ def main(argv: list[str]) -> None:
         for name in tqdm(args.conditions, desc=f"Conditions (seed {seed})", unit="condition"):
             nemos[name] = train_condition(condition_config(cfg, name, data, connector, seed_dir), name, seed_dir)
         stage(f"4/5 seed {seed}: evaluation")
-        per_seed[seed] = evaluate_seed(seed_dir, nemos, files, args.batch_size, args.max_new_tokens)
+        per_seed[seed] = evaluate_seed(seed_dir, nemos, files, args.batch_size, args.max_new_tokens,
+                                       evaluation_settings(args))
 
     stage("5/5 report")
-    summary = {**summarize(per_seed), "paired": paired_comparisons(out, seeds, args.conditions)}
+    summary = {**summarize(per_seed), "paired": paired_comparisons(out, seeds, args.conditions, files["benchmark"])}
     first = per_seed[seeds[0]][args.conditions[0]]["splits"]
     run_info = {"steps": args.steps, "batch_size": base.data.train_ds.batch_size, "seeds": seeds, "ctc_steps": ctc_steps,
                 "stage2_trains": ("the CTC read-out's gate and boundary vectors (~1k parameters; the connector is "

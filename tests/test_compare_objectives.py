@@ -99,12 +99,22 @@ def test_every_condition_is_trained_evaluated_and_a_rerun_resumes(assets, tmp_pa
     assert "estimate: ~" in first.stdout
     assert "Connector loaded from" in first.stdout + first.stderr  # every condition starts from the seed's stage 1
 
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    # A rerun with a larger benchmark: nothing retrained, the first utterance's answers kept, the second's made
+    predictions = out / "seed0" / "benchmark" / "predictions.jsonl"
+    answered = predictions.read_text().splitlines()
+    larger = [*cmd[2:cmd.index("--benchmark-utterances") + 1], "2", *cmd[cmd.index("--benchmark-utterances") + 2:]]
+    second = subprocess.run([cmd[0], cmd[1], *larger], capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert second.returncode == 0, (second.stdout + second.stderr)[-6000:]
     log = second.stdout + second.stderr
     assert "reusing the aligned connector" in log
     assert all(f"{name}: reusing" in log for name in CONDITIONS)
     assert "Connector loaded from" not in log and "`max_steps=2` reached" not in log  # nothing retrained
+    now = predictions.read_text().splitlines()
+    assert now[:len(answered)] == answered and len(now) == 2 * len(answered)
+    rerun = json.loads((out / "results.json").read_text())
+    assert all(row["count"] == 2 * first_row["count"] for pair, first_pair in zip(rerun["paired"], results["paired"])
+               for row, first_row in zip(pair["splits"].values(), first_pair["splits"].values()))
+    assert all(m["evaluation"]["benchmark_utterances"] == 2 for m in rerun["per_seed"]["0"].values())
 
     # Other steps into the same --out: refused at the start, where the 2-step models used to be reused as 3-step ones
     # (in this process: the refusal comes before any training, and a subprocess would spend its time on imports).

@@ -377,11 +377,12 @@ SETTINGS_SUFFIX = ".settings.json"
 def check_run_settings(output_path: str | Path, settings: dict, settings_file: str | Path | None = None) -> None:
     """Refuse to resume into an output (a file, or a folder of results) written with other settings
     (model, prompt, decoding, training config): the old results would be silently mixed with new ones.
-    Writes ``settings_file`` (default ``<output>.settings.json``)."""
+    Writes ``settings_file`` (default ``<output>.settings.json``). A top-level setting recorded before and no
+    longer given is one the caller's results stopped depending on (compare_objectives' evaluation sizes), not a change."""
     path = Path(settings_file) if settings_file is not None else Path(str(output_path) + SETTINGS_SUFFIX)
     settings = json.loads(json.dumps(settings))  # normalize tuples etc. for the comparison
     if path.is_file() and Path(output_path).exists():
-        before = json.loads(path.read_text(encoding="utf-8"))
+        before = {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if k in settings}
         changed = changed_values(before, settings)
         if changed:
             diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
