@@ -55,6 +55,7 @@ from nemo_speechlm.data.utterance import utterance_id
 from nemo_speechlm.datagen.behaviors import behavior_items, behavior_job
 from nemo_speechlm.datagen.chat_generator import build_chat_generator
 from nemo_speechlm.evaluation.benchmark import SPLIT_TITLES, UPPER_BOUND, format_difference, paired_difference, run_benchmark
+from nemo_speechlm.evaluation.benchmark_report import few_utterances_caution
 from nemo_speechlm.evaluation.listening import listening_diagnostics
 from nemo_speechlm.evaluation.standard import evaluate_text_retention
 from nemo_speechlm.inference import load_model
@@ -100,8 +101,9 @@ COMPARISONS = [("single_task", "asr_only"), ("mtbi_ce", "asr_only"), ("mtbi_ce",
 
 # Cost model for the printed estimate (2 CPU cores, SmolLM2-135M, batch 8). Stage-2 step: ~1.6-2 s measured
 # with the frozen connector (mtbi.yaml); CTC step: ~50 ms (parts/connector_ctc.py); answer generation
-# (48 new tokens, batches of 16): an assumption, ~0.4 s per answer. KL adds the teacher's forward.
-S_PER_STEP, S_PER_CTC_STEP, S_PER_ANSWER, KL_FACTOR, LORA_FACTOR = 1.8, 0.05, 0.4, 1.4, 1.2
+# (48 new tokens, batches of 64): measured 0.13-0.17 s per benchmark answer (2026-12-07; 0.4 was assumed
+# before). KL adds the teacher's forward.
+S_PER_STEP, S_PER_CTC_STEP, S_PER_ANSWER, KL_FACTOR, LORA_FACTOR = 1.8, 0.05, 0.16, 1.4, 1.2
 
 
 def stage(title: str) -> None:
@@ -461,7 +463,8 @@ def write_report(out: Path, summary: dict, run_info: dict) -> None:
     lines += ["", "## Benchmark differences on the same items, pooled over seeds", "",
               "ROUGE-L of the first condition minus the second on the benchmark items both answered, each item's "
               "difference averaged over the seeds, with a 95% interval from a bootstrap over utterances "
-              "(docs/evaluation.md). An interval that excludes 0 is a difference these utterances tell apart.", "",
+              "(docs/evaluation.md). An interval that excludes 0 is a difference these utterances tell apart."
+              + few_utterances_caution(run_info["benchmark_utterances"]), "",
               "| Comparison | " + " | ".join(SPLIT_TITLES[s] for s in EVALUATION_SPLITS) + " |",
               "|---|" + "---:|" * len(EVALUATION_SPLITS)]
     for pair in summary["paired"]:
@@ -504,7 +507,8 @@ def estimate_minutes(steps: int, seeds: int, ctc_steps: int, items_per_model: in
         per_seed += steps * S_PER_STEP * (KL_FACTOR if cond.kl else 1.0) * (LORA_FACTOR if cond.lora else 1.0)
         per_seed += (items_per_model + 3 * eval_utterances) * S_PER_ANSWER
         per_seed += 2 * eval_utterances * S_PER_ANSWER if cond.lora or base_lora else 0  # text retention
-    return (seeds * per_seed + items_per_model * S_PER_ANSWER) / 60  # + the text upper bound's references, once
+    per_seed += items_per_model * S_PER_ANSWER  # the text upper bound's references (each seed's benchmark folder)
+    return seeds * per_seed / 60
 
 
 def main(argv: list[str]) -> None:
@@ -522,7 +526,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--heldout-manifest", default=None)
     p.add_argument("--max-utterances", type=int, default=0,
                    help="train on the first N utterances of the behaviors only (0 = all; a quick trial run)")
-    p.add_argument("--benchmark-utterances", type=int, default=8)
+    p.add_argument("--benchmark-utterances", type=int, default=32,
+                   help="held-out utterances the benchmark answers (8 gave intervals excluding 0 for two differences "
+                        "that 32 did not confirm: docs/objectives.md)")
     p.add_argument("--eval-utterances", type=int, default=16, help="held-out utterances for WER, zero audio and retention")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=64, help="generation batch (teacher and evaluation)")

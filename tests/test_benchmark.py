@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -356,6 +357,27 @@ def test_intervals_resample_utterances_and_differences_pair_the_items(tmp_path):
     results = (tmp_path / "results.md").read_text()
     assert f"| 0.450 [{low:.3f}, {high:.3f}] (100%) |" in results
     assert "| Seen task, seen prompt | a − b | 10 | +0.200 [+0.200, +0.200] |" in results
+    assert "With 10 utterances these intervals are about 18% narrower than a t interval" in results
+
+
+def test_the_stated_shortfall_of_few_utterances_is_what_the_bootstrap_gives():
+    """The report's caution: a percentile bootstrap over n utterances is narrower than the t interval on the same
+    scores by ``bootstrap_shortfall(n)``, checked against the bootstrap itself on normal scores."""
+    from scipy.stats import t
+
+    from nemo_speechlm.evaluation.benchmark_report import few_utterances_caution
+    from nemo_speechlm.evaluation.benchmark_scoring import bootstrap_shortfall, utterance_bootstrap
+
+    rng = np.random.default_rng(1)
+    for n in (8, 32):
+        ratios = []
+        for seed in range(40):
+            scores = rng.normal(size=n)
+            low, high = utterance_bootstrap([{"utt": f"u{i}", "v": float(v)} for i, v in enumerate(scores)],
+                                            lambda line: line["v"], seed=seed)
+            ratios.append((high - low) / (2 * t.ppf(0.975, n - 1) * scores.std(ddof=1) / np.sqrt(n)))
+        assert 1 - np.mean(ratios) == pytest.approx(bootstrap_shortfall(n), abs=0.03)
+    assert bootstrap_shortfall(8) == pytest.approx(0.225, abs=0.001) and few_utterances_caution(40) == ""
 
 
 def test_text_upper_bound_turns_lora_off(assets):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from nemo_speechlm.evaluation.benchmark_scoring import BOOTSTRAP_RESAMPLES, GT_METRICS
+from nemo_speechlm.evaluation.benchmark_scoring import BOOTSTRAP_RESAMPLES, GT_METRICS, bootstrap_shortfall
 from nemo_speechlm.evaluation.benchmark_systems import UPPER_BOUND
 
 SPLIT_TITLES = {
@@ -101,6 +101,19 @@ def _group(split_metrics: dict, name: str) -> dict:
     return split_metrics["all"] if name == "all" else split_metrics["tasks"].get(name, {})
 
 
+# Below this shortfall (30 utterances and more) the caution is left out.
+_SHORTFALL_SHOWN = 0.06
+
+
+def few_utterances_caution(utterances: int) -> str:
+    """A sentence for reports over few utterances, whose bootstrap intervals are too narrow; '' from ~30 on."""
+    if utterances < 2 or bootstrap_shortfall(utterances) < _SHORTFALL_SHOWN:
+        return ""
+    return (f" With {utterances} utterances these intervals are about {bootstrap_shortfall(utterances):.0%} narrower than a t "
+            "interval on the same utterances: read an interval that only just excludes 0 as an indication; "
+            "more utterances settle it.")
+
+
 def write_results_md(metrics: dict, path: Path) -> None:
     """``results.md``: the split summary, then one table per split with tasks as rows, systems side by side."""
     cfg = metrics["config"]
@@ -121,7 +134,7 @@ def write_results_md(metrics: dict, path: Path) -> None:
         "## Summary: mean ROUGE-L [95% interval] (task-following rate)",
         "",
         "Intervals come from a bootstrap over utterances (each resample draws utterances with all their answers, the "
-        f"tasks and prompts as the catalog fixes them), {BOOTSTRAP_RESAMPLES} resamples.",
+        f"tasks and prompts as the catalog fixes them), {BOOTSTRAP_RESAMPLES} resamples.{few_utterances_caution(cfg['utterances'])}",
         "",
         summary_table(metrics),
     ]

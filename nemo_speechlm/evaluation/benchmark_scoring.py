@@ -4,11 +4,12 @@ intervals from a bootstrap over utterances (:func:`utterance_bootstrap`). Pure f
 no model needed."""
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from scipy.stats import bootstrap
+from scipy.stats import bootstrap, norm, t
 
 from nemo_speechlm.data.task_catalog import Task
 from nemo_speechlm.data.task_checks import answer_labels, run_check
@@ -128,6 +129,15 @@ def utterance_bootstrap(lines: list[dict], value: Callable[[dict], float], resam
                        rng=np.random.default_rng(seed))
     interval = result.confidence_interval
     return [float(interval.low), float(interval.high)]
+
+
+def bootstrap_shortfall(utterances: int) -> float:
+    """How much narrower a percentile bootstrap of a mean over ``utterances`` draws is than the t interval on the
+    same draws: it spreads by the plug-in deviation (a factor sqrt((n-1)/n)) and a normal quantile where n draws
+    call for a t quantile: 22% at 8 utterances, 11% at 16, 5% at 32. Measured, not only derived: two
+    compare_objectives differences whose 8-utterance intervals excluded 0 were not confirmed on 32."""
+    n = utterances
+    return 1.0 - math.sqrt((n - 1) / n) * float(norm.ppf(0.5 + CONFIDENCE / 2) / t.ppf(0.5 + CONFIDENCE / 2, n - 1))
 
 
 def paired_differences(lines: list[dict], systems: Sequence[str], splits: Sequence[str]) -> dict:
