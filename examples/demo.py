@@ -286,8 +286,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--repeat-utterances", type=int, default=240,
                    help="training utterances that get a repeat behavior for the LLM stage (0 = all; the connector "
                         "pre-alignment always uses every transcript)")
-    p.add_argument("--benchmark-utterances", type=int, default=16,
-                   help="held-out utterances in the benchmark (each split's ROUGE-L averages over all of them: more, less noise)")
+    p.add_argument("--benchmark-utterances", type=int, default=40,
+                   help="held-out utterances in the benchmark (each split's ROUGE-L averages over all of them: more, "
+                        "less noise; 40 is the whole held-out set, and intervals over fewer than ~30 are too narrow)")
     p.add_argument("--batch-size", type=int, default=GENERATION_BATCH, help="teacher generation batch")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of nemo_speechlm/conf/mtbi.yaml, e.g. encoder=whisper_small "
                    "llm=qwen2_5_1_5b_instruct trainer.precision=bf16-true")
