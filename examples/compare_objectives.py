@@ -560,8 +560,8 @@ def main(argv: list[str]) -> None:
     files = eval_files(out, manifests["heldout"], args.benchmark_utterances, args.eval_utterances)
 
     catalog = TaskCatalog.load()
-    items = len([0 for s in EVALUATION_SPLITS for _ in catalog.evaluation_prompts(s, 1)]) * min(
-        args.benchmark_utterances, len(files["benchmark"].read_text().splitlines()))
+    benchmark_utterances = min(args.benchmark_utterances, len(files["benchmark"].read_text().splitlines()))
+    items = len([0 for s in EVALUATION_SPLITS for _ in catalog.evaluation_prompts(s, 1)]) * benchmark_utterances
     seeds = list(range(args.seeds))
     freeze = base.connector_pretraining.freeze_connector if args.freeze_connector is None else args.freeze_connector
     ctc_steps = base.connector_pretraining.steps
@@ -593,7 +593,7 @@ def main(argv: list[str]) -> None:
                                   "frozen after pre-alignment)" if freeze else "the whole connector")
                                  + ("" if base.model.get("lora") is None else ", plus LoRA (mtbi.yaml's; the joint SFT "
                                     "conditions their own)"),
-                "freeze_connector": bool(freeze), "benchmark_utterances": args.benchmark_utterances,
+                "freeze_connector": bool(freeze), "benchmark_utterances": benchmark_utterances,
                 "eval_utterances": args.eval_utterances, "overrides": args.overrides, "estimate_minutes": round(minutes, 1),
                 "upper_bound_follows_task": {s: {"mean": first[s]["upper_bound_follows_task"], "spread": None}
                                              for s in EVALUATION_SPLITS},
