@@ -50,6 +50,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 import nemo_speechlm
+from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.data.task_catalog import EVALUATION_SPLITS, TRAIN, TaskCatalog, render_prompt
 from nemo_speechlm.data.utterance import utterance_id
 from nemo_speechlm.datagen.behaviors import behavior_items, behavior_job
@@ -404,8 +405,9 @@ def paired_comparisons(out: Path, seeds: list[int], conditions: list[str], bench
     """Each named comparison's ROUGE-L difference on the same benchmark items, per split, each item's difference
     averaged over the seeds, with a 95% interval over utterances (``benchmark.paired_difference``): with two
     seeds, "beyond the seed spread" compares two ranges of two numbers each; this uses every item of the
-    ``benchmark`` manifest (a folder once benchmarked on more utterances keeps their answers)."""
-    utterances = {utterance_id(entry) for entry in read_jsonl(benchmark)}
+    ``benchmark`` manifest (a folder once benchmarked on more utterances keeps their answers), read as the
+    benchmark reads it (relative audio paths resolved, bad lines skipped), so the ids match its ``utt``."""
+    utterances = {utterance_id(entry) for entry in read_manifest(benchmark, skip_invalid=True)}
     runs = [[line for line in read_jsonl(out / f"seed{seed}" / "benchmark" / "predictions.jsonl") if line["utt"] in utterances]
             for seed in seeds]
     return [{"a": a, "b": b, "splits": {split: paired_difference(runs, a, b, split) for split in EVALUATION_SPLITS}}

@@ -49,6 +49,17 @@ def model_config(llm_dir, **overrides) -> OmegaConf:
     return OmegaConf.create(cfg)
 
 
+def nemo_weights(path) -> dict:
+    """The state dict stored in a ``.nemo`` file (what it holds, whatever a restore would add from references)."""
+    import tarfile
+
+    import torch
+
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("model_weights.ckpt"))
+        return torch.load(tar.extractfile(member), map_location="cpu")
+
+
 def run_python(code: str, cwd=None, timeout=600) -> str:
     """Run ``code`` in a fresh Python process (a real restore has no state from this one)."""
     import subprocess

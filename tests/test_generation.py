@@ -16,7 +16,7 @@ from nemo_speechlm.datagen import (
     run_resumable,
 )
 from nemo_speechlm.errors import InputError
-from nemo_speechlm.parts.runner import keep_only
+from nemo_speechlm.parts.runner import check_run_settings, keep_only
 from tests.tiny_assets import make_tiny_llm
 from tests.conftest import REPO, run_python
 
@@ -265,6 +265,17 @@ def test_keep_only_trims_an_owned_output_to_the_items_of_this_run(tmp_path, capl
     assert out.read_text() == expected.read_text()
     assert Path(str(out) + ".rejected.jsonl").read_text() == Path(str(expected) + ".rejected.jsonl").read_text()
     assert keep_only(tmp_path / "missing.jsonl", ["utt00"]) == 0
+
+
+def test_settings_no_longer_recorded_are_not_a_change_but_changed_ones_are(tmp_path):
+    """A caller whose results stopped depending on a setting (compare_objectives' evaluation sizes) stops recording
+    it; an output written with it is then resumed, not refused. A value that changed still is."""
+    out = tmp_path / "results"
+    out.mkdir()
+    check_run_settings(out, {"steps": 100, "benchmark_utterances": 8})
+    check_run_settings(out, {"steps": 100})
+    with pytest.raises(InputError, match=r"other settings \(steps: 100 -> 200\)"):
+        check_run_settings(out, {"steps": 200})
 
 
 def test_ctrl_c_keeps_written_lines_and_says_how_to_resume(tmp_path):

@@ -1,6 +1,5 @@
 """SpeechLMModel: splicing, encoder swap, LoRA/freezing, inference, .nemo round trips in fresh processes."""
 import shutil
-import tarfile
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.models.reference_weights import fingerprint
 from nemo_speechlm.parts.checkpoint import CheckpointError, restore_checked
 from nemo_speechlm.parts.llm import check_can_splice
-from tests.conftest import model_config, run_python
+from tests.conftest import model_config, nemo_weights, run_python
 from tests.tiny_assets import make_tiny_llm
 
 PROMPTS = ["Repeat exactly what is said in the audio: <|audio|>", "what do you hear <|audio|> ?"]
@@ -250,13 +249,6 @@ def test_trainable_only_keeps_a_frozen_encoder_that_no_reference_gives_back(asse
     restored = SpeechLMModel.restore_from(str(tmp_path / "small.nemo"))
     assert set(restored.cfg.reference_fingerprints) == {"llm"}
     assert_same_weights(restored, model)
-
-
-def nemo_weights(path) -> dict:
-    """The state dict stored in a ``.nemo`` file."""
-    with tarfile.open(path) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith("model_weights.ckpt"))
-        return torch.load(tar.extractfile(member), map_location="cpu")
 
 
 def test_trainable_only_refuses_a_base_llm_replaced_in_place(assets, tmp_path):

@@ -32,11 +32,9 @@ step at their size), 2.4e-4 the largest difference of any weight, within one ste
 (torch 2.13 CPU): MTBI with KL + interleaving 1.6e-6 under DDP and FSDP2 (fp32), kill-and-resume 1.6e-6 (its
 uninterrupted run is one process); both were bit-identical while every rank ran the whole pre-alignment.
 """
-import io
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -48,7 +46,7 @@ from nemo_speechlm.data.datamodule import build_datamodule
 from nemo_speechlm.data.resumable import skip_batches
 from nemo_speechlm.errors import ConfigError
 from nemo_speechlm.parts.distributed import broadcast_from_rank0, resolve_strategy
-from tests.conftest import REPO, run_on_ranks
+from tests.conftest import REPO, nemo_weights, run_on_ranks
 from tests.test_joint_sft import _joint_data_cfg, _single_loader, data, model  # noqa: F401  (fixtures)
 from tests.test_mtbi import behaviors, whisper_dir  # noqa: F401  (fixtures)
 
@@ -100,12 +98,6 @@ def run(cmd: list[str], cwd: Path, expect_code: int = 0) -> str:
     log = proc.stdout + proc.stderr
     assert proc.returncode == expect_code, log[-6000:]
     return log
-
-
-def nemo_weights(path: Path) -> dict[str, torch.Tensor]:
-    with tarfile.open(path) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith("model_weights.ckpt"))
-        return torch.load(io.BytesIO(tar.extractfile(member).read()), map_location="cpu")
 
 
 def assert_same_weights(got: Path, want: Path, start: Path | None = None, atol: float = ATOL, rtol: float = RTOL) -> float:

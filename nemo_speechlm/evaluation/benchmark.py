@@ -381,9 +381,9 @@ def write_reports(items: list[dict], systems: list[str], config: dict, skipped: 
             )
         return _prediction_line(line["system"], item, line["prediction"], line["reference"], catalog)
 
-    update_records(path, rescored, why="scored again: they were scored by another version of the scoring or task "
-                   "checks", key=_prediction_key)
-    lines = [line for line in _read_jsonl(path) if line["system"] in systems and line["key"] in wanted]
+    lines = [line for line in update_records(path, rescored, key=_prediction_key, why="scored again: they were "
+                                             "scored by another version of the scoring or task checks")
+             if line["system"] in systems and line["key"] in wanted]
     outputs = {name: str(out_dir / name) for name in
                (PREDICTIONS, REFERENCES, "metrics.json", "results.md", "splits.png")}
     metrics = {

@@ -228,9 +228,10 @@ def keep_only(output_path: str | Path, keys: Iterable, key: KeyFn | str = "key",
     return dropped
 
 
-def update_records(output_path: str | Path, update: Callable[[dict], dict], why: str, key: KeyFn | str = "key") -> int:
-    """Replace each record of ``output_path`` by ``update(record)``; returns how many changed (the file is
-    rewritten atomically only then, and the count logged with ``why``).
+def update_records(output_path: str | Path, update: Callable[[dict], dict], why: str,
+                   key: KeyFn | str = "key") -> list[dict]:
+    """Replace each record of ``output_path`` by ``update(record)`` and return the records as they now are (the
+    file is rewritten atomically only where one changed, and how many logged with ``why``).
 
     For a caller that derives part of its records from the rest: the benchmark rescores cached answers,
     so a folder answered before a scoring change is not reported with the old scores."""
@@ -241,7 +242,7 @@ def update_records(output_path: str | Path, update: Callable[[dict], dict], why:
     if changed:
         _replace_jsonl(output_path, updated)
         log.warning(f"{output_path}: updated {changed} of {len(records)} records ({why})")
-    return changed
+    return updated
 
 
 def _canonical(record: dict) -> str:
