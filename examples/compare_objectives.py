@@ -42,6 +42,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -155,13 +156,18 @@ def run_settings(base: DictConfig, manifests: dict[str, Path], behaviors: Path, 
     """What the trained models in ``--out`` depend on (and the answers' length), but the seeds and conditions (a
     rerun may add those) and how many utterances evaluate them (:func:`evaluation_settings`): a rerun with other
     steps, overrides or data would otherwise reuse the ``.nemo`` files and metrics there."""
+    digest = lambda path: f"{Path(path).resolve()} sha256:{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"  # noqa: E731
+    return {"config": recorded_config(base), "train_manifest": digest(manifests["train"]), "heldout_manifest": digest(manifests["heldout"]),
+            "behaviors": digest(behaviors), "freeze_connector": args.freeze_connector, "max_utterances": args.max_utterances,
+            "max_new_tokens": args.max_new_tokens}
+
+
+def recorded_config(base: DictConfig) -> dict:
+    """The training config as :func:`run_settings` records it."""
     config = OmegaConf.to_container(base, resolve=False)
     config["feature_cache"].pop("dir", None)  # where the features are cached does not change them
     config.pop("output_scope", None)  # nor whether a .nemo holds the base weights (same answers either way)
-    digest = lambda path: f"{Path(path).resolve()} sha256:{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"  # noqa: E731
-    return {"config": config, "train_manifest": digest(manifests["train"]), "heldout_manifest": digest(manifests["heldout"]),
-            "behaviors": digest(behaviors), "freeze_connector": args.freeze_connector, "max_utterances": args.max_utterances,
-            "max_new_tokens": args.max_new_tokens}
+    return config
 
 
 def evaluation_settings(args: argparse.Namespace) -> dict:
@@ -227,16 +233,17 @@ class _NoGenerator:
 
 def eval_files(out: Path, heldout: Path, benchmark_utterances: int, eval_utterances: int) -> dict[str, Path]:
     """The benchmark's held-out subset, the diagnostics' subset and text-only retention conversations
-    (each evaluation utterance's transcript under one prompt of each split, cycling over the tasks)."""
-    lines = heldout.read_text().splitlines(keepends=True)
-    bench = out / "data" / "benchmark_manifest.json"
-    bench.write_text("".join(lines[:benchmark_utterances]))
-    listen = out / "data" / "eval_manifest.json"
-    listen.write_text("".join(lines[:eval_utterances]))
+    (each evaluation utterance's transcript under one prompt of each split, cycling over the tasks).
+
+    The subsets are read and checked as manifests (a bad line is an error naming it) and written with absolute audio
+    paths: copied as text into ``OUT/data``, relative paths would point into the wrong folder."""
+    entries = [entry.data for entry in islice(read_manifest(heldout), max(benchmark_utterances, eval_utterances))]
+    bench = write_jsonl(out / "data" / "benchmark_manifest.json", entries[:benchmark_utterances])
+    listen = write_jsonl(out / "data" / "eval_manifest.json", entries[:eval_utterances])
     catalog = TaskCatalog.load()
     prompts = [p for split in EVALUATION_SPLITS for p in catalog.evaluation_prompts(split, 1)]
     convs = [{"id": f"retention{i}", "conversations": [{"from": "User", "value": prompts[(7 * i) % len(prompts)].render(
-        json.loads(line)["text"])}]} for i, line in enumerate(lines[:eval_utterances])]
+        entry["text"])}]} for i, entry in enumerate(entries[:eval_utterances])]
     return {"benchmark": bench, "eval": listen, "retention": write_jsonl(out / "data" / "retention.jsonl", convs)}
 
 
@@ -557,7 +564,9 @@ def main(argv: list[str]) -> None:
         behaviors = load_demo().make_behaviors(data_dir, manifests["train"], base.model.pretrained_llm, 240,
                                                args.batch_size, 1200)
     print(f"train {manifests['train']}, held out {manifests['heldout']}, behaviors {behaviors}, features {features}")
-    check_run_settings(out, run_settings(base, manifests, behaviors, args), settings_file=out / "settings.json")
+    # a config key added by an upgrade since --out was written is no change at its packaged default
+    check_run_settings(out, run_settings(base, manifests, behaviors, args), settings_file=out / "settings.json",
+                       defaults={"config": recorded_config(base_config(out, features, args.steps, []))})
     data = condition_data(out, behaviors, base.model.pretrained_llm, args.batch_size, args.max_utterances)
     files = eval_files(out, manifests["heldout"], args.benchmark_utterances, args.eval_utterances)
 

@@ -278,6 +278,24 @@ def test_settings_no_longer_recorded_are_not_a_change_but_changed_ones_are(tmp_p
         check_run_settings(out, {"steps": 200})
 
 
+def test_a_setting_added_since_at_its_default_is_not_a_change(tmp_path):
+    """A package upgrade adds a config key: an output written before it resumes where the key has its default
+    value (the behaviour the key made configurable), and is refused where it has another."""
+    out = tmp_path / "results"
+    out.mkdir()
+    defaults = {"config": {"trainer": {"max_steps": 100, "new_key": "default"}, "new_section": {"a": 1}}}
+    check_run_settings(out, {"config": {"trainer": {"max_steps": 100}}})
+    check_run_settings(out, {"config": {"trainer": {"max_steps": 100, "new_key": "default"}, "new_section": {"a": 1}}},
+                       defaults=defaults)
+    (tmp_path / "results.settings.json").write_text(json.dumps({"config": {"trainer": {"max_steps": 100}}}))
+    with pytest.raises(InputError, match=r"other settings \(config\.trainer\.new_key: None -> 'other'\)"):
+        check_run_settings(out, {"config": {"trainer": {"max_steps": 100, "new_key": "other"}}}, defaults=defaults)
+    with pytest.raises(InputError, match=r"config\.new_section: None -> \{'a': 2\}"):
+        check_run_settings(out, {"config": {"trainer": {"max_steps": 100}, "new_section": {"a": 2}}}, defaults=defaults)
+    with pytest.raises(InputError, match=r"config\.trainer\.max_steps: 100 -> 200"):
+        check_run_settings(out, {"config": {"trainer": {"max_steps": 200}}}, defaults=defaults)
+
+
 def test_ctrl_c_keeps_written_lines_and_says_how_to_resume(tmp_path):
     out = tmp_path / "out.jsonl"
     calls = []

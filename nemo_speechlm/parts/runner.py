@@ -375,16 +375,19 @@ def _write_summary(output_path: Path, summary: RunSummary) -> None:
 SETTINGS_SUFFIX = ".settings.json"
 
 
-def check_run_settings(output_path: str | Path, settings: dict, settings_file: str | Path | None = None) -> None:
+def check_run_settings(output_path: str | Path, settings: dict, settings_file: str | Path | None = None,
+                       defaults: dict | None = None) -> None:
     """Refuse to resume into an output (a file, or a folder of results) written with other settings
     (model, prompt, decoding, training config): the old results would be silently mixed with new ones.
     Writes ``settings_file`` (default ``<output>.settings.json``). A top-level setting recorded before and no
-    longer given is one the caller's results stopped depending on (compare_objectives' evaluation sizes), not a change."""
+    longer given is one the caller's results stopped depending on (compare_objectives' evaluation sizes), not a change.
+    ``defaults``: the settings as the package's defaults make them; a setting missing from the recorded ones (a
+    config key added by an upgrade) that has its default value is not a change either."""
     path = Path(settings_file) if settings_file is not None else Path(str(output_path) + SETTINGS_SUFFIX)
     settings = json.loads(json.dumps(settings))  # normalize tuples etc. for the comparison
     if path.is_file() and Path(output_path).exists():
         before = {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if k in settings}
-        changed = changed_values(before, settings)
+        changed = changed_values(before, settings, defaults=json.loads(json.dumps(defaults or {})))
         if changed:
             diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
             raise InputError(
@@ -395,14 +398,21 @@ def check_run_settings(output_path: str | Path, settings: dict, settings_file: s
     path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def changed_values(before: dict, after: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+_ABSENT = object()
+
+
+def changed_values(before: dict, after: dict, prefix: str = "", defaults: dict | None = None) -> list[tuple[str, Any, Any]]:
     """``(dotted key, before, after)`` for each value that differs, nested dicts compared key by key
-    (so a changed training config names ``config.trainer.max_steps``, not the whole config)."""
+    (so a changed training config names ``config.trainer.max_steps``, not the whole config). A key only
+    ``after`` has, at its value in ``defaults`` (same nesting), is not a change."""
     changed = []
+    defaults = defaults if isinstance(defaults, dict) else {}
     for key in sorted(set(before) | set(after)):
         old, new = before.get(key), after.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            changed += changed_values(old, new, f"{prefix}{key}.")
+            changed += changed_values(old, new, f"{prefix}{key}.", defaults.get(key))
+        elif key not in before and defaults.get(key, _ABSENT) == new:
+            continue
         elif old != new:
             changed.append((f"{prefix}{key}", old, new))
     return changed
