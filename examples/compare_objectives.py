@@ -413,11 +413,15 @@ def paired_comparisons(out: Path, seeds: list[int], conditions: list[str], bench
     averaged over the seeds, with a 95% interval over utterances (``benchmark.paired_difference``): with two
     seeds, "beyond the seed spread" compares two ranges of two numbers each; this uses every item of the
     ``benchmark`` manifest (a folder once benchmarked on more utterances keeps their answers), read as the
-    benchmark reads it (relative audio paths resolved, bad lines skipped), so the ids match its ``utt``."""
+    benchmark reads it (relative audio paths resolved, bad lines skipped), so the ids match its ``utt``.
+    ``seeds`` of each comparison: the same difference on each seed's models alone (the pooled interval covers
+    utterances, not training runs; a difference that one seed's models make and the other's do not shows here)."""
     utterances = {utterance_id(entry) for entry in read_manifest(benchmark, skip_invalid=True)}
     runs = [[line for line in read_jsonl(out / f"seed{seed}" / "benchmark" / "predictions.jsonl") if line["utt"] in utterances]
             for seed in seeds]
-    return [{"a": a, "b": b, "splits": {split: paired_difference(runs, a, b, split) for split in EVALUATION_SPLITS}}
+    return [{"a": a, "b": b, "splits": {split: paired_difference(runs, a, b, split) for split in EVALUATION_SPLITS},
+             "seeds": {str(seed): {split: paired_difference([run], a, b, split) for split in EVALUATION_SPLITS}
+                       for seed, run in zip(seeds, runs)}}
             for a, b in COMPARISONS if a in conditions and b in conditions]
 
 
@@ -479,6 +483,17 @@ def write_report(out: Path, summary: dict, run_info: dict) -> None:
     for pair in summary["paired"]:
         cells = " | ".join(format_difference(pair["splits"][split]) for split in EVALUATION_SPLITS)
         lines.append(f"| {pair['a']} − {pair['b']} | {cells} |")
+    if len(run_info["seeds"]) > 1:
+        lines += ["", "## The same differences, seed by seed", "",
+                  "Each seed's models alone (intervals over utterances again). The pooled interval above covers the "
+                  "utterances, not the training runs: a difference every seed shows is one these objectives make, one "
+                  "a single seed shows may be that seed's draw.", "",
+                  "| Comparison | Seed | " + " | ".join(SPLIT_TITLES[s] for s in EVALUATION_SPLITS) + " |",
+                  "|---|---:|" + "---:|" * len(EVALUATION_SPLITS)]
+        for pair in summary["paired"]:
+            for seed, splits in pair["seeds"].items():
+                cells = " | ".join(format_difference(splits[split]) for split in EVALUATION_SPLITS)
+                lines.append(f"| {pair['a']} − {pair['b']} | {seed} | {cells} |")
     lines.append("")
     (out / "results.md").write_text("\n".join(lines))
 

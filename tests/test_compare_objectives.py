@@ -98,6 +98,8 @@ def test_every_condition_is_trained_evaluated_and_a_rerun_resumes(assets, tmp_pa
     rows = [row for pair in results["paired"] for row in pair["splits"].values()]
     assert all(row["count"] > 0 and row["rouge_l"] is not None and row["rouge_l_ci"] is None for row in rows)
     assert "| mtbi_interleave_kl − mtbi_interleave | " in (out / "results.md").read_text()
+    assert all(pair["seeds"] == {"0": pair["splits"]} for pair in results["paired"])  # one seed: pooled = that seed
+    assert "seed by seed" not in (out / "results.md").read_text()
     assert (out / "results.png").stat().st_size > 0
     assert "estimate: ~" in first.stdout
     assert "Connector loaded from" in first.stdout + first.stderr  # every condition starts from the seed's stage 1
@@ -136,3 +138,10 @@ def test_every_condition_is_trained_evaluated_and_a_rerun_resumes(assets, tmp_pa
     more_steps = [*cmd[2:cmd.index("--steps") + 1], "3", *cmd[cmd.index("--steps") + 2:]]
     with pytest.raises(InputError, match=r"holds results made with other settings \(config\.trainer\.max_steps: 2 -> 3\)"):
         script.main(more_steps)
+
+    # With two seeds, results.md shows each comparison on each seed's models too
+    two = {**results, "paired": [{**pair, "seeds": {"0": pair["splits"], "1": pair["splits"]}} for pair in results["paired"]]}
+    script.write_report(tmp_path, two, {**results["run"], "seeds": [0, 1]})
+    report = (tmp_path / "results.md").read_text().split("## The same differences, seed by seed")[1]
+    assert report.count("| mtbi_interleave_kl − mtbi_interleave | 0 | ") == 1
+    assert report.count("| mtbi_interleave_kl − mtbi_interleave | 1 | ") == 1
