@@ -1,6 +1,7 @@
 """MTBI: interleaving spans, behaviors data, the CE/KL objective, and the frozen-encoder feature cache."""
 import dataclasses
 import json
+import logging
 import os
 import random
 
@@ -291,6 +292,23 @@ def test_the_fill_encodes_in_the_order_given_and_the_configured_batch_size(asset
     assert fill_feature_cache(model, cache, utterances)["encoded"] == 8
     expected = [len(c.resample(model.sampling_rate).load_audio().mean(axis=0)) for c in utterances]
     assert calls == [expected[:3], expected[3:6], expected[6:]]
+
+
+def test_opening_a_cache_names_the_other_caches_in_its_folder(assets, whisper_dir, tmp_path, caplog):
+    """Nothing deletes a superseded cache (another run may read it); the user is told it is there."""
+    nemo_logger = logging.getLogger("nemo_logger")  # NeMo's logger does not propagate to the root logger
+    nemo_logger.addHandler(caplog.handler)
+    try:
+        model = _mtbi_model(assets, whisper_dir).eval()
+        cfg = OmegaConf.create({"dir": str(tmp_path / "features")})
+        open_feature_cache(cfg, model)
+        assert "feature cache(s) this run does not read" not in caplog.text
+        (tmp_path / "features" / "0123456789abcdef").mkdir(parents=True)
+        cache = open_feature_cache(cfg, model)
+    finally:
+        nemo_logger.removeHandler(caplog.handler)
+    assert (f"also holds 1 feature cache(s) this run does not read (0123456789abcdef): other encoder settings, weights "
+            f"or storage dtype. Delete those no run needs to free the disk; this run's is {cache.root.name}.") in caplog.text
 
 
 def test_a_bf16_cache_gives_bf16_true_training_the_same_loss_from_half_the_bytes(assets, whisper_dir, behaviors, tmp_path):

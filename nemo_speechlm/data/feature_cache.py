@@ -228,8 +228,14 @@ def open_feature_cache(cache_cfg: DictConfig | None, model, precision: str | int
             f"trainable encoder parameters: {trainable[:3]}, spec_augment: {perception.spec_augmentation is not None}. "
             "Freeze it with model.freeze_params: ['^perception\\\\.encoder\\\\..+$', ...] or set feature_cache.dir=null."
         )
-    return FeatureCache(cache_cfg.dir, encoder_fingerprint(perception, model.cfg.perception),
-                        cache_dtype(cache_cfg, precision), batch_size=cache_cfg.get("batch_size", 8))
+    cache = FeatureCache(cache_cfg.dir, encoder_fingerprint(perception, model.cfg.perception),
+                         cache_dtype(cache_cfg, precision), batch_size=cache_cfg.get("batch_size", 8))
+    others = sorted(p.name for p in Path(cache_cfg.dir).glob("*") if p.is_dir() and p != cache.root)
+    if others:  # nothing deletes them: another run may still use them, and only the user knows
+        logging.info(f"{cache_cfg.dir} also holds {len(others)} feature cache(s) this run does not read ({', '.join(others[:4])}"
+                     f"{', ...' if len(others) > 4 else ''}): other encoder settings, weights or storage dtype. "
+                     f"Delete those no run needs to free the disk; this run's is {cache.root.name}.")
+    return cache
 
 
 def prepare_feature_cache(cache_cfg: DictConfig | None, model, data_cfg: DictConfig,
