@@ -413,10 +413,10 @@ def paired_comparisons(out: Path, seeds: list[int], conditions: list[str], bench
     averaged over the seeds, with a 95% interval over utterances (``benchmark.paired_difference``): with two
     seeds, "beyond the seed spread" compares two ranges of two numbers each; this uses every item of the
     ``benchmark`` manifest (a folder once benchmarked on more utterances keeps their answers), read as the
-    benchmark reads it (relative audio paths resolved, bad lines skipped), so the ids match its ``utt``.
+    benchmark reads it (:func:`eval_files` wrote and checked it), so the ids match its ``utt``.
     ``seeds`` of each comparison: the same difference on each seed's models alone (the pooled interval covers
     utterances, not training runs; a difference that one seed's models make and the other's do not shows here)."""
-    utterances = {utterance_id(entry) for entry in read_manifest(benchmark, skip_invalid=True)}
+    utterances = {utterance_id(entry) for entry in read_manifest(benchmark)}
     runs = [[line for line in read_jsonl(out / f"seed{seed}" / "benchmark" / "predictions.jsonl") if line["utt"] in utterances]
             for seed in seeds]
     return [{"a": a, "b": b, "splits": {split: paired_difference(runs, a, b, split) for split in EVALUATION_SPLITS},

@@ -125,8 +125,8 @@ def whisper_reference_wer(out: Path, heldout: dict[str, Path], encoder_cfg: Dict
                 audio = [soundfile.read(e["audio_filepath"])[0] for e in entries[start : start + batch_size]]
                 inputs = processor(audio, sampling_rate=16000, return_tensors="pt", return_attention_mask=True)
                 with torch.no_grad():
-                    # max_length (prompt + 96 new tokens), not max_new_tokens: Whisper's generation config sets
-                    # max_length=448, and giving both logs a warning for every batch
+                    # max_length (the decoder prompt's few tokens + ~96 new ones), not max_new_tokens: Whisper's
+                    # generation config sets max_length=448, and giving both logs a warning for every batch
                     ids = model.generate(inputs.input_features.to(device), attention_mask=inputs.attention_mask.to(device),
                                          max_length=100)
                 hypotheses += processor.batch_decode(ids, skip_special_tokens=True)
