@@ -145,11 +145,11 @@ def test_token_kl_is_zero_for_identical_inputs_and_positive_otherwise():
         token_kl(logits, targets, shifted, t_targets)
 
 
-def _mtbi_model(assets, whisper_dir, **overrides):
+def _mtbi_model(assets, whisper_dir, freeze_params=(r"^llm\..+$", r"^perception\.encoder\..+$"), **overrides):
     cfg = model_config(assets["llm"], target="nemo_speechlm.models.MTBIModel", **overrides)
     cfg.perception.update(tiny_whisper_perception(whisper_dir))
     cfg.perception.modality_adapter.stack = 4
-    cfg.freeze_params = [r"^llm\..+$", r"^perception\.encoder\..+$"]
+    cfg.freeze_params = list(freeze_params)
     return MTBIModel(cfg)
 
 
@@ -184,6 +184,27 @@ def test_kl_is_zero_when_the_student_reads_the_same_text(assets, whisper_dir, be
         speech = model.compute_losses(batch)
     assert losses["kl"].item() == pytest.approx(0.0, abs=1e-6)
     assert speech["kl"].item() > 100 * max(losses["kl"].item(), 1e-7)  # speech in place of text does change it
+
+
+def test_the_kl_teacher_stays_the_pretrained_llm_when_the_llm_itself_trains(assets, whisper_dir, behaviors):
+    """Without LoRA and with the LLM trainable, the teacher must not be the student's own drifting LLM."""
+    model = _mtbi_model(assets, whisper_dir, freeze_params=[r"^perception\.encoder\..+$"], mtbi={"kl_weight": 1.0})
+    assert any(p.requires_grad for p in model.llm.parameters())
+    batch = _first_batch(model, behaviors)
+    teacher = lambda: model.text_teacher_logits(batch["teacher_input_ids"], batch["teacher_loss_mask"])[0]  # noqa: E731
+    model.eval()
+    before = teacher()
+    with torch.no_grad():  # a training step's worth of drift, in every LLM weight (the embedding table included)
+        for p in model.llm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    student_llm = model.llm
+    assert torch.equal(teacher(), before)
+    assert model.llm is student_llm  # the student's LLM is back in place after the teacher ran
+    with torch.no_grad():
+        drifted = model.response_logits(model.embed_text(batch["teacher_input_ids"])[:, :-1],
+                                        (batch["teacher_input_ids"] != model.text_pad_id)[:, :-1],
+                                        batch["teacher_input_ids"].where(batch["teacher_loss_mask"], IGNORE_INDEX)[:, 1:])[0]
+    assert (drifted - before).abs().max() > 1e-2  # the drift is visible in the student's own LLM
 
 
 def test_losses_from_response_logits_equal_full_vocabulary_logits(assets, whisper_dir, behaviors):

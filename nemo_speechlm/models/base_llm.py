@@ -1,9 +1,9 @@
 """The base LLM: a speech LLM's LLM as it was before speech training, in one place.
 
-With LoRA, the adapters are switched off (:func:`lora_disabled`). Without LoRA, a frozen LLM is
-its own base; an LLM fine-tuned without LoRA is reloaded from ``pretrained_llm``
-(:func:`base_llm`). The benchmark's text upper bound and the text-retention evaluation both use
-:func:`base_llm`, so they compare with the same LLM.
+With LoRA, the adapters are switched off. Without LoRA, a frozen LLM is its own base; an LLM
+fine-tuned without LoRA is reloaded from ``pretrained_llm`` (:func:`base_llm`). MTBI's KL teacher,
+the benchmark's text upper bound and the text-retention evaluation all use :func:`base_llm`, so they
+compare with the same LLM.
 """
 from __future__ import annotations
 
@@ -20,14 +20,9 @@ FROZEN_LLM_NOTE = (
 )
 
 
-def lora_disabled(llm: torch.nn.Module):
-    """Context in which ``llm`` runs without its LoRA adapters (a no-op for an LLM without any)."""
-    return llm.disable_adapter() if hasattr(llm, "disable_adapter") else contextlib.nullcontext()
-
-
 @contextlib.contextmanager
 def base_llm(model) -> Iterator[None]:
-    """Run the model's LLM as it was before speech training, for the forgetting check.
+    """Run the model's LLM as it was before speech training (the KL teacher, the forgetting check).
 
     LoRA adapters are switched off (peft's ``disable_adapter``). Without LoRA, a frozen LLM is
     its own base; an LLM fine-tuned without LoRA is reloaded from ``pretrained_llm``.

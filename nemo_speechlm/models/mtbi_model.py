@@ -3,8 +3,10 @@
 The speech LLM learns to answer speech the way its own LLM answers the transcript:
 cross-entropy on the teacher's recorded response (``examples/generate_behaviors.py``),
 plus, optionally, a token-level KL to the distribution of the same frozen LLM reading
-the transcript in place of the speech, computed online. With LoRA the teacher runs with
-the adapters disabled, so it stays the original text LLM.
+the transcript in place of the speech, computed online. The teacher is always the original
+text LLM (:func:`~nemo_speechlm.models.base_llm.base_llm`): with LoRA the adapters are switched
+off; an LLM fine-tuned without LoRA is reloaded frozen from ``pretrained_llm`` (once, kept beside it),
+since its own drifting weights would make the KL pull the student towards itself.
 
 Config keys (``nemo_speechlm/conf/mtbi.yaml``): ``mtbi.ce_weight``, ``mtbi.kl_weight`` (0 = CE only),
 ``mtbi.kl_temperature``.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nemo_speechlm.models.base_llm import lora_disabled
+from nemo_speechlm.models.base_llm import base_llm
 from nemo_speechlm.models.speechlm_model import IGNORE_INDEX, SpeechLMModel, cross_entropy
 
 
@@ -49,10 +51,11 @@ class MTBIModel(SpeechLMModel):
 
     @torch.no_grad()
     def text_teacher_logits(self, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits of the original text LLM (LoRA off) on the transcript version, and its shifted targets."""
-        embeds = self.embed_text(input_ids)
+        """Logits of the original text LLM (LoRA off, or reloaded if the LLM itself trains) on the transcript
+        version, and its shifted targets."""
         attention_mask = input_ids != self.text_pad_id
-        with lora_disabled(self.llm):
+        with base_llm(self):
+            embeds = self.embed_text(input_ids)  # inside: a trained LLM's embedding table has moved too
             return self.response_logits(embeds[:, :-1], attention_mask[:, :-1], input_ids.where(loss_mask, IGNORE_INDEX)[:, 1:])
 
 def token_kl(
