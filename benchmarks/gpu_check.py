@@ -97,6 +97,7 @@ def recipe_commands(d: dict, out: Path, devices: int, accelerator: str, steps: i
         "MTBI (KL, interleaving)": [*mtbi, *run("mtbi"), f"feature_cache.dir={out / 'mtbi' / 'features'}"],
         "joint SFT": [
             str(REPO / "examples" / "joint_sft_train.py"), *common, *run("joint"), "model.lora.r=4", "model.lora.lora_alpha=4",
+            "output_scope=trainable",  # the small file a LoRA run ships: fingerprints of bf16 base weights on the GPU
             *[f"data.train_ds.audio.input_cfg.{i}.manifest_filepath={d[n]}" for i, n in enumerate(("asr", "ast", "sqa", "mixed_modal"))],
             f"data.train_ds.text.input_cfg.0.manifest_filepath={d['text_sft']}", "data.train_ds.audio.batch_size=2",
             "data.train_ds.sampler_weights.text=0.5"],  # text-only steps on some ranks' steps: DDP's unused parameters
