@@ -9,6 +9,7 @@ import pytest
 import soundfile
 import torch
 from lightning.pytorch import Trainer
+from nemo.collections.asr.modules import SpectrogramAugmentation
 from omegaconf import OmegaConf, open_dict
 
 from nemo_speechlm.data.behaviors import behavior_to_conversation
@@ -205,6 +206,26 @@ def test_the_kl_teacher_stays_the_pretrained_llm_when_the_llm_itself_trains(asse
                                         (batch["teacher_input_ids"] != model.text_pad_id)[:, :-1],
                                         batch["teacher_input_ids"].where(batch["teacher_loss_mask"], IGNORE_INDEX)[:, 1:])[0]
     assert (drifted - before).abs().max() > 1e-2  # the drift is visible in the student's own LLM
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_a_frozen_connector_keeps_augmenting_in_training_steps(assets, whisper_dir, behaviors):
+    """Deliberate and measured (docs/connector.md, "SpecAugment in stage 2"): frozen after pre-alignment, the
+    connector's SpecAugment still masks the speech the LLM trains on, while the frozen encoder and LLM run as at
+    inference. Running the connector as at inference too kept ROUGE-L level and raised the repeat WER."""
+    model = _mtbi_model(assets, whisper_dir, mtbi={"kl_weight": 0.0})
+    model.perception.modality_adapter.spec_augment = SpectrogramAugmentation(time_masks=4, time_width=5)
+    for param in [*model.perception.modality_adapter.parameters(), *model.perception.proj.parameters()]:
+        param.requires_grad_(False)
+    batch = _first_batch(model, behaviors, prob=0.0)
+    model.train()
+    losses = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # the masks' randomness
+        with torch.no_grad():
+            losses.append(model.training_step(batch, 0).item())
+    assert losses[0] != losses[1] and model.perception.modality_adapter.training
+    assert not model.llm.training and not model.perception.encoder.training
 
 
 def test_losses_from_response_logits_equal_full_vocabulary_logits(assets, whisper_dir, behaviors):
