@@ -26,7 +26,7 @@ from nemo_speechlm.models import MTBIModel
 from nemo_speechlm.models.mtbi_model import token_kl
 from nemo_speechlm.models.speechlm_model import IGNORE_INDEX, cross_entropy
 from nemo_speechlm.parts.packing import pack_rows
-from tests.tiny_assets import make_tiny_whisper, tiny_whisper_perception, even_word_times, write_behaviors
+from tests.tiny_assets import make_tiny_llm, make_tiny_whisper, tiny_whisper_perception, even_word_times, write_behaviors
 from tests.conftest import model_config
 
 TAG = "<|audio|>"
@@ -204,6 +204,22 @@ def test_the_kl_teacher_stays_the_pretrained_llm_when_the_llm_itself_trains(asse
         assert torch.equal(teacher(), teacher_before)
         assert model.llm is student_llm  # the student's LLM is back in place after the teacher ran
         assert (student() - student_before).abs().max() > 1e-2  # the drift the teacher must not follow
+
+
+def test_the_kl_teacher_runs_without_dropout_inside_a_training_step(assets, whisper_dir, behaviors, tmp_path):
+    """With LoRA the LLM trains, so in a training step it is in training mode; an LLM with dropout must still give
+    the KL the same teacher every time (the base LLM as at inference), and stay in training mode after."""
+    llm = make_tiny_llm(tmp_path / "llm", attention_dropout=0.5)
+    lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
+    model = _mtbi_model({**assets, "llm": llm}, whisper_dir, lora=lora, mtbi={"kl_weight": 1.0}).train()
+    batch = _first_batch(model, behaviors)
+    ids = batch["teacher_input_ids"]
+    with torch.no_grad():
+        teacher = [model.text_teacher_logits(ids, batch["teacher_loss_mask"])[0] for _ in range(2)]
+        student = [model(model.embed_text(ids), ids != model.text_pad_id) for _ in range(2)]
+    assert not torch.equal(student[0], student[1])  # the dropout the teacher must not have
+    assert torch.equal(teacher[0], teacher[1])
+    assert all(m.training for m in model.llm.modules())
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")

@@ -30,9 +30,10 @@ SENTENCES = [
 
 
 def make_tiny_llm(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
-                  tie_word_embeddings: bool = False) -> Path:
+                  tie_word_embeddings: bool = False, attention_dropout: float = 0.0) -> Path:
     """A randomly initialised ``LlamaForCausalLM`` + a BPE tokenizer trained on a small corpus (its output layer
-    tied to the embeddings with ``tie_word_embeddings``, as in SmolLM2)."""
+    tied to the embeddings with ``tie_word_embeddings``, as in SmolLM2; dropout in training mode with
+    ``attention_dropout``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -65,6 +66,7 @@ def make_tiny_llm(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=tie_word_embeddings,
+        attention_dropout=attention_dropout,
     )
     LlamaForCausalLM(config).save_pretrained(out_dir)
     return out_dir

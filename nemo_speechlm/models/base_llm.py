@@ -25,14 +25,17 @@ def base_llm(model) -> Iterator[None]:
     """Run the model's LLM as it was before speech training (the KL teacher, the forgetting check).
 
     LoRA adapters are switched off (peft's ``disable_adapter``). Without LoRA, a frozen LLM is
-    its own base; an LLM fine-tuned without LoRA is reloaded from ``pretrained_llm``.
+    its own base; an LLM fine-tuned without LoRA is reloaded from ``pretrained_llm``. It runs as at
+    inference (dropout off) also inside a training step, where a LoRA model's LLM is in training mode:
+    the KL teacher is a fixed target, not a noisy one.
     """
     if hasattr(model.llm, "disable_adapter"):
-        with model.llm.disable_adapter():
+        with model.llm.disable_adapter(), _eval_mode(model.llm):
             yield
         return
     if not _llm_was_trained(model):
-        yield
+        with _eval_mode(model.llm):
+            yield
         return
     trained = model.llm
     model.llm = _load_base_llm(model)
@@ -72,6 +75,18 @@ def base_llm_identity(model) -> str:
 def _plain_llm_name(name: str) -> str:
     """A peft-wrapped LLM's weight name as the plain LLM's (``base_model.model.`` and ``.base_layer`` dropped)."""
     return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in eval mode for the duration, then each submodule back in its own mode."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _llm_was_trained(model) -> bool:
