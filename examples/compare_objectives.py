@@ -201,7 +201,7 @@ def condition_data(out: Path, behaviors: Path, teacher: str, batch_size: int, ma
     for task, cap in (("repeat", 64), ("continue", 96)):
         path = data_dir / f"behaviors_{task}.jsonl"
         selected = catalog.select([task])
-        items = list(behavior_items(manifest, selected, 1, 1))
+        items = list(behavior_items(manifest, selected, 1, 1, output_path=path))
         keep_only(path, [item["key"] for item in items])  # its own cache: drop other utterances' answers
         done = {r["key"] for r in read_jsonl(path)} if path.is_file() else set()
         if task != "repeat" and any(item["key"] not in done for item in items) and generator is None:

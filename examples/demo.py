@@ -144,18 +144,19 @@ def make_behaviors(out: Path, train_manifest: Path, teacher: str, llm_utterances
     catalog = TaskCatalog.load()
     generator = build_chat_generator("hf", model=teacher, batch_size=batch_size)
     repeat = catalog.select(["repeat"])
-    repeat_items = list(behavior_items(train_manifest, repeat, 1, 1))[: repeat_utterances or None]
-    parts = [(out / "behaviors_repeat.jsonl", repeat_items,
+    repeat_path, tasks_path = out / "behaviors_repeat.jsonl", out / "behaviors_tasks.jsonl"
+    repeat_items = list(behavior_items(train_manifest, repeat, 1, 1, output_path=repeat_path))[: repeat_utterances or None]
+    parts = [(repeat_path, repeat_items,
               behavior_job(generator, repeat, 64, ground_truth_tasks=("repeat",)))]
     others = catalog.select([t.name for t in catalog.training_tasks if t.name != "repeat"])
-    items = list(behavior_items(train_manifest, others, 1, 1))[: llm_utterances or None]
-    parts.append((out / "behaviors_tasks.jsonl", items, behavior_job(generator, others, 96)))
+    items = list(behavior_items(train_manifest, others, 1, 1, output_path=tasks_path))[: llm_utterances or None]
+    parts.append((tasks_path, items, behavior_job(generator, others, 96)))
     for path, part_items, job in parts:
         # Its own cache: answers of utterances no longer in the run (fewer utterances, or a copied folder
         # whose audio paths changed) are dropped, not mixed in; the runner refuses a file holding them.
         keep_only(path, [item["key"] for item in part_items])
         print(run_resumable(part_items, job, path, batch_size=batch_size, desc=f"Behaviors -> {path.name}"))
-    behaviors = out / "behaviors.jsonl"
+    behaviors = out / "behaviors.jsonl"  # beside its parts: their relative audio paths hold for it too
     behaviors.write_text("".join(p.read_text() for p, _, _ in parts))
     print(f"behaviors {behaviors}")
     return behaviors

@@ -36,7 +36,8 @@ def main(argv=None) -> None:
         catalog = catalog.select(args.tasks)
     skipped = SkipSummary()
     items = list(behavior_items(args.manifest, catalog, args.tasks_per_utterance, args.prompts_per_task,
-                                seed=args.seed, skip_invalid=args.skip_invalid, summary=skipped))
+                                seed=args.seed, skip_invalid=args.skip_invalid, summary=skipped,
+                                output_path=args.output))
     generator = teacher_from_arguments(args)
     job = behavior_job(generator, catalog, args.max_new_tokens, args.system_prompt, tuple(args.ground_truth_tasks))
     summary = run_resumable(items, job, args.output, batch_size=args.batch_size, desc="Generating behaviors")

@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     skipped = SkipSummary()
-    items = list(sqa_items(args.manifest, skip_invalid=args.skip_invalid, summary=skipped))
+    items = list(sqa_items(args.manifest, skip_invalid=args.skip_invalid, summary=skipped, output_path=args.output))
     generator = teacher_from_arguments(args)
     job = sqa_job(generator, args.max_new_tokens, args.system_prompt)
     summary = run_resumable(items, job, args.output, batch_size=args.batch_size, desc="Generating SQA", key=sqa_key)

@@ -10,11 +10,11 @@ import soundfile
 import torch
 from omegaconf import OmegaConf
 
-from nemo_speechlm.data.manifest import ManifestError
+from nemo_speechlm.data.manifest import ManifestError, read_manifest
 from nemo_speechlm.datagen.alignment import NoCTCHeadError, align_manifest, load_asr_model, load_segment
 from nemo_speechlm.errors import InputError
 from nemo_speechlm.parts.runner import REJECTED_SUFFIX
-from tests.tiny_assets import SENTENCES, tiny_conformer_config
+from tests.tiny_assets import SENTENCES, relative_bundle, tiny_conformer_config
 from tests.conftest import REPO
 
 SR = 16000
@@ -108,6 +108,25 @@ def test_rerun_resumes_without_duplicates(ctc_model, corpus, tmp_path):
     again = align_manifest(corpus, partial, ctc_model, batch_size=4)
     assert (again.run.done_before, again.run.written) == (9, 0)
     assert partial.read_bytes() == full.read_bytes()
+
+
+def test_a_relative_manifest_gives_an_output_that_moves_with_its_folder(ctc_model, corpus, tmp_path):
+    """Relative audio paths stay relative (to the output's directory): the folder moved elsewhere is read and
+    resumed as it was; absolute inputs stay absolute."""
+    import shutil
+
+    manifest = relative_bundle(corpus, tmp_path / "bundle")
+    assert align_manifest(manifest, tmp_path / "bundle" / "aligned" / "out.jsonl", ctc_model, batch_size=4).run.written == 9
+    rows = read_jsonl(tmp_path / "bundle" / "aligned" / "out.jsonl")
+    assert [r["audio_filepath"] for r in rows] == [f"../audio/{Path(r['audio_filepath']).name}" for r in read_jsonl(corpus)]
+    shutil.move(tmp_path / "bundle", tmp_path / "moved")
+    out = tmp_path / "moved" / "aligned" / "out.jsonl"
+    assert [e["words"] for e in read_manifest(out)] == [r["words"] for r in rows]  # audio found, durations match
+    again = align_manifest(tmp_path / "moved" / "manifest.jsonl", out, ctc_model, batch_size=4)
+    assert (again.run.done_before, again.run.written) == (9, 0)
+    absolute = tmp_path / "absolute.jsonl"
+    align_manifest(corpus, absolute, ctc_model, batch_size=4)
+    assert [r["audio_filepath"] for r in read_jsonl(absolute)] == [r["audio_filepath"] for r in read_jsonl(corpus)]
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,11 @@ import sys
 import time
 from pathlib import Path
 
+from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.data.task_catalog import HELDOUT, TaskCatalog
 from nemo_speechlm.datagen.behaviors import behavior_items
 from tests.conftest import REPO
+from tests.tiny_assets import relative_bundle
 
 
 def test_heldout_tasks_and_prompts_never_get_training_behaviors(assets):
@@ -84,6 +86,7 @@ def test_killed_run_resumes_to_the_same_output(assets, tmp_path):
     assert _lines(rejected) == _lines(tmp_path / "full.jsonl.rejected.jsonl")
     record = json.loads(_lines(full)[0])
     assert {"audio_filepath", "duration", "text", "task", "prompt", "response", "split", "teacher"} <= set(record)
+    assert Path(record["audio_filepath"]).is_absolute()  # as the manifest gave it
 
     # The same corpus moved to another folder has other keys (they name the audio file): writing its
     # behaviors into the old output is refused, not appended (a copied demo folder trained on all twice).
@@ -102,3 +105,25 @@ def test_killed_run_resumes_to_the_same_output(assets, tmp_path):
     assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-2000:]
     assert "full.jsonl holds results made with other settings (max_new_tokens: 12 -> 16)" in other.stderr.strip().splitlines()[-1]
     assert _lines(full) == _lines(part)
+
+
+def test_behaviors_of_a_relative_manifest_move_with_their_folder(assets, tmp_path):
+    """A dataset shipped as one folder (relative audio paths) keeps working once its behaviors are written:
+    the paths and keys stay relative (to the behaviors file), so the folder moved elsewhere trains and resumes."""
+    manifest = relative_bundle(assets["manifest"], tmp_path / "bundle")
+    output = tmp_path / "bundle" / "behaviors" / "behaviors.jsonl"
+    cmd = _cmd(assets, output)
+    cmd[cmd.index("--manifest") + 1] = str(manifest)
+    cmd[cmd.index("--tasks") + 1 : cmd.index("--tasks") + 4] = ["repeat"]  # the ground truth: no LLM answers
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    records = [json.loads(line) for line in _lines(output)]
+    assert len(records) == 8 and all(r["audio_filepath"].startswith("../audio/") for r in records)
+    assert all(r["key"].startswith(r["audio_filepath"] + "@0.000|repeat/") for r in records)
+
+    shutil.move(tmp_path / "bundle", tmp_path / "moved")
+    moved_output = tmp_path / "moved" / "behaviors" / "behaviors.jsonl"
+    assert [e["response"] for e in read_manifest(moved_output)] == [r["response"] for r in records]  # audio found
+    cmd[cmd.index("--manifest") + 1] = str(tmp_path / "moved" / "manifest.jsonl")
+    cmd[cmd.index("--output") + 1] = str(moved_output)
+    rerun = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    assert "8 already done" in rerun.stdout and _lines(moved_output) == [json.dumps(r) for r in records]

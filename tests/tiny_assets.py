@@ -208,3 +208,21 @@ def write_behaviors(manifest: str | Path, out_path: str | Path) -> Path:
     out_path = Path(out_path)
     out_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out_path
+
+
+def relative_bundle(manifest: str | Path, folder: str | Path) -> Path:
+    """A portable copy of ``manifest``: its audio files under ``folder/audio`` and ``folder/manifest.jsonl``
+    naming them relative to itself (``audio/<name>``), as a dataset shipped as one folder does."""
+    import shutil
+
+    folder = Path(folder)
+    (folder / "audio").mkdir(parents=True)
+    lines = []
+    for line in Path(manifest).read_text().splitlines():
+        entry = json.loads(line)
+        name = Path(entry["audio_filepath"]).name
+        if not (folder / "audio" / name).exists():
+            shutil.copy(entry["audio_filepath"], folder / "audio" / name)
+        lines.append(json.dumps({**entry, "audio_filepath": f"audio/{name}"}))
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "manifest.jsonl"

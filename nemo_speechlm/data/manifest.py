@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +26,14 @@ class ManifestEntry:
     """One validated manifest line. ``data`` keeps every original field (paths made absolute).
 
     ``cut``: the line's audio when it comes from an archive (tarred manifest, Lhotse Shar) rather
-    than a file (``nemo_speechlm.data.sources``)."""
+    than a file (``nemo_speechlm.data.sources``). ``audio_relative``: the line gave its audio path
+    relative to the manifest (see :func:`data_for_output`)."""
 
     path: str
     line: int
     data: dict
     cut: object = None
+    audio_relative: bool = False
 
     def __getitem__(self, key):
         return self.data[key]
@@ -66,6 +69,18 @@ def resolve_audio_path(manifest_path: str | Path, audio_path: str) -> Path:
     """NeMo convention: relative audio paths are relative to the manifest's directory."""
     p = Path(audio_path).expanduser()
     return p if p.is_absolute() else Path(manifest_path).resolve().parent / p
+
+
+def data_for_output(entry: ManifestEntry, output_path: str | Path | None) -> dict:
+    """``entry``'s fields as a file written at ``output_path`` should hold them: an audio path the manifest
+    gave relative stays relative, now to the output's directory (where NeMo and :func:`read_manifest`
+    resolve it), so data that moves or is mounted elsewhere as a folder keeps working; an absolute one stays
+    absolute. Generated files (behaviors, word alignments, SQA) used to make every path absolute, so a
+    portable dataset lost its portability in the first step. ``output_path=None``: absolute paths."""
+    if output_path is None or not entry.audio_relative:
+        return dict(entry.data)
+    output_dir = Path(output_path).expanduser().resolve().parent
+    return {**entry.data, "audio_filepath": os.path.relpath(entry.data["audio_filepath"], output_dir)}
 
 
 def audio_duration(path: Path) -> float:
@@ -151,9 +166,9 @@ def read_manifest(
             if line_no < start_line or not raw.strip():
                 continue
             try:
-                data = _parse_line(path, line_no, raw, required_text_fields, has_audio, check_audio, duration_tolerance,
-                                   min_duration)
-                yield ManifestEntry(str(path), line_no, data)
+                data, relative = _parse_line(path, line_no, raw, required_text_fields, has_audio, check_audio,
+                                             duration_tolerance, min_duration)
+                yield ManifestEntry(str(path), line_no, data, audio_relative=relative)
             except ManifestError as e:
                 if not skip_invalid:
                     raise
@@ -170,7 +185,9 @@ def check_text_fields(path, line: int, data: dict, required_text_fields: tuple[s
             raise ManifestError(path, line, f"missing or empty text (got {value!r})", name)
 
 
-def _parse_line(path, line_no, raw, required_text_fields, has_audio, check_audio, duration_tolerance, min_duration) -> dict:
+def _parse_line(path, line_no, raw, required_text_fields, has_audio, check_audio, duration_tolerance,
+                min_duration) -> tuple[dict, bool]:
+    """The line's fields, validated, and whether its audio path was relative (before it was made absolute)."""
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -178,6 +195,8 @@ def _parse_line(path, line_no, raw, required_text_fields, has_audio, check_audio
     if not isinstance(data, dict):
         raise ManifestError(path, line_no, f"expected a JSON object, got {type(data).__name__}")
     check_text_fields(path, line_no, data, required_text_fields)
+    audio = data.get("audio_filepath")
+    relative = has_audio and isinstance(audio, str) and not Path(audio).expanduser().is_absolute()
     if has_audio:
         validate_audio_fields(path, line_no, data, duration_tolerance, check_audio, min_duration)
-    return data
+    return data, relative

@@ -25,7 +25,7 @@ import torch
 
 from nemo_speechlm.data.audio import read_audio
 from nemo_speechlm.data.interleaving import validate_words
-from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
+from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, data_for_output, read_manifest
 from nemo_speechlm.data.utterance import segment_key
 from nemo_speechlm.errors import InputError
 from nemo_speechlm.models.loading import load_asr_model as _load_asr_model
@@ -270,8 +270,8 @@ def align_manifest(
     """Write ``manifest_in``'s lines to ``manifest_out`` with ``words`` added (resumable).
 
     ``asr_model`` is a NeMo CTC / hybrid model, a ``.nemo`` path or a pretrained name.
-    Lines keep all their fields (``audio_filepath`` made absolute, so the output works from
-    any directory). A line that cannot be aligned raises :class:`ManifestError`; with
+    Lines keep all their fields; a relative ``audio_filepath`` is written relative to the output's
+    directory, an absolute one as it was (``data_for_output``). A line that cannot be aligned raises :class:`ManifestError`; with
     ``skip_invalid`` it is skipped and counted (invalid lines as well as unalignable ones).
     ``model_name`` (or ``asr_model`` itself when it is a name or path) identifies the aligner: an output
     made with another one is not resumed.
@@ -280,20 +280,25 @@ def align_manifest(
     aligner = WordAligner(model, skip_invalid=skip_invalid)
     invalid = SkipSummary()
     entries: dict[str, ManifestEntry] = {}
+    items: dict[str, dict] = {}  # the lines as the output holds them, by key
     for entry in read_manifest(manifest_in, skip_invalid=skip_invalid, summary=invalid):
-        first = entries.setdefault(segment_key(entry.data), entry)
+        fields = data_for_output(entry, manifest_out)
+        first = entries.setdefault(segment_key(fields), entry)
         if first is not entry:  # the output could not tell the two lines apart when resuming
             error = ManifestError(entry.path, entry.line, f"same audio segment as line {first.line}", "audio_filepath")
             if not skip_invalid:
                 raise error
             invalid.add(error)
+            continue
+        items[segment_key(fields)] = fields
 
-    def process_batch(items: list[dict]) -> list[Outcome]:
-        return aligner([entries[segment_key(item)] for item in items])
+    def process_batch(batch: list[dict]) -> list[Outcome]:
+        outcomes = aligner([entries[segment_key(item)] for item in batch])
+        return [{**outcome, "audio_filepath": item["audio_filepath"]} if isinstance(outcome, dict) else outcome
+                for item, outcome in zip(batch, outcomes)]
 
     name = model_name or (None if isinstance(asr_model, torch.nn.Module) else str(asr_model))
     if name is not None:  # a named model: resuming with another aligner is refused (two models' word times)
         process_batch = Job(process_batch, {"aligner": model_id(name) if Path(name).exists() else name})
-    items = [entry.data for entry in entries.values()]
-    run = run_resumable(items, process_batch, manifest_out, batch_size=batch_size, desc="Aligning words", key=segment_key)
+    run = run_resumable(list(items.values()), process_batch, manifest_out, batch_size=batch_size, desc="Aligning words", key=segment_key)
     return AlignmentSummary(run, invalid)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from nemo_speechlm.data.manifest import SkipSummary, read_manifest
+from nemo_speechlm.data.manifest import SkipSummary, data_for_output, read_manifest
 from nemo_speechlm.data.task_catalog import TaskCatalog
 from nemo_speechlm.data.utterance import portable_utterance_id, utterance_id
 from nemo_speechlm.datagen.chat_generator import ChatGenerator
@@ -30,14 +30,20 @@ def behavior_items(
     seed: int = 0,
     skip_invalid: bool = False,
     summary: SkipSummary | None = None,
+    output_path: str | Path | None = None,
 ) -> Iterator[dict]:
-    """Items ``{"key", "entry", "prompt": TaskPrompt}`` for every utterance of ``manifest``."""
+    """Items ``{"key", "entry", "fields", "prompt": TaskPrompt}`` for every utterance of ``manifest``.
+
+    ``fields``: the line as the behaviors file at ``output_path`` holds it (a relative audio path stays
+    relative, to that file's directory: ``data_for_output``); the key names the audio the same way, so
+    a folder moved with its audio resumes."""
     n_tasks = min(tasks_per_utterance, len(catalog.training_tasks))
     for entry in read_manifest(manifest, skip_invalid=skip_invalid, summary=summary):
-        utt_id = utterance_id(entry)
+        fields = data_for_output(entry, output_path)
+        utt_id = utterance_id(fields)
         prompts = catalog.sample_training_prompts(portable_utterance_id(entry), n_tasks, prompts_per_task, seed=seed)
         for prompt in prompts:
-            yield {"key": f"{utt_id}|{prompt.id}", "entry": entry, "prompt": prompt}
+            yield {"key": f"{utt_id}|{prompt.id}", "entry": entry, "fields": fields, "prompt": prompt}
 
 
 def behavior_job(
@@ -88,8 +94,8 @@ def _messages(item: dict, system_prompt: str | None) -> list[dict]:
 
 
 def _record(item: dict, response: str, teacher: dict) -> dict:
-    entry, prompt = item["entry"], item["prompt"]
-    fields = {k: v for k, v in entry.data.items() if k not in _RESERVED}
+    prompt = item["prompt"]
+    fields = {k: v for k, v in item["fields"].items() if k not in _RESERVED}
     return {
         **fields,
         "key": item["key"],

@@ -19,7 +19,8 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from nemo_speechlm.data.manifest import SkipSummary, read_manifest
+from nemo_speechlm.data.manifest import SkipSummary, data_for_output, read_manifest
+from nemo_speechlm.data.utterance import utterance_id
 from nemo_speechlm.datagen.chat_generator import ChatGenerator
 from nemo_speechlm.parts.runner import Job, Outcome, Rejected
 
@@ -43,15 +44,17 @@ _FENCE = re.compile(r"```[a-zA-Z]*\s*(.*?)\s*```", re.DOTALL)
 
 def sqa_key(record: dict) -> str:
     """Stable key of an utterance and of its SQA line: audio path and offset (shared by both)."""
-    return f"{record['audio_filepath']}@{float(record.get('offset', 0.0) or 0.0):.3f}"
+    return utterance_id(record)
 
 
 def sqa_items(
-    manifest: str | Path, skip_invalid: bool = False, summary: SkipSummary | None = None
+    manifest: str | Path, skip_invalid: bool = False, summary: SkipSummary | None = None,
+    output_path: str | Path | None = None,
 ) -> Iterator[dict]:
-    """The validated manifest lines (``audio_filepath``, ``duration``, ``text``, ...), one item each."""
+    """The validated manifest lines (``audio_filepath``, ``duration``, ``text``, ...), one item each, as the
+    SQA file at ``output_path`` holds them (a relative audio path relative to its directory: ``data_for_output``)."""
     for entry in read_manifest(manifest, skip_invalid=skip_invalid, summary=summary):
-        yield dict(entry.data)
+        yield data_for_output(entry, output_path)
 
 
 def sqa_messages(text: str, system_prompt: str | None = None) -> list[dict]:
