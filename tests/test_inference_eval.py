@@ -108,6 +108,32 @@ def test_asr_eval_writes_per_utterance_wer_and_corpus_wer(tiny, assets, tmp_path
     assert json.loads((tmp_path / "asr_metrics.json").read_text())["wer"] == metrics["wer"]
 
 
+def test_a_resumed_evaluation_scores_against_the_references_as_they_are_now(tiny, assets, tmp_path):
+    """Answers resume by audio and prompt; references and scores come from the manifest and settings of this run.
+    A corrected transcript, another --reference-field or --no-normalize used to keep the first run's."""
+    rows = manifest_lines(assets)
+    manifest = write_jsonl(tmp_path / "m.jsonl", rows)
+    standard.evaluate_asr(tiny[0], manifest, tmp_path / "out", batch_size=4, max_new_tokens=4)
+    answers = [r["prediction"] for r in _records(tmp_path / "out" / "asr_predictions.jsonl")]
+    rows[0] = {**rows[0], "text": "a corrected transcript", "alt": "Another, Reference."}
+    for row in rows[1:]:
+        row["alt"] = row["text"].upper()
+    write_jsonl(tmp_path / "m.jsonl", rows)
+    for kwargs in ({}, {"reference_field": "alt"}, {"reference_field": "alt", "normalize": False}):
+        metrics = standard.evaluate_asr(tiny[0], manifest, tmp_path / "out", batch_size=4, max_new_tokens=4, **kwargs)
+        records = _records(tmp_path / "out" / "asr_predictions.jsonl")
+        field, normalize = kwargs.get("reference_field", "text"), kwargs.get("normalize", True)
+        refs = [row[field] for row in rows]
+        assert [r["prediction"] for r in records] == answers  # resumed, not answered again
+        assert [r["reference"] for r in records] == refs
+        assert all(r["wer"] == utterance_wer(r["reference"], r["prediction"], normalize) for r in records)
+        assert metrics["wer"] == word_error_rate(refs, answers, normalize)["wer"]
+
+
+def _records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_library_evaluation_of_another_model_into_the_same_folder_is_refused(tiny, assets, tmp_path):
     """Called without ``model_name`` (a model in memory), answers resume under a digest of the weights: the same
     model resumes, a model trained on since is refused instead of being credited with the first one's answers."""
@@ -139,6 +165,18 @@ def test_canary_style_prompts():
         "Translate the English content to German, ignoring punctuations and capitalizations.")
     assert standard.canary_prompt("en", "en", pnc=True) == (
         "Transcribe the content to English, with punctuations and capitalizations.")
+
+
+@pytest.mark.parametrize("fields", [{"taskname": "ast", "target_lang": "de"}, {"taskname": "ast", "target_lang": "de", "pnc": "no"},
+                                    {"taskname": "asr"}, {"taskname": "asr", "pnc": False}])
+def test_evaluation_asks_a_line_what_training_taught_for_it(fields):
+    """The evaluation's default instruction for a Canary-style line is the training data's (a line without `pnc`
+    was asked to ignore punctuation in evaluation and trained with it)."""
+    from nemo_speechlm.data.joint_sft import _asr_ast_instruction
+    from nemo_speechlm.data.manifest import ManifestEntry
+
+    entry = ManifestEntry("ast.jsonl", 1, {"audio_filepath": "a.wav", "duration": 1.0, "source_lang": "en", **fields})
+    assert standard.line_instruction(entry, require_target=fields["taskname"] == "ast") == _asr_ast_instruction(entry)[0]
 
 
 def test_ast_eval_scores_per_language_and_names_a_line_without_target_lang(tiny, assets, tmp_path):

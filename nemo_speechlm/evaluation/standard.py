@@ -45,7 +45,7 @@ from nemo_speechlm.parts.metrics import (
     word_error_rate,
 )
 from nemo_speechlm.parts.prompting import encode_messages
-from nemo_speechlm.parts.runner import check_run_settings, read_records, run_resumable
+from nemo_speechlm.parts.runner import check_run_settings, read_records, run_resumable, update_records
 
 MODES = ("asr", "ast", "sqa", "text-retention")
 
@@ -68,9 +68,10 @@ def _language(code: str) -> str:
     return LANGUAGES[code]
 
 
-def line_instruction(entry: ManifestEntry, require_target: bool, default_pnc: bool) -> str:
+def line_instruction(entry: ManifestEntry, require_target: bool) -> str:
     """The Canary-style instruction for a manifest line from its ``source_lang``, ``target_lang``
-    and ``pnc`` fields (source defaults to English; ASR lines may omit the target)."""
+    and ``pnc`` fields (source defaults to English; ASR lines may omit the target; ``pnc`` defaults to yes,
+    as in training, so a line is asked what the model was trained to answer for it)."""
     source = entry.get("source_lang") or "en"
     target = entry.get("target_lang")
     if not target:
@@ -78,7 +79,7 @@ def line_instruction(entry: ManifestEntry, require_target: bool, default_pnc: bo
             raise ManifestError(entry.path, entry.line, "missing: a translation line needs the target language "
                                 f"code ({', '.join(sorted(LANGUAGES))}), or pass --prompt", "target_lang")
         target = source
-    pnc = _pnc(entry, default_pnc)
+    pnc = _pnc(entry)
     try:
         return canary_prompt(str(source), str(target), pnc)
     except ValueError as e:
@@ -86,10 +87,10 @@ def line_instruction(entry: ManifestEntry, require_target: bool, default_pnc: bo
         raise ManifestError(entry.path, entry.line, str(e), field) from None
 
 
-def _pnc(entry: ManifestEntry, default: bool) -> bool:
+def _pnc(entry: ManifestEntry) -> bool:
     value = entry.get("pnc")
     if value is None:
-        return default
+        return True
     if isinstance(value, bool):
         return value
     if str(value).strip().lower() not in PNC_VALUES:
@@ -174,7 +175,7 @@ def evaluate_asr(
     """
 
     def prompt_for(entry: ManifestEntry) -> str:
-        return prompt if prompt is not None else line_instruction(entry, require_target=False, default_pnc=True)
+        return prompt if prompt is not None else line_instruction(entry, require_target=False)
 
     def record(item: dict, answer: str) -> dict:
         ref = item["entry"][reference_field]
@@ -201,11 +202,12 @@ def evaluate_ast(
 ) -> dict:
     """BLEU and chrF of the model's translations against ``reference_field``, overall and per
     target language. Default prompt per line from ``source_lang`` (default en), ``target_lang``
-    (required) and ``pnc`` (default no), e.g. "Translate the English content to German,
-    ignoring punctuations and capitalizations."."""
+    (required) and ``pnc`` (default yes, as the training data reads it; until 2026-12-07 no, so a line
+    without ``pnc`` was asked otherwise than in training), e.g. "Translate the English content to German,
+    with punctuations and capitalizations."."""
 
     def prompt_for(entry: ManifestEntry) -> str:
-        return prompt if prompt is not None else line_instruction(entry, require_target=True, default_pnc=False)
+        return prompt if prompt is not None else line_instruction(entry, require_target=True)
 
     def record(item: dict, answer: str) -> dict:
         ref = item["entry"][reference_field]
@@ -305,7 +307,7 @@ def _evaluate_manifest(
                                      "prompt": task.prompt_setting, "system_prompt": system_prompt, "generation": generation})
     answer_items(model, items, predictions, task.make_record, batch_size, system_prompt, desc=f"Evaluating {task.mode}",
                  exclusive=False, **generation)
-    records = read_records(predictions, [item["key"] for item in items])
+    records = _rescored(predictions, items, lambda item, record: task.make_record(item, record["prediction"]))
     metrics = {"mode": task.mode, **task.score(records), "skipped_lines": skipped.total,
                "skipped_by_field": dict(skipped.counts), "model": model_name, "manifest": str(manifest),
                "predictions": str(predictions)}
@@ -325,6 +327,16 @@ def _manifest_items(model, manifest, prompt_for, required, skip_invalid, skipped
         pairs.append((entry, text))
     keys = item_keys([e for e, _ in pairs], [p for _, p in pairs])
     return [{"key": k, "entry": e, "prompt": p} for k, (e, p) in zip(keys, pairs)]
+
+
+def _rescored(predictions: Path, items: list[dict], rescore: Callable[[dict, dict], dict]) -> list[dict]:
+    """The items' records, each rescored from its cached answer against the input as it is now (``rescore(item,
+    record)``), the file updated where that changed one. Answers are resumed by audio and prompt, so a corrected
+    reference, another ``reference_field`` or ``normalize`` used to keep the first run's references and scores."""
+    by_key = {item["key"]: item for item in items}
+    update_records(predictions, lambda record: rescore(by_key[record["key"]], record) if record["key"] in by_key else record,
+                   why="rescored against the input's current references and scoring settings")
+    return read_records(predictions, list(by_key))
 
 
 def _output_paths(out_dir: str | Path, mode: str) -> tuple[Path, Path]:
@@ -401,7 +413,7 @@ def evaluate_text_retention(
 
     run_resumable(items, process, predictions, batch_size=batch_size, desc="Evaluating text retention", key="key",
                   exclusive=False)
-    records = read_records(predictions, keys)
+    records = _rescored(predictions, items, lambda item, record: {**record, "reference": item["reference"]})
     metrics = {"mode": "text-retention", **score_agreement([r["base"] for r in records], [r["trained"] for r in records])}
     with_ref = [r for r in records if r.get("reference")]
     if with_ref:
@@ -472,7 +484,7 @@ _PROMPT_HELP = {
     "asr": "instruction for every line (default: 'Transcribe the content to English, with punctuations and "
            "capitalizations.'); the audio goes at the locator, or after it on a new line",
     "ast": "instruction for every line (default: built from source_lang/target_lang/pnc, e.g. 'Translate the English "
-           "content to German, ignoring punctuations and capitalizations.')",
+           "content to German, with punctuations and capitalizations.'; pnc defaults to yes, as in training)",
     "sqa": "template with {question} (default: '{question}'); the audio goes after it on a new line",
 }
 
