@@ -236,6 +236,12 @@ def test_lora_off_gives_the_base_llm_logits_after_training(assets, model, data):
         (ASR_AST, {"taskname": "ast", "source_lang": "en", "pnc": "yes", "answer": "hallo"}, "target_lang", "missing language code"),
         (ASR_AST, {"taskname": "ast", "source_lang": "en", "target_lang": "xx", "answer": "hallo"}, "target_lang", "unknown language"),
         (SQA, {"question": "what?"}, "answer", "missing or empty"),
+        # an empty answer used to fall back to `text`: here, the English transcript as the German translation
+        (ASR_AST, {"taskname": "ast", "source_lang": "en", "target_lang": "de", "text": "the cat sat", "answer": ""},
+         "answer", "missing or empty"),
+        (ASR_AST, {"taskname": "ast", "source_lang": "en", "target_lang": "de", "text": "the cat sat", "answer": None},
+         "answer", "missing or empty"),
+        (ASR_AST, {"taskname": "asr", "source_lang": "en", "text": " "}, "text", "missing or empty"),
     ],
 )
 def test_bad_lines_are_clear_errors(assets, tmp_path, data_type, row, field, message):
@@ -246,6 +252,24 @@ def test_bad_lines_are_clear_errors(assets, tmp_path, data_type, row, field, mes
     with pytest.raises(ManifestError) as err:
         _conversations(data_type, bad)
     assert f"{bad}:1 field '{field}'" in str(err.value) and message in str(err.value), str(err.value)
+
+
+def test_a_literal_locator_beside_another_placeholder_is_an_error(assets, tmp_path):
+    """With `audio_placeholder` set, the placeholder becomes the locator: a locator already in the text took the audio
+    (mixed-modal) or vanished from the prompt (text SFT), silently."""
+    utt = json.loads(open(assets["manifest"]).readline())
+    for data_type, row in [(TEXT_SFT, {"conversations": _chat(f"The token {TAG} is special.", "ok")}),
+                           (MIXED_MODAL, {"conversations": _chat(f"The token {TAG} is special. Listen: <speech> ok", "ok"),
+                                          **{k: utt[k] for k in ("audio_filepath", "duration")}})]:
+        bad = _write(tmp_path / f"{data_type}.jsonl", [row])
+        with pytest.raises(ManifestError, match="contains the model's audio locator"):
+            _conversations(data_type, bad, audio_placeholder="<speech>")
+
+
+def test_a_blank_system_field_keeps_the_configured_system_prompt(data, tmp_path):
+    rows = [{"system": "  ", "conversations": _chat("hi", "hello")}]
+    turns = _conversations(TEXT_SFT, _write(tmp_path / "t.jsonl", rows), system_prompt="Be brief.")[0].turns
+    assert (turns[0].role, turns[0].value) == ("system", "Be brief.")
 
 
 def test_skip_invalid_skips_bad_lines(data, tmp_path):

@@ -163,6 +163,10 @@ def turns_to_conversation(
     """The conversation of checked ``(role, text)`` turns; each placeholder in user text takes the
     next cut, so text and speech stay in the order the line gives them."""
     placeholder = audio_placeholder or audio_locator_tag
+    if placeholder != audio_locator_tag and any(audio_locator_tag in text for _, text in turns):
+        # The placeholder becomes the locator below: a literal locator in the text would take a cut or vanish.
+        raise ManifestError(entry.path, entry.line, f"the text contains the model's audio locator {audio_locator_tag!r} "
+                            f"(the audio placeholder here is {placeholder!r})", "conversations")
     n_tags = sum(text.count(placeholder) for role, text in turns if role == "user")
     if any(placeholder in text for role, text in turns if role == "assistant"):
         raise ManifestError(entry.path, entry.line, f"the audio placeholder {placeholder!r} may only appear in user turns", "conversations")
@@ -174,7 +178,8 @@ def turns_to_conversation(
             f"{what}: {n_tags} placeholder(s) {placeholder!r} in user turns but {len(cuts)} audio file(s)",
             "conversations" if missing_audio else "audio_filepath",
         )
-    system = entry.get("system") or system_prompt
+    system = entry.get("system")
+    system = system if isinstance(system, str) and system.strip() else system_prompt  # blank: the configured one
     out = [TextTurn(value=system, role="system")] if system else []
     remaining = list(cuts)
     for role, text in turns:
@@ -224,11 +229,13 @@ def _single_audio_conversation(entry, text, answer, source, audio_locator_tag, *
 
 
 def _answer(entry: ManifestEntry) -> str:
-    for name in ("answer", "text"):
-        value = entry.get(name)
-        if isinstance(value, str) and value.strip():
-            return value
-    raise ManifestError(entry.path, entry.line, f"missing or empty answer (got answer={entry.get('answer')!r}, text={entry.get('text')!r})", "answer")
+    """``answer``, or ``text`` on a line without one (a NeMo ASR line). An ``answer`` that is there but empty is an
+    error: falling back to ``text`` trained an AST line to answer with its source-language transcript."""
+    name = "text" if "answer" not in entry.data and "text" in entry.data else "answer"
+    value = entry.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise ManifestError(entry.path, entry.line, f"missing or empty answer (got {name}={value!r})", name)
+    return value
 
 
 # ------------------------------------------------------------------ NeMo lhotse parsers
