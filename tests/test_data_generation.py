@@ -93,8 +93,17 @@ def test_sqa_parser_on_hand_written_outputs():
         assert parse_sqa(output) == Rejected("none", output), output
     for output in ("I think the question is about trains.", "", '{"question": "When', "[1, 2]", "nonetheless, hi"):
         assert parse_sqa(output).reason == "unparsable", output
-    for output in ('{"question": "", "answer": "x"}', '{"question": "Why?"}', '{"question": "Why?", "answer": "  "}'):
+    # the instruction's own template, echoed by a small teacher, is no question
+    for output in ('{"question": "", "answer": "x"}', '{"question": "Why?"}', '{"question": "Why?", "answer": "  "}',
+                   '{"question": "...", "answer": "..."}', 'Reply with a single JSON object: {"question": "...", "answer": '
+                   '"..."}. If the text is meaningless, reply with: none'):
         assert parse_sqa(output).reason == "empty_field", output
+    for output in ('{"question": "none", "answer": "none"}', '{"question": "None.", "answer": "x"}'):
+        assert parse_sqa(output).reason == "none", output
+    assert parse_sqa('{"question": "How many are left?", "answer": "None."}') == {"question": "How many are left?",
+                                                                                 "answer": "None."}
+    for question in ("When does the museum open?", "when does the museum open ?", "When does the museum open"):
+        assert parse_sqa(json.dumps({"question": question, "answer": "At ten."})).reason == "copied_example", question
 
 
 # ---------------------------------------------------------------- mixed-modal

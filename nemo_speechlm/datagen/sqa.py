@@ -9,8 +9,9 @@ question, and learns to answer it.
 
 Rejections (counted by the shared runner, stored in ``<output>.rejected.jsonl``):
 ``unparsable`` (no JSON object with the two fields), ``none`` (the LLM said the text is
-meaningless), ``empty_field`` (a field is missing or blank), ``copied_example`` (the LLM
-repeated the worked example instead of reading the transcript).
+meaningless, or its question is "none"), ``empty_field`` (a field is missing, blank or without a
+letter or digit, e.g. the instruction's own "..."), ``copied_example`` (the LLM repeated the worked
+example's question, punctuation and case aside, instead of reading the transcript).
 """
 from __future__ import annotations
 
@@ -100,6 +101,9 @@ def _first_json_object(text: str) -> dict | None:
 
 
 def _qa_fields(obj: dict, output: str) -> dict | Rejected:
+    """The pair, or why not. A field without a letter or digit counts as empty: a teacher echoing the instruction's
+    own ``{"question": "...", "answer": "..."}`` wrote a training line asking "..."; a question saying none is the
+    reply for meaningless text, and a question that is the worked example's (punctuation and case aside)."""
     fields = {}
     for name in ("question", "answer"):
         value = obj.get(name)
@@ -107,10 +111,19 @@ def _qa_fields(obj: dict, output: str) -> dict | Rejected:
             value = str(value)
         if value is not None and not isinstance(value, str):
             return Rejected("unparsable", output[:200])
-        if value is None or not value.strip():
+        if value is None or not _words(value):
             return Rejected("empty_field", output[:200])
+        if name == "question" and _words(value) == "none":  # ("none" is a fine answer to "How many are left?")
+            return Rejected("none", output[:200])
         fields[name] = " ".join(value.split())
+    if _words(fields["question"]) == _words(EXAMPLE_QA["question"]):
+        return Rejected("copied_example", output[:200])
     return fields
+
+
+def _words(text: str) -> str:
+    """Lower-case words and numbers only: what two texts must share to count as the same."""
+    return " ".join(re.findall(r"[^\W_]+", text.lower()))
 
 
 def sqa_job(
@@ -132,8 +145,6 @@ def _outcome(item: dict, output: str, teacher: dict) -> Outcome:
     qa = parse_sqa(output)
     if isinstance(qa, Rejected):
         return qa
-    if qa["question"].lower() == EXAMPLE_QA["question"].lower():
-        return Rejected("copied_example", output[:200])
     return sqa_record(item, qa["question"], qa["answer"], teacher)
 
 
