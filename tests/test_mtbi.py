@@ -75,6 +75,24 @@ def test_interleaved_conversation_cuts_audio_by_time(behaviors):
     assert user == render_prompt(entry["prompt"], " ".join(w["word"] for w in entry["words"]))
 
 
+def test_a_word_that_lasts_no_time_is_read_as_text_when_interleaved(behaviors):
+    """An aligner clamping a word at the audio's end writes start == end; drawn as a speech span alone it used to
+    stop training (a ValueError from cutting an empty span)."""
+    first = _entries(behaviors)[0]
+    words = [dict(w) for w in first["words"]]
+    words[-1]["start"] = words[-1]["end"]
+    entry = dataclasses.replace(first, data={**first.data, "words": words})
+    cfg = InterleaveConfig(prob=1.0, text_span_words=(1, 1), speech_span_words=(1, 1))
+    alone = 0
+    for seed in range(20):
+        conv = behavior_to_conversation(entry, TAG, 0.08, TaskCatalog.load(), cfg, random.Random(seed))
+        spoken = [t.text for t in conv.turns if hasattr(t, "cut")]
+        assert words[-1]["word"] not in spoken and all(t.cut.duration > 0 for t in conv.turns if hasattr(t, "cut"))
+        assert as_text_messages(conv)[0]["content"] == render_prompt(entry["prompt"], " ".join(w["word"] for w in words))
+        alone += choose_spans(words, cfg, random.Random(seed))[-1].is_speech
+    assert alone  # some seeds did draw the empty word as a speech span
+
+
 def test_ratio_zero_is_the_plain_speech_input(behaviors):
     entry = _entries(behaviors)[1]
     conv = behavior_to_conversation(entry, TAG, 0.08, TaskCatalog.load(), InterleaveConfig(prob=0.0), random.Random(0))

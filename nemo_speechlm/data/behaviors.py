@@ -74,11 +74,13 @@ def behavior_to_conversation(
 
 
 def _interleaved_pieces(utterance: Cut, words: list[dict], cfg: InterleaveConfig, rng: random.Random, tag: str) -> list:
-    """Text runs as text, speech runs as time spans of the utterance, separated by single spaces."""
+    """Text runs as text, speech runs as time spans of the utterance, separated by single spaces. A speech run
+    that lasts no time (an aligner clamping a word at the audio's end gives start == end) stays text: it has no
+    audio to hear, and cutting it stopped training with a ValueError."""
     pieces = []
     for i, span in enumerate(choose_spans(words, cfg, rng)):
         sep = " " if i else ""
-        if span.is_speech:
+        if span.is_speech and span.end > span.start:
             if sep:
                 pieces.append(TextTurn(value=sep, role="user"))
             pieces.append(AudioTurn(cut=speech_span(utterance, span.start, span.end), role="user", audio_locator_tag=tag, text=span.text))
