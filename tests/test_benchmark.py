@@ -378,6 +378,7 @@ def test_the_stated_shortfall_of_few_utterances_is_what_the_bootstrap_gives():
             ratios.append((high - low) / (2 * t.ppf(0.975, n - 1) * scores.std(ddof=1) / np.sqrt(n)))
         assert 1 - np.mean(ratios) == pytest.approx(bootstrap_shortfall(n), abs=0.03)
     assert bootstrap_shortfall(8) == pytest.approx(0.225, abs=0.001) and few_utterances_caution(40) == ""
+    assert "29 utterances" in few_utterances_caution(29) and few_utterances_caution(30) == ""  # "under 30", as documented
 
 
 def test_text_upper_bound_turns_lora_off(assets):

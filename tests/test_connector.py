@@ -124,6 +124,8 @@ def test_listening_diagnostics_table_and_conditions(model, assets, tmp_path):
     assert table == listening_table(results) + "\n" and table.count("\n") == len(CONDITIONS) + 1
     with pytest.raises(ValueError, match="exactly one audio locator"):
         listening_diagnostics(model, assets["manifest"], "no locator", num_utterances=1)
+    with pytest.raises(ValueError, match="at least 2 utterances"):  # shuffled audio would replay the utterance itself
+        listening_diagnostics(model, assets["manifest"], prompt, num_utterances=1)
 
 
 def test_listening_cli_prints_the_table(model, assets, tmp_path):

@@ -101,13 +101,13 @@ def _group(split_metrics: dict, name: str) -> dict:
     return split_metrics["all"] if name == "all" else split_metrics["tasks"].get(name, {})
 
 
-# Below this shortfall (30 utterances and more) the caution is left out.
-_SHORTFALL_SHOWN = 0.06
+# From here on (a shortfall under 6%) the caution is left out. A threshold on the shortfall itself dropped it at 29.
+_ENOUGH_UTTERANCES = 30
 
 
 def few_utterances_caution(utterances: int) -> str:
-    """A sentence for reports over few utterances, whose bootstrap intervals are too narrow; '' from ~30 on."""
-    if utterances < 2 or bootstrap_shortfall(utterances) < _SHORTFALL_SHOWN:
+    """A sentence for reports over few utterances, whose bootstrap intervals are too narrow; '' from 30 on."""
+    if not 2 <= utterances < _ENOUGH_UTTERANCES:
         return ""
     return (f" With {utterances} utterances these intervals are about {bootstrap_shortfall(utterances):.0%} narrower than a t "
             "interval on the same utterances: read an interval that only just excludes 0 as an indication; "

@@ -59,6 +59,9 @@ def listening_diagnostics(
         raise InputError(f"the diagnostics prompt needs exactly one audio locator {tag!r}: {prompt!r}")
     rate = model.sampling_rate
     held = _entries(heldout_manifest, num_utterances)
+    if len(held) < 2:  # one utterance would be "shuffled" onto itself
+        raise InputError(f"{heldout_manifest}: the listening diagnostics need at least 2 utterances (shuffled audio "
+                         f"plays each one another's speech); got {len(held)}")
     texts = [e["text"] for e in held]
     speech = [load_entry_audio(e, rate) for e in held]
 
