@@ -210,6 +210,27 @@ def test_models_on_the_same_llm_share_the_references(setup, tmp_path):
     assert systems == {"other", UPPER_BOUND} and not (out / "asr_transcripts.jsonl").exists()
 
 
+def test_a_corrected_transcript_gets_a_new_reference_and_new_answers(setup, tmp_path):
+    """Answers are cached by audio and prompt; an item whose transcript changed in the manifest is answered anew
+    (reference and every system), the others reused. Its old reference used to be kept, and a model added later was
+    scored against the text LLM's answer to the old transcript."""
+    out, settings = tmp_path / "out", {**SETTINGS, "tasks": ["repeat"]}
+    shutil.copytree(setup["out"], out)
+    lines = [json.loads(l) for l in setup["manifest"].read_text().splitlines()]
+    lines[0]["text"] = "a corrected transcript of the first clip"
+    manifest = tmp_path / "heldout.jsonl"
+    manifest.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    runs = run_benchmark({"tiny": str(setup["nemo"])}, manifest, out, **settings)["runs"]
+    references = {r["key"]: r for r in read_jsonl(out / "references.jsonl")}
+    changed = sum(r.get("transcript") == lines[0]["text"] for r in references.values())  # the changed clip's items
+    assert runs["references"]["written"] == runs["tiny"]["written"] == changed > 0
+    assert runs["references"]["done_before"] == runs["references"]["total"] - changed
+    for line in read_jsonl(out / "predictions.jsonl"):
+        if line["task"] == "repeat":
+            assert line["transcript"] == references[line["key"]]["transcript"]
+            assert line["reference"] == references[line["key"]]["reference"]
+
+
 def test_a_changed_asr_model_redoes_the_cascade_only_with_replace(setup, tmp_path):
     """The cascade's transcripts belong to its ASR model: another one (here the same file rewritten) is
     refused, and with ``replace`` its transcripts and answers are made anew while the rest is kept."""

@@ -102,7 +102,8 @@ def _generate_references(items: list[dict], llm: LazyModel, job: _Job) -> tuple[
     def process(batch: list[dict]) -> list[dict]:
         texts = job.answer(batch, answer)
         return [{"key": it["key"], "utt": it["utt"], "task": it["prompt"].task, "prompt_id": it["prompt"].id,
-                 "prompt": it["prompt"].text, "reference": text} for it, text in zip(batch, texts)]
+                 "prompt": it["prompt"].text, "transcript": it["entry"][TRANSCRIPT_FIELD], "reference": text}
+                for it, text in zip(batch, texts)]
 
     path = job.out_dir / REFERENCES
     summary = run_resumable(items, process, path, job.batch_size, desc="References (text LLM on transcripts)",
@@ -283,6 +284,23 @@ def _check_run_config(out_dir: Path, config: dict, replace: bool = False) -> Non
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
+def _drop_answers_to_old_transcripts(out_dir: Path, items: list[dict]) -> None:
+    """Drop the cached reference and answers of every item whose transcript has changed since (a corrected
+    manifest), so they are made anew. Keyed by audio and prompt, they were reused: a model added later was
+    scored against the text LLM's answer to the old transcript. References and prediction lines carry the
+    transcript they were made with (references written before 2026-12-07 do not; their predictions do)."""
+    now = {it["key"]: it["entry"][TRANSCRIPT_FIELD] for it in items}
+    files = [out_dir / REFERENCES, out_dir / PREDICTIONS]
+    stale = {r["key"] for path in files for r in _read_jsonl(path)
+             if r["key"] in now and "transcript" in r and r["transcript"] != now[r["key"]]}
+    if not stale:
+        return
+    why = f"items whose transcript changed in the manifest ({len(stale)} items, e.g. {min(stale)!r})"
+    keep_only(files[0], {r["key"] for r in _read_jsonl(files[0])} - stale, why=why)
+    keep_only(files[1], {_prediction_key(r) for r in _read_jsonl(files[1]) if r["key"] not in stale},
+              key=_prediction_key, why=why)
+
+
 def _remove_answers(out_dir: Path, *names: str) -> None:
     """Delete answer files and their runner sidecars (``.summary.json``, ``.rejected.jsonl``, ...)."""
     for name in names:
@@ -341,6 +359,7 @@ def run_benchmark(
                                 "generation_kwargs": generation_kwargs, "systems": systems,
                                 "text_llm_of": {_source(models[first]): reference}}, replace)
 
+    _drop_answers_to_old_transcripts(out_dir, items)
     job = _Job(catalog, out_dir, batch_size, max_new_tokens, {"batch_size": batch_size, **generation_kwargs})
     runs = _run_systems(items, loaded, asr_model, device, job)
     config = {"manifest": str(manifest), "catalog": str(catalog.path), "tasks": catalog.names, "splits": list(splits),
