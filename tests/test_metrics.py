@@ -3,6 +3,8 @@ import math
 
 import pytest
 
+from nemo_speechlm.errors import InputError
+
 from nemo_speechlm.data.task_checks import TASK_CHECKS, resolve_check, run_check, split_sentences
 from nemo_speechlm.parts.metrics import (
     bleu,
@@ -98,6 +100,25 @@ def test_bleu_brevity_penalty_by_hand():
     assert sentence_bleu("the cat sat on the mat", "") == 0.0
 
 
+def test_bleu_tokenizes_each_target_language_as_published_scores_do():
+    """13a sees a Chinese sentence as one word: one different character gave BLEU 0 (sacrebleu's zh tokenizer,
+    which published Chinese scores use, 66.1). A corpus may mix languages, each pair tokenized for its own."""
+    import sacrebleu
+
+    en = (["The cat sat on the mat.", "Open the window at 5:30 p.m., please."],
+          ["The cat sat on a mat.", "Open the window at 5:30, please."])
+    zh = (["我喜欢吃苹果和香蕉。", "今天天气很好。"], ["我喜欢吃苹果和橙子。", "今天天气不错。"])
+    assert bleu(*en) == pytest.approx(sacrebleu.corpus_bleu(en[1], [en[0]]).score)  # 13a as before
+    assert bleu(*zh, "zh") == pytest.approx(sacrebleu.corpus_bleu(zh[1], [zh[0]], tokenize="zh").score)
+    assert sentence_bleu(zh[0][0], zh[1][0], "zh") == pytest.approx(66.06, abs=0.01) and sentence_bleu(zh[0][0], zh[1][0]) == 0
+    by_pair = bleu(en[0] + zh[0], en[1] + zh[1], ["en", "en", "zh", "zh"])
+    assert by_pair > bleu(en[0] + zh[0], en[1] + zh[1])  # all 13a: the Chinese pairs count as one word each
+    try:  # Japanese takes MeCab (sacrebleu[ja]); without it, an error saying what to install, not a BLEU of ~0
+        assert sentence_bleu("日本語の文です。", "日本語の文です。", "ja") == pytest.approx(100)
+    except InputError as e:
+        assert "sacrebleu[ja]" in str(e)
+
+
 def test_chrf_by_hand():
     # "abc" vs reference "abd": 1-grams 2 of 3 match, 2-grams 1 of 2, 3-grams 0 of 1; no
     # 4- to 6-grams, so sacrebleu averages precision and recall over these 3 orders:
@@ -115,6 +136,9 @@ def test_rouge_l_from_lcs_by_hand():
     assert rouge_l("the cat sat on the mat", "the cat on the mat today please") == pytest.approx(10 / 13)
     assert rouge_l("The cat, on the MAT!", "the cat on the mat") == pytest.approx(1.0)  # case, punctuation
     assert rouge_l("Кошка сидит", "кошка сидит") == pytest.approx(1.0)  # non-Latin words are kept
+    # Chinese and Japanese characters count one each (a sentence was one token: 0 for one character off)
+    assert rouge_l("我喜欢吃苹果和香蕉。", "我喜欢吃苹果和橙子。") == pytest.approx(7 / 9)
+    assert rouge_l("カタカナ ok", "カタカナok") == pytest.approx(1.0)
     assert rouge_l("the cat", "") == 0.0
 
 

@@ -36,6 +36,7 @@ from nemo_speechlm.models.loading import load_model, model_id, model_identity
 from nemo_speechlm.parts.metrics import (
     bleu,
     char_error_rate,
+    check_bleu_tokenizer,
     chrf,
     exact_match,
     rouge_l,
@@ -115,9 +116,12 @@ def score_asr(references: Sequence[str], predictions: Sequence[str], normalize: 
     }
 
 
-def score_ast(references: Sequence[str], predictions: Sequence[str]) -> dict:
-    """Corpus BLEU and chrF (sacrebleu defaults, 0-100)."""
-    return {"bleu": bleu(references, predictions), "chrf": chrf(references, predictions), "num_utterances": len(references)}
+def score_ast(references: Sequence[str], predictions: Sequence[str],
+              target_langs: str | Sequence[str | None] | None = None) -> dict:
+    """Corpus BLEU and chrF (sacrebleu defaults, 0-100; BLEU tokenized for each target language: zh, ja, ko take
+    sacrebleu's zh / ja-mecab / ko-mecab tokenizers, ``parts.metrics.BLEU_TOKENIZERS``)."""
+    return {"bleu": bleu(references, predictions, target_langs), "chrf": chrf(references, predictions),
+            "num_utterances": len(references)}
 
 
 def score_sqa(references: Sequence[str], predictions: Sequence[str]) -> dict:
@@ -207,22 +211,24 @@ def evaluate_ast(
     with punctuations and capitalizations."."""
 
     def prompt_for(entry: ManifestEntry) -> str:
+        check_bleu_tokenizer(entry.get("target_lang"))  # while reading the lines: a missing tokenizer stops no answering
         return prompt if prompt is not None else line_instruction(entry, require_target=True)
 
     def record(item: dict, answer: str) -> dict:
-        ref = item["entry"][reference_field]
-        return {**_base_record(item), "target_lang": item["entry"].get("target_lang"), "reference": ref,
-                "prediction": answer, "bleu": sentence_bleu(ref, answer), "chrf": sentence_chrf(ref, answer)}
+        ref, lang = item["entry"][reference_field], item["entry"].get("target_lang")
+        return {**_base_record(item), "target_lang": lang, "reference": ref, "prediction": answer,
+                "bleu": sentence_bleu(ref, answer, lang), "chrf": sentence_chrf(ref, answer)}
 
     def score(records: list[dict]) -> dict:
-        metrics = score_ast([r["reference"] for r in records], [r["prediction"] for r in records])
+        def scored(rs: list[dict]) -> dict:
+            return score_ast([r["reference"] for r in rs], [r["prediction"] for r in rs], [r.get("target_lang") for r in rs])
+
+        metrics = scored(records)
         by_lang = defaultdict(list)
         for r in records:
             by_lang[r.get("target_lang") or "unknown"].append(r)
         if len(by_lang) > 1:
-            metrics["by_target_lang"] = {
-                lang: score_ast([r["reference"] for r in rs], [r["prediction"] for r in rs]) for lang, rs in sorted(by_lang.items())
-            }
+            metrics["by_target_lang"] = {lang: scored(rs) for lang, rs in sorted(by_lang.items())}
         return metrics
 
     task = _ManifestTask("ast", prompt_for, record, score, (reference_field,), prompt)

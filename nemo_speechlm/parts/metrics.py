@@ -23,14 +23,17 @@ import json
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from importlib.resources import files
 
 import jiwer
 import sacrebleu
+from sacrebleu.metrics import BLEU
 from rouge_score import rouge_scorer, tokenizers
 from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+from nemo_speechlm.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -162,13 +165,44 @@ def utterance_wer(reference: str, hypothesis: str, normalize: bool = True) -> fl
 # --------------------------------------------------------------------------- BLEU / chrF
 # sacrebleu's defaults on raw (detokenized) text: BLEU with the 13a tokenizer and exp
 # smoothing, chrF2 (character 6-grams, beta 2). No normalization, so scores are comparable
-# with published sacrebleu numbers.
+# with published sacrebleu numbers. 13a splits on spaces and punctuation, so a Chinese or Japanese
+# sentence is one "word" (BLEU ~0 short of an exact match); those targets take the tokenizers their
+# published numbers use.
+BLEU_TOKENIZERS = {"zh": "zh", "ja": "ja-mecab", "ko": "ko-mecab"}  # target language -> sacrebleu tokenizer
+_TOKENIZER_EXTRAS = {"ja-mecab": "sacrebleu[ja]", "ko-mecab": "sacrebleu[ko]"}
 
 
-def bleu(references: Sequence[str], hypotheses: Sequence[str]) -> float:
-    """Corpus BLEU (0-100), one reference per hypothesis."""
+def bleu_tokenizer(target_lang: str | None) -> str:
+    """sacrebleu's tokenizer for a target language code (13a unless listed in ``BLEU_TOKENIZERS``)."""
+    return BLEU_TOKENIZERS.get(target_lang or "", "13a")
+
+
+def check_bleu_tokenizer(target_lang: str | None) -> None:
+    """Raise :class:`InputError` now (before any answering) if BLEU cannot tokenize ``target_lang`` here."""
+    _bleu_tokenize(bleu_tokenizer(target_lang))
+
+
+@lru_cache(maxsize=None)
+def _bleu_tokenize(name: str) -> Callable[[str], str]:
+    try:
+        return BLEU(tokenize=name).tokenizer
+    except (ImportError, RuntimeError) as e:  # the MeCab tokenizers need extra packages (sacrebleu raises either)
+        raise InputError(f"BLEU with sacrebleu's {name} tokenizer (the one published scores use for this language) "
+                         f"needs packages that are not installed ({' '.join(str(e).split())})",
+                         f"pip install '{_TOKENIZER_EXTRAS.get(name, 'sacrebleu')}'") from None
+
+
+def bleu(references: Sequence[str], hypotheses: Sequence[str],
+         target_langs: str | Sequence[str | None] | None = None) -> float:
+    """Corpus BLEU (0-100), one reference per hypothesis; each pair tokenized for its target language
+    (``target_langs``: one code for all, or one per pair), which lets one corpus mix languages."""
     _require_pairs(references, hypotheses)
-    return sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score
+    langs = [target_langs] * len(references) if target_langs is None or isinstance(target_langs, str) else list(target_langs)
+    if len(langs) != len(references):
+        raise ValueError(f"{len(references)} references but {len(langs)} target languages")
+    tokenized = [(_bleu_tokenize(bleu_tokenizer(lang))(r.rstrip()), _bleu_tokenize(bleu_tokenizer(lang))(h.rstrip()))
+                 for r, h, lang in zip(references, hypotheses, langs)]
+    return sacrebleu.corpus_bleu([h for _, h in tokenized], [[r for r, _ in tokenized]], tokenize="none").score
 
 
 def chrf(references: Sequence[str], hypotheses: Sequence[str]) -> float:
@@ -177,11 +211,13 @@ def chrf(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     return sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score
 
 
-def sentence_bleu(reference: str, hypothesis: str) -> float:
-    """BLEU (0-100) of one item; sacrebleu's sentence variant (effective order, exp smoothing)."""
+def sentence_bleu(reference: str, hypothesis: str, target_lang: str | None = None) -> float:
+    """BLEU (0-100) of one item; sacrebleu's sentence variant (effective order, exp smoothing), tokenized for
+    ``target_lang`` (see :func:`bleu`)."""
     _require_text(reference, "reference")
     _require_text(hypothesis, "hypothesis")
-    return sacrebleu.sentence_bleu(hypothesis, [reference]).score
+    tokenize = _bleu_tokenize(bleu_tokenizer(target_lang))
+    return sacrebleu.sentence_bleu(tokenize(hypothesis.rstrip()), [tokenize(reference.rstrip())], tokenize="none").score
 
 
 def sentence_chrf(reference: str, hypothesis: str) -> float:
@@ -194,13 +230,19 @@ def sentence_chrf(reference: str, hypothesis: str) -> float:
 # --------------------------------------------------------------------------- ROUGE-L / EM
 
 
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana, CJK ideographs (+ extension A, compatibility)
+_WORD_OR_CJK_CHARACTER = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
+
+
 class _UnicodeWordTokenizer(tokenizers.Tokenizer):
     """rouge_score's default tokenizer keeps only [a-z0-9] and would turn "était" into "tait"
     (and erase non-Latin text); answers here can be French, German or Spanish. On ASCII text
-    this gives the same tokens as the default: lower-cased runs of letters and digits."""
+    this gives the same tokens as the default: lower-cased runs of letters and digits. Chinese and
+    Japanese characters are a token each (those scripts put no spaces between words: a whole sentence
+    was one token, and ROUGE-L 0 or 1)."""
 
     def tokenize(self, text: str) -> list[str]:
-        return re.findall(r"[^\W_]+", text.lower())
+        return _WORD_OR_CJK_CHARACTER.findall(text.lower())
 
 
 @lru_cache(maxsize=1)
