@@ -93,6 +93,25 @@ def test_a_word_that_lasts_no_time_is_read_as_text_when_interleaved(behaviors):
     assert alone  # some seeds did draw the empty word as a speech span
 
 
+@pytest.mark.parametrize("prompt_format", [None, "qwen"])
+def test_the_student_reads_the_prompt_the_teacher_reads_with_the_speech_in_place_of_the_words(
+        assets, whisper_dir, behaviors, prompt_format):
+    """Under the LLM's chat template and a NeMo prompt format alike: the speech row is the teacher's row with the
+    transcript replaced by the locator, nothing added. NeMo's own prompt function put a space on each side of every
+    locator (``model.prompt_format=qwen``: "said:  <|audio|>"), where inference and the teacher have none."""
+    model = _mtbi_model(assets, whisper_dir, prompt_format=prompt_format, mtbi={"kl_weight": 1.0})
+    tokenizer = model.tokenizer.tokenizer
+    batch = _first_batch(model, behaviors, prob=0.0)
+    texts = {e["text"] for e in _entries(behaviors)}
+    for student, teacher in zip(batch["input_ids"], batch["teacher_input_ids"]):
+        student = tokenizer.decode(student[student != model.text_pad_id])
+        teacher = tokenizer.decode(teacher[teacher != model.text_pad_id])
+        transcript = next(t for t in texts if t in teacher)
+        assert student == teacher.replace(transcript, TAG, 1)
+    interleaved = _first_batch(model, behaviors, prob=1.0)["input_ids"]
+    assert not any("  " in tokenizer.decode(row[row != model.text_pad_id]) for row in interleaved)
+
+
 def test_ratio_zero_is_the_plain_speech_input(behaviors):
     entry = _entries(behaviors)[1]
     conv = behavior_to_conversation(entry, TAG, 0.08, TaskCatalog.load(), InterleaveConfig(prob=0.0), random.Random(0))

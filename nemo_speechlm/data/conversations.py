@@ -20,12 +20,13 @@ from nemo.collections.common.data.lhotse import NeMoMultimodalConversation
 from nemo.collections.common.data.lhotse.cutset import data_type_parser
 from nemo.collections.common.data.lhotse.text_adapters import AudioTurn, TextTurn
 from nemo.collections.common.data.prompt_fn import get_prompt_format_fn, registered_prompt_format_fn
+from nemo.collections.common.prompts.formatter import PromptFormatter
 
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary
 from nemo_speechlm.data.sources import LineSource
 from nemo_speechlm.data.utterance import cut_id
 from nemo_speechlm.modules.ctc_readout import readout_positions
-from nemo_speechlm.parts.prompting import ChatTemplatePromptFormatter, _hf_tokenizer
+from nemo_speechlm.parts.prompting import _hf_tokenizer
 
 DATA_TYPE = "speechlm_manifest"
 # How the sampler counts a speech turn's LLM positions (data config ``speech_positions``, filled in from the model):
@@ -204,10 +205,13 @@ def require_keys(config, data_type: str, keys: tuple[str, ...]) -> None:
             raise ValueError(f"Data config of type {data_type!r} needs `{key}` (got {dict(config)}).")
 
 
-@registered_prompt_format_fn(NeMoMultimodalConversation, ChatTemplatePromptFormatter)
-def concatenate_turns_prompt_fn(example: NeMoMultimodalConversation, formatter: ChatTemplatePromptFormatter, **kwargs):
+@registered_prompt_format_fn(NeMoMultimodalConversation, PromptFormatter)
+def concatenate_turns_prompt_fn(example: NeMoMultimodalConversation, formatter: PromptFormatter, **kwargs):
     """Consecutive same-role turns are concatenated exactly (NeMo's default inserts a space),
-    so the text around an audio locator is what the prompt says, as at inference time."""
+    so the text around an audio locator is what the prompt says, as at inference time and in the KL
+    teacher's text. For every formatter: the LLM's chat template and NeMo's named ones (``model.prompt_format``,
+    which trained with two spaces around each locator until 2026-12-07), except where NeMo registers its own for a
+    formatter (speechlm2: ``llama2``)."""
     turns = []
     for turn in example.turns:
         piece = turn.value if isinstance(turn, TextTurn) else turn.audio_locator_tag
