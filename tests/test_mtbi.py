@@ -144,6 +144,8 @@ def test_the_bare_reply_prompt_is_the_speech_alone(behaviors, prob):
         ({"task": "translate_de"}, "task"),  # held out in the catalog
         ({"words": "reverse"}, "words"),
         ({"words": "too_long"}, "words"),
+        # answered under a system prompt the training (None here) does not use
+        ({"teacher": {"source": "llm", "model": "m", "system_prompt": "Be brief."}}, "teacher"),
     ],
 )
 def test_bad_behavior_lines_are_clear_errors(behaviors, tmp_path, change, field):
@@ -163,6 +165,16 @@ def test_bad_behavior_lines_are_clear_errors(behaviors, tmp_path, change, field)
         entries = list(read_manifest(bad, required_text_fields=("text", "task", "prompt", "response")))
         behavior_to_conversation(entries[0], TAG, 0.08, TaskCatalog.load())
     assert f"{bad}:1" in str(err.value) and field in str(err.value)
+
+
+
+def test_behaviors_train_under_the_system_prompt_they_were_answered_with(behaviors):
+    entry = _entries(behaviors)[0]
+    for answered_with, trained_with in [("Be brief.", "Be brief."), (None, None), (None, "")]:
+        line = dataclasses.replace(entry, data={**entry.data, "teacher": {"source": "llm", "system_prompt": answered_with}})
+        behavior_to_conversation(line, TAG, 0.08, TaskCatalog.load(), system_prompt=trained_with)
+    ground_truth = dataclasses.replace(entry, data={**entry.data, "teacher": {"source": "ground_truth", "field": "text"}})
+    behavior_to_conversation(ground_truth, TAG, 0.08, TaskCatalog.load(), system_prompt="Be brief.")  # no LLM asked
 
 
 # ------------------------------------------------------------------ objective

@@ -47,6 +47,7 @@ def behavior_to_conversation(
 ) -> NeMoMultimodalConversation:
     """The training conversation of one behaviors line; errors name the file, line and field."""
     _check_behavior(entry, catalog)
+    _check_teacher_system_prompt(entry, system_prompt)
     words = entry.get("words")
     if words is not None:
         try:
@@ -107,6 +108,23 @@ def _check_behavior(entry: ManifestEntry, catalog: TaskCatalog) -> None:
         raise ManifestError(entry.path, entry.line, "this prompt is held out in the catalog: it must not be trained on", "prompt")
     if entry["prompt"].count(INPUT_PLACEHOLDER) != 1:
         raise ManifestError(entry.path, entry.line, f"the prompt must contain {INPUT_PLACEHOLDER} exactly once", "prompt")
+
+
+def _check_teacher_system_prompt(entry: ManifestEntry, system_prompt: str | None) -> None:
+    """The response is the LLM's answer under the system prompt it was generated with (``teacher.system_prompt``,
+    recorded by ``generate_behaviors.py``); training under another one teaches the speech model to answer one
+    instruction as the LLM answers another, and the KL teacher, reading the transcript under the training's,
+    then pulls against the response. Lines without the record (hand-made, older files) are not checked."""
+    teacher = entry.get("teacher")
+    if not isinstance(teacher, dict) or teacher.get("source") != "llm" or "system_prompt" not in teacher:
+        return
+    if (teacher["system_prompt"] or None) != (system_prompt or None):
+        raise ManifestError(
+            entry.path, entry.line,
+            f"the response was generated under system prompt {teacher['system_prompt']!r}, this training uses "
+            f"{system_prompt!r} (the data config's system_prompt): set it to the behaviors' one, or generate the "
+            "behaviors again with --system-prompt", "teacher",
+        )
 
 
 def _line_to_conversation(entry: ManifestEntry, iteration: int, seed: int, catalog_path: str | None, **kwargs):
