@@ -112,6 +112,14 @@ def test_the_student_reads_the_prompt_the_teacher_reads_with_the_speech_in_place
     assert not any("  " in tokenizer.decode(row[row != model.text_pad_id]) for row in interleaved)
 
 
+def test_a_data_config_may_not_train_under_another_prompt_format_than_the_model_uses(assets, whisper_dir, behaviors):
+    model = _mtbi_model(assets, whisper_dir, mtbi={"kl_weight": 1.0})
+    cfg = _data_cfg(behaviors)
+    cfg.train_ds.prompt_format = "qwen"  # the model answers under the LLM's chat template
+    with pytest.raises(ConfigError, match="data.train_ds.prompt_format is 'qwen' but the model's is"):
+        build_datamodule(cfg, model)
+
+
 def test_ratio_zero_is_the_plain_speech_input(behaviors):
     entry = _entries(behaviors)[1]
     conv = behavior_to_conversation(entry, TAG, 0.08, TaskCatalog.load(), InterleaveConfig(prob=0.0), random.Random(0))

@@ -14,13 +14,20 @@ from nemo_speechlm.data.dataset import SpeechLMDataset
 from nemo_speechlm.data.feature_cache import FeatureCache
 from nemo_speechlm.data.resumable import ResumableDataModule
 from nemo_speechlm.data.split_config import loader_configs
+from nemo_speechlm.errors import ConfigError
 from nemo_speechlm.parts.prompting import CHAT_TEMPLATE_FORMAT
 
 SPLITS = ("train_ds", "validation_ds", "test_ds")
 
 
+# Given in a data config, these must be the model's: inference and the KL teacher use the model's, so a data-level
+# prompt format trained the speech model under one template and ran it under another, silently.
+_MUST_MATCH_MODEL = ("audio_locator_tag", "prompt_format")
+
+
 def fill_model_settings(data_cfg: DictConfig, model) -> DictConfig:
-    """Set locator tag, prompt format, token_equivalent_duration and speech_positions on each split unless given."""
+    """Set locator tag, prompt format, token_equivalent_duration and speech_positions on each split unless given
+    (a given locator tag or prompt format other than the model's is a :class:`ConfigError`)."""
     settings = {
         "audio_locator_tag": model.audio_locator_tag,
         "prompt_format": model.cfg.get("prompt_format") or CHAT_TEMPLATE_FORMAT,
@@ -38,6 +45,10 @@ def fill_model_settings(data_cfg: DictConfig, model) -> DictConfig:
                 for key, value in settings.items():
                     if loader_cfg.get(key) is None:
                         loader_cfg[key] = value
+                    elif key in _MUST_MATCH_MODEL and loader_cfg[key] != value:
+                        raise ConfigError(f"data.{split}.{key} is {loader_cfg[key]!r} but the model's is {value!r}: "
+                                          "training, inference and the KL teacher must use the same",
+                                          f"drop data.{split}.{key} (the model's is used) or set model.{key}")
                 for entry in _input_entries(loader_cfg.get("input_cfg")):
                     if entry.get("speech_positions") is None:
                         entry["speech_positions"] = speech_positions
