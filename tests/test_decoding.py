@@ -46,6 +46,26 @@ def test_batched_rows_equal_hf_greedy_one_at_a_time(llm):
     assert decode(model, model.get_input_embeddings()(ids), mask, 10, end_ids=[]) == rows
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_llms_answer_in_a_batch_as_alone(llm, family):
+    """Sharing the rows' common prefix pads between it and each row's own tokens; a sliding-window mask counts
+    those slots as distance, so batched answers differed from the first token on (Mistral, Gemma 2, Qwen2 with
+    use_sliding_window). Such LLMs decode without the shared prefix."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    _, tokenizer = llm
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=6)
+    torch.manual_seed(0)
+    model = (MistralForCausalLM(MistralConfig(**sizes)) if family == "mistral" else
+             Qwen2ForCausalLM(Qwen2Config(**sizes, use_sliding_window=True, max_window_layers=0))).eval()
+    texts = ["the cat sat on the mat please open the window now and then close it again my brother",
+             "the cat sat on the mat please open it", "the cat sat on the mat please open tea"]
+    ids, mask = left_padded(tokenizer, texts)
+    assert _shared_prefix_length(ids, mask) > 6  # more than a window apart once padded
+    assert [r.tokens for r in decode(model, ids, mask, 8, end_ids=[])] == [hf_greedy(model, tokenizer, t, 8) for t in texts]
+
+
 def test_a_prefix_shared_by_all_rows_is_computed_once_with_the_same_answers(llm):
     model, tokenizer = llm
     texts = ["the cat sat on the mat", "the cat sat", "the cat sat on the window and looked out"]

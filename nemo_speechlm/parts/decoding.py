@@ -148,9 +148,12 @@ def _prefill(step: "_Stepper", prompt: torch.Tensor, mask: torch.Tensor) -> tupl
     through the LLM once and its KV cache is shared: on a CPU, prefill is compute-bound and does not
     get cheaper per row in a batch, so rows' shared tokens are the part worth not repeating.
     Rows are then laid out as ``[shared prefix | padding | own tokens]``; positions skip the padding.
+    Not with sliding-window attention (Mistral, Gemma 2, Qwen2 with ``use_sliding_window``): its mask measures
+    distance in cache slots, so the padding would push a row's own tokens away from the prefix, and batched
+    answers differed from one-at-a-time ones from the first token on.
     """
     kind = "inputs_embeds" if prompt.is_floating_point() else "input_ids"
-    shared = _shared_prefix_length(prompt, mask) if len(prompt) > 1 else 0
+    shared = _shared_prefix_length(prompt, mask) if len(prompt) > 1 and not step.sliding_window else 0
     if shared:
         starts = mask.argmax(1)
         step(mask.new_ones(1, shared), torch.arange(shared, device=mask.device)[None],
@@ -190,6 +193,8 @@ class _Stepper:
         base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # under a peft wrapper
         self.llm = llm
         self.cache = DynamicCache(config=base.config)
+        # transformers builds a sliding-window layer exactly for the LLM's sliding-window attention layers
+        self.sliding_window = any(getattr(layer, "sliding_window", None) for layer in getattr(self.cache, "layers", []))
         # transformers 5.x calls the KV cache ``cache``; 4.x ``past_key_values``.
         self.cache_argument = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
