@@ -53,6 +53,20 @@ def test_nemo_prompt_formatter_names_work(tokenizer):
     assert out["input_ids"].shape == out["mask"].shape
 
 
+def test_a_system_prompt_takes_each_formats_own_system_role(tokenizer):
+    """llama3 has a `system` role, llama2 only `system_and_user`, qwen neither: generation sent every NeMo format
+    `system_and_user` (an AssertionError for all but llama2) and training `system`."""
+    from nemo_speechlm.errors import ConfigError
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    for name, marker in (("llama3", "<|start_header_id|>system<|end_header_id|>"), ("llama2", "<<SYS>>")):
+        ids = encode_messages(resolve_prompt_formatter(name, tokenizer), messages)["input_ids"]
+        text = tokenizer.tokenizer.decode(ids)
+        assert "Be brief." in text and marker in text, (name, text)
+    with pytest.raises(ConfigError, match="prompt format 'qwen' has no system role"):
+        encode_messages(resolve_prompt_formatter("qwen", tokenizer), messages)
+
+
 def test_bad_messages_are_rejected(tokenizer):
     hf = tokenizer.tokenizer
     with pytest.raises(ValueError, match="role 'robot'"):

@@ -26,7 +26,7 @@ from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummar
 from nemo_speechlm.data.sources import LineSource
 from nemo_speechlm.data.utterance import cut_id
 from nemo_speechlm.modules.ctc_readout import readout_positions
-from nemo_speechlm.parts.prompting import _hf_tokenizer
+from nemo_speechlm.parts.prompting import _hf_tokenizer, with_system_turn_for
 
 DATA_TYPE = "speechlm_manifest"
 # How the sampler counts a speech turn's LLM positions (data config ``speech_positions``, filled in from the model):
@@ -219,7 +219,7 @@ def concatenate_turns_prompt_fn(example: NeMoMultimodalConversation, formatter: 
             turns[-1]["slots"]["message"] += piece
         else:
             turns.append({"role": turn.role, "slots": {"message": piece}})
-    return formatter.encode_dialog(turns, **kwargs)
+    return formatter.encode_dialog(with_system_turn_for(formatter, turns), **kwargs)
 
 
 @registered_prompt_format_fn(ReadoutConversation)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from nemo.collections.common.prompts.formatter import Modality, PromptFormatter
 
+from nemo_speechlm.errors import ConfigError
+
 CHAT_TEMPLATE_FORMAT = "speechlm_chat_template"
 
 ROLES = ("system", "user", "assistant")
@@ -116,7 +118,21 @@ def resolve_prompt_formatter(name: str | None, tokenizer) -> PromptFormatter:
 def encode_messages(formatter: PromptFormatter, messages: list[dict]) -> dict[str, torch.Tensor]:
     """Encode plain ``{"role", "content"}`` messages with any formatter (training or generation)."""
     turns = [{"role": m["role"], "slots": {"message": m["content"]}} for m in messages]
-    if turns and turns[0]["role"] == "system" and not isinstance(formatter, ChatTemplatePromptFormatter):
-        system = turns.pop(0)["slots"]["message"]
-        turns[0] = {"role": "system_and_user", "slots": {"system": system, "message": turns[0]["slots"]["message"]}}
-    return formatter.encode_dialog(turns)
+    return formatter.encode_dialog(with_system_turn_for(formatter, turns))
+
+
+def with_system_turn_for(formatter: PromptFormatter, turns: list[dict]) -> list[dict]:
+    """NeMo ``turns`` whose leading ``system`` turn is the one ``formatter`` takes: a ``system`` role where it has
+    one (chat templates, llama3, qwen3, ...), else merged into the first user turn as ``system_and_user`` (llama2);
+    a format with neither (qwen, gemma, ...) cannot take a system prompt: a :class:`ConfigError`. Training, the KL
+    teacher and generation all go through here (generation used to send every NeMo format ``system_and_user``,
+    which only llama2 has, and training ``system``)."""
+    if not turns or turns[0]["role"] != "system" or "system" in formatter.TEMPLATE:
+        return turns
+    if "system_and_user" not in formatter.TEMPLATE:
+        raise ConfigError(f"prompt format {formatter.NAME!r} has no system role, so a system prompt cannot be given",
+                          "drop the system prompt (system_prompt / --system-prompt / the line's `system`) or set "
+                          "model.prompt_format to a format with one (null: the LLM's chat template)")
+    system, first, *rest = turns
+    return [{"role": "system_and_user", "slots": {"system": system["slots"]["message"], "message": first["slots"]["message"]}},
+            *rest]
