@@ -87,6 +87,18 @@ def _train_lrs(assets, runs, steps: int, lr: float, *extra: str, manifest=None) 
 
 
 @pytest.mark.slow
+def test_a_resume_with_other_gradient_accumulation_continues_the_stream_where_it_stopped(assets, tmp_path):
+    """The checkpoint records how many batches each rank drew: a resume with another accumulate_grad_batches used to
+    skip by the new setting's count (here 2 for 4 drawn) and train batches 2 and 3 a second time."""
+    _train_lrs(assets, tmp_path / "once", 6, 1e-3)
+    stream = list(_LrProbe.batches)
+    _train_lrs(assets, tmp_path / "twice", 2, 1e-3, "trainer.accumulate_grad_batches=2")
+    assert _LrProbe.batches == stream[:4]
+    _train_lrs(assets, tmp_path / "twice", 4, 1e-3, "trainer.accumulate_grad_batches=1")
+    assert _LrProbe.batches == stream[4:6]
+
+
+@pytest.mark.slow
 def test_a_resumed_run_trains_on_with_its_own_max_steps_and_lr(assets, tmp_path, monkeypatch):
     """Rerunning with a longer trainer.max_steps and another lr continues from the checkpoint on the new
     schedule; Lightning alone restored the old one, and the new steps ran at min_lr (1e-6)."""

@@ -12,15 +12,17 @@ Lightning restores the model, optimizer, scheduler and step counters from a chec
 the position of a lhotse sampler: a resumed run would see the first batches again. Our training
 streams are endless (the lhotse loaders repeat the data) and deterministic given their seeds
 (``shard_seed: randomized`` resolves to one fixed value with ``num_workers`` loading in the main
-process's sampler), so the position is a count: ``global_step * accumulate_grad_batches`` batches
-on each rank. On resume, :class:`ResumableDataModule` replays that many batches through the
+process's sampler), so the position is a count: the batches each rank has drawn, ``global_step *
+accumulate_grad_batches`` of the run that wrote the checkpoint, which records it (a resume with another
+``accumulate_grad_batches`` used to skip by its own, training batches twice or never). On resume, :class:`ResumableDataModule` replays that many batches through the
 *sampler* (cut metadata only, no audio is read) before training starts, group draws of a
 multi-config (joint SFT) sampler included.
 
 The position belongs to one stream: each checkpoint records the training data config it was made
-with (the datamodule's ``state_dict``), and a run resumed with other training data (another manifest,
-weights, batch size, seed) starts its new stream at the first batch, with a warning naming what
-changed, instead of skipping that many batches of data it never saw.
+with and its number of ranks (the datamodule's ``state_dict``), and a run resumed with other training data
+(another manifest, weights, batch size, seed) or on another number of devices (which splits the stream
+otherwise) starts its new stream at the first batch, with a warning naming what changed, instead of skipping
+that many batches of data it never saw.
 
 Not restored: a loader with ``force_iterable_dataset: true``, whose sampler runs inside each dataloader
 worker; it starts the stream again, with a warning. (Tarred and Shar inputs of our data types resume
@@ -87,10 +89,13 @@ class ResumableDataModule(DataModule):
         split_across_ranks(cfg)
         super().__init__(cfg, tokenizer=tokenizer, dataset=dataset)
         self._changed_data: list[str] = []  # set on resume when the checkpoint's run trained on other data
+        self._batches_per_rank: int | None = None  # how far each rank had read the stream, from the checkpoint
 
     def state_dict(self) -> dict:
-        """Saved in every checkpoint: the stream the step count is a position in."""
-        return {"train_stream": _stream_config(self.cfg)}
+        """Saved in every checkpoint: the stream, how far each rank has read it, and over how many ranks."""
+        trainer = self.trainer
+        return {"train_stream": _stream_config(self.cfg),
+                "batches_per_rank": trainer.global_step * trainer.accumulate_grad_batches, "ranks": trainer.world_size}
 
     def load_state_dict(self, state_dict: dict) -> None:
         from nemo_speechlm.parts.runner import changed_values
@@ -99,11 +104,17 @@ class ResumableDataModule(DataModule):
         if saved is not None:
             self._changed_data = [f"data.train_ds.{k}: {old!r} -> {new!r}"
                                   for k, old, new in changed_values(saved, _stream_config(self.cfg))]
+        ranks = state_dict.get("ranks")
+        if ranks is not None and self.trainer is not None and ranks != self.trainer.world_size:
+            self._changed_data.append(f"ranks (devices x nodes): {ranks} -> {self.trainer.world_size}")
+        self._batches_per_rank = state_dict.get("batches_per_rank")
 
     def train_dataloader(self):
         loader = super().train_dataloader()
         trainer = self.trainer
-        consumed = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
+        consumed = 0
+        if trainer is not None and trainer.global_step:  # checkpoints before 2026-12-07 lack the count
+            consumed = self._batches_per_rank or trainer.global_step * trainer.accumulate_grad_batches
         if consumed and self._changed_data:
             logging.warning(f"Resumed at step {trainer.global_step} with other training data than the checkpoint's run "
                             f"({'; '.join(self._changed_data[:5])}): the new stream starts at its first batch")
