@@ -1,6 +1,8 @@
 """SpeechLMModel: splicing, encoder swap, LoRA/freezing, inference, .nemo round trips in fresh processes."""
+import io
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from nemo.collections.asr.models import ASRModel
@@ -64,6 +66,15 @@ def test_lora_adds_exactly_lora_parameters(assets):
     assert all(("q_proj" in n or "v_proj" in n) for n in added)
 
 
+def test_lora_modules_to_save_train(assets):
+    """peft makes a trainable copy of each module in ``modules_to_save``; the LLM's freeze pattern froze it again."""
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"], "task_type": "CAUSAL_LM"}
+    model = SpeechLMModel(model_config(assets["llm"], lora=lora))
+    head = {n: p.requires_grad for n, p in model.named_parameters() if "lm_head" in n}
+    assert head == {"llm.base_model.model.lm_head.original_module.weight": False,
+                    "llm.base_model.model.lm_head.modules_to_save.default.weight": True}
+
+
 def test_several_audios_per_sample_are_spliced_in_order(model, assets):
     a, b = wavs(assets, 2)
     ids = model.encode_prompt("first <|audio|> then <|audio|> end")
@@ -92,6 +103,11 @@ def test_respond_batches_and_validates(model, assets):
         model.respond(wavs(assets, 2), PROMPTS[:1])
     with pytest.raises(FileNotFoundError):
         model.respond(["/nonexistent.wav"], PROMPTS[:1])
+    with pytest.raises(ValueError, match="max_new_tokens has 3 caps for 2 prompts"):  # was cut to 2, silently
+        model.respond(wavs(assets, 2), PROMPTS, max_new_tokens=[2, 3, 4])
+    pcm = (np.random.default_rng(0).uniform(-0.5, 0.5, 16000) * 32767).astype(np.int16)
+    with pytest.raises(ValueError, match="float samples in \\[-1, 1\\], got int16"):  # read as 32768x too loud
+        model.respond([pcm], PROMPTS[:1], max_new_tokens=2)
 
 
 def test_generation_continues_after_one_row_finishes(model):
@@ -263,6 +279,44 @@ def test_trainable_only_refuses_a_base_llm_replaced_in_place(assets, tmp_path):
         restore_checked(SpeechLMModel, tmp_path / "small.nemo")
     assert "model.pretrained_llm" in raised.value.fix
     SpeechLMModel(model_config(llm))  # a failed restore leaves the process able to build models (NeMo's flag reset)
+
+
+def test_trainable_only_restores_the_trained_architecture_when_a_reference_config_changed(assets, tmp_path):
+    """The references give the base *weights*; the architecture is the one trained. A reference whose config changed
+    in place (a hub revision's, same weights) used to win silently: the LLM's config.json, the ASR model's
+    preprocessor; the fingerprint of the weights could not see it."""
+    import json
+    import tarfile
+
+    llm, asr = tmp_path / "llm", tmp_path / "asr.nemo"
+    shutil.copytree(assets["llm"], llm)
+    shutil.copy(assets["asr"], asr)
+    torch.manual_seed(5)
+    model = SpeechLMModel(model_config(llm, pretrained_asr=str(asr), freeze_params=[r"^llm\..+$", r"^perception\.encoder\..+$",
+                                                                                  r"^perception\.preprocessor\..+$"])).eval()
+    model.save_trainable_to(str(tmp_path / "small.nemo"))
+    config = json.loads((llm / "config.json").read_text())
+    (llm / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.5}))
+    with tarfile.open(asr) as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+    with tarfile.open(asr, "w") as tar:
+        for member, data in members:
+            if member.name.endswith("model_config.yaml"):
+                assert b"per_feature" in data
+                data = data.replace(b"per_feature", b"all_features")
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data) if data is not None else None)
+    restored = SpeechLMModel.restore_from(str(tmp_path / "small.nemo")).eval()
+    assert restored.llm.config.rms_norm_eps == model.llm.config.rms_norm_eps != 0.5
+    assert restored.cfg.perception.preprocessor.normalize == "per_feature"
+    assert_same_weights(restored, model)
+    wav = torch.randn(16000)
+    ids = model.encode_prompt("Repeat: <|audio|>")[None]
+    with torch.no_grad():
+        batch = {"input_ids": ids, "audios": wav[None], "audio_lens": torch.tensor([16000])}
+        before = model(*model.splice_audio(batch)[::2])
+        after = restored(*restored.splice_audio(batch)[::2])
+    torch.testing.assert_close(after, before)
 
 
 def test_reference_fingerprint_is_the_same_in_fp32_and_bf16_and_tells_other_weights_apart():

@@ -44,6 +44,9 @@ IGNORE_INDEX = -100
 # Artifacts must outlive __init__ (save_to copies them later); one directory per process, removed at exit.
 _ARTIFACT_DIR = tempfile.TemporaryDirectory(prefix="speechlm_artifacts_")
 LORA_PARAM_PATTERN = r"^.+\.lora_.+$"
+# peft's trainable copies of the modules named in ``lora.modules_to_save`` (e.g. lm_head); the LLM's freeze pattern
+# froze them again, so they never trained.
+LORA_MODULES_TO_SAVE_PATTERN = r"^.+\.modules_to_save\..+$"
 # speechlm2's chunking folds a tail shorter than two feature frames into the chunk before it,
 # which must still fit the encoder's window: chunks stay this much under it.
 _CHUNK_TAIL_MARGIN_SECONDS = 0.1
@@ -65,12 +68,13 @@ class SpeechLMModel(ModelPT):
                 llm_dir = resolve_llm_source(self.cfg.pretrained_llm)
             self.tokenizer = load_tokenizer(llm_dir, self.cfg.audio_locator_tag)
             llm_source = resolve_llm_source(self.cfg.pretrained_llm) if load_base_weights else llm_dir
-            self.llm = load_llm(llm_source, pretrained_weights=load_base_weights)
+            # The architecture is the one trained (restoring: the packed config), whatever pretrained_llm's says now.
+            self.llm = load_llm(llm_source, pretrained_weights=load_base_weights, config_source=llm_dir)
             if (Path(llm_dir) / "generation_config.json").is_file():
                 self.llm.generation_config = GenerationConfig.from_pretrained(llm_dir)
         if not restoring:
             self._register_llm_files()
-        self.perception = build_perception(self.cfg, self.llm, load_pretrained_asr=load_base_weights)
+        self.perception = build_perception(self.cfg, self.llm, load_pretrained_asr=load_base_weights, restoring=restoring)
         # Built empty; connector pre-alignment fills its vocabulary (nemo_speechlm.modules.ctc_readout).
         self.ctc_readout = CTCReadout(self.llm.config.hidden_size) if self.cfg.get("ctc_readout") else None
         self._install_lora()
@@ -99,10 +103,10 @@ class SpeechLMModel(ModelPT):
             lora_cfg = OmegaConf.to_container(self.cfg.lora, resolve=True)
             self.llm = get_peft_model(self.llm, LoraConfig(**lora_cfg))
         if self.cfg.get("lora") or encoder_lora:
+            patterns = [LORA_PARAM_PATTERN] + ([LORA_MODULES_TO_SAVE_PATTERN] if (self.cfg.get("lora") or {}).get("modules_to_save") else [])
             with open_dict(self._cfg):
                 keep = list(self._cfg.get("prevent_freeze_params", []))
-                if LORA_PARAM_PATTERN not in keep:
-                    self._cfg.prevent_freeze_params = keep + [LORA_PARAM_PATTERN]
+                self._cfg.prevent_freeze_params = keep + [p for p in patterns if p not in keep]
 
     def _freeze(self) -> None:
         """Apply ``freeze_params``/``prevent_freeze_params`` regexes now, so counts and ``requires_grad`` are right
@@ -460,6 +464,8 @@ class SpeechLMModel(ModelPT):
         waveforms = waveforms if waveforms is not None else [[] for _ in prompt_ids]
         cap = max_new_tokens if max_new_tokens is not None else self.cfg.get("max_new_tokens", 128)
         caps = [cap] * len(prompt_ids) if isinstance(cap, int) else list(cap)
+        if len(caps) != len(prompt_ids):  # a longer list was cut silently, a shorter one an IndexError
+            raise ValueError(f"max_new_tokens has {len(caps)} caps for {len(prompt_ids)} prompts: give one, or one per prompt")
         positions_per_sample = 1 / (self.sampling_rate * self.token_equivalent_duration)
         lengths = [len(ids) + sum(len(w) for w in wavs) * positions_per_sample for ids, wavs in zip(prompt_ids, waveforms)]
         sample = sampler(temperature, top_p) if do_sample else None
@@ -488,7 +494,14 @@ class SpeechLMModel(ModelPT):
         if isinstance(audio, (str, Path)):
             wav, name = torch.as_tensor(read_audio(audio, self.sampling_rate)), str(audio)
         else:
-            wav = torch.as_tensor(np.asarray(audio) if not torch.is_tensor(audio) else audio, dtype=torch.float32)
+            array = np.asarray(audio) if not torch.is_tensor(audio) else audio
+            floating = array.dtype.is_floating_point if torch.is_tensor(array) else np.issubdtype(array.dtype, np.floating)
+            if not floating:
+                # Integer PCM (int16 from a wav reader) read as floats is 32768x too loud; the encoder's features,
+                # and so the answers, depend on the level.
+                raise ValueError(f"Waveforms must be float samples in [-1, 1], got {array.dtype} (integer PCM: divide "
+                                 "by 32768 for int16, or pass the file path)")
+            wav = torch.as_tensor(array, dtype=torch.float32)
             name = "waveform"
             if wav.ndim != 1:
                 raise ValueError(f"Waveforms must be mono 1-D arrays at {self.sampling_rate} Hz, got shape {tuple(wav.shape)}")

@@ -48,12 +48,14 @@ def embedding_rms(llm) -> float:
     return round(float(weight.pow(2).mean(-1).sqrt().mean()), 4)
 
 
-def build_perception(cfg: DictConfig, llm, load_pretrained_asr: bool) -> AudioPerceptionModule:
+def build_perception(cfg: DictConfig, llm, load_pretrained_asr: bool, restoring: bool = False) -> AudioPerceptionModule:
     """Build the perception module for ``cfg`` (the model config), sized to ``llm``'s width.
 
     With ``cfg.pretrained_asr`` set and ``load_pretrained_asr`` true, the encoder and
     preprocessor come from that ASR model (config *and* weights, written back into
-    ``cfg.perception`` so a restored model rebuilds the same architecture). Otherwise the
+    ``cfg.perception`` so a restored model rebuilds the same architecture); ``restoring`` (a
+    trainable-only ``.nemo``) takes only its weights, into the architecture the file was trained with
+    (the reference's own config, had it changed since, used to win silently). Otherwise the
     encoder is built from ``cfg.perception.encoder`` alone (random init, or weights filled
     later by ``restore_from``).
     """
@@ -65,6 +67,14 @@ def build_perception(cfg: DictConfig, llm, load_pretrained_asr: bool) -> AudioPe
         if cfg.perception.modality_adapter.get("output_rms") == "auto":
             # Written into the config as a number, so a restored model rebuilds the same norm.
             cfg.perception.modality_adapter.output_rms = embedding_rms(llm)
+    if cfg.get("pretrained_asr") and load_pretrained_asr and restoring:
+        from nemo.collections.asr.models import ASRModel
+        from nemo.collections.speechlm2.parts.pretrained import load_pretrained_nemo
+
+        perception = AudioPerceptionModule(cfg.perception).train()
+        # As setup_speech_encoder loads them; the fingerprint check then confirms they are the weights trained on.
+        perception.load_state_dict(load_pretrained_nemo(ASRModel, cfg.pretrained_asr).state_dict(), strict=False)
+        return perception
     if cfg.get("pretrained_asr") and load_pretrained_asr:
         # setup_speech_encoder would apply any encoder keys left in our config on top of the
         # pretrained model's own; the pretrained architecture must win, so drop ours.

@@ -97,16 +97,19 @@ def load_tokenizer(source: str, audio_locator_tag: str) -> AutoTokenizer:
     return tokenizer
 
 
-def load_llm(source: str, pretrained_weights: bool = True) -> torch.nn.Module:
+def load_llm(source: str, pretrained_weights: bool = True, config_source: str | None = None) -> torch.nn.Module:
     """The causal LM in fp32 (Lightning's precision plugin casts for bf16 training); with
     ``pretrained_weights=False``, the same architecture, randomly initialised (a ``.nemo`` fills the weights).
+    ``config_source``: where the architecture comes from, if not ``source`` (a ``.nemo``'s packed config: a
+    trainable-only file takes only the base *weights* from ``pretrained_llm``, whose config may have changed since).
 
     What speechlm2's ``load_pretrained_hf`` does, with transformers' current ``dtype`` argument: its
     ``torch_dtype`` made transformers print a deprecation line on stderr in every command that loads a model."""
+    config = AutoConfig.from_pretrained(config_source or source)
     if pretrained_weights:
-        llm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        llm = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32)
     else:
-        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32)
+        llm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     check_can_splice(llm, source)
     return llm
 
