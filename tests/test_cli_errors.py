@@ -295,6 +295,21 @@ def test_training_error_is_one_line_before_any_model_is_built(train_results, row
     assert built == TRAIN_ERRORS[row][2]
 
 
+def test_clips_the_loader_filters_out_are_not_checked(files):
+    """`max_duration` drops the 45 s clip from the stream: refusing it for the encoder's window stopped a run that
+    would never have seen it."""
+    from hydra import compose, initialize_config_dir
+
+    import nemo_speechlm
+    from nemo_speechlm.data.preflight import check_training_data
+
+    with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
+        args = train_args(files, f"{MANIFEST}={files['long_manifest']}")
+        cfg, filtered = compose("speechlm", overrides=args), compose("speechlm", overrides=[*args, "+data.train_ds.max_duration=20"])
+    assert check_training_data(cfg).longest.seconds == 45.0
+    assert check_training_data(filtered).longest.seconds < 20.0
+
+
 # --------------------------------------------------------------------------- the library underneath
 
 
@@ -325,14 +340,18 @@ def test_manifest_refuses_empty_audio_and_clips_shorter_than_the_minimum(files):
         next(read_manifest(files["bad_json"], min_duration=100.0))
 
 
-def test_inference_encodes_long_audio_in_chunks_and_training_refuses_it(files):
+def test_long_audio_is_encoded_in_chunks_in_training_as_in_inference(files):
+    """The training recipe refuses clips over the window up front (the row above); the model itself encodes one in
+    chunks in either mode (training mode raised, and a 29.9-30 s clip was chunked in one mode only)."""
     model = SpeechLMModel.restore_from(files["whisper"]).eval()
     audio = torch.as_tensor(read_audio(files["long"], SR))[None]
-    (features,) = model.encode_speech(audio, torch.tensor([audio.shape[1]]))
-    assert len(features) == pytest.approx(45 * 50, abs=4)  # 50 Whisper frames/s over the whole clip
-    model.train()
-    with pytest.raises(ValueError, match="30 s window cannot hold 45.0 s"):
-        model.encode_speech(audio, torch.tensor([audio.shape[1]]))
+    with torch.no_grad():
+        (features,) = model.encode_speech(audio, torch.tensor([audio.shape[1]]))
+        assert len(features) == pytest.approx(45 * 50, abs=4)  # 50 Whisper frames/s over the whole clip
+        model.train()
+        model.perception.encoder.eval()  # the frozen encoder's mode in a training step
+        (trained_on,) = model.encode_speech(audio, torch.tensor([audio.shape[1]]))
+    torch.testing.assert_close(trained_on, features)
 
 
 def test_saved_nemo_records_its_checkpoint_format(files):

@@ -14,10 +14,10 @@ from omegaconf import OmegaConf, open_dict
 
 from nemo_speechlm.data.behaviors import behavior_to_conversation
 from nemo_speechlm.data.conversations import cut_for_audio
-from nemo_speechlm.data.datamodule import build_datamodule
+from nemo_speechlm.data.datamodule import build_datamodule, fill_model_settings
 from nemo_speechlm.data.dataset import as_text_messages
 from nemo_speechlm.data.feature_cache import (FeatureCache, cache_dtype, encoder_fingerprint, fill_feature_cache,
-                                              open_feature_cache, utterances_in)
+                                              open_feature_cache, transcribed_utterances, utterances_in)
 from nemo_speechlm.errors import ConfigError
 from nemo_speechlm.data.interleaving import InterleaveConfig, choose_spans
 from nemo_speechlm.data.manifest import ManifestError, read_manifest
@@ -368,8 +368,6 @@ def test_cached_features_give_the_same_loss_with_interleaving(assets, whisper_di
     fingerprint = encoder_fingerprint(model.perception, model.cfg.perception)
     cache = FeatureCache(tmp_path / "features", fingerprint)
     data_cfg = _data_cfg(behaviors)
-    from nemo_speechlm.data.datamodule import fill_model_settings
-
     fill_model_settings(data_cfg, model)
     utterances = utterances_in(data_cfg)
     assert len(utterances) == 8  # spans map back to their 8 whole utterances
@@ -496,6 +494,36 @@ def test_changed_encoder_weights_change_the_fingerprint(assets, whisper_dir):
     with torch.no_grad():
         next(model.perception.encoder.parameters()).add_(1e-3)
     assert encoder_fingerprint(model.perception, model.cfg.perception) != before
+    # the chunk length long clips are encoded in: other chunks, other features (a run with another read the first's)
+    assert encoder_fingerprint(model.perception, model.cfg.perception, 10.0) != encoder_fingerprint(
+        model.perception, model.cfg.perception)
+
+
+def test_a_clip_just_under_the_window_is_encoded_alike_in_training_and_inference(assets, whisper_dir):
+    """29.9-30 s: chunked at inference (and so in the feature cache), whole in training without the cache."""
+    model = _mtbi_model(assets, whisper_dir)
+    wav = torch.randn(int(29.95 * model.sampling_rate)) * 0.1
+    with torch.no_grad():
+        model.eval()
+        inference = model.encode_speech(wav[None], torch.tensor([len(wav)]))[0]
+        model.train()
+        model.perception.encoder.eval()  # no dropout: the frozen encoder's mode in a training step
+        training = model.encode_speech(wav[None], torch.tensor([len(wav)]))[0]
+    torch.testing.assert_close(training, inference)
+
+
+def test_pre_alignment_reads_every_training_utterance_whole_and_no_validation_one(assets, whisper_dir, behaviors, tmp_path):
+    """Read with MTBI's interleaving, a line drawn as interleaved was left out of stage 1 (its spans stand for parts
+    of it), with every token only it had; and the validation data trained the connector too."""
+    rows = [json.loads(line) for line in open(assets["manifest"])]
+    validation = tmp_path / "val.jsonl"
+    validation.write_text(json.dumps({**rows[0], "text": "a validation sentence"}) + "\n")
+    cfg = _data_cfg(behaviors, prob=1.0)
+    cfg.validation_ds = {**OmegaConf.to_container(cfg.train_ds), "input_cfg": [{"type": "speechlm_manifest",
+                                                                                  "manifest_filepath": str(validation)}]}
+    fill_model_settings(cfg, _mtbi_model(assets, whisper_dir))
+    found = sorted((cut.recording.sources[0].source, text) for cut, text in transcribed_utterances(cfg))
+    assert found == sorted((e["audio_filepath"], e["text"]) for e in _entries(behaviors))
 
 
 @pytest.mark.slow

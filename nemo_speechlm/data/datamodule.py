@@ -8,12 +8,12 @@ tokens + 2, which is what the LLM then sees; ``nemo_speechlm.data.conversations`
 """
 from __future__ import annotations
 
-from omegaconf import DictConfig, ListConfig, open_dict
+from omegaconf import DictConfig, open_dict
 
 from nemo_speechlm.data.dataset import SpeechLMDataset
 from nemo_speechlm.data.feature_cache import FeatureCache
 from nemo_speechlm.data.resumable import ResumableDataModule
-from nemo_speechlm.data.split_config import loader_configs
+from nemo_speechlm.data.split_config import input_entries, loader_configs
 from nemo_speechlm.errors import ConfigError
 from nemo_speechlm.parts.prompting import CHAT_TEMPLATE_FORMAT
 
@@ -49,21 +49,10 @@ def fill_model_settings(data_cfg: DictConfig, model) -> DictConfig:
                         raise ConfigError(f"data.{split}.{key} is {loader_cfg[key]!r} but the model's is {value!r}: "
                                           "training, inference and the KL teacher must use the same",
                                           f"drop data.{split}.{key} (the model's is used) or set model.{key}")
-                for entry in _input_entries(loader_cfg.get("input_cfg")):
+                for entry in input_entries(loader_cfg.get("input_cfg")):
                     if entry.get("speech_positions") is None:
                         entry["speech_positions"] = speech_positions
     return data_cfg
-
-
-def _input_entries(input_cfg):
-    """The data entries of an ``input_cfg`` list, inside ``type: group`` entries too (a path to a YAML list: none)."""
-    if not isinstance(input_cfg, ListConfig):
-        return
-    for entry in input_cfg:
-        if entry.get("type") == "group":
-            yield from _input_entries(entry.get("input_cfg"))
-        else:
-            yield entry
 
 
 def build_datamodule(data_cfg: DictConfig, model, feature_cache: FeatureCache | None = None) -> ResumableDataModule:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from nemo.utils import logging
 
-from nemo_speechlm.data.split_config import loader_configs
+from nemo_speechlm.data.split_config import input_entries, loader_configs
 from nemo_speechlm.data.utterance import source_utterance, utterance_key
 from nemo_speechlm.errors import ConfigError
 
@@ -60,9 +60,13 @@ def cache_dtype(cache_cfg: DictConfig, precision: str | int | None) -> torch.dty
     return CACHE_DTYPES[name]
 
 
-def encoder_fingerprint(perception: torch.nn.Module, perception_cfg: DictConfig) -> str:
-    """16 hex digits over the preprocessor/encoder config and every encoder weight."""
+def encoder_fingerprint(perception: torch.nn.Module, perception_cfg: DictConfig, chunk_seconds: float | None = None) -> str:
+    """16 hex digits over the preprocessor/encoder config, every encoder weight and, when set, the chunk length long
+    clips are encoded in (``model.encoder_chunk_size_seconds``: other chunks, other features; it was left out, and a
+    run with another setting read the first one's)."""
     digest = hashlib.sha256()
+    if chunk_seconds is not None:  # absent: existing caches keep their fingerprint
+        digest.update(json.dumps({"encoder_chunk_size_seconds": float(chunk_seconds)}).encode())
     for part in ("preprocessor", "encoder"):
         cfg = OmegaConf.to_container(perception_cfg.get(part) or {}, resolve=True)
         for key in _NON_ARCHITECTURE_KEYS:
@@ -179,19 +183,28 @@ def fill_feature_cache(model, cache: FeatureCache, cuts: list[Cut], batch_size: 
     return counts
 
 
-def _audio_turns(data_cfg: DictConfig):
-    """``(whole utterance cut, start s, end s, turn)`` for every audio turn of the train/validation data (one pass)."""
+def _audio_turns(data_cfg: DictConfig, splits: tuple[str, ...] = ("train_ds", "validation_ds"), interleave: bool = True):
+    """``(whole utterance cut, start s, end s, turn)`` for every audio turn of ``splits`` (one pass), without the
+    examples the loader's ``min_duration``/``max_duration`` drop; ``interleave=False`` reads every line whole."""
     from nemo.collections.common.data.lhotse.cutset import read_cutset_from_config
+    from nemo.collections.common.data.lhotse.sampling import DurationFilter
     from nemo.collections.common.data.lhotse.text_adapters import AudioTurn
 
-    for split in ("train_ds", "validation_ds"):
+    for split in splits:
         if data_cfg.get(split) is None:
             continue
         for loader_cfg in loader_configs(data_cfg[split]).values():  # each group of a multi_config split
             split_cfg = OmegaConf.create(OmegaConf.to_container(loader_cfg, resolve=True))
             split_cfg.force_finite = True  # one pass, not the endless training stream
+            if not interleave:
+                for entry in input_entries(split_cfg.get("input_cfg")):
+                    if entry.get("interleave") is not None:
+                        entry.interleave.prob = 0.0
+            kept = DurationFilter(split_cfg.get("min_duration"), split_cfg.get("max_duration"))
             conversations, _ = read_cutset_from_config(split_cfg)
             for conversation in conversations:
+                if not kept(conversation):
+                    continue
                 for turn in getattr(conversation, "turns", []):
                     if isinstance(turn, AudioTurn):
                         yield (*source_utterance(turn.cut), turn)
@@ -206,10 +219,12 @@ def utterances_in(data_cfg: DictConfig) -> list[Cut]:
 
 
 def transcribed_utterances(data_cfg: DictConfig) -> list[tuple[Cut, str]]:
-    """Every distinct whole utterance whose audio turn carries its transcript, with that transcript
-    (speech spans of interleaved examples are skipped: they stand for part of an utterance)."""
+    """Every distinct whole utterance of the *training* data whose audio turn carries its transcript, with that
+    transcript. Read with interleaving off: a line drawn as interleaved in the one pass used to be left out (its
+    spans stand for parts of it), about 30% of MTBI's utterances and every token only they had; and without the
+    validation data, which the connector also trained on."""
     found: dict[str, tuple[Cut, str]] = {}
-    for source, start, end, turn in _audio_turns(data_cfg):
+    for source, start, end, turn in _audio_turns(data_cfg, splits=("train_ds",), interleave=False):
         if start == 0.0 and end == float("inf") and isinstance(turn.text, str) and turn.text.strip():
             found.setdefault(utterance_key(source), (source, turn.text))
     return list(found.values())
@@ -228,7 +243,8 @@ def open_feature_cache(cache_cfg: DictConfig | None, model, precision: str | int
             f"trainable encoder parameters: {trainable[:3]}, spec_augment: {perception.spec_augmentation is not None}. "
             "Freeze it with model.freeze_params: ['^perception\\\\.encoder\\\\..+$', ...] or set feature_cache.dir=null."
         )
-    cache = FeatureCache(cache_cfg.dir, encoder_fingerprint(perception, model.cfg.perception),
+    cache = FeatureCache(cache_cfg.dir, encoder_fingerprint(perception, model.cfg.perception,
+                                                             model.cfg.get("encoder_chunk_size_seconds")),
                          cache_dtype(cache_cfg, precision), batch_size=cache_cfg.get("batch_size", 8))
     others = sorted(p.name for p in Path(cache_cfg.dir).glob("*") if p.is_dir() and p != cache.root)
     if others:  # nothing deletes them: another run may still use them, and only the user knows

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from lhotse.cut import Cut
 from nemo.collections.common.data.lhotse.cutset import get_known_config_data_types, read_cutset_from_config
+from nemo.collections.common.data.lhotse.sampling import DurationFilter
 from nemo.collections.common.data.lhotse.text_adapters import AudioTurn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -75,8 +76,11 @@ def check_training_data(cfg: DictConfig) -> ClipRange:
                 if read_cfg.get(key) is None:
                     read_cfg[key] = value
             read_cfg.force_finite = True  # one pass, not the endless training stream
+            kept = DurationFilter(read_cfg.get("min_duration"), read_cfg.get("max_duration"))  # as the loader drops
             conversations, _ = read_cutset_from_config(read_cfg)
             for conversation in conversations:
+                if not kept(conversation):  # a clip the loader filters out was refused here
+                    continue
                 for turn in getattr(conversation, "turns", []):
                     if isinstance(turn, AudioTurn):
                         clips.add(_whole_utterance(turn.cut))

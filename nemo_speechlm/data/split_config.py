@@ -4,9 +4,11 @@ Its own module because the data module, the feature cache and the preflight chec
 this way, and the data module imports the feature cache."""
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from typing import Iterator
 
-__all__ = ["loader_configs"]
+from omegaconf import DictConfig, ListConfig
+
+__all__ = ["input_entries", "loader_configs"]
 
 
 def loader_configs(split_cfg: DictConfig) -> dict[str, DictConfig]:
@@ -16,3 +18,14 @@ def loader_configs(split_cfg: DictConfig) -> dict[str, DictConfig]:
     if not split_cfg.get("multi_config", False):
         return {"": split_cfg}
     return {name: c for name, c in split_cfg.items() if isinstance(c, DictConfig) and name != "sampler_weights"}
+
+
+def input_entries(input_cfg) -> Iterator[DictConfig]:
+    """The data entries of an ``input_cfg`` list, inside ``type: group`` entries too (a path to a YAML list: none)."""
+    if not isinstance(input_cfg, ListConfig):
+        return
+    for entry in input_cfg:
+        if entry.get("type") == "group":
+            yield from input_entries(entry.get("input_cfg"))
+        else:
+            yield entry

@@ -172,12 +172,13 @@ class SpeechLMModel(ModelPT):
     def encode_speech(self, audios: torch.Tensor, audio_lens: torch.Tensor) -> list[torch.Tensor]:
         """Encoder outputs ``(frames, d_model)`` per waveform: what the feature cache stores.
 
-        Clips are cut in chunks of ``encoder_chunk_size_seconds``; outside training, clips longer than
-        the encoder's window are chunked even when that is unset (training refuses them up front,
-        see ``nemo_speechlm.data.preflight``).
+        Clips are cut in chunks of ``encoder_chunk_size_seconds``; clips longer than the encoder's window less a
+        margin are chunked even when that is unset, in training as at inference (at inference only until 2026-12-07:
+        a 29.9-30 s Whisper clip was cached in two pieces and trained on whole without the cache). Training refuses
+        clips over the window up front (``nemo_speechlm.data.preflight``).
         """
         chunk, window = self.cfg.get("encoder_chunk_size_seconds", None), self.encoder_window_seconds
-        if window is not None and (chunk is not None or not self.training):
+        if window is not None:
             chunk = min(chunk or window, window - _CHUNK_TAIL_MARGIN_SECONDS)
         return encode_audio_with_optional_chunking(
             _EncoderStage(self.perception),
@@ -344,6 +345,9 @@ class SpeechLMModel(ModelPT):
             acc = (logits.argmax(-1)[valid] == targets[valid]).float().mean()
             suffix = f"_{name}" if name else ""
             bs = sub["input_ids"].shape[0]
+            # On several devices these are rank 0's share of the validation data (lhotse splits it across ranks).
+            # Not sync_dist: a rank that draws no batch of a loader never logs its key, and the epoch-end
+            # all-reduce of the others would wait for it.
             self.log(f"val_loss{suffix}", loss, on_epoch=True, batch_size=bs, prog_bar=not name)
             self.log(f"val_acc{suffix}", acc, on_epoch=True, batch_size=bs)
 
