@@ -6,9 +6,11 @@ counted for the positions that carry data (padding excluded):
 * LLM, per attended position: forward ``2 N``; backward ``2 N`` for the activation gradient (the speech
   side below it trains) plus ``2 N_trainable`` for weight gradients. ``N`` leaves out the input
   embedding (a lookup, no matmul) but keeps the LM head.
-* speech encoder + adapter, per encoder output frame: forward ``2 N``; backward ``4 N_trainable``
-  (weight and activation gradients of what trains; an upper bound for a frozen encoder under a
-  trained adapter, which needs no activation gradient).
+* speech encoder, per encoder output frame, and adapter + projection, per adapter output position
+  (``frames / stack`` for a frame-stacking adapter, which runs all its layers after stacking; they were
+  counted per frame, ``stack`` times over): forward ``2 N``; backward ``4 N_trainable`` (weight and
+  activation gradients of what trains; an upper bound for a frozen encoder under a trained adapter,
+  which needs no activation gradient).
 
 Not counted: attention scores (``4 * layers * width * length^2`` per sequence forward; a few percent at
 a few hundred positions), the encoder's strided convolutions that run before subsampling, the mel
@@ -43,8 +45,12 @@ def model_flops_per_step(model, llm_positions: float, encoder_frames: float) -> 
     if head is not None and head.weight is embedding.weight:  # tied LM head: skipped with the embedding
         llm += head.weight.numel()
         llm_trainable += head.weight.numel() if head.weight.requires_grad else 0
-    speech, speech_trainable = _counts(model.perception)
-    return (4 * llm + 2 * llm_trainable) * llm_positions + (2 * speech + 4 * speech_trainable) * encoder_frames
+    after_encoder = (model.perception.modality_adapter, model.perception.proj)
+    stack = getattr(model.perception.modality_adapter, "stack", 1)
+    adapter, adapter_trainable = (sum(c) for c in zip(*(_counts(m) for m in after_encoder)))
+    speech, speech_trainable = _counts(model.perception, skip=after_encoder)
+    return ((4 * llm + 2 * llm_trainable) * llm_positions + (2 * speech + 4 * speech_trainable) * encoder_frames
+            + (2 * adapter + 4 * adapter_trainable) * encoder_frames / stack)
 
 
 def mfu(model, llm_positions_per_step: float, encoder_frames_per_step: float, seconds_per_step: float,

@@ -301,8 +301,9 @@ def same_weights_losses(model: SpeechLMModel, salm: SALM, ours: list[Batch], the
             for a, b in zip(ours[:n], theirs[:n])]
 
 
-def run_cached(cfg: DictConfig, model: SpeechLMModel, ours: dict, batches: list[Batch], args, tmp: str) -> dict:
-    """Fill a feature cache for the same batches, check they and the loss match, time training from it."""
+def run_cached(cfg: DictConfig, model: SpeechLMModel, ours: dict, batches: list[Batch], args, tmp: str, bf16: bool) -> dict:
+    """Fill a feature cache for the same batches, check they and the loss match, time training from it at the
+    precision of the uncached run (it was always fp32, so a bf16 comparison set bf16 against fp32)."""
     from nemo_speechlm.data.feature_cache import prepare_feature_cache
 
     start = time.perf_counter()
@@ -319,7 +320,7 @@ def run_cached(cfg: DictConfig, model: SpeechLMModel, ours: dict, batches: list[
     print(f"  - cache filled in {fill_seconds:.1f} s (whole data set, once); batch-0 loss: audio {audio_loss:.5f}, "
           f"cache {cache_loss:.5f}")
     optimizer = _optimizer(model.configure_optimizers())
-    result = benchmark(model, partial(speechlm_loss, model), optimizer, cached, args.warmup, False)
+    result = benchmark(model, partial(speechlm_loss, model), optimizer, cached, args.warmup, bf16)
     _print_results("cached", result)
     speedup = result["steps_per_s"] / ours["steps_per_s"]
     print(f"cache on / off: steps/s x{speedup:.2f}")
@@ -380,7 +381,7 @@ def main() -> None:
               f"TFLOP/s | MFU " + (f"{ours['mfu']:.2%}" if ours["mfu"] is not None else "n/a (unknown peak: --peak-tflops)"))
         result = {"header": header, "ours": ours}
         if args.cache:
-            result.update(run_cached(cfg, model, ours, batches, args, tmp))
+            result.update(run_cached(cfg, model, ours, batches, args, tmp, bf16))
         if args.vs_salm:
             result.update(run_salm(model, ours, batches, args.warmup, bf16, skipped))
         if args.cache and args.vs_salm:  # SALM has no feature cache: this is what the cache buys against it

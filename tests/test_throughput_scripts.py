@@ -63,3 +63,23 @@ def test_prealign_ranks_benchmark_tiny_two_ranks_align_the_one_process_connector
     assert result["max_weight_difference"] < 1e-4
     assert result["final_loss"]["2"] == pytest.approx(result["final_loss"]["1"], abs=2e-4)  # rounded to 4 digits
     assert result["speedup"] > 0
+
+
+def test_mfu_counts_the_adapter_at_its_stacked_positions(assets):
+    """A frame-stacking adapter runs every layer on frames / stack positions; it was counted per frame."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from mfu import model_flops_per_step
+
+    from nemo_speechlm.models import SpeechLMModel
+
+    model = SpeechLMModel(model_config(assets["llm"]))  # the tiny conformer, a stack-2 adapter, the LLM frozen
+    assert model.perception.modality_adapter.stack == 2
+
+    def counted(prefixes):
+        params = [p for n, p in model.named_parameters() if n.startswith(prefixes)]
+        return 2 * sum(p.numel() for p in params) + 4 * sum(p.numel() for p in params if p.requires_grad)
+
+    frames = 100
+    by_hand = (counted(("perception.preprocessor", "perception.encoder")) * frames
+               + counted(("perception.modality_adapter", "perception.proj")) * frames / 2)
+    assert model_flops_per_step(model, 0, frames) == pytest.approx(by_hand)
