@@ -4,6 +4,7 @@ import subprocess
 import sys
 import tarfile
 
+import numpy as np
 import pytest
 import soundfile
 import torch
@@ -16,6 +17,7 @@ from nemo_speechlm.data.datamodule import build_datamodule, fill_model_settings
 from nemo_speechlm.data.feature_cache import utterances_in
 from nemo_speechlm.data.resumable import skip_batches
 from nemo_speechlm.data.sources import LineSource
+from nemo_speechlm.data.utterance import utterance_key
 from nemo_speechlm.datagen.shar import write_shar
 from nemo_speechlm.errors import ConfigError, InputError, ManifestError
 from nemo_speechlm.models import MTBIModel
@@ -103,6 +105,15 @@ def test_conversion_resumes_at_the_first_unfinished_shard_and_refuses_other_inpu
         write_shar(behaviors, out, shard_size=4)
 
 
+def test_a_rerun_of_a_finished_conversion_keeps_its_skip_count(behaviors, tmp_path):
+    """The last, partial shard read the manifest to its end: a rerun read the invalid lines after it again and
+    counted them twice (1, 2, 2, ...)."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(open(behaviors).readlines()[:5]) + "not json\n")
+    runs = [write_shar(manifest, tmp_path / "shar", shard_size=3, skip_invalid=True) for _ in range(3)]
+    assert [r["skipped_invalid"] for r in runs] == [1, 1, 1] and [r["lines"] for r in runs] == [5, 5, 5]
+
+
 def test_audio_is_checked_when_converting_and_never_again_when_training(behaviors, shar_dir, tmp_path, monkeypatch):
     rows = [json.loads(line) for line in open(behaviors)]
     rows[4]["audio_filepath"] = str(tmp_path / "gone.wav")
@@ -147,6 +158,34 @@ def test_tarred_nemo_manifest_reads_like_the_manifest(behaviors, tmp_path):
         cut = entry_cut(entry, "x")
         assert cut.recording.id.startswith(str(tmp_path / "audio_"))  # qualified by its tar: unique across datasets
         assert torch.equal(torch.from_numpy(cut.load_audio()[0]), torch.from_numpy(soundfile.read(row["audio_filepath"], dtype="float32")[0]))
+
+
+def test_tarred_segments_of_one_file_read_like_the_manifest(tmp_path):
+    """Segments (``offset``) in a NeMo tarred dataset: the file is in the tar once, each line names a segment of it.
+    Two segments of equal length shared one recording key (a batch trained both on one audio), and a segment within
+    0.2 s of its file's length came back whole, offset ignored (NeMo's fast path)."""
+    rng = np.random.default_rng(0)
+    files = {name: tmp_path / f"{name}.wav" for name in ("a", "b")}
+    soundfile.write(files["a"], rng.uniform(-0.5, 0.5, 48000).astype(np.float32), 16000, subtype="PCM_16")  # 3 s
+    soundfile.write(files["b"], rng.uniform(-0.5, 0.5, 64000).astype(np.float32), 16000, subtype="PCM_16")  # 4 s
+    rows = [{"audio_filepath": str(files["a"]), "offset": 0.1, "duration": 2.9, "text": "small offset"},
+            {"audio_filepath": str(files["b"]), "offset": 0.0, "duration": 2.0, "text": "first half"},
+            {"audio_filepath": str(files["b"]), "offset": 2.0, "duration": 2.0, "text": "second half"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with tarfile.open(tmp_path / "audio_0.tar", "w") as tar, open(tmp_path / "manifest_0.json", "w") as f:
+        tar.add(files["a"], arcname="a.wav")
+        tar.add(files["b"], arcname="b.wav")
+        for row, name in zip(rows, ("a.wav", "b-sub1.wav", "b-sub2.wav")):
+            f.write(json.dumps({**row, "audio_filepath": name, "shard_id": 0}) + "\n")
+    tarred = LineSource(manifest_filepath=str(tmp_path / "manifest_0.json"),
+                        tarred_audio_filepaths=str(tmp_path / "audio_0.tar")).entries(required_text_fields=("text",))
+    local = {e["text"]: entry_cut(e, "x") for e in LineSource(manifest_filepath=str(manifest)).entries(("text",))}
+    cuts = {e["text"]: entry_cut(e, "y") for e in tarred}
+    assert len({utterance_key(c) for c in cuts.values()}) == 3
+    for text, cut in cuts.items():
+        assert cut.duration == pytest.approx(local[text].duration)
+        assert np.array_equal(cut.load_audio(), local[text].load_audio()), text
 
 
 def test_a_config_names_exactly_one_source_and_lines_without_one_audio_stay_jsonl():

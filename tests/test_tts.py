@@ -164,6 +164,8 @@ NORMALIZER_CASES = [
     ("He ran 5 km.", "He ran five kilometers."),
     ("Add 1/2 cup and 3/4 of the flour.", "Add a half cup and three quarters of the flour."),
     ("It fell to -5 degrees.", "It fell to minus five degrees."),
+    ("It is -5°C, and -3 km down.",  # the minus was dropped before °C and units
+     "It is minus five degrees Celsius, and minus three kilometers down."),
     ("Room #4 and No. 10", "Room number four and number ten"),
     ("Wait - what?", "Wait, what?"),
     ('He said "hello" (quietly).', "He said hello quietly."),

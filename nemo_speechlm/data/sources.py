@@ -90,6 +90,7 @@ class LineSource:
             return iter(CutSet.from_shar(in_dir=self.shar_path, shuffle_shards=self.shuffle_shards, seed=self.shard_seed))
         from nemo.collections.common.data.lhotse.nemo_adapters import LazyNeMoTarredIterator
 
+        _cut_segments_with_their_offset()
         tarred = LazyNeMoTarredIterator(self.manifest_filepath, self.tarred_audio_filepaths,
                                         shuffle_shards=self.shuffle_shards, shard_seed=self.shard_seed)
         # NeMo names a recording after its file inside the tar, which repeats across datasets (the
@@ -98,7 +99,32 @@ class LineSource:
 
 
 def _qualified(cut: Cut, prefix: str) -> Cut:
-    return fastcopy(cut, recording=fastcopy(cut.recording, id=f"{prefix}:{cut.recording.id}"))
+    """The recording named by its tar and, for a segment, its offset: NeMo gives every segment of one file the
+    file's name and a recording of its own starting at 0, so two segments of equal length had one key, and a batch
+    holding both trained them on one audio (lines without an offset keep their id, and their cached features)."""
+    offset = float((cut.custom or {}).get("offset") or 0.0)
+    segment = f"@{offset:.3f}" if offset else ""
+    return fastcopy(cut, recording=fastcopy(cut.recording, id=f"{prefix}:{cut.recording.id}{segment}"))
+
+
+def _cut_segments_with_their_offset() -> None:
+    """Fix NeMo's tarred reader (3.0) for lines with an offset. Its fast path ``offset == 0.0 and duration is None or
+    abs(duration - recording.duration) < 0.2`` binds as ``(...) or (...)``, so a segment within 0.2 s of its file's
+    length came back as the whole file, offset ignored (audio and word times shifted, silently). Segments it gets
+    wrong are cut here (``Cut.truncate``); everything else goes to NeMo's function as before."""
+    from nemo.collections.common.data.lhotse import nemo_adapters
+
+    nemo_cut = nemo_adapters.make_cut_with_subset_inmemory_recording
+    if getattr(nemo_cut, "cuts_segments_with_their_offset", False):
+        return
+
+    def make_cut(recording, offset: float = 0.0, duration: float | None = None):
+        if offset and duration is not None and abs(duration - recording.duration) < 0.2:
+            return recording.to_cut().truncate(offset=offset, duration=duration, preserve_id=True)
+        return nemo_cut(recording, offset=offset, duration=duration)
+
+    make_cut.cuts_segments_with_their_offset = True
+    nemo_adapters.make_cut_with_subset_inmemory_recording = make_cut
 
 
 ARCHIVE_EXCLUDED_FIELDS = ("manifest_origin", "tar_origin", "shard_origin", "shar_epoch")

@@ -57,8 +57,10 @@ def write_shar(
     # every line's audio was checked once, when its shard was written.
     last = done[-1] if done else {"next_line": 1, "lines": 0, "skipped": {}, "examples": {}}
     summary = SkipSummary(Counter(last["skipped"]), dict(last["examples"]))
-    entries = read_manifest(manifest, required_text_fields=(), skip_invalid=skip_invalid, summary=summary,
-                            start_line=last["next_line"])
+    # A last shard shorter than shard_size read the manifest to its end (invalid lines after it counted too):
+    # nothing is left to read, and reading again from its next line counted those lines twice.
+    entries = iter(()) if last.get("manifest_done") else read_manifest(
+        manifest, required_text_fields=(), skip_invalid=skip_invalid, summary=summary, start_line=last["next_line"])
     counts = {"lines": last["lines"], "shards_written": 0, "shards_before": len(done)}
     with tqdm(desc=f"Writing Shar to {out_dir}", unit="line", initial=last["lines"]) as bar:
         for shard in range(len(done), 1 << 30):
@@ -68,7 +70,7 @@ def write_shar(
             _write_shard(chunk, out_dir, work_dir, shard, audio_format)
             counts["lines"] += len(chunk)
             counts["shards_written"] += 1
-            done.append({"next_line": chunk[-1].line + 1, "lines": counts["lines"],
+            done.append({"next_line": chunk[-1].line + 1, "lines": counts["lines"], "manifest_done": len(chunk) < shard_size,
                          "skipped": dict(summary.counts), "examples": dict(summary.examples)})
             _write_json_atomically(work_dir / "shards.json", done)
             bar.update(len(chunk))

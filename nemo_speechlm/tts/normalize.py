@@ -233,14 +233,15 @@ def normalize_for_tts(text: str) -> str:
     text = re.sub(r"\b(?P<h>\d{1,2}):(?P<m>\d{2})\b(?:\s?(?P<ampm>[aApP]\.?[mM]\b\.?))?", _time, text)
     text = re.sub(r"\b(?P<h>\d{1,2})\s?(?P<ampm>[aApP]\.?[mM]\b\.?)", _time_no_minutes, text)
     text = re.sub(rf"(-?{num})\s?%", lambda m: f"{_number(m[1])} percent", text)
-    text = re.sub(rf"({num})\s?°\s?([CF])\b",
+    signed = rf"(?<!\w)-?{num}"  # "-5°C" is minus five ("10-20°C" keeps its range hyphen); it lost its minus
+    text = re.sub(rf"({signed})\s?°\s?([CF])\b",
                   lambda m: f"{_number(m[1])} degrees {'Celsius' if m[2] == 'C' else 'Fahrenheit'}", text)
     text = re.sub(r"°", " degrees", text)
     text = re.sub(r"\b(\d[\d,]*)(?:st|nd|rd|th)\b", _ordinal, text)
     text = re.sub(r"\b(1[1-9]\d0|20\d0)'?s\b", _decade, text)
     text = re.sub(r"(?<![\w'])'?([2-9]0)'?s\b", _decade, text)  # "the 80s"
     units = "|".join(re.escape(u) for u in sorted(_UNITS, key=len, reverse=True))
-    text = re.sub(rf"(?P<n>{num})\s?(?P<unit>{units})(?![\w/])", _unit, text)
+    text = re.sub(rf"(?P<n>{signed})\s?(?P<unit>{units})(?![\w/])", _unit, text)
     text = re.sub(r"(?<=\d)(?=[A-Za-z])|(?<=[A-Za-z])(?=\d)", " ", text)  # "3D", "MP3"
     text = re.sub(r"\b\d{3}-\d{3,4}(?:-\d{4})?\b", _digit_groups, text)  # phone numbers
     text = re.sub(r"\b(\d+)\s?-\s?(\d+)\b", lambda m: f"{_number(m[1])} to {_number(m[2])}", text)
