@@ -14,9 +14,9 @@ streams are endless (the lhotse loaders repeat the data) and deterministic given
 (``shard_seed: randomized`` resolves to one fixed value with ``num_workers`` loading in the main
 process's sampler), so the position is a count: the batches each rank has drawn, ``global_step *
 accumulate_grad_batches`` of the run that wrote the checkpoint, which records it (a resume with another
-``accumulate_grad_batches`` used to skip by its own, training batches twice or never). On resume, :class:`ResumableDataModule` replays that many batches through the
-*sampler* (cut metadata only, no audio is read) before training starts, group draws of a
-multi-config (joint SFT) sampler included.
+``accumulate_grad_batches`` used to skip by its own, training batches twice or never). On resume,
+:class:`ResumableDataModule` replays that many batches through the *sampler* (cut metadata only, no audio
+is read) before training starts, group draws of a multi-config (joint SFT) sampler included.
 
 The position belongs to one stream: each checkpoint records the training data config it was made
 with and its number of ranks (the datamodule's ``state_dict``), and a run resumed with other training data
