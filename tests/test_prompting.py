@@ -67,6 +67,25 @@ def test_a_system_prompt_takes_each_formats_own_system_role(tokenizer):
         encode_messages(resolve_prompt_formatter("qwen", tokenizer), messages)
 
 
+def test_a_template_that_refuses_system_turns_gets_the_system_prompt_in_the_first_user_turn(assets):
+    """Gemma's template raises "System role not supported": a system prompt (or a text SFT line's `system`) stopped
+    training at the first batch holding one. Its model card puts such instructions at the start of the user turn."""
+    from transformers import AutoTokenizer
+
+    from tests.tiny_assets import CHATML_TEMPLATE
+
+    hf = AutoTokenizer.from_pretrained(assets["llm"])
+    hf.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                        "{% endif %}" + CHATML_TEMPLATE)
+    with_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": "hello"}]
+    folded = [{"role": "user", "content": "Be brief.\n\nhi"}, {"role": "assistant", "content": "hello"}]
+    got, expected = tokenize_chat(hf, with_system), tokenize_chat(hf, folded)
+    assert got["input_ids"].tolist() == expected["input_ids"].tolist() and got["mask"].tolist() == expected["mask"].tolist()
+    hf.chat_template = CHATML_TEMPLATE  # a template with a system role keeps its system turn
+    assert "<|im_start|>system" in hf.decode(tokenize_chat(hf, with_system)["input_ids"])
+
+
 def test_bad_messages_are_rejected(tokenizer):
     hf = tokenizer.tokenizer
     with pytest.raises(ValueError, match="role 'robot'"):

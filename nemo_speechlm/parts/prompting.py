@@ -35,6 +35,8 @@ def tokenize_chat(hf_tokenizer, messages: list[dict], add_generation_prompt: boo
         if not isinstance(m.get("content"), str) or (m["role"] == "assistant" and not m["content"].strip()):
             raise ValueError(f"Message {i} ({m.get('role')}) has empty or non-string content: {m.get('content')!r}.")
 
+    messages = _system_in_first_user_turn_if_refused(hf_tokenizer, messages)
+
     def render(msgs, gen_prompt):
         return hf_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
 
@@ -57,6 +59,30 @@ def tokenize_chat(hf_tokenizer, messages: list[dict], add_generation_prompt: boo
         ids.extend(piece_ids)
         mask.extend([is_target] * len(piece_ids))
     return {"input_ids": torch.tensor(ids, dtype=torch.long), "mask": torch.tensor(mask, dtype=torch.bool)}
+
+
+_TEMPLATE_TAKES_SYSTEM: dict[str, bool] = {}
+
+
+def _system_in_first_user_turn_if_refused(hf_tokenizer, messages: list[dict]) -> list[dict]:
+    """``messages`` with a leading system turn moved to the start of the first user turn when the chat template
+    refuses system turns (Gemma's raises "System role not supported"; its model card puts such instructions in
+    the first user turn). A system prompt or a text SFT line with ``system`` stopped joint SFT's default LLM, with
+    a traceback at the first batch holding one."""
+    if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+        return messages
+    template = hf_tokenizer.chat_template
+    if template not in _TEMPLATE_TAKES_SYSTEM:
+        try:
+            hf_tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                             tokenize=False)
+            _TEMPLATE_TAKES_SYSTEM[template] = True
+        except Exception:  # jinja's TemplateError from the template's raise_exception, whatever it says
+            _TEMPLATE_TAKES_SYSTEM[template] = False
+    if _TEMPLATE_TAKES_SYSTEM[template]:
+        return messages
+    system, user, *rest = messages
+    return [{"role": "user", "content": f"{system['content']}\n\n{user['content']}"}, *rest]
 
 
 def _suffix_after(prefix: str, text: str) -> str:
