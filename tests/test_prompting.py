@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from nemo_speechlm.parts.prompting import ChatTemplatePromptFormatter, encode_messages, resolve_prompt_formatter, tokenize_chat
 from nemo_speechlm.parts.llm import load_tokenizer
@@ -54,17 +55,17 @@ def test_nemo_prompt_formatter_names_work(tokenizer):
 
 
 def test_a_system_prompt_takes_each_formats_own_system_role(tokenizer):
-    """llama3 has a `system` role, llama2 only `system_and_user`, qwen neither: generation sent every NeMo format
-    `system_and_user` (an AssertionError for all but llama2) and training `system`."""
-    from nemo_speechlm.errors import ConfigError
-
+    """llama3 has a `system` role, llama2 only `system_and_user`, qwen neither (the system prompt starts its user turn,
+    as for a chat template that refuses system turns): generation sent every NeMo format `system_and_user` (an
+    AssertionError for all but llama2) and training `system`."""
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     for name, marker in (("llama3", "<|start_header_id|>system<|end_header_id|>"), ("llama2", "<<SYS>>")):
         ids = encode_messages(resolve_prompt_formatter(name, tokenizer), messages)["input_ids"]
         text = tokenizer.tokenizer.decode(ids)
         assert "Be brief." in text and marker in text, (name, text)
-    with pytest.raises(ConfigError, match="prompt format 'qwen' has no system role"):
-        encode_messages(resolve_prompt_formatter("qwen", tokenizer), messages)
+    qwen = resolve_prompt_formatter("qwen", tokenizer)
+    assert torch.equal(encode_messages(qwen, messages)["input_ids"],
+                       encode_messages(qwen, [{"role": "user", "content": "Be brief.\n\nhi"}])["input_ids"])
 
 
 def test_a_template_that_refuses_system_turns_gets_the_system_prompt_in_the_first_user_turn(assets):

@@ -290,14 +290,14 @@ def _drop_answers_to_old_transcripts(out_dir: Path, items: list[dict]) -> None:
     scored against the text LLM's answer to the old transcript. References and prediction lines carry the
     transcript they were made with (references written before 2026-12-07 do not; their predictions do)."""
     now = {it["key"]: it["entry"][TRANSCRIPT_FIELD] for it in items}
-    files = [out_dir / REFERENCES, out_dir / PREDICTIONS]
-    stale = {r["key"] for path in files for r in _read_jsonl(path)
+    cached = {path: _read_jsonl(out_dir / path) for path in (REFERENCES, PREDICTIONS)}
+    stale = {r["key"] for records in cached.values() for r in records
              if r["key"] in now and "transcript" in r and r["transcript"] != now[r["key"]]}
     if not stale:
         return
     why = f"items whose transcript changed in the manifest ({len(stale)} items, e.g. {min(stale)!r})"
-    keep_only(files[0], {r["key"] for r in _read_jsonl(files[0])} - stale, why=why)
-    keep_only(files[1], {_prediction_key(r) for r in _read_jsonl(files[1]) if r["key"] not in stale},
+    keep_only(out_dir / REFERENCES, {r["key"] for r in cached[REFERENCES]} - stale, why=why)
+    keep_only(out_dir / PREDICTIONS, {_prediction_key(r) for r in cached[PREDICTIONS] if r["key"] not in stale},
               key=_prediction_key, why=why)
 
 

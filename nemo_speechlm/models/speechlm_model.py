@@ -103,7 +103,9 @@ class SpeechLMModel(ModelPT):
             lora_cfg = OmegaConf.to_container(self.cfg.lora, resolve=True)
             self.llm = get_peft_model(self.llm, LoraConfig(**lora_cfg))
         if self.cfg.get("lora") or encoder_lora:
-            patterns = [LORA_PARAM_PATTERN] + ([LORA_MODULES_TO_SAVE_PATTERN] if (self.cfg.get("lora") or {}).get("modules_to_save") else [])
+            patterns = [LORA_PARAM_PATTERN]
+            if (self.cfg.get("lora") or {}).get("modules_to_save"):
+                patterns.append(LORA_MODULES_TO_SAVE_PATTERN)
             with open_dict(self._cfg):
                 keep = list(self._cfg.get("prevent_freeze_params", []))
                 self._cfg.prevent_freeze_params = keep + [p for p in patterns if p not in keep]

@@ -200,9 +200,10 @@ def bleu(references: Sequence[str], hypotheses: Sequence[str],
     langs = [target_langs] * len(references) if target_langs is None or isinstance(target_langs, str) else list(target_langs)
     if len(langs) != len(references):
         raise ValueError(f"{len(references)} references but {len(langs)} target languages")
-    tokenized = [(_bleu_tokenize(bleu_tokenizer(lang))(r.rstrip()), _bleu_tokenize(bleu_tokenizer(lang))(h.rstrip()))
-                 for r, h, lang in zip(references, hypotheses, langs)]
-    return sacrebleu.corpus_bleu([h for _, h in tokenized], [[r for r, _ in tokenized]], tokenize="none").score
+    tokenizers = [_bleu_tokenize(bleu_tokenizer(lang)) for lang in langs]
+    refs = [tokenize(r.rstrip()) for tokenize, r in zip(tokenizers, references)]
+    hyps = [tokenize(h.rstrip()) for tokenize, h in zip(tokenizers, hypotheses)]
+    return sacrebleu.corpus_bleu(hyps, [refs], tokenize="none").score  # as sacrebleu's own, each pair pre-tokenized
 
 
 def chrf(references: Sequence[str], hypotheses: Sequence[str]) -> float:

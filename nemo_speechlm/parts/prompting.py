@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 from nemo.collections.common.prompts.formatter import Modality, PromptFormatter
 
-from nemo_speechlm.errors import ConfigError
-
 CHAT_TEMPLATE_FORMAT = "speechlm_chat_template"
 
 ROLES = ("system", "user", "assistant")
@@ -82,7 +80,7 @@ def _system_in_first_user_turn_if_refused(hf_tokenizer, messages: list[dict]) ->
     if _TEMPLATE_TAKES_SYSTEM[template]:
         return messages
     system, user, *rest = messages
-    return [{"role": "user", "content": f"{system['content']}\n\n{user['content']}"}, *rest]
+    return [{"role": "user", "content": _system_first(system["content"], user["content"])}, *rest]
 
 
 def _suffix_after(prefix: str, text: str) -> str:
@@ -149,16 +147,19 @@ def encode_messages(formatter: PromptFormatter, messages: list[dict]) -> dict[st
 
 def with_system_turn_for(formatter: PromptFormatter, turns: list[dict]) -> list[dict]:
     """NeMo ``turns`` whose leading ``system`` turn is the one ``formatter`` takes: a ``system`` role where it has
-    one (chat templates, llama3, qwen3, ...), else merged into the first user turn as ``system_and_user`` (llama2);
-    a format with neither (qwen, gemma, ...) cannot take a system prompt: a :class:`ConfigError`. Training, the KL
-    teacher and generation all go through here (generation used to send every NeMo format ``system_and_user``,
-    which only llama2 has, and training ``system``)."""
-    if not turns or turns[0]["role"] != "system" or "system" in formatter.TEMPLATE:
+    one (chat templates, llama3, qwen3, ...), else merged into the first user turn as ``system_and_user`` (llama2),
+    else put at the start of the first user turn's text (qwen, gemma, ...; as :func:`tokenize_chat` does for a chat
+    template that refuses system turns). Training, the KL teacher and generation all go through here (generation
+    used to send every NeMo format ``system_and_user``, which only llama2 has, and training ``system``)."""
+    if len(turns) < 2 or turns[0]["role"] != "system" or "system" in formatter.TEMPLATE:
         return turns
-    if "system_and_user" not in formatter.TEMPLATE:
-        raise ConfigError(f"prompt format {formatter.NAME!r} has no system role, so a system prompt cannot be given",
-                          "drop the system prompt (system_prompt / --system-prompt / the line's `system`) or set "
-                          "model.prompt_format to a format with one (null: the LLM's chat template)")
     system, first, *rest = turns
-    return [{"role": "system_and_user", "slots": {"system": system["slots"]["message"], "message": first["slots"]["message"]}},
-            *rest]
+    system_text, first_text = system["slots"]["message"], first["slots"]["message"]
+    if "system_and_user" in formatter.TEMPLATE:
+        return [{"role": "system_and_user", "slots": {"system": system_text, "message": first_text}}, *rest]
+    return [{"role": first["role"], "slots": {"message": _system_first(system_text, first_text)}}, *rest]
+
+
+def _system_first(system: str, user: str) -> str:
+    """A system prompt in the user turn of a format without a system role (Gemma's model card: instructions first)."""
+    return f"{system}\n\n{user}"
