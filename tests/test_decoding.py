@@ -127,3 +127,17 @@ def test_respond_batched_equals_one_at_a_time_with_speech_text_and_mixed_caps(as
     single = [model.respond([a], [p], batch_size=1, max_new_tokens=c)[0] for a, p, c in zip(audios, prompts, caps)]
     assert batched == single
     assert all(batched)
+
+
+def test_a_stop_string_that_is_a_special_token_ends_the_row(llm, assets):
+    """Answers are decoded without special tokens, so a stop string such as ``<|im_end|>`` never matched as text
+    and the row ran to its cap; it ends the row as an end token does."""
+    model, tokenizer = llm
+    ids, mask = left_padded(tokenizer, TEXTS)
+    reference = hf_greedy(model, tokenizer, TEXTS[2], 10)
+    special = AutoTokenizer.from_pretrained(assets["llm"])  # the fixture's tokenizer stays as it is
+    stop = special.convert_ids_to_tokens(reference[4])
+    special.add_special_tokens({"additional_special_tokens": [stop]})
+    assert reference[4] not in reference[:4]
+    stopped = decode(model, ids, mask, 10, end_ids=[], stop_strings=[stop], tokenizer=special)[2]
+    assert stopped.finished and stopped.tokens == reference[:4]

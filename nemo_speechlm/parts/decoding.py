@@ -80,6 +80,7 @@ def decode(
         raise ValueError(f"decode() got {len(caps)} max_new_tokens for {rows} rows")
     if stop_strings and tokenizer is None:
         raise ValueError("decode() needs the tokenizer to look for stop strings")
+    end_ids, stop_strings = _special_stops_as_end_ids(tokenizer, end_ids, stop_strings)
     outputs: list[list[int]] = [[] for _ in range(rows)]
     finished = [False] * rows
     live = torch.tensor([i for i in range(rows) if caps[i] > 0], dtype=torch.long)
@@ -201,6 +202,17 @@ class _Stepper:
     def __call__(self, mask: torch.Tensor, positions: torch.Tensor, **inputs) -> torch.Tensor:
         kwargs = {self.cache_argument: self.cache, "attention_mask": mask, "position_ids": positions}
         return self.llm(**inputs, **kwargs, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+def _special_stops_as_end_ids(tokenizer, end_ids: Collection[int], stop_strings: Sequence[str]) -> tuple[set[int], list[str]]:
+    """Stop strings that are one special token (``<|im_end|>``, ``<end_of_turn>``) become end ids: the answer's
+    text is decoded without special tokens, so as strings they never matched and the row ran to its cap."""
+    if not stop_strings:
+        return set(end_ids), []
+    special = set(tokenizer.all_special_tokens)
+    special |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    token_stops = {tokenizer.convert_tokens_to_ids(s) for s in stop_strings if s in special}
+    return set(end_ids) | token_stops, [s for s in stop_strings if s not in special]
 
 
 def _has_stop(tokenizer, tokens: list[int], stop_strings: Sequence[str]) -> bool:
