@@ -30,6 +30,7 @@ from nemo.collections.speechlm2 import SALM
 from nemo.collections.speechlm2.parts.optim_setup import is_frozen
 from nemo_speechlm.data.datamodule import build_datamodule
 from nemo_speechlm.models import SpeechLMModel
+from nemo_speechlm.models.speechlm_model import IGNORE_INDEX
 from nemo_speechlm.parts.llm import resolve_llm_source
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.tiny_assets
 from tests.tiny_assets import make_tiny_llm, make_wav_manifest  # noqa: E402
@@ -131,15 +132,18 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def sequence_stats(model, batches: list[Batch], device: torch.device) -> tuple[int, int, float]:
-    """Attended and total LLM positions after audio splicing, and seconds of audio, over ``batches``."""
-    attended = total = 0
+def sequence_stats(model, batches: list[Batch], device: torch.device) -> tuple[int, int, int, float]:
+    """Attended and total LLM positions after audio splicing, trained (target) tokens, and seconds of audio,
+    over ``batches``."""
+    attended = total = targets = 0
     for batch in batches:
-        mask = model.prepare_inputs(to_device(batch, device))["attention_mask"]
+        inputs = model.prepare_inputs(to_device(batch, device))
+        mask = inputs["attention_mask"]
         attended, total = attended + int(mask.sum()), total + mask.numel()
+        targets += int((inputs["target_ids"] != IGNORE_INDEX).sum())
     if "encoder_feature_lens" in batches[0]:  # read from the feature cache: count the encoded seconds
-        return attended, total, sum(int(b["encoder_feature_lens"].sum()) for b in batches) * model.encoder_frame_duration
-    return attended, total, sum(int(b["audio_lens"].sum()) for b in batches) / model.sampling_rate
+        return attended, total, targets, sum(int(b["encoder_feature_lens"].sum()) for b in batches) * model.encoder_frame_duration
+    return attended, total, targets, sum(int(b["audio_lens"].sum()) for b in batches) / model.sampling_rate
 
 
 def benchmark(model, loss_fn: LossFn, optimizer, batches: list[Batch], warmup: int, bf16: bool) -> dict:
@@ -160,12 +164,13 @@ def benchmark(model, loss_fn: LossFn, optimizer, batches: list[Batch], warmup: i
         optimizer.zero_grad(set_to_none=True)
     sync()
     seconds = time.perf_counter() - start
-    attended, total, audio_seconds = sequence_stats(model, batches[warmup:], device)
+    attended, total, targets, audio_seconds = sequence_stats(model, batches[warmup:], device)
     return {
         "steps": len(batches) - warmup,
         "seconds": seconds,
         "steps_per_s": (len(batches) - warmup) / seconds,
         "llm_tokens_per_s": attended / seconds,
+        "target_tokens_per_s": targets / seconds,
         "audio_seconds_per_s": audio_seconds / seconds,
         "padding_share": 1 - attended / total,
         "peak_memory_mib": peak_memory_mib(device),

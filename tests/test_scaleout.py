@@ -45,8 +45,9 @@ from omegaconf import OmegaConf
 from nemo_speechlm.data.datamodule import build_datamodule
 from nemo_speechlm.data.resumable import skip_batches
 from nemo_speechlm.errors import ConfigError
+from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.parts.distributed import broadcast_from_rank0, resolve_strategy
-from tests.conftest import REPO, nemo_weights, run_on_ranks
+from tests.conftest import REPO, model_config, nemo_weights, run_on_ranks
 from tests.test_joint_sft import _joint_data_cfg, _single_loader, data, model  # noqa: F401  (fixtures)
 from tests.test_mtbi import behaviors, whisper_dir  # noqa: F401  (fixtures)
 
@@ -324,3 +325,52 @@ def test_ranks_with_uneven_shares_fill_the_cache_with_a_nemo_conformer(assets, t
     two = run_on_ranks(fill, 2, tmp_path, tmp_path / "cache2")
     assert [two[r][0] for r in (0, 1)] == [2, 1]
     assert two[0][1] == two[1][1] == one[1] > 4
+
+
+class _LoggingModel(SpeechLMModel):
+    """Records what the validation hooks log (no trainer in these processes)."""
+
+    def log(self, name, value, **kwargs):
+        self.logged[name] = float(value)
+
+
+@pytest.mark.parametrize("shares", [[(0,), (1, 2)], [(0, 1, 2), ()]], ids=["uneven", "rank 1 drew nothing"])
+def test_validation_metrics_are_means_over_every_ranks_batches(assets, tmp_path, shares):
+    """Logged per rank, val_loss and val_acc were rank 0's share of the validation data (lhotse splits it across
+    ranks); every rank now logs the mean over all ranks' batches, also when a rank drew none (no hang)."""
+    torch.manual_seed(0)
+    model = _LoggingModel(model_config(assets["llm"])).eval()
+    # The Conformer all-reduces its longest input in every forward; here the ranks run unequal numbers of batches
+    model.perception.encoder.sync_max_audio_length = False
+    cfg = OmegaConf.create({"train_ds": {"input_cfg": [{"type": "speechlm_manifest", "prompt": "Repeat: <|audio|>",
+                                                        "manifest_filepath": str(assets["manifest"])}],
+                                         "batch_size": 3, "shuffle": False, "num_workers": 0, "seed": 0, "shard_seed": 0}})
+    dm = build_datamodule(cfg, model)
+    dm.setup("fit")
+    batches = [batch for _, batch in zip(range(3), dm.train_dataloader())]
+
+    def validate(rank: int, indices=(0, 1, 2)) -> dict:
+        model.logged = {}
+        model.on_validation_epoch_start()
+        with torch.no_grad():
+            for i in (shares[rank] if rank is not None else indices):
+                model.validation_step(batches[i], i)
+        model.on_validation_epoch_end()
+        return model.logged
+
+    everything = validate(None)
+    assert set(everything) == {"val_loss", "val_acc"}
+    rank_0_alone = validate(None, shares[0])
+    if shares[1]:
+        assert rank_0_alone["val_loss"] != pytest.approx(everything["val_loss"], rel=1e-3)
+    results = run_on_ranks(validate, 2, tmp_path)
+    for rank in (0, 1):
+        assert results[rank] == pytest.approx(everything, rel=1e-5)
+    # and Lightning logs them so (one process)
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    plain = SpeechLMModel(model.cfg)
+    plain.load_state_dict(model.state_dict())
+    trainer.validate(plain, dataloaders=torch.utils.data.DataLoader(batches, batch_size=None), verbose=False)
+    assert {k: float(v) for k, v in trainer.callback_metrics.items()} == pytest.approx(everything, rel=1e-5)

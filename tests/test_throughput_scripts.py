@@ -82,4 +82,19 @@ def test_mfu_counts_the_adapter_at_its_stacked_positions(assets):
     frames = 100
     by_hand = (counted(("perception.preprocessor", "perception.encoder")) * frames
                + counted(("perception.modality_adapter", "perception.proj")) * frames / 2)
-    assert model_flops_per_step(model, 0, frames) == pytest.approx(by_hand)
+    assert model_flops_per_step(model, 0, frames, 0) == pytest.approx(by_hand)
+
+
+def test_mfu_counts_the_lm_head_at_trained_positions_only(assets):
+    """The loss computes logits only where a token is trained; the LM head was counted at every position."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from mfu import model_flops_per_step
+
+    from nemo_speechlm.models import SpeechLMModel
+
+    model = SpeechLMModel(model_config(assets["llm"]))  # the LLM frozen: forward + activation gradient, 4 N
+    llm = model.llm
+    head = llm.get_output_embeddings().weight.numel()
+    body = sum(p.numel() for p in llm.parameters()) - llm.get_input_embeddings().weight.numel()
+    body -= 0 if llm.get_output_embeddings().weight is llm.get_input_embeddings().weight else head
+    assert model_flops_per_step(model, 10, 0, 3) == pytest.approx(4 * body * 10 + 4 * head * 3)

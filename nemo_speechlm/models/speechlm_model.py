@@ -33,6 +33,7 @@ from nemo_speechlm.models.reference_weights import check_reference_weights, refe
 from nemo_speechlm.modules.ctc_readout import CTCReadout
 from nemo_speechlm.modules.perception import build_perception, fill_pretrained_encoder_config
 from nemo_speechlm.parts.checkpoint import stamp_checkpoint_format
+from nemo_speechlm.parts.distributed import means_over_ranks
 from nemo_speechlm.parts.fsdp import shard_model
 from nemo_speechlm.parts.decoding import cut_at_stop, decode, end_token_ids, length_sorted_batches, sampler
 from nemo_speechlm.parts.llm import load_llm, load_tokenizer, pack_llm_files, resolve_llm_source, unpack_llm_files
@@ -81,6 +82,7 @@ class SpeechLMModel(ModelPT):
         self._freeze()
         self.prompt_formatter = resolve_prompt_formatter(self.cfg.get("prompt_format"), self.tokenizer)
         self._packing_checked = False  # model.pack_sequences: the LLM is tried once, at the first packed batch
+        self._validation_totals: dict[str, torch.Tensor] = {}  # per validation set: [samples, loss sum, acc sum]
         counts = self.parameter_counts()
         logging.info(
             f"{type(self).__name__}: {counts['trainable']:,} trainable of {counts['total']:,} parameters "
@@ -347,11 +349,21 @@ class SpeechLMModel(ModelPT):
             acc = (logits.argmax(-1)[valid] == targets[valid]).float().mean()
             suffix = f"_{name}" if name else ""
             bs = sub["input_ids"].shape[0]
-            # On several devices these are rank 0's share of the validation data (lhotse splits it across ranks).
-            # Not sync_dist: a rank that draws no batch of a loader never logs its key, and the epoch-end
-            # all-reduce of the others would wait for it.
-            self.log(f"val_loss{suffix}", loss, on_epoch=True, batch_size=bs, prog_bar=not name)
-            self.log(f"val_acc{suffix}", acc, on_epoch=True, batch_size=bs)
+            batch_totals = torch.stack([loss.new_tensor(float(bs)), loss.detach().float() * bs, acc * bs])
+            self._validation_totals[suffix] = self._validation_totals.get(suffix, 0) + batch_totals
+
+    def on_validation_epoch_start(self) -> None:
+        self._validation_totals = {}
+
+    def on_validation_epoch_end(self) -> None:
+        """``val_loss`` / ``val_acc`` (per set: ``val_loss_<name>``), means over the batches weighted by their
+        samples, as Lightning's epoch means, but over every rank's batches: logged per rank, they were rank 0's
+        share of the validation data (lhotse splits it across ranks). Not ``sync_dist``: a rank that drew no batch
+        of a loader never logged its key, and the others' epoch-end all-reduce would wait for it."""
+        totals = {suffix: values.tolist() for suffix, values in self._validation_totals.items()}
+        for suffix, (loss, acc) in means_over_ranks(totals).items():
+            self.log(f"val_loss{suffix}", loss, prog_bar=not suffix)
+            self.log(f"val_acc{suffix}", acc)
 
     def on_train_start(self) -> None:
         """Resuming: this run's optimizer and scheduler settings apply from the checkpoint's step, where

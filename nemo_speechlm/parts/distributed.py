@@ -93,6 +93,24 @@ def sum_over_ranks(tensors: list[torch.Tensor]) -> None:
             offset += tensor.numel()
 
 
+def means_over_ranks(totals: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Weighted means over every rank of running totals ``{name: [weight, weighted sum 1, weighted sum 2, ...]}``:
+    ``{name: [mean 1, mean 2, ...]}``, names no rank weighed left out. Every rank calls it (a collective), one
+    that saw nothing with ``{}``; names may differ between ranks (a rank drew no batch of a loader), which is
+    why the totals travel as objects rather than in a fixed-size all-reduce."""
+    gathered = [totals]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, totals)
+    combined: dict[str, list[float]] = {}
+    for part in gathered:
+        for name, values in part.items():
+            into = combined.setdefault(name, [0.0] * len(values))
+            for i, value in enumerate(values):
+                into[i] += value
+    return {name: [value / into[0] for value in into[1:]] for name, into in sorted(combined.items()) if into[0] > 0}
+
+
 @contextmanager
 def encoding_on_this_rank_only(model) -> Iterator[None]:
     """Encode speech on this rank alone, for work before ``fit`` where ranks encode different numbers of batches
