@@ -220,9 +220,16 @@ def test_fp32_cached_features_into_a_bf16_adapter(assets, whisper_dir, encoder):
     assert abs(loss16 - loss32) <= LOSS_RTOL * abs(loss32)
 
 
-def test_bf16_llm_inference_with_fp32_perception(assets, whisper_dir):
-    """What ``inference.load_model(bf16=True)`` does (it needs CUDA; the same casts on CPU here)."""
-    model = build_model(assets, whisper_dir, "whisper")
+@pytest.mark.parametrize("ctc_readout", [False, True], ids=["plain", "ctc_readout"])
+def test_bf16_llm_inference_with_fp32_perception(assets, whisper_dir, ctc_readout):
+    """What ``inference.load_model(bf16=True)`` does (it needs CUDA; the same casts on CPU here). With MTBI's
+    CTC read-out, the fp32 connector outputs met the bf16 vocabulary embeddings in one matmul (a dtype error)."""
+    torch.manual_seed(0)
+    cfg = model_config(assets["llm"], ctc_readout=ctc_readout)
+    cfg.perception.update(tiny_whisper_perception(whisper_dir))
+    model = SpeechLMModel(cfg).eval()
+    if ctc_readout:
+        model.ctc_readout.set_vocabulary(list(range(5, 60)))
     wav = str(sorted((assets["root"] / "data" / "wav").glob("*.wav"))[0])
     model.llm.to(torch.bfloat16)
     answer = model.respond([wav], ["Repeat: <|audio|>"], max_new_tokens=3)

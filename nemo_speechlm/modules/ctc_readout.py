@@ -72,8 +72,10 @@ class CTCReadout(nn.Module):
         return torch.cat([self.blank.to(vocabulary.dtype), vocabulary], 0)
 
     def logits(self, outputs: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
-        """CTC logits ``(positions, 1 + V)`` of one utterance's connector outputs; class 0 is blank."""
-        return outputs @ self.classes(vocabulary).T
+        """CTC logits ``(positions, 1 + V)`` of one utterance's connector outputs; class 0 is blank. In the
+        vocabulary's dtype: bf16 inference (``load_model(bf16=True)``) keeps the connector fp32 and the LLM's
+        embeddings bf16."""
+        return outputs.to(vocabulary.dtype) @ self.classes(vocabulary).T
 
     def greedy_token_ids(self, outputs: torch.Tensor, vocabulary: torch.Tensor) -> list[int]:
         """Greedy CTC decoding of one utterance: LLM token ids (best class per position, runs merged, blanks dropped)."""
