@@ -327,6 +327,25 @@ def test_ranks_with_uneven_shares_fill_the_cache_with_a_nemo_conformer(assets, t
     assert two[0][1] == two[1][1] == one[1] > 4
 
 
+def test_a_resumed_fill_shares_what_is_left_evenly(assets, tmp_path):  # noqa: F811
+    """A fill stopped after rank 0 cached its share: split before dropping cached utterances, rank 1 then encoded
+    its whole share while rank 0 waited at the barrier (past NCCL's timeout on a large corpus)."""
+    from nemo_speechlm.data.feature_cache import FeatureCache, fill_feature_cache
+    from tests.test_connector import utterances
+
+    model = SpeechLMModel(model_config(assets["llm"]))
+    model.perception.encoder.sync_max_audio_length = False  # unequal shares by design in the old split
+    cuts = [cut for cut, _ in utterances(assets)[:4]]
+    cache_dir = tmp_path / "cache"
+    fill_feature_cache(model, FeatureCache(cache_dir, "fp"), cuts[0::2], batch_size=1)  # rank 0's share of 2
+
+    def fill(rank: int) -> int:
+        return fill_feature_cache(model, FeatureCache(cache_dir, "fp"), cuts, batch_size=1)["encoded"]
+
+    assert run_on_ranks(fill, 2, tmp_path) == {0: 1, 1: 1}
+    assert all(cut in FeatureCache(cache_dir, "fp") for cut in cuts)
+
+
 class _LoggingModel(SpeechLMModel):
     """Records what the validation hooks log (no trainer in these processes)."""
 

@@ -143,9 +143,11 @@ def fill_feature_cache(model, cache: FeatureCache, cuts: list[Cut], batch_size: 
     length and batch size change how the GEMMs are blocked); callers that want the same features
     whatever else is cached fill in a fixed order (the training recipe: the pre-alignment manifest first).
 
-    With a process group (``nemo_speechlm.parts.distributed.start_ranks``), rank ``r`` of ``N``
-    encodes the distinct utterances ``r, r+N, ...`` (a split that does not depend on what other ranks
-    have written meanwhile), then every rank waits at a barrier, so all of them read a full cache.
+    With a process group (``nemo_speechlm.parts.distributed.start_ranks``), rank ``r`` of ``N`` encodes the
+    uncached distinct utterances ``r, r+N, ...``, listed after a barrier (so every rank lists the same ones), then
+    every rank waits at a barrier, so all of them read a full cache. Split before dropping what was cached, a
+    fill resumed after a crash left one rank its whole share while the others waited at the barrier, past NCCL's
+    timeout on a large corpus.
     """
     from nemo_speechlm.parts.distributed import barrier, encoding_on_this_rank_only, rank_and_world
 
@@ -154,16 +156,17 @@ def fill_feature_cache(model, cache: FeatureCache, cuts: list[Cut], batch_size: 
     distinct: dict[str, Cut] = {}
     for cut in cuts:
         distinct.setdefault(utterance_key(cut), cut)
-    mine = list(distinct.values())[rank::world]
-    todo = [cut for cut in mine if cut not in cache]
-    counts = {"utterances": len(distinct), "cached_before": len(mine) - len(todo), "encoded": 0}
+    barrier()  # no rank lists the cache while another still writes to it
+    uncached = [cut for cut in distinct.values() if cut not in cache]
+    todo = uncached[rank::world]
+    counts = {"utterances": len(distinct), "cached_before": len(distinct) - len(uncached), "encoded": 0}
     if world > 1:
-        counts.update(rank=rank, this_rank=len(mine))
+        counts.update(rank=rank, this_rank=len(todo))
     was_training = model.training
     model.eval()
     try:
         with encoding_on_this_rank_only(model), \
-                tqdm(total=len(mine), initial=counts["cached_before"], desc="Caching encoder features", unit="utt") as bar:
+                tqdm(total=len(todo), desc="Caching encoder features", unit="utt") as bar:
             for start in range(0, len(todo), batch_size):
                 batch_cuts = todo[start : start + batch_size]
                 wavs = [
