@@ -103,6 +103,8 @@ def run_rank(rank: int, world: int, args: argparse.Namespace, overrides: list[st
     """One process of one run: pre-align, time it, and (rank 0) write the connector and the numbers."""
     torch.set_num_threads(threads)
     device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's collectives and object transfers use the current device
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{root}/init{world}",
                                              rank=rank, world_size=world, timeout=datetime.timedelta(minutes=5))
