@@ -15,7 +15,7 @@ from nemo_speechlm.data.datamodule import build_datamodule, fill_model_settings
 from nemo_speechlm.data.conversations import cut_for_audio
 from nemo_speechlm.data.feature_cache import fill_feature_cache, open_feature_cache, transcribed_utterances, utterances_in
 from nemo_speechlm.data.manifest import read_manifest
-from nemo_speechlm.data.preflight import check_clip_lengths, check_training_data
+from nemo_speechlm.data.preflight import check_clip_lengths, check_pre_alignment_data, check_training_data
 from nemo_speechlm.errors import ConfigError
 from nemo_speechlm.parts.checkpoint import check_resume_fits
 from nemo_speechlm.parts.connector_ctc import (ALIGNED_CONNECTOR_PREFIXES, freeze_aligned_connector, load_aligned_connector,
@@ -43,6 +43,7 @@ def train(cfg: DictConfig, model_cls) -> Path:
         raise ConfigError(f"config: output_scope is {scope!r}, not one of {', '.join(OUTPUT_SCOPES)}",
                           "output_scope=full (every weight) or output_scope=trainable (without the frozen base weights)")
     clips = check_training_data(cfg)
+    check_pre_alignment_data(cfg)
     # Data configs are copied around by NeMo's loaders and lose their root: resolve
     # interpolations such as ${model.audio_locator_tag} now.
     OmegaConf.resolve(cfg.data)
@@ -53,9 +54,11 @@ def train(cfg: DictConfig, model_cls) -> Path:
         trainer_cfg["limit_val_batches"] = 0  # Lightning rejects a missing val dataloader otherwise
     try:
         trainer = Trainer(**trainer_cfg)
-    except MisconfigurationException as exc:  # Lightning's word for trainer settings this machine cannot run
-        raise ConfigError(f"trainer: {exc}", "set trainer.accelerator / trainer.devices / trainer.strategy to what this "
-                          "machine has (e.g. trainer.accelerator=cpu)") from exc
+    except (MisconfigurationException, ValueError) as exc:  # settings this machine cannot run, or unknown ones
+        # (Lightning raises ValueError for an unknown precision or strategy name)
+        raise ConfigError(f"trainer: {exc}", "set trainer.accelerator / trainer.devices / trainer.strategy / "
+                          "trainer.precision to values Lightning knows and this machine has (e.g. trainer.accelerator=cpu)"
+                          ) from exc
     log_dir = exp_manager(trainer, cfg.get("exp_manager"))
     start_ranks(trainer)  # several devices: the other ranks and the process group now, so pre-fit work is shared
     model = model_cls(cfg.model, trainer=trainer)

@@ -107,6 +107,9 @@ def files(assets, tmp_path_factory) -> dict:
         "llm": str(assets["llm"]),
         "whisper_dir": str(root / "whisper"),
     }
+    f["good_manifest"] = write_jsonl(root / "good_manifest.jsonl", rows[:2])
+    f["empty_manifest"] = write_jsonl(root / "empty_manifest.jsonl", [])
+    f["only_missing_audio"] = write_jsonl(root / "only_missing_audio.jsonl", [{**rows[1], "audio_filepath": str(root / "gone.wav")}])
     f["empty_line"] = write_jsonl(root / "empty_line.jsonl", [rows[0], {**rows[1], "audio_filepath": f["empty"], "duration": 0.1}])
     f["long_manifest"] = write_jsonl(root / "long.jsonl", [rows[0], {**rows[1], "audio_filepath": f["long"], "duration": 45.0}])
     (root / "catalog.yaml").write_text("tasks: [unclosed\n")
@@ -274,11 +277,31 @@ TRAIN_ERRORS = {  # row: (overrides, pattern of the error line, whether a model 
         ".*long.wav" + E(": 45.0 s of audio is longer than the encoder's 30 s window — set model.encoder_chunk_size_seconds=30"),
         True),
 }
+TRAINER_FIX = ("set trainer.accelerator / trainer.devices / trainer.strategy / trainer.precision to values Lightning "
+               "knows and this machine has (e.g. trainer.accelerator=cpu)")
+TRAIN_ERRORS.update({
+    # an empty training stream: Lightning cycled through empty epochs for ever, never reaching max_steps
+    "empty manifest": (lambda f: [f"{MANIFEST}={f['empty_manifest']}"],
+                       E("config: data.train_ds has no examples (its inputs are empty, or every line was skipped or "
+                         "filtered out by min_duration/max_duration) — point data.train_ds.input_cfg at data"), False),
+    "every line skipped": (lambda f: [f"{MANIFEST}={f['only_missing_audio']}", "data.train_ds.input_cfg.0.skip_invalid=true"],
+                           E("config: data.train_ds has no examples"), False),
+    "unknown precision": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "trainer.precision=bf17"],
+                          E("trainer: Precision 'bf17' is invalid.") + ".*" + E(TRAINER_FIX), False),
+    "missing Shar directory": (lambda f: [f"{MANIFEST}=null", f"+data.train_ds.input_cfg.0.shar_path={f['root']}/no_shar"],
+                               E("config: data.train_ds.input_cfg.0.shar_path: no such directory: ") + ".*no_shar"
+                               + E(" — give the directory examples/to_shar.py wrote"), False),
+    # read after the model was built (minutes on a real one); its hint offered a skip_invalid the stage does not have
+    "bad pre-alignment manifest": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "connector_pretraining.steps=1",
+                                              f"connector_pretraining.manifest_filepath={f['missing_audio']}"],
+                                   ".*missing_audio.jsonl" + E(":2 field 'audio_filepath': audio file does not exist: ")
+                                   + ".*gone.wav" + E(" — fix the line (connector pre-alignment reads every line of its "
+                                                      "manifest)"), False),
+})
 if not torch.cuda.is_available():  # the README's GPU command on a machine without one: Lightning raised a traceback
     TRAIN_ERRORS["GPU command without a GPU"] = (
         lambda f: [f"{MANIFEST}={f['behaviors']}", "data.train_ds.input_cfg.0.type=mtbi_behaviors", "trainer.accelerator=gpu"],
-        E("trainer: No supported gpu backend found! — set trainer.accelerator / trainer.devices / "
-          "trainer.strategy to what this machine has (e.g. trainer.accelerator=cpu)"), False)
+        E(f"trainer: No supported gpu backend found! — {TRAINER_FIX}"), False)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ encoder frame, and clips longer than the encoder's window unless
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from lhotse.cut import Cut
 from nemo.collections.common.data.lhotse.cutset import get_known_config_data_types, read_cutset_from_config
@@ -72,19 +73,47 @@ def check_training_data(cfg: DictConfig) -> ClipRange:
         for key, loader_cfg in loader_configs(cfg.data[split]).items():
             check_data_types(loader_cfg, ".".join(filter(None, ("data", split, key))))
             read_cfg = OmegaConf.create(OmegaConf.to_container(loader_cfg, resolve=True))
-            for key, value in settings.items():
-                if read_cfg.get(key) is None:
-                    read_cfg[key] = value
+            for setting, value in settings.items():
+                if read_cfg.get(setting) is None:
+                    read_cfg[setting] = value
             read_cfg.force_finite = True  # one pass, not the endless training stream
             kept = DurationFilter(read_cfg.get("min_duration"), read_cfg.get("max_duration"))  # as the loader drops
             conversations, _ = read_cutset_from_config(read_cfg)
+            examples = 0
             for conversation in conversations:
                 if not kept(conversation):  # a clip the loader filters out was refused here
                     continue
+                examples += 1
                 for turn in getattr(conversation, "turns", []):
                     if isinstance(turn, AudioTurn):
                         clips.add(_whole_utterance(turn.cut))
+            if not examples:  # an empty training stream: Lightning cycled through empty epochs, never reaching max_steps
+                name = ".".join(filter(None, ("data", split, key)))
+                raise ConfigError(f"config: {name} has no examples (its inputs are empty, or every line was skipped "
+                                  "or filtered out by min_duration/max_duration)", f"point {name}.input_cfg at data")
     return clips
+
+
+def check_pre_alignment_data(cfg: DictConfig) -> None:
+    """Every line of ``connector_pretraining.manifest_filepath``, before any model is built (it was read after the
+    model loaded, minutes on a real one); the stage has no ``skip_invalid``, so a bad line must be fixed."""
+    from nemo_speechlm.data.manifest import ManifestError, read_manifest
+
+    pre_cfg = cfg.get("connector_pretraining") or {}
+    path = pre_cfg.get("manifest_filepath")
+    if not path or not pre_cfg.get("steps") or pre_cfg.get("init_from"):
+        return
+    try:
+        lines = sum(1 for _ in read_manifest(path))
+    except ManifestError as error:
+        error.fix = "fix the line (connector pre-alignment reads every line of its manifest)"
+        raise
+    except FileNotFoundError as error:
+        raise ConfigError(f"config: connector_pretraining.manifest_filepath: {error}",
+                          "give an existing manifest, or null to pre-align on the training data") from error
+    if not lines:
+        raise ConfigError(f"config: connector_pretraining.manifest_filepath {path} has no lines",
+                          "give a manifest with transcribed audio, or null to pre-align on the training data")
 
 
 def check_clip_lengths(clips: ClipRange, model) -> None:
@@ -119,6 +148,11 @@ def check_data_types(loader_cfg: DictConfig, name: str) -> None:
         elif data_type not in known:
             raise ConfigError(f"config: {name}.input_cfg.{i}.type is {data_type!r}, not a known data type",
                               f"use one of {', '.join(sorted(known))}")
+        shar = item.get("shar_path") if isinstance(item, DictConfig) else None
+        for directory in [shar] if isinstance(shar, str) else []:  # lhotse asserted on a missing one, a traceback
+            if not Path(directory).is_dir():
+                raise ConfigError(f"config: {name}.input_cfg.{i}.shar_path: no such directory: {directory}",
+                                  "give the directory examples/to_shar.py wrote")
 
 
 def missing_values(node: DictConfig | ListConfig, prefix: str) -> list[str]:
