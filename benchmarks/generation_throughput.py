@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
                    "shared machine 1 thread gives steadier numbers")
     p.add_argument("--device", default="cpu", help="cpu or cuda (both models)")
     p.add_argument("--part", choices=["speech", "text", "both"], default="both")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. encoder.pad_to_window=false")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.perception.encoder.pad_to_window=false")
     args = p.parse_intermixed_args()
     if args.items < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         p.error("--items, --batch-size and --max-new-tokens must be >= 1")

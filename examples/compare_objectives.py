@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -46,11 +47,10 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
-import nemo_speechlm
+import nemo_speechlm  # noqa: F401  (registries, resolvers)
 from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.data.task_catalog import EVALUATION_SPLITS, TRAIN, TaskCatalog, render_prompt
 from nemo_speechlm.data.utterance import utterance_id
@@ -112,6 +112,7 @@ def stage(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
+@functools.cache
 def load_demo():
     """``examples/demo.py`` as a module (its corpus / behavior functions are reused, not copied)."""
     spec = importlib.util.spec_from_file_location("speechlm_demo", REPO / "examples" / "demo.py")
@@ -147,9 +148,8 @@ def base_config(out: Path, features: Path, steps: int, overrides: list[str]) -> 
     """mtbi.yaml with the comparison's paths; the user's overrides come last and win."""
     ours = [f"trainer.precision={fastest_training_precision()}", f"trainer.max_steps={steps}",
             "trainer.log_every_n_steps=10", "model.lr_scheduler.warmup_steps=10", f"feature_cache.dir={features}",
-            "model.perception.encoder.pad_to_window=false", "data.train_ds.input_cfg.0.manifest_filepath=unset"]
-    with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
-        return compose("mtbi", overrides=ours + overrides)
+            "data.train_ds.input_cfg.0.manifest_filepath=unset"]
+    return load_demo().compose_mtbi(ours, overrides)  # Whisper encodes each clip alone, as in the demo
 
 
 def run_settings(base: DictConfig, manifests: dict[str, Path], behaviors: Path, args: argparse.Namespace) -> dict:

@@ -1,4 +1,4 @@
-"""Train an MTBI speech LLM on behaviors (see README "MTBI end to end").
+"""Train an MTBI speech LLM on behaviors (see docs/mtbi.md, "MTBI end to end").
 
     python examples/mtbi_train.py \
         data.train_ds.input_cfg.0.manifest_filepath=behaviors.jsonl \

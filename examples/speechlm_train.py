@@ -2,7 +2,7 @@
 
     python examples/speechlm_train.py \
         data.train_ds.input_cfg.0.manifest_filepath=train.jsonl \
-        data.validation_ds.input_cfg.0.manifest_filepath=dev.jsonl \
+        'data.validation_ds={input_cfg: [{type: speechlm_manifest, manifest_filepath: dev.jsonl}], batch_size: 8}' \
         encoder=canary_1b_flash llm=qwen2_5_1_5b_instruct
 """
 from nemo_speechlm.models import SpeechLMModel

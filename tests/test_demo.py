@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import soundfile
+from omegaconf import OmegaConf
 
 from nemo_speechlm.data.task_catalog import TRAIN, TaskCatalog
 from nemo_speechlm.evaluation import is_transcript_copy
@@ -176,3 +177,38 @@ def test_a_second_run_reuses_what_did_not_change(demo):
     assert references["written"] == 0 and references["done_before"] == references["total"] > 0
     systems = [line["system"] for line in read_jsonl(out / "benchmark" / "predictions.jsonl")]
     assert systems.count("mtbi") == systems.count("untrained_connector") == references["total"]
+
+
+def _demo_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_script", REPO / "examples" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_subset_of_a_relative_manifest_points_at_its_audio(assets, tmp_path):
+    """Copied as text into OUT/eval, relative audio paths pointed there: no benchmark items, after the training."""
+    import shutil
+
+    line = read_jsonl(assets["manifest"])[0]
+    (tmp_path / "data" / "wav").mkdir(parents=True)
+    shutil.copy(line["audio_filepath"], tmp_path / "data" / "wav" / "a.wav")
+    heldout = tmp_path / "data" / "heldout.jsonl"
+    heldout.write_text(json.dumps({**line, "audio_filepath": "wav/a.wav"}) + "\n")
+    (tmp_path / "out" / "eval").mkdir(parents=True)
+    subset = _demo_script().write_benchmark_subset(heldout, 40, tmp_path / "out" / "eval" / "benchmark_manifest.json")
+    assert [row["audio_filepath"] for row in read_jsonl(subset)] == [str(tmp_path / "data" / "wav" / "a.wav")]
+
+
+@pytest.mark.parametrize(("overrides", "pad_to_window"), [
+    ([], False),  # Whisper (the default) encodes each clip alone
+    (["model.perception.encoder.pad_to_window=true"], True),  # the user's word wins
+    (["encoder=canary_1b_flash", "model.perception.modality_adapter.stack=2"], None),  # no such key: not forced in
+])
+def test_the_demo_config_takes_any_encoder(overrides, pad_to_window):
+    """The demo (and compare_objectives) forced pad_to_window=false, a key only Whisper has: the documented
+    encoder=canary_1b_flash stopped at once."""
+    cfg = _demo_script().training_config(Path("out"), 10, overrides)
+    assert OmegaConf.select(cfg, "model.perception.encoder.pad_to_window") is pad_to_window
