@@ -163,7 +163,7 @@ def throughput_commands(d: dict, accelerator: str, smoke: bool, devices: int = 1
     train = [str(REPO / "benchmarks" / "train_throughput.py"), "--vs-salm", "--device", device]
     train += (["--steps", "1", "--warmup", "0", "--peak-tflops", "1.0"] if smoke else ["--steps", "20", "--warmup", "3"])
     train += ([f"data.train_ds.input_cfg.0.manifest_filepath={d['manifest']}", "data.train_ds.batch_size=8",
-               "trainer.precision=bf16-true"] if real_llm else ["--tiny", "trainer.precision=bf16-true"])
+               "trainer.precision=bf16-mixed"] if real_llm else ["--tiny", "trainer.precision=bf16-mixed"])
     gen = [str(REPO / "benchmarks" / "generation_throughput.py"), "--device", device]
     gen += (["--items", "2", "--batch-size", "2", "--max-new-tokens", "4"] if smoke else ["--items", "32", "--batch-size", "16"])
     gen += [] if real_whisper else ["--tiny"]
@@ -252,7 +252,8 @@ def main() -> int:
     finally:
         print("=" * 100)
         print(f"GPU check: {'CPU smoke (tiny parts)' if args.cpu_smoke else f'{gpus} GPU(s): {torch.cuda.get_device_name(0)}'}"
-              f", {steps} training steps per recipe, bf16-true, {devices} device(s) per recipe; logs in {out}")
+              f", {steps} training steps per recipe, bf16-true, {devices} device(s) per recipe (throughput: bf16 autocast "
+              f"over fp32 weights, as train_throughput.py times it); logs in {out}")
         print(table(rows))
         print(f"total {time.perf_counter() - start:.0f} s")
         print("RESULT " + json.dumps([{k: v for k, v in r.items() if k != "text"} for r in rows], default=str), flush=True)
