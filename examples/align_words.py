@@ -12,7 +12,7 @@ continue; with ``--skip-invalid`` lines that cannot be aligned go to
 import torch
 
 from nemo_speechlm.datagen.alignment import align_manifest, load_asr_model
-from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, run_cli
+from nemo_speechlm.parts.cli import CommandParser, positive_int, run_cli, SKIP_FLAG_HINT
 
 
 def main(argv=None) -> None:
@@ -20,7 +20,7 @@ def main(argv=None) -> None:
     p.add_argument("--manifest", required=True, help="NeMo manifest: audio_filepath, duration, text[, offset]")
     p.add_argument("--output", required=True, help="aligned manifest (appended to; reruns resume)")
     p.add_argument("--model", required=True, help="NeMo CTC or hybrid RNNT-CTC model: .nemo path or pretrained name")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--skip-invalid", action="store_true", help="skip and count lines that are invalid or cannot be aligned")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)

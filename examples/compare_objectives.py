@@ -62,7 +62,7 @@ from nemo_speechlm.evaluation.listening import listening_diagnostics
 from nemo_speechlm.evaluation.standard import evaluate_text_retention
 from nemo_speechlm.inference import load_model
 from nemo_speechlm.models import JointSFTModel, MTBIModel
-from nemo_speechlm.parts.cli import CommandParser, run_cli
+from nemo_speechlm.parts.cli import CommandParser, positive_int, run_cli
 from nemo_speechlm.parts.connector_ctc import save_aligned_connector
 from nemo_speechlm.parts.precision import fastest_training_precision
 from nemo_speechlm.parts.runner import check_run_settings, keep_only, run_resumable
@@ -554,8 +554,8 @@ def main(argv: list[str]) -> None:
                    help="held-out utterances the benchmark answers (8 gave intervals excluding 0 for two differences "
                         "that 32 did not confirm: docs/objectives.md)")
     p.add_argument("--eval-utterances", type=int, default=16, help="held-out utterances for WER, zero audio and retention")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--batch-size", type=int, default=64, help="generation batch (teacher and evaluation)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="generation batch (teacher and evaluation)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of nemo_speechlm/conf/mtbi.yaml")
     args = p.parse_intermixed_args(argv)
     if bool(args.manifest) != bool(args.heldout_manifest):

@@ -51,7 +51,7 @@ from nemo_speechlm.evaluation.listening import listening_diagnostics, listening_
 from nemo_speechlm.evaluation.standard import evaluate_asr
 from nemo_speechlm.inference import load_model
 from nemo_speechlm.models import MTBIModel
-from nemo_speechlm.parts.cli import CommandParser, run_cli
+from nemo_speechlm.parts.cli import CommandParser, positive_int, run_cli
 from nemo_speechlm.parts.llm import resolve_llm_source
 from nemo_speechlm.parts.metrics import word_error_rate
 from nemo_speechlm.parts.precision import fastest_training_precision
@@ -309,7 +309,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--benchmark-utterances", type=int, default=40,
                    help="held-out utterances in the benchmark (each split's ROUGE-L averages over all of them: more, "
                         "less noise; 40 is the whole held-out set, and intervals over fewer than ~30 are too narrow)")
-    p.add_argument("--batch-size", type=int, default=GENERATION_BATCH, help="teacher generation batch")
+    p.add_argument("--batch-size", type=positive_int, default=GENERATION_BATCH, help="teacher generation batch")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of nemo_speechlm/conf/mtbi.yaml, e.g. encoder=whisper_small "
                    "llm=qwen2_5_1_5b_instruct trainer.precision=bf16-true")
     args = p.parse_intermixed_args(argv)

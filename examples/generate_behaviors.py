@@ -13,7 +13,7 @@ from nemo_speechlm.data.manifest import SkipSummary
 from nemo_speechlm.data.task_catalog import TaskCatalog
 from nemo_speechlm.datagen.behaviors import behavior_items, behavior_job
 from nemo_speechlm.datagen.chat_generator import add_teacher_arguments, teacher_from_arguments
-from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, run_cli
+from nemo_speechlm.parts.cli import CommandParser, positive_int, run_cli, SKIP_FLAG_HINT
 from nemo_speechlm.parts.runner import run_resumable
 
 
@@ -23,8 +23,8 @@ def main(argv=None) -> None:
     p.add_argument("--output", required=True, help="behaviors JSONL (appended to; reruns resume)")
     p.add_argument("--catalog", default=None, help="task catalog YAML (default: nemo_speechlm/conf/mtbi/tasks.yaml)")
     p.add_argument("--tasks", nargs="*", default=None, help="only these training tasks")
-    p.add_argument("--tasks-per-utterance", type=int, default=4)
-    p.add_argument("--prompts-per-task", type=int, default=1)
+    p.add_argument("--tasks-per-utterance", type=positive_int, default=4)
+    p.add_argument("--prompts-per-task", type=positive_int, default=1)
     p.add_argument("--ground-truth-tasks", nargs="*", default=[], help="tasks whose response is their ground truth "
                    "field instead of the LLM's answer (e.g. repeat)")
     add_teacher_arguments(p, teacher_help="; use the LLM the speech model will decode with")

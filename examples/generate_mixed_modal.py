@@ -19,7 +19,7 @@ or ``fastpitch`` (NeMo FastPitch + HiFi-GAN; needs ``nemo_toolkit[tts]`` and the
 
 from nemo_speechlm.data.manifest import SkipSummary
 from nemo_speechlm.datagen.mixed_modal import DEFAULT_LOCATOR, SAMPLE_RATE, mixed_modal_items, mixed_modal_job
-from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, run_cli
+from nemo_speechlm.parts.cli import CommandParser, positive_int, run_cli, SKIP_FLAG_HINT
 from nemo_speechlm.parts.runner import Job, run_resumable
 from nemo_speechlm.tts.espeak import DEFAULT_RATES, DEFAULT_VOICES, speakers
 
@@ -42,14 +42,14 @@ def main(argv=None) -> None:
     p.add_argument("--audio-dir", required=True, help="where the wavs go (16 kHz, 16-bit)")
     p.add_argument("--tts", choices=["espeak", "fastpitch"], default="espeak")
     p.add_argument("--voices", nargs="+", default=list(DEFAULT_VOICES), help="espeak voices")
-    p.add_argument("--rates", nargs="+", type=int, default=list(DEFAULT_RATES), help="espeak rates (words/minute)")
+    p.add_argument("--rates", nargs="+", type=positive_int, default=list(DEFAULT_RATES), help="espeak rates (words/minute)")
     p.add_argument("--fastpitch", default="tts_en_fastpitch", help="FastPitch pretrained name or .nemo")
     p.add_argument("--vocoder", default="tts_en_hifigan", help="HiFi-GAN pretrained name or .nemo")
     p.add_argument("--speaker-ids", nargs="*", type=int, default=None, help="speakers of a multi-speaker FastPitch")
     p.add_argument("--device", default="cpu", help="FastPitch device")
     p.add_argument("--audio-locator-tag", default=DEFAULT_LOCATOR)
-    p.add_argument("--max-spoken-words", type=int, default=100, help="longest run of sentences to speak")
-    p.add_argument("--batch-size", type=int, default=32, help="conversations per write to the output")
+    p.add_argument("--max-spoken-words", type=positive_int, default=100, help="longest run of sentences to speak")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="conversations per write to the output")
     p.add_argument("--seed", type=int, default=0, help="speaker and sentence choice (per conversation id)")
     p.add_argument("--skip-invalid", action="store_true", help="skip lines that are not JSON objects, and repeated ids")
     args = p.parse_args(argv)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from nemo_speechlm.parts.cli import CommandParser, run_cli
+from nemo_speechlm.parts.cli import CommandParser, positive_int, run_cli
 from nemo_speechlm.tts import load_sentences, speakers, synthesize_corpus
 from nemo_speechlm.tts.espeak import DEFAULT_RATES, DEFAULT_VOICES
 
@@ -22,18 +22,19 @@ def parse_heldout(value: str) -> int | float:
 def main(argv: list[str] | None = None) -> None:
     parser = CommandParser(description=__doc__)
     parser.add_argument("--out-dir", type=Path, required=True, help="wavs/ and the two manifests go here")
-    parser.add_argument("--num-sentences", type=int, default=None, help="use only the first N sentences")
+    parser.add_argument("--num-sentences", type=positive_int, default=None, help="use only the first N sentences")
     parser.add_argument("--heldout", type=parse_heldout, default=0.05, help="held-out count (int) or fraction (float)")
     parser.add_argument("--voices", nargs="+", default=list(DEFAULT_VOICES), help="espeak voices, e.g. en-us en-gb+f2")
-    parser.add_argument("--rates", nargs="+", type=int, default=list(DEFAULT_RATES), help="speaking rates in words/min")
+    parser.add_argument("--rates", nargs="+", type=positive_int, default=list(DEFAULT_RATES), help="speaking rates in words/min")
     parser.add_argument("--seed", type=int, default=0, help="picks speakers and the held-out sentences")
-    parser.add_argument("--sample-rate", type=int, default=16000)
+    parser.add_argument("--sample-rate", type=positive_int, default=16000)
     parser.add_argument("--sentences", type=Path, default=None, help="one sentence a line (default: shipped list)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     if args.sentences is not None:
-        lines = args.sentences.read_text(encoding="utf-8").splitlines()
+        raw_lines = args.sentences.read_bytes().splitlines()
+        lines = [decode_line(args.sentences, i, raw) for i, raw in enumerate(raw_lines, start=1)]
         sentences = [line.strip() for line in lines if line.strip()]
     else:
         sentences = load_sentences()

@@ -11,14 +11,14 @@ lines instead of stopping at the first. Mixed-modal lines (several audios) stay 
 import json
 
 from nemo_speechlm.datagen.shar import AUDIO_FORMATS, write_shar
-from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, run_cli
+from nemo_speechlm.parts.cli import CommandParser, positive_int, run_cli, SKIP_FLAG_HINT
 
 
 def main(argv=None) -> None:
     p = CommandParser(description=__doc__)
     p.add_argument("--manifest", required=True, help="JSONL manifest: audio_filepath, duration[, offset] and any other fields")
     p.add_argument("--output", required=True, help="Shar directory (created; reruns resume)")
-    p.add_argument("--shard-size", type=int, default=1000, help="lines per shard")
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="lines per shard")
     p.add_argument("--audio-format", choices=AUDIO_FORMATS, default="flac", help="how the audio is stored (both lossless)")
     p.add_argument("--skip-invalid", action="store_true", help="skip and count invalid lines instead of stopping")
     args = p.parse_args(argv)

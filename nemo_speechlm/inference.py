@@ -36,7 +36,7 @@ from nemo_speechlm.errors import InputError
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.models.answering import answer_items, ensure_audio_locator, generation_kwargs, item_keys
 from nemo_speechlm.models.loading import load_model, model_id, model_identity, resolve_device  # noqa: F401  (kept importable here)
-from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, UsageError, run_cli
+from nemo_speechlm.parts.cli import CommandParser, positive_int, run_cli, SKIP_FLAG_HINT, UsageError
 from nemo_speechlm.parts.runner import RunSummary, check_run_settings, read_records  # noqa: F401
 
 
@@ -138,8 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--skip-invalid", action="store_true", help="batch mode: skip bad lines (e.g. missing audio) "
                         "and count them instead of stopping")
     parser.add_argument("--jsonl", action="store_true", help="single mode: print one JSON object per audio")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="length cap (default: the model's max_new_tokens)")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None, help="length cap (default: the model's max_new_tokens)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="with --sample")
     parser.add_argument("--top-p", type=float, default=1.0, help="with --sample")
@@ -175,10 +175,6 @@ def _main(argv: list[str]) -> None:
 def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not Path(args.model).is_file():
         raise UsageError(f"model file not found: {args.model}", "check the path")
-    for name in ("batch_size", "max_new_tokens"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.temperature <= 0:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:

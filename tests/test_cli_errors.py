@@ -108,6 +108,9 @@ def files(assets, tmp_path_factory) -> dict:
         "whisper_dir": str(root / "whisper"),
     }
     f["good_manifest"] = write_jsonl(root / "good_manifest.jsonl", rows[:2])
+    f["not_utf8"] = str(root / "not_utf8.jsonl")
+    (root / "not_utf8.jsonl").write_bytes(json.dumps(rows[0]).encode() + b"\n" + json.dumps(rows[1]).encode().replace(
+        b'"text": "', b'"text": "\xff\xfe') + b"\n")
     f["empty_manifest"] = write_jsonl(root / "empty_manifest.jsonl", [])
     f["only_missing_audio"] = write_jsonl(root / "only_missing_audio.jsonl", [{**rows[1], "audio_filepath": str(root / "gone.wav")}])
     f["empty_line"] = write_jsonl(root / "empty_line.jsonl", [rows[0], {**rows[1], "audio_filepath": f["empty"], "duration": 0.1}])
@@ -179,7 +182,15 @@ INFER_ERRORS = {  # row: (arguments, pattern of the error line)
     "two audio locators for one audio": (lambda f: [f["model"], f["wav"], "--prompt", "<|audio|> or <|audio|>?"],
                                          E("--prompt has 2 audio locators '<|audio|>' but each audio file is one audio — keep one")),
     "--max-new-tokens -3": (lambda f: [f["model"], f["wav"], "--prompt", "Repeat:", "--max-new-tokens", "-3"],
-                            E("--max-new-tokens must be >= 1, got -3 — see speechlm-infer --help")),
+                            E("argument --max-new-tokens: must be 1 or more, got -3 — see speechlm-infer --help")),
+    "--batch-size 0": (lambda f: [f["model"], f["wav"], *ASK, "--batch-size", "0"],
+                       E("argument --batch-size: must be 1 or more, got 0 — see speechlm-infer --help")),
+    "output under a file": (lambda f: [f["model"], "--manifest", f["good_manifest"], "--output", f"{f['text_wav']}/x.jsonl",
+                                       *ASK], ".*text.wav" + E(": File exists")),
+    "manifest with a line that is not UTF-8": (lambda f: [f["model"], "--manifest", f["not_utf8"], "--output",
+                                                          f"{f['root']}/d.jsonl", *ASK],
+                                               ".*not_utf8.jsonl" + E(":2: not valid UTF-8 (byte 0xff at byte ") + ".*"
+                                               + E(" — fix the line, or pass --skip-invalid to skip and count such lines")),
 }
 INFER_ANSWERS = {  # row: (arguments, number of answers)
     "silence": (lambda f: [f["model"], f["silence"], *ASK, "--jsonl"], 1),
@@ -411,3 +422,16 @@ def test_an_llm_that_cannot_be_found_is_a_config_error_saying_what_to_do(monkeyp
     with pytest.raises(ConfigError, match=f"model.pretrained_llm='{source}': {message}") as error:
         resolve_llm_source(source)
     assert "local Hugging Face directory or .gguf file" in error.value.fix
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a tar"])
+def test_a_damaged_asr_model_is_an_input_error(files, tmp_path, damage):
+    """align_words --model / benchmark --asr-model: a tarfile traceback before."""
+    from nemo_speechlm.errors import InputError
+    from nemo_speechlm.models.loading import load_asr_model
+
+    data = Path(files["asr"]).read_bytes()
+    path = tmp_path / "asr.nemo"
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a model\n")
+    with pytest.raises(InputError, match="not a readable .nemo archive"):
+        load_asr_model(path)

@@ -84,6 +84,24 @@ def test_skip_invalid_counts_instead_of_failing(assets, tmp_path):
     assert summary.total == 2 and "2 lines skipped" in str(summary)
 
 
+def test_a_line_that_is_not_utf8_is_an_error_naming_it_or_is_skipped(assets, tmp_path):
+    """Decoded as a whole, one bad byte stopped every tool with a UnicodeDecodeError traceback, --skip-invalid or not."""
+    from nemo_speechlm.data.text_sft import read_records
+
+    bad = json.dumps(good_line(assets, 1)).encode().replace(b'"text": "', b'"text": "\xff')
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b"\n".join([json.dumps(good_line(assets)).encode(), bad, json.dumps(good_line(assets, 2)).encode()]) + b"\n")
+    assert f"{path}:2: not valid UTF-8 (byte 0xff at byte " in first_error(path)
+    summary = SkipSummary()
+    assert [e.line for e in read_manifest(path, skip_invalid=True, summary=summary)] == [1, 3] and summary.total == 1
+    with pytest.raises(ManifestError, match=":2: not valid UTF-8"):  # the text SFT reader, lines and JSON arrays
+        list(read_records(path))
+    array = tmp_path / "array.json"
+    array.write_bytes(b'[\n{"a": "b"},\n{"a": "\xff"}\n]\n')
+    with pytest.raises(ManifestError, match=":3: not valid UTF-8"):
+        list(read_records(array))
+
+
 def test_prompt_locator_count_must_match_audios(assets):
     entry = next(iter(read_manifest(assets["manifest"])))
     with pytest.raises(ManifestError, match=r":1 field 'prompt'.*found 2"):

@@ -161,13 +161,13 @@ def read_manifest(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Manifest not found: {path}")
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if line_no < start_line or not raw.strip():
                 continue
             try:
-                data, relative = _parse_line(path, line_no, raw, required_text_fields, has_audio, check_audio,
-                                             duration_tolerance, min_duration)
+                data, relative = _parse_line(path, line_no, decode_line(path, line_no, raw), required_text_fields,
+                                             has_audio, check_audio, duration_tolerance, min_duration)
                 yield ManifestEntry(str(path), line_no, data, audio_relative=relative)
             except ManifestError as e:
                 if not skip_invalid:
@@ -175,6 +175,15 @@ def read_manifest(
                 if summary is not None:
                     summary.add(e)
                 log.warning("Skipping %s", e)
+
+
+def decode_line(path, line: int, raw: bytes) -> str:
+    """One line of a JSONL file as text: a line that is not UTF-8 is a :class:`ManifestError` naming it (skippable),
+    where decoding the whole file stopped every tool at that line with a traceback."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError(path, line, f"not valid UTF-8 (byte {e.object[e.start]:#04x} at byte {e.start + 1})") from None
 
 
 def check_text_fields(path, line: int, data: dict, required_text_fields: tuple[str, ...]) -> None:

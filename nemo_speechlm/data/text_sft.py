@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
-from nemo_speechlm.data.manifest import ManifestError, SkipSummary
+from nemo_speechlm.data.manifest import ManifestError, SkipSummary, decode_line
 
 USER, ASSISTANT = "User", "Assistant"
 
@@ -175,23 +175,24 @@ def read_records(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SFT file not found: {path}")
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         head = f.read(4096).lstrip()
-    if head.startswith("["):
+    if head.startswith(b"["):
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            lines = path.read_bytes().splitlines(keepends=True)
+            records = json.loads("".join(decode_line(path, i, raw) for i, raw in enumerate(lines, start=1)))
         except json.JSONDecodeError as e:
             raise ManifestError(path, e.lineno, f"not a valid JSON array ({e.msg} at column {e.colno})") from None
         yield from enumerate(records, start=1)
         return
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             try:
-                yield line_no, json.loads(raw)
-            except json.JSONDecodeError as e:
-                err = ManifestError(path, line_no, f"not valid JSON ({e.msg} at column {e.colno})")
+                yield line_no, json.loads(decode_line(path, line_no, raw))
+            except (json.JSONDecodeError, ManifestError) as e:
+                err = e if isinstance(e, ManifestError) else ManifestError(path, line_no, f"not valid JSON ({e.msg} at column {e.colno})")
                 if not skip_invalid:
                     raise err from None
                 if summary is not None:
@@ -236,3 +237,4 @@ def prepare_text_sft(
     finally:
         tmp.unlink(missing_ok=True)
     return count
+

@@ -21,6 +21,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 
 from nemo_speechlm.errors import ConfigError, InputError
+from nemo_speechlm.parts.cli import positive_int
 from nemo_speechlm.parts.decoding import decode, end_token_ids, length_sorted_batches, sampler
 from nemo_speechlm.parts.device import resolve_device
 
@@ -281,7 +282,7 @@ def add_teacher_arguments(parser, teacher_help: str = "") -> None:
     parser.add_argument("--teacher", default=None, help="HF hub id, local HF directory or .gguf (default: offline "
                         f"SmolLM2-135M-Instruct){teacher_help}")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="cap per answer")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="hf")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 on GPUs (default: float32 on CPU, bfloat16 on CUDA)")

@@ -61,6 +61,7 @@ from nemo_speechlm.evaluation.benchmark_systems import (
 )
 from nemo_speechlm.models.base_llm import base_llm_identity
 from nemo_speechlm.models.loading import load_asr_model, load_model, model_id
+from nemo_speechlm.parts.cli import positive_int
 from nemo_speechlm.parts.device import resolve_device
 from nemo_speechlm.parts.runner import RunSummary, keep_only, run_resumable, update_records
 
@@ -450,8 +451,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--tasks", nargs="+", default=None, help="only these tasks of the catalog")
     parser.add_argument("--prompts-per-task", type=int, default=2, help="prompts per task and split (seeded choice)")
     parser.add_argument("--asr-model", default=None, help="NeMo ASR .nemo or model name: adds the cascade baseline")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="answer cap (tasks may set a lower one)")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128, help="answer cap (tasks may set a lower one)")
     parser.add_argument("--seed", type=int, default=0, help="which prompts are drawn per task and split")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--replace", action="store_true",

@@ -33,6 +33,7 @@ from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.models.answering import answer_items, ensure_audio_locator, generation_kwargs, item_keys
 from nemo_speechlm.models.base_llm import base_llm, base_llm_description
 from nemo_speechlm.models.loading import load_model, model_id, model_identity
+from nemo_speechlm.parts.cli import positive_int
 from nemo_speechlm.parts.metrics import (
     bleu,
     char_error_rate,
@@ -480,8 +481,8 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
         if mode == "asr":
             p.add_argument("--no-normalize", action="store_true", help="score raw text (default: Whisper's English normalizer)")
         p.add_argument("--out-dir", required=True, help="writes <mode>_predictions.jsonl and <mode>_metrics.json here")
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--max-new-tokens", type=int, default=None, help="length cap (default: the model's max_new_tokens)")
+        p.add_argument("--batch-size", type=positive_int, default=8)
+        p.add_argument("--max-new-tokens", type=positive_int, default=None, help="length cap (default: the model's max_new_tokens)")
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         p.add_argument("--bf16", action="store_true", help="run the LLM in bfloat16 (CUDA only)")
 

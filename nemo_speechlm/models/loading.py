@@ -7,6 +7,7 @@ model's base LLM is in :mod:`nemo_speechlm.models.base_llm`.
 from __future__ import annotations
 
 import hashlib
+import tarfile
 from datetime import datetime
 from pathlib import Path
 
@@ -72,7 +73,10 @@ def load_asr_model(name_or_path: str | Path, device: str | torch.device | None =
     if path.suffix == ".nemo" or path.exists():
         if not path.is_file():
             raise FileNotFoundError(f"ASR model file not found: {path}")
-        model = ASRModel.restore_from(str(path), map_location=device)
+        try:
+            model = ASRModel.restore_from(str(path), map_location=device)
+        except (tarfile.ReadError, EOFError) as e:  # a truncated or non-tar file: a traceback from tarfile
+            raise InputError(f"{path}: not a readable .nemo archive ({e})", "copy or export the ASR model again") from e
     else:
         model = ASRModel.from_pretrained(str(name_or_path), map_location=device)
     return model.eval()

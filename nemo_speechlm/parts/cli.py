@@ -34,6 +34,7 @@ USER_ERRORS = (
     InputError,
     UnsafeTargetError,  # a config naming a class outside NeMo's allow-list
     FileNotFoundError,
+    FileExistsError,  # an output under an existing file (mkdir)
     IsADirectoryError,
     NotADirectoryError,
     PermissionError,
@@ -44,6 +45,17 @@ SKIP_FLAG_HINT = "pass --skip-invalid"
 SKIP_CONFIG_HINT = "set skip_invalid: true on that data input"
 
 T = TypeVar("T")
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts and sizes: 0 or less was taken and failed later with a traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 class UsageError(InputError):
