@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from nemo_speechlm.data.manifest import decode_line
 from nemo_speechlm.parts.cli import CommandParser, positive_int, run_cli
 from nemo_speechlm.tts import load_sentences, speakers, synthesize_corpus
 from nemo_speechlm.tts.espeak import DEFAULT_RATES, DEFAULT_VOICES
