@@ -435,3 +435,15 @@ def test_a_damaged_asr_model_is_an_input_error(files, tmp_path, damage):
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a model\n")
     with pytest.raises(InputError, match="not a readable .nemo archive"):
         load_asr_model(path)
+
+
+def test_synthesize_corpus_bad_arguments_are_one_line(files):
+    """A sentence list with a byte that is not UTF-8, and a zero rate: tracebacks before."""
+    bad = files["root"] / "sentences.txt"
+    bad.write_bytes(b"hello world\n\xff bad\n")
+    out = str(files["root"] / "corpus")
+    results = run_rows("examples/synthesize_corpus.py", {"not utf-8": ["--out-dir", out, "--sentences", str(bad)],
+                                                          "rate 0": ["--out-dir", out, "--rates", "0"]})
+    assert_one_error_line(results["not utf-8"], ".*sentences.txt" + E(":2: not valid UTF-8 (byte 0xff at byte 1) — fix the line"),
+                          answers_on_stdout=False)
+    assert_one_error_line(results["rate 0"], E("argument --rates: must be 1 or more, got 0"), answers_on_stdout=False)
