@@ -191,6 +191,21 @@ def test_a_model_retrained_into_the_same_file_is_not_mixed_with_its_old_answers(
     assert len(lines) == len({(l["system"], l["key"]) for l in lines}) == 3 * replaced["tiny"]["total"]
 
 
+def test_a_model_that_failed_to_load_does_not_block_its_corrected_rerun(setup, tmp_path):
+    """A truncated .nemo was recorded under its name before it failed to load; the rerun with the right file was
+    refused for 'answers' it never gave, unless --replace."""
+    from nemo_speechlm.parts.checkpoint import CheckpointError
+
+    broken = tmp_path / "broken.nemo"
+    broken.write_bytes(setup["nemo"].read_bytes()[:1000])
+    settings = {**SETTINGS, "tasks": ["repeat"]}
+    with pytest.raises(CheckpointError):  # model a answers, then b fails to load
+        run_benchmark({"a": str(setup["nemo"]), "b": str(broken)}, setup["manifest"], tmp_path / "out", **settings)
+    fixed = run_benchmark({"a": str(setup["nemo"]), "b": str(setup["other"])}, setup["manifest"], tmp_path / "out",
+                          **settings)
+    assert fixed["runs"]["b"]["written"] == fixed["runs"]["b"]["total"] > 0
+
+
 def test_models_on_the_same_llm_share_the_references(setup, tmp_path):
     """The references are the base LLM's answers, so another model on the same LLM (here other adapter
     weights) reuses them as the first model; other settings are refused, or start over with ``replace``."""

@@ -218,8 +218,35 @@ def test_corrupt_line_is_an_error_naming_file_and_line(tmp_path):
 
 
 def test_duplicate_input_keys_are_an_error(tmp_path):
-    with pytest.raises(ValueError, match=r"duplicate item key 'utt03' \(items 3 and 23\)"):
+    from nemo_speechlm.errors import InputError
+
+    with pytest.raises(InputError, match=r"dup: items 4 and 24 of the input are the same item \('utt03'\)"):
         run_resumable(ITEMS + [ITEMS[3]], job, tmp_path / "out.jsonl", batch_size=4, desc="dup")
+
+
+def test_deleting_the_output_to_start_over_redoes_its_rejections(tmp_path):
+    """The settings check advises deleting the output and its settings to start over; the rejections file stayed,
+    and the items it named were never made again (raising a too-low cap left them rejected for ever)."""
+    out = tmp_path / "out.jsonl"
+    full_run(out)
+    out.unlink()
+    calls = []
+    summary = run_resumable(ITEMS, counting(calls), out, batch_size=4, desc="again")
+    assert calls == [item["key"] for item in ITEMS] and summary.rejected_before == {} and summary.rejected == {"empty": 5}
+
+
+def test_an_output_that_this_job_did_not_write_is_refused(tmp_path):
+    """The input manifest given as the output: its lines carry the items' keys, so every item read as done and the
+    run wrote nothing, exit 0."""
+    from nemo_speechlm.errors import InputError
+    from nemo_speechlm.parts.runner import Job
+
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
+    with pytest.raises(InputError, match=r"manifest.jsonl: record 1 has no 'answer', so it is not an output of "
+                                         r"answering \(the input given as the output\?\)"):
+        run_resumable(ITEMS, Job(job, {}, ("answer",)), manifest, batch_size=4, desc="Answering")
+    assert not (tmp_path / "manifest.jsonl.settings.json").exists()  # nothing written beside it
 
 
 def test_records_must_carry_their_key_and_callable_keys_work(tmp_path):

@@ -85,7 +85,7 @@ def behavior_job(
                 outcomes[i] = _record(item, result.text, {**settings, "max_new_tokens": cap, "source": "llm"})
         return outcomes
 
-    return Job(process, {**settings, "ground_truth_tasks": sorted(ground_truth_tasks)})
+    return Job(process, {**settings, "ground_truth_tasks": sorted(ground_truth_tasks)}, ("response",))
 
 
 def _messages(item: dict, system_prompt: str | None) -> list[dict]:

@@ -265,7 +265,12 @@ def _check_run_config(out_dir: Path, config: dict, replace: bool = False) -> Non
             "pass --replace to drop them all and answer anew",
         )
     before = old.get("systems", {})
-    stale = [name for name, source in config["systems"].items() if name in before and before[name] != source]
+    # only systems with answers: a model that failed to load was recorded, and blocked its corrected rerun
+    answered = {record.get("system") for record in _read_jsonl(out_dir / PREDICTIONS)}
+    if _read_jsonl(out_dir / ASR_TRANSCRIPTS):  # the cascade's first half
+        answered.add(CASCADE)
+    stale = [name for name, source in config["systems"].items()
+             if name in before and before[name] != source and name in answered]
     if stale and not replace:
         name = stale[0]
         raise InputError(

@@ -71,6 +71,7 @@ class Job:
 
     process: Callable[[list[dict]], list[Outcome]]
     settings: dict
+    output_fields: tuple[str, ...] = ()  # what every output record has: an output without them is not this job's
 
     def __call__(self, items: list[dict]) -> list[Outcome]:
         return self.process(items)
@@ -145,9 +146,15 @@ def run_resumable(
     _check_unique(keys, desc)
 
     output_path.parent.mkdir(parents=True, exist_ok=True)
+    records = _read_jsonl(output_path, key_of, what="output record")
     if isinstance(process_batch, Job):
+        _check_output_fields(records, process_batch.output_fields, output_path, desc)
         check_run_settings(output_path, process_batch.settings)
-    done = {key_of(rec) for rec in _read_jsonl(output_path, key_of, what="output record")}
+    done = {key_of(rec) for rec in records}
+    if rejected_path.exists() and not output_path.exists():  # the output was deleted to start over (as the settings
+        # check advises): its rejections went with it, or the items they name were never made again
+        log.warning(f"{rejected_path}: rejections of a deleted output; removed, their items are made anew")
+        rejected_path.unlink()
     earlier_rejections = _read_jsonl(rejected_path, _key_function("key"), what="rejection")
     rejected_before = Counter(rec.get("reason", "unknown") for rec in earlier_rejections)
     done |= {rec["key"] for rec in earlier_rejections}
@@ -255,6 +262,16 @@ def _replace_jsonl(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _check_output_fields(records: list[dict], fields: Sequence[str], output_path: Path, desc: str) -> None:
+    """Every record already in the output has the job's fields: one without them was not written by this job (the
+    input manifest given as the output read as all done, and the run wrote nothing)."""
+    for number, record in enumerate(records, start=1):
+        missing = [name for name in fields if name not in record]
+        if missing:
+            raise InputError(f"{output_path}: record {number} has no {', '.join(map(repr, missing))}, so it is not an "
+                             f"output of {desc.lower()} (the input given as the output?)", "give another output path")
+
+
 def _key_function(key: KeyFn | str) -> KeyFn:
     if callable(key):
         return key
@@ -273,10 +290,11 @@ def _check_unique(keys: list, desc: str) -> None:
     for index, k in enumerate(keys):
         if not isinstance(k, (str, int)):
             raise TypeError(f"{desc}: item {index} has key {k!r} of type {type(k).__name__}; keys must be str (or int)")
-        if k in first_index:
-            raise ValueError(
-                f"{desc}: duplicate item key {k!r} (items {first_index[k]} and {index}); each item needs a "
-                "unique key, otherwise resuming cannot tell which ones are done."
+        if k in first_index:  # an input line given twice (a traceback before)
+            raise InputError(
+                f"{desc}: items {first_index[k] + 1} and {index + 1} of the input are the same item ({k!r}); each needs "
+                "its own key, or resuming cannot tell which ones are done",
+                "remove the repeated line from the input",
             )
         first_index[k] = index
 
