@@ -6,12 +6,15 @@
     python examples/evaluate.py ast | sqa | text-retention ...
     python examples/evaluate.py listening --model m.nemo --manifest heldout.jsonl --train-manifest train.jsonl --out-dir eval/
 
-Every mode writes per-item predictions (JSONL, resumable: rerun to continue) and a metrics JSON;
-the benchmark also writes results.md (tables per split and task) and splits.png. A bad file or
+Every mode but ``listening`` writes per-item predictions (JSONL, resumable: rerun to continue) and a metrics
+JSON; the benchmark also writes results.md (tables per split and task) and splits.png; ``listening`` writes
+listening.json and listening.md (one pass, not resumed). A bad file or
 argument ends the command with one line on stderr and exit code 2 (``--debug`` shows the traceback).
 """
+import sys
+
 from nemo_speechlm.evaluation import benchmark, listening, standard
-from nemo_speechlm.parts.cli import CommandParser, run_cli
+from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, CommandParser, run_cli
 
 
 def main(argv=None) -> dict:
@@ -29,4 +32,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    mode = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    run_cli(main, skip_hint=SKIP_FLAG_HINT if mode in standard.MODES else None)  # the modes with --skip-invalid

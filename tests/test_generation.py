@@ -183,6 +183,8 @@ def test_rejected_items_are_not_recomputed(tmp_path):
     summary = run_resumable(ITEMS, counting(calls), out, batch_size=4, desc="rerun")
     assert calls == [] and summary.done_before == 23 and summary.written == 0
     assert summary.rejected_before == {"empty": 5}
+    # a rejected line fixed in the input keeps its key: the summary says how to retry (it said nothing)
+    assert f"not retried: delete {out}.rejected.jsonl to retry them" in str(summary)
 
 
 def test_torn_final_line_is_cut_away_and_recomputed(tmp_path, caplog):
