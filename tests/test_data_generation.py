@@ -261,6 +261,15 @@ def test_bad_sft_records_fail_naming_file_line_and_field(tmp_path, record, field
     assert skipped.total == 1
 
 
+def test_prepare_text_sft_into_a_directory_is_an_error_naming_it(tmp_path):
+    """Found at the final rename, the error named the temporary file ("out.tmp: Is a directory") and no fix."""
+    from nemo_speechlm.errors import InputError
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(InputError, match=r"out: is a directory"):
+        prepare_text_sft([write_jsonl(tmp_path / "in.jsonl", [EXPECTED])], tmp_path / "out")
+
+
 def test_prepare_text_sft_cli_error_names_the_line(tmp_path, capsys):
     path = write_jsonl(tmp_path / "bad.jsonl", [EXPECTED, "{not json"])
     with pytest.raises(SystemExit) as exc:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
 from nemo_speechlm.data.manifest import ManifestError, SkipSummary, decode_line
+from nemo_speechlm.errors import InputError
 
 USER, ASSISTANT = "User", "Assistant"
 
@@ -224,6 +225,8 @@ def prepare_text_sft(
     partial file. Returns the number of conversations written.
     """
     output = Path(output)
+    if output.is_dir():  # found at the final rename, named as the temporary file
+        raise InputError(f"{output}: is a directory", "give a file path for the output, e.g. " + str(output / "sft.jsonl"))
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     count = 0
