@@ -3,6 +3,7 @@ import json
 import os
 import re
 import runpy
+from pathlib import Path
 
 import pytest
 import soundfile
@@ -194,6 +195,19 @@ def test_mixed_modal_rerun_resumes_and_reproduces_the_choices(mixed_modal, tmp_p
     run_mixed_modal(source, tmp_path / "again.jsonl", tmp_path / "wavs")
     choices = lambda path: [(r["id"], r["conversations"], r["spoken_text"], r["speaker"]) for r in jsonl(path)]  # noqa: E731
     assert choices(tmp_path / "again.jsonl") == choices(out)
+
+
+def test_two_datasets_sharing_an_audio_dir_keep_their_own_speech(mixed_modal, tmp_path):
+    """Named by id alone, a second dataset with an id of the first ("single") replaced its wav under its lines."""
+    root, _, out = mixed_modal
+    first = {r["id"]: r for r in jsonl(out)}["single"]
+    wav_before = Path(first["audio_filepath"]).read_bytes()
+    other = write_jsonl(tmp_path / "other.jsonl", [{"id": "single", "conversations": [
+        {"from": "User", "value": "Tell me a joke about the moon."}, {"from": "Assistant", "value": "It was full."}]}])
+    run_mixed_modal(other, tmp_path / "other_mixed.jsonl", root / "wavs")
+    second = jsonl(tmp_path / "other_mixed.jsonl")[0]
+    assert second["audio_filepath"] != first["audio_filepath"]
+    assert Path(first["audio_filepath"]).read_bytes() == wav_before
 
 
 # ---------------------------------------------------------------- text SFT conversion

@@ -156,7 +156,7 @@ def mixed_modal_example(
         return Rejected(span, f"{item['source']}: {text[:150]}")
     start, end = span
     syn = _synthesize(tts, normalize_for_tts(text[start:end]), sample_rate)
-    wav = audio_dir / _wav_name(item["id"])
+    wav = audio_dir / _wav_name(item["id"], f"{tts.speaker}|{sample_rate}|{syn.text}")
     _write_wav_atomic(wav, syn.audio, sample_rate)
     user = {"from": "User", "value": text[:start] + audio_locator_tag + text[end:]}
     record = {"id": item["id"]}
@@ -183,12 +183,12 @@ def _synthesize(tts: SpeechSynthesizer, text: str, sample_rate: int) -> Synthesi
     return syn
 
 
-def _wav_name(conv_id: str) -> str:
-    """The id as a file name; ids with other characters get a hash suffix so names stay unique."""
+def _wav_name(conv_id: str, spoken: str) -> str:
+    """The id as a file name, with a digest of the id and of what is spoken by whom: two datasets sharing an
+    ``--audio-dir`` and an id (``a1``) no longer overwrite each other's speech (named by id alone, the second run
+    replaced the first's wav under its finished lines); the same line spoken again gets the same file."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", conv_id)[:80].strip(".") or "conv"
-    if safe == conv_id:
-        return f"{safe}.wav"
-    return f"{safe}-{hashlib.sha1(conv_id.encode()).hexdigest()[:10]}.wav"
+    return f"{safe}-{hashlib.sha1(f'{conv_id}|{spoken}'.encode()).hexdigest()[:10]}.wav"
 
 
 def _write_wav_atomic(path: Path, audio: np.ndarray, sample_rate: int) -> None:
