@@ -1,5 +1,6 @@
 """Data at scale: tarred NeMo manifests and Lhotse Shar as inputs of our data types, audio checked once."""
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -103,6 +104,17 @@ def test_conversion_resumes_at_the_first_unfinished_shard_and_refuses_other_inpu
     assert len(CutSet.from_shar(in_dir=out).to_eager()) == 8
     with pytest.raises(InputError, match="shard_size differ"):
         write_shar(behaviors, out, shard_size=4)
+    shutil.rmtree(out)  # start again, as the error advises: its bookkeeping beside it no longer refuses
+    assert write_shar(behaviors, out, shard_size=4)["shards_written"] == 2
+
+
+def test_a_shar_directory_holding_its_manifest_is_refused(behaviors, tmp_path):
+    """lhotse reads every file of a Shar directory as a field: the manifest inside made it unreadable."""
+    manifest = tmp_path / "out" / "m.jsonl"
+    manifest.parent.mkdir()
+    manifest.write_text(open(behaviors).read())
+    with pytest.raises(InputError, match="holds the manifest m.jsonl"):
+        write_shar(manifest, tmp_path / "out")
 
 
 def test_a_rerun_of_a_finished_conversion_keeps_its_skip_count(behaviors, tmp_path):

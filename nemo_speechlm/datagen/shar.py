@@ -48,8 +48,13 @@ def write_shar(
     if shard_size < 1:
         raise InputError(f"shard size must be at least 1 (got {shard_size})")
     manifest, out_dir = Path(manifest), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if manifest.resolve().parent == out_dir.resolve():  # lhotse reads every file of a Shar directory as a field
+        raise InputError(f"{out_dir} holds the manifest {manifest.name}, and lhotse would read it as a Shar field",
+                         "write the Shar to a directory of its own")
     work_dir = out_dir.parent / f".{out_dir.name}.to_shar"
+    if work_dir.exists() and not (out_dir.is_dir() and any(out_dir.iterdir())):  # the Shar was deleted to start
+        shutil.rmtree(work_dir)  # again, as the settings check advises: its bookkeeping goes with it
+    out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(exist_ok=True)
     _check_same_input(manifest, out_dir, work_dir, shard_size, audio_format)
     done = _finished_shards(out_dir, work_dir)
