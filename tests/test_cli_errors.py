@@ -407,6 +407,23 @@ def test_error_line_is_one_line_with_what_to_do(tmp_path):
     assert error_line(ValueError("two\nlines")) == "error: two lines"
 
 
+def test_ctrl_c_is_one_line_saying_what_was_kept(capsys, monkeypatch):
+    """The runner's message (records kept, rerun to resume) came after a chained traceback."""
+    from nemo_speechlm.parts.cli import run_cli
+
+    def interrupted(_):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise KeyboardInterrupt("3 records written to out.jsonl are kept; rerun the same command to resume") from exc
+
+    monkeypatch.delenv("NEMO_SPEECHLM_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(interrupted, [])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "interrupted: 3 records written to out.jsonl are kept; rerun the same command to resume\n"
+
+
 @pytest.mark.parametrize(("source", "message"), [
     ("./no/such/llm_dir", "no such file or directory, and not a Hugging Face hub id"),
     ("nemo-speechlm-tests/no-such-llm", "not a local path, and the Hugging Face hub could not be reached"),

@@ -29,6 +29,7 @@ from nemo_speechlm.errors import InputError, ManifestError
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "NEMO_SPEECHLM_DEBUG"
 USER_ERROR_EXIT_CODE = 2
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for a process ended by SIGINT
 # Errors that come from the user's input, not from a bug: bad files, configs and arguments.
 USER_ERRORS = (
     InputError,
@@ -92,6 +93,12 @@ def run_cli(main: Callable[[list[str]], T], argv: Sequence[str] | None = None, s
         sys.stdout.flush()
         print(error_line(e, skip_hint), file=sys.stderr, flush=True)
         raise SystemExit(USER_ERROR_EXIT_CODE) from None
+    except KeyboardInterrupt as e:  # Ctrl-C: the runner's message says what was kept and how to resume; a chained
+        if debug:  # traceback printed before it buried it
+            raise
+        sys.stdout.flush()
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
 
 
 def hydra_command(config_path: str, config_name: str) -> Callable[[Callable[[DictConfig], T]], Callable[..., T]]:
