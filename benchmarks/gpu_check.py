@@ -17,6 +17,7 @@ is killed when the time is spent and later ones are skipped, and the table print
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -134,9 +135,11 @@ def run_step(name: str, cmd: list[str], log_dir: Path, timeout: float) -> dict:
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             code = "timeout"
+        finally:  # whatever ended the wait (Ctrl-C included): no rank or loader worker of the step outlives it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     text = log.read_text(errors="replace")
     result = next((json.loads(line[len("RESULT "):]) for line in text.splitlines() if line.startswith("RESULT ")), None)
     return {"name": name, "ok": code == 0, "code": code, "seconds": time.perf_counter() - start, "log": str(log),

@@ -12,7 +12,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/site:$PWD"
 python3 -c "import nemo_speechlm, nemo.collections.speechlm2, nemo.collections.asr, lightning, torch; \
 print('imports ok: lightning', lightning.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" || exit 4
-PYTHON=python3 bash benchmarks/gpu_check.sh --out /tmp/gpu_check --budget "${BUDGET:-480}" "$@"
+out=$(mktemp -d /tmp/gpu_check.XXXX)  # a fresh folder per run: a rerun into the last one resumed finished runs
+PYTHON=python3 bash benchmarks/gpu_check.sh --out "$out" --budget "${BUDGET:-480}" "$@"
 code=$?
-if [ -n "${OUT:-}" ]; then cp /tmp/gpu_check/*.log "$OUT"/ 2>/dev/null; fi
+if [ -n "${OUT:-}" ]; then cp "$out"/*.log "$OUT"/ 2>/dev/null; fi
 exit $code

@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     voices = ({"voices": args.voices, "rates": args.rates} if args.tts == "espeak"
               else {"fastpitch": args.fastpitch, "vocoder": args.vocoder, "speaker_ids": args.speaker_ids})
     job = Job(job, {"tts": args.tts, **voices, "seed": args.seed, "audio_locator_tag": args.audio_locator_tag,
-                    "max_spoken_words": args.max_spoken_words})
+                    "max_spoken_words": args.max_spoken_words}, ("audio_filepath", "spoken_text"))
     summary = run_resumable(items, job, args.output, batch_size=args.batch_size, desc="Generating mixed-modal",
                             key="id")
     print(summary)

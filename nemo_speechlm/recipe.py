@@ -43,7 +43,6 @@ def train(cfg: DictConfig, model_cls) -> Path:
         raise ConfigError(f"config: output_scope is {scope!r}, not one of {', '.join(OUTPUT_SCOPES)}",
                           "output_scope=full (every weight) or output_scope=trainable (without the frozen base weights)")
     clips = check_training_data(cfg)
-    check_pre_alignment_data(cfg)
     # Data configs are copied around by NeMo's loaders and lose their root: resolve
     # interpolations such as ${model.audio_locator_tag} now.
     OmegaConf.resolve(cfg.data)
@@ -60,6 +59,8 @@ def train(cfg: DictConfig, model_cls) -> Path:
                           "trainer.precision to values Lightning knows and this machine has (e.g. trainer.accelerator=cpu)"
                           ) from exc
     log_dir = exp_manager(trainer, cfg.get("exp_manager"))
+    if not trainer.ckpt_path:  # a resumed run skips the stage, and its manifest may be gone
+        check_pre_alignment_data(cfg)
     start_ranks(trainer)  # several devices: the other ranks and the process group now, so pre-fit work is shared
     model = model_cls(cfg.model, trainer=trainer)
     if trainer.ckpt_path:

@@ -346,6 +346,31 @@ def test_a_resumed_fill_shares_what_is_left_evenly(assets, tmp_path):  # noqa: F
     assert all(cut in FeatureCache(cache_dir, "fp") for cut in cuts)
 
 
+def test_a_rank_that_lists_the_cache_slowly_still_gets_its_share(assets, tmp_path):  # noqa: F811
+    """Rank 0 began writing while rank 1 still listed the uncached utterances (a slow file system): rank 1 saw a
+    shorter list, its stride no longer matched rank 0's, and some utterances were cached by no rank."""
+    import time
+
+    from nemo_speechlm.data.feature_cache import FeatureCache, fill_feature_cache
+    from tests.test_connector import utterances
+
+    model = SpeechLMModel(model_config(assets["llm"]))
+    model.perception.encoder.sync_max_audio_length = False
+    cuts = [cut for cut, _ in utterances(assets)[:6]]
+
+    class SlowToList(FeatureCache):
+        def __contains__(self, cut) -> bool:
+            time.sleep(0.3)
+            return super().__contains__(cut)
+
+    def fill(rank: int) -> int:
+        cache = (SlowToList if rank == 1 else FeatureCache)(tmp_path / "cache", "fp")
+        return fill_feature_cache(model, cache, cuts, batch_size=1)["encoded"]
+
+    assert run_on_ranks(fill, 2, tmp_path) == {0: 3, 1: 3}
+    assert all(cut in FeatureCache(tmp_path / "cache", "fp") for cut in cuts)
+
+
 class _LoggingModel(SpeechLMModel):
     """Records what the validation hooks log (no trainer in these processes)."""
 
@@ -393,3 +418,6 @@ def test_validation_metrics_are_means_over_every_ranks_batches(assets, tmp_path,
     plain.load_state_dict(model.state_dict())
     trainer.validate(plain, dataloaders=torch.utils.data.DataLoader(batches, batch_size=None), verbose=False)
     assert {k: float(v) for k, v in trainer.callback_metrics.items()} == pytest.approx(everything, rel=1e-5)
+    loaders = [torch.utils.data.DataLoader(batches[:1], batch_size=None), torch.utils.data.DataLoader(batches[1:], batch_size=None)]
+    trainer.validate(plain, dataloaders=loaders, verbose=False)  # several loaders: one mean each, not one for all
+    assert set(trainer.callback_metrics) == {f"val_{m}_loader{i}" for m in ("loss", "acc") for i in (0, 1)}

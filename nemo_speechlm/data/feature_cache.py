@@ -144,7 +144,7 @@ def fill_feature_cache(model, cache: FeatureCache, cuts: list[Cut], batch_size: 
     whatever else is cached fill in a fixed order (the training recipe: the pre-alignment manifest first).
 
     With a process group (``nemo_speechlm.parts.distributed.start_ranks``), rank ``r`` of ``N`` encodes the
-    uncached distinct utterances ``r, r+N, ...``, listed after a barrier (so every rank lists the same ones), then
+    uncached distinct utterances ``r, r+N, ...``, listed between two barriers (so every rank lists the same ones), then
     every rank waits at a barrier, so all of them read a full cache. Split before dropping what was cached, a
     fill resumed after a crash left one rank its whole share while the others waited at the barrier, past NCCL's
     timeout on a large corpus.
@@ -156,8 +156,9 @@ def fill_feature_cache(model, cache: FeatureCache, cuts: list[Cut], batch_size: 
     distinct: dict[str, Cut] = {}
     for cut in cuts:
         distinct.setdefault(utterance_key(cut), cut)
-    barrier()  # no rank lists the cache while another still writes to it
+    barrier()  # no rank lists the cache while another still writes to it ...
     uncached = [cut for cut in distinct.values() if cut not in cache]
+    barrier()  # ... nor writes while another still lists it (a slow lister saw fewer, and its stride missed some)
     todo = uncached[rank::world]
     counts = {"utterances": len(distinct), "cached_before": len(distinct) - len(uncached), "encoded": 0}
     if world > 1:

@@ -87,7 +87,7 @@ def check_training_data(cfg: DictConfig) -> ClipRange:
                 for turn in getattr(conversation, "turns", []):
                     if isinstance(turn, AudioTurn):
                         clips.add(_whole_utterance(turn.cut))
-            if not examples:  # an empty training stream: Lightning cycled through empty epochs, never reaching max_steps
+            if not examples and split == "train_ds":  # an empty stream: Lightning cycled through empty epochs for ever
                 name = ".".join(filter(None, ("data", split, key)))
                 raise ConfigError(f"config: {name} has no examples (its inputs are empty, or every line was skipped "
                                   "or filtered out by min_duration/max_duration)", f"point {name}.input_cfg at data")

@@ -281,7 +281,7 @@ def add_teacher_arguments(parser, teacher_help: str = "") -> None:
     """The flags every generation script shares: which LLM, how it decodes, how it is batched."""
     parser.add_argument("--teacher", default=None, help="HF hub id, local HF directory or .gguf (default: offline "
                         f"SmolLM2-135M-Instruct){teacher_help}")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="cap per answer")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128, help="cap per answer")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="hf")
     parser.add_argument("--device", default="auto")

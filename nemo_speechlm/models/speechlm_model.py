@@ -347,10 +347,16 @@ class SpeechLMModel(ModelPT):
             loss = cross_entropy(logits, targets)
             valid = targets != IGNORE_INDEX
             acc = (logits.argmax(-1)[valid] == targets[valid]).float().mean()
-            suffix = f"_{name}" if name else ""
+            suffix = f"_{name}" if name else self._dataloader_suffix(dataloader_idx)
             bs = sub["input_ids"].shape[0]
             batch_totals = torch.stack([loss.new_tensor(float(bs)), loss.detach().float() * bs, acc * bs])
             self._validation_totals[suffix] = self._validation_totals.get(suffix, 0) + batch_totals
+
+    def _dataloader_suffix(self, dataloader_idx: int) -> str:
+        """``_loader<i>`` where ``trainer.validate`` was given several loaders, so they are not merged into one mean
+        (a named set of the data config is ``_<name>``; Lightning reserves its own ``/dataloader_idx_<i>``)."""
+        several = self._trainer is not None and len(self.trainer.num_val_batches) > 1
+        return f"_loader{dataloader_idx}" if several else ""
 
     def on_validation_epoch_start(self) -> None:
         self._validation_totals = {}

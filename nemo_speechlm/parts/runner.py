@@ -294,9 +294,9 @@ def _check_unique(keys: list, desc: str) -> None:
             raise TypeError(f"{desc}: item {index} has key {k!r} of type {type(k).__name__}; keys must be str (or int)")
         if k in first_index:  # an input line given twice (a traceback before)
             raise InputError(
-                f"{desc}: items {first_index[k] + 1} and {index + 1} of the input are the same item ({k!r}); each needs "
-                "its own key, or resuming cannot tell which ones are done",
-                "remove the repeated line from the input",
+                f"{desc}: items {first_index[k] + 1} and {index + 1} are the same item ({k!r}); each needs its own key, "
+                "or resuming cannot tell which ones are done",
+                "remove the entry given twice from the input (e.g. a repeated manifest line)",
             )
         first_index[k] = index
 
