@@ -180,10 +180,10 @@ def throughput_commands(d: dict, accelerator: str, smoke: bool, devices: int = 1
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'step':<26} {'status':<8} {'wall s':>7}  numbers", "-" * 100]
+    lines = [f"{'step':<26} {'status':<14} {'wall s':>7}  numbers", "-" * 106]
     for r in rows:
         status = "ok" if r["ok"] else f"FAIL({r['code']})"
-        lines.append(f"{r['name']:<26} {status:<8} {r['seconds']:>7.1f}  {r.get('numbers', '')}")
+        lines.append(f"{r['name']:<26} {status:<14} {r['seconds']:>7.1f}  {r.get('numbers', '')}")
     return "\n".join(lines)
 
 
