@@ -110,6 +110,21 @@ def test_rerun_resumes_without_duplicates(ctc_model, corpus, tmp_path):
     assert partial.read_bytes() == full.read_bytes()
 
 
+def test_a_corrected_transcript_is_aligned_anew(ctc_model, corpus, tmp_path):
+    """Keyed by audio, a line whose transcript was corrected kept its old record: the old text and its words."""
+    rows = read_jsonl(corpus)
+    manifest = write_jsonl(tmp_path / "m.jsonl", rows)
+    out = tmp_path / "aligned.jsonl"
+    assert align_manifest(manifest, out, ctc_model, batch_size=4, model_name="tiny").run.written == 9
+    rows[2]["text"] = " ".join(reversed(rows[2]["text"].split()))  # the same words, corrected order
+    write_jsonl(manifest, rows)
+    again = align_manifest(manifest, out, ctc_model, batch_size=4, model_name="tiny")
+    assert (again.run.done_before, again.run.written) == (8, 1)
+    aligned = {row["id"]: row for row in read_jsonl(out)}
+    assert len(aligned) == 9 and aligned[2]["text"] == rows[2]["text"]
+    check_words(aligned[2])
+
+
 def test_a_relative_manifest_gives_an_output_that_moves_with_its_folder(ctc_model, corpus, tmp_path):
     """Relative audio paths stay relative (to the output's directory): the folder moved elsewhere is read and
     resumed as it was; absolute inputs stay absolute."""
