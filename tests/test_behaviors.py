@@ -127,3 +127,21 @@ def test_behaviors_of_a_relative_manifest_move_with_their_folder(assets, tmp_pat
     cmd[cmd.index("--output") + 1] = str(moved_output)
     rerun = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     assert "8 already done" in rerun.stdout and _lines(moved_output) == [json.dumps(r) for r in records]
+
+
+def test_a_corrected_transcript_is_answered_anew(assets, tmp_path):
+    """Keyed by audio and prompt, a line whose transcript was corrected kept the behaviors of the old transcript."""
+    rows = [json.loads(line) for line in assets["manifest"].read_text().splitlines()]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    output = tmp_path / "behaviors.jsonl"
+    cmd = _cmd(assets, output)
+    cmd[cmd.index("--manifest") + 1] = str(manifest)
+    cmd[cmd.index("--tasks") + 1 : cmd.index("--tasks") + 4] = ["repeat"]  # the ground truth: the transcript itself
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    rows[3]["text"] = "a corrected transcript"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rerun = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    assert "7 already done, 1 written" in rerun.stdout
+    records = {r["audio_filepath"]: r for r in map(json.loads, _lines(output))}
+    assert len(records) == 8 and records[rows[3]["audio_filepath"]]["response"] == "a corrected transcript"

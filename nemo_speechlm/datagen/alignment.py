@@ -300,6 +300,6 @@ def align_manifest(
     name = model_name or (None if isinstance(asr_model, torch.nn.Module) else str(asr_model))
     if name is not None:  # a named model: resuming with another aligner is refused (two models' word times)
         process_batch = Job(process_batch, {"aligner": model_id(name) if Path(name).exists() else name}, ("words",),
-                            ("text",))  # a corrected transcript is aligned anew
+                            lambda item: {"text": item["text"]})  # a corrected transcript is aligned anew
     run = run_resumable(list(items.values()), process_batch, manifest_out, batch_size=batch_size, desc="Aligning words", key=segment_key)
     return AlignmentSummary(run, invalid)

@@ -85,7 +85,8 @@ def behavior_job(
                 outcomes[i] = _record(item, result.text, {**settings, "max_new_tokens": cap, "source": "llm"})
         return outcomes
 
-    return Job(process, {**settings, "ground_truth_tasks": sorted(ground_truth_tasks)}, ("response",))
+    return Job(process, {**settings, "ground_truth_tasks": sorted(ground_truth_tasks)}, ("response",),
+               lambda item: {"text": item["fields"].get("text")})  # a corrected transcript is answered anew
 
 
 def _messages(item: dict, system_prompt: str | None) -> list[dict]:

@@ -72,7 +72,8 @@ class Job:
     process: Callable[[list[dict]], list[Outcome]]
     settings: dict
     output_fields: tuple[str, ...] = ()  # what every output record has: an output without them is not this job's
-    input_fields: tuple[str, ...] = ()  # item fields each record copies: a record whose copy differs is redone
+    copied_inputs: Callable[[dict], dict] | None = None  # item -> the input fields its record copies (a record whose
+    # copy differs from the item now, e.g. a corrected transcript, is redone)
 
     def __call__(self, items: list[dict]) -> list[Outcome]:
         return self.process(items)
@@ -153,8 +154,9 @@ def run_resumable(
     if isinstance(process_batch, Job):
         _check_output_fields(records, process_batch.output_fields, output_path, desc)
         check_run_settings(output_path, process_batch.settings)
-        records = _drop_records_of_changed_items(records, dict(zip(keys, items)), process_batch.input_fields, key_of,
-                                                 output_path)
+        if process_batch.copied_inputs is not None:
+            records = _drop_records_of_changed_items(records, dict(zip(keys, items)), process_batch.copied_inputs,
+                                                     key_of, output_path)
     done = {key_of(rec) for rec in records}
     if rejected_path.exists() and not output_path.exists():  # the output was deleted to start over (as the settings
         # check advises): its rejections went with it, or the items they name were never made again
@@ -277,19 +279,22 @@ def _check_output_fields(records: list[dict], fields: Sequence[str], output_path
                              f"output of {desc.lower()} (the input given as the output?)", "give another output path")
 
 
-def _drop_records_of_changed_items(records: list[dict], items: dict, fields: Sequence[str], key_of: KeyFn,
-                                   output_path: Path) -> list[dict]:
-    """The records whose copies of the item's ``fields`` still equal the item's; the others are removed from the
-    output (rewritten atomically, with a warning) so their items are made anew. Keyed by audio, a line whose
-    transcript was corrected kept its old record (and its words of the old transcript)."""
-    stale = [r for r in records if key_of(r) in items and any(r.get(f) != items[key_of(r)].get(f) for f in fields)]
-    if not stale:
+def _drop_records_of_changed_items(records: list[dict], items: dict, copied_inputs: Callable[[dict], dict],
+                                   key_of: KeyFn, output_path: Path) -> list[dict]:
+    """The records whose copies of their item's input fields (``copied_inputs(item)``) still hold; the others are
+    removed from the output (rewritten atomically, with a warning) so their items are made anew. Keyed by audio, a
+    line whose transcript was corrected kept its old record (its words, or its answers, of the old transcript)."""
+    def changed(record: dict) -> bool:
+        item = items.get(key_of(record))
+        return item is not None and any(record.get(f) != value for f, value in copied_inputs(item).items())
+
+    stale_ids = {id(r) for r in records if changed(r)}
+    if not stale_ids:
         return records
-    stale_ids = {id(r) for r in stale}
     kept = [r for r in records if id(r) not in stale_ids]
     _replace_jsonl(output_path, kept)
-    log.warning(f"{output_path}: {len(stale)} records of items whose {'/'.join(fields)} changed in the input were "
-                "dropped; they are made anew")
+    log.warning(f"{output_path}: {len(stale_ids)} records of items changed in the input since (e.g. a corrected "
+                "transcript) were dropped; they are made anew")
     return kept
 
 
