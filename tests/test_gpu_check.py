@@ -55,3 +55,14 @@ def test_gpu_check_cpu_smoke_runs_every_step_and_prints_mfu(tmp_path):
     ours = rows[4]["result"]["ours"]
     assert ours["model_tflops_per_step"] > 0 and ours["mfu"] == pytest.approx(ours["achieved_tflops"] / 1.0)
     assert "MFU" in proc.stdout
+
+
+def test_a_spent_budget_skips_the_remaining_steps_and_still_prints_the_table(tmp_path, monkeypatch, capsys):
+    """A GPU run killed at the device's command limit printed nothing; the check keeps to --budget instead."""
+    gpu_check = _gpu_check()
+    monkeypatch.setattr(sys, "argv", ["gpu_check", "--cpu-smoke", "--budget", "1", "--out", str(tmp_path)])
+    assert gpu_check.main() == 1
+    out = capsys.readouterr().out
+    rows = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    assert len(rows) == 6 and all(r["code"] == "no time" for r in rows)
+    assert "[SKIP] plain SFT: no time left in --budget 1 s" in out and "FAIL(no time)" in out

@@ -149,10 +149,9 @@ def check_data_types(loader_cfg: DictConfig, name: str) -> None:
             raise ConfigError(f"config: {name}.input_cfg.{i}.type is {data_type!r}, not a known data type",
                               f"use one of {', '.join(sorted(known))}")
         shar = item.get("shar_path") if isinstance(item, DictConfig) else None
-        for directory in [shar] if isinstance(shar, str) else []:  # lhotse asserted on a missing one, a traceback
-            if not Path(directory).is_dir():
-                raise ConfigError(f"config: {name}.input_cfg.{i}.shar_path: no such directory: {directory}",
-                                  "give the directory examples/to_shar.py wrote")
+        if isinstance(shar, str) and not Path(shar).is_dir():  # lhotse asserted on a missing one, a traceback
+            raise ConfigError(f"config: {name}.input_cfg.{i}.shar_path: no such directory: {shar}",
+                              "give the directory examples/to_shar.py wrote")
 
 
 def missing_values(node: DictConfig | ListConfig, prefix: str) -> list[str]:
