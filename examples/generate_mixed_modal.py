@@ -20,7 +20,7 @@ or ``fastpitch`` (NeMo FastPitch + HiFi-GAN; needs ``nemo_toolkit[tts]`` and the
 from nemo_speechlm.data.manifest import SkipSummary
 from nemo_speechlm.datagen.mixed_modal import DEFAULT_LOCATOR, SAMPLE_RATE, mixed_modal_items, mixed_modal_job
 from nemo_speechlm.parts.cli import CommandParser, positive_int, run_cli, SKIP_FLAG_HINT
-from nemo_speechlm.parts.runner import Job, run_resumable
+from nemo_speechlm.parts.runner import run_resumable
 from nemo_speechlm.tts.espeak import DEFAULT_RATES, DEFAULT_VOICES, speakers
 
 
@@ -56,13 +56,12 @@ def main(argv=None) -> None:
 
     skipped = SkipSummary()
     items = list(mixed_modal_items(args.input, skip_invalid=args.skip_invalid, summary=skipped))
-    job = mixed_modal_job(build_speakers(args), args.audio_dir, seed=args.seed, audio_locator_tag=args.audio_locator_tag,
-                          max_spoken_words=args.max_spoken_words, sample_rate=SAMPLE_RATE)
     # what the lines depend on: resuming an output made with other voices, locator or span limit is refused
     voices = ({"voices": args.voices, "rates": args.rates} if args.tts == "espeak"
               else {"fastpitch": args.fastpitch, "vocoder": args.vocoder, "speaker_ids": args.speaker_ids})
-    job = Job(job, {"tts": args.tts, **voices, "seed": args.seed, "audio_locator_tag": args.audio_locator_tag,
-                    "max_spoken_words": args.max_spoken_words}, ("audio_filepath", "spoken_text"))
+    job = mixed_modal_job(build_speakers(args), args.audio_dir, seed=args.seed, audio_locator_tag=args.audio_locator_tag,
+                          max_spoken_words=args.max_spoken_words, sample_rate=SAMPLE_RATE,
+                          settings={"tts": args.tts, **voices})
     summary = run_resumable(items, job, args.output, batch_size=args.batch_size, desc="Generating mixed-modal",
                             key="id")
     print(summary)

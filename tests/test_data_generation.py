@@ -81,6 +81,17 @@ def test_sqa_with_smollm2_gives_valid_lines_or_counted_rejections(asr_manifest, 
         assert line["teacher"]["model"].endswith(".gguf") and line["teacher"]["max_new_tokens"] == 64
         assert_audio_matches(line)
     assert all(r["reason"] in REASONS for r in rejected), rejected
+    # a corrected transcript is asked about anew, accepted or rejected before (keyed by audio, it kept its old pair)
+    corrected = jsonl(asr_manifest)
+    corrected[1]["text"] = "My brother planted roses in the garden last autumn."
+    manifest = write_jsonl(tmp_path / "corrected.jsonl", corrected)
+    capsys.readouterr()
+    script("generate_sqa.py")(["--manifest", str(manifest), "--output", str(out), "--device", "cpu",
+                               "--batch-size", "3", "--max-new-tokens", "64"])
+    assert f"{len(TRANSCRIPTS)} items, {len(TRANSCRIPTS) - 1} already done" in capsys.readouterr().out
+    redone = [r for r in jsonl(out) if r["audio_filepath"] == corrected[1]["audio_filepath"]]
+    assert [r["original_text"] for r in redone] in ([], [corrected[1]["text"]])
+    assert len(jsonl(out)) + len(jsonl(tmp_path / "sqa.jsonl.rejected.jsonl")) == len(TRANSCRIPTS)
 
 
 def test_sqa_parser_on_hand_written_outputs():
@@ -195,6 +206,26 @@ def test_mixed_modal_rerun_resumes_and_reproduces_the_choices(mixed_modal, tmp_p
     run_mixed_modal(source, tmp_path / "again.jsonl", tmp_path / "wavs")
     choices = lambda path: [(r["id"], r["conversations"], r["spoken_text"], r["speaker"]) for r in jsonl(path)]  # noqa: E731
     assert choices(tmp_path / "again.jsonl") == choices(out)
+
+
+def test_an_edited_conversation_is_spoken_anew_and_a_fixed_one_retried(mixed_modal, tmp_path):
+    """Keyed by id, an edited conversation kept its old line (speech of the old instruction) and a fixed one its
+    rejection."""
+    import shutil
+
+    root, _, out = mixed_modal
+    for name in ("mixed.jsonl", "mixed.jsonl.rejected.jsonl", "mixed.jsonl.settings.json"):
+        shutil.copy(root / name, tmp_path / name)
+    edited = json.loads(json.dumps(CONVERSATIONS + UNUSABLE))
+    edited[1]["conversations"][0]["value"] = "Write a haiku about the moon."
+    edited[4]["conversations"][0]["value"] = "Say hello."  # "empty" was rejected as empty_text
+    run_mixed_modal(write_jsonl(tmp_path / "edited.jsonl", edited), tmp_path / "mixed.jsonl", root / "wavs")
+    summary = json.loads((tmp_path / "mixed.jsonl.summary.json").read_text())
+    assert summary["done_before"] == 3 and summary["written"] == 2
+    lines = {r["id"]: r for r in jsonl(tmp_path / "mixed.jsonl")}
+    assert lines["single"]["spoken_text"] == "Write a haiku about the moon." and lines["empty"]["spoken_text"] == "Say hello."
+    assert {r["id"]: r for r in jsonl(out)}["multi"] == lines["multi"]  # the unchanged lines are kept as they were
+    assert [r["key"] for r in jsonl(tmp_path / "mixed.jsonl.rejected.jsonl")] == ["no_user"]
 
 
 def test_two_datasets_sharing_an_audio_dir_keep_their_own_speech(mixed_modal, tmp_path):

@@ -237,6 +237,35 @@ def test_deleting_the_output_to_start_over_redoes_its_rejections(tmp_path):
     assert calls == [item["key"] for item in ITEMS] and summary.rejected_before == {} and summary.rejected == {"empty": 5}
 
 
+def test_records_and_rejections_of_a_changed_item_are_made_anew(tmp_path, caplog):
+    """Keyed by item, a corrected input line kept its old record and its old rejection (an SQA pair refused as
+    "none" for a misheard transcript stayed refused after the transcript was corrected)."""
+    from nemo_speechlm.parts.runner import Job
+
+    def copying(calls):  # records copy their item's text, as SQA's copy the transcript
+        def process(batch):
+            return [dict(o, text=i["text"]) if isinstance(o, dict) else o for i, o in zip(batch, counting(calls)(batch))]
+        return Job(process, {}, ("answer",), lambda item: {"text": item["text"]})
+
+    out, rejections = tmp_path / "out.jsonl", tmp_path / "out.jsonl.rejected.jsonl"
+    run_resumable(ITEMS, copying([]), out, 4, "first")
+    assert json.loads(rejections.read_text().splitlines()[0])["inputs"] == {"text": "sentence number 0"}
+    corrected = [dict(item, text="corrected") if item["key"] in ("utt05", "utt07") else item for item in ITEMS]
+    calls = []
+    with caplog.at_level(logging.WARNING, logger="nemo_speechlm.parts.runner"):
+        summary = run_resumable(corrected, copying(calls), out, 4, "again")
+    assert calls == ["utt05", "utt07"] and summary.done_before == 21  # a rejection (05) and a record (07)
+    assert "1 records of items changed" in caplog.text and "1 rejections of items changed" in caplog.text
+    records = {r["key"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert records["utt07"] == {"key": "utt07", "answer": "CORRECTED", "text": "corrected"}
+    # rejections written before they kept their inputs are kept (not all redone)
+    lines = [json.loads(line) for line in rejections.read_text().splitlines()]
+    rejections.write_text("".join(json.dumps({k: v for k, v in line.items() if k != "inputs"}) + "\n" for line in lines))
+    calls = []
+    run_resumable([dict(item, text="other") for item in ITEMS], copying(calls), out, 4, "old")
+    assert len(calls) == 18 and all(int(key[3:]) % 5 for key in calls)  # every record redone, no rejection
+
+
 def test_an_output_that_this_job_did_not_write_is_refused(tmp_path):
     """The input manifest given as the output: its lines carry the items' keys, so every item read as done and the
     run wrote nothing, exit 0."""

@@ -179,6 +179,8 @@ NORMALIZER_CASES = [
 @pytest.mark.parametrize("written,spoken", NORMALIZER_CASES)
 def test_normalize_for_tts(written, spoken):
     assert normalize_for_tts(written) == spoken
+    # idempotent: the TTS normalizes the planned text again (a mixed-modal line's spoken text is checked against it)
+    assert normalize_for_tts(spoken) == spoken
 
 
 def test_shipped_sentences():

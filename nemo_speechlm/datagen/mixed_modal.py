@@ -27,8 +27,9 @@ import json
 import os
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import soundfile
@@ -36,7 +37,7 @@ import soundfile
 from nemo_speechlm.data.manifest import ManifestError, SkipSummary
 from nemo_speechlm.data.task_checks import split_sentences
 from nemo_speechlm.data.text_sft import SFTFormatError, read_records, to_conversation
-from nemo_speechlm.parts.runner import Outcome, Rejected
+from nemo_speechlm.parts.runner import Job, Outcome, Rejected
 from nemo_speechlm.tts.base import SpeechSynthesizer, Synthesis
 from nemo_speechlm.tts.normalize import normalize_for_tts
 
@@ -115,32 +116,48 @@ def mixed_modal_job(
     audio_locator_tag: str = DEFAULT_LOCATOR,
     max_spoken_words: int | None = 100,
     sample_rate: int = SAMPLE_RATE,
-) -> Callable[[list[dict]], list[Outcome]]:
-    """``process_batch`` for the runner: speak part of each first user turn, write the wav and the line."""
+    settings: dict | None = None,
+) -> Job:
+    """The runner's job: speak part of each first user turn, write the wav and the line. ``settings`` (the voices)
+    are what a resumed output must have been made with, besides this function's own choices."""
     if not speakers:
         raise ValueError("mixed_modal_job needs at least one speaker")
     audio_dir = Path(audio_dir).resolve()
     audio_dir.mkdir(parents=True, exist_ok=True)
 
+    def plan(item: dict) -> _Plan | Rejected:
+        return plan_example(item, len(speakers), seed, audio_locator_tag, max_spoken_words)
+
     def process(items: list[dict]) -> list[Outcome]:
-        return [
-            mixed_modal_example(item, speakers, audio_dir, seed, audio_locator_tag, max_spoken_words, sample_rate)
-            for item in items
-        ]
+        return [_example(item, plan(item), speakers, audio_dir, sample_rate) for item in items]
 
-    return process
+    def copied_inputs(item: dict) -> dict:
+        """What the line keeps of its conversation (the spoken text, the text around the locator, later turns, the
+        system prompt): a conversation edited under the same id is spoken anew, one that became usable is retried.
+        (``spoken_text`` is the TTS's normalization of the planned text, the same as TTS normalization is idempotent.)"""
+        planned = plan(item)
+        if isinstance(planned, Rejected):
+            return {"conversations": None}
+        return {"spoken_text": planned.spoken, "conversations": planned.conversations, "system": planned.system}
+
+    own = {"seed": seed, "audio_locator_tag": audio_locator_tag, "max_spoken_words": max_spoken_words}
+    return Job(process, {**(settings or {}), **own}, ("audio_filepath", "spoken_text"), copied_inputs)
 
 
-def mixed_modal_example(
-    item: dict,
-    speakers: Sequence[SpeechSynthesizer],
-    audio_dir: Path,
-    seed: int,
-    audio_locator_tag: str,
-    max_spoken_words: int | None,
-    sample_rate: int,
-) -> Outcome:
-    """One conversation -> its mixed-modal line (after writing its wav), or a :class:`Rejected`."""
+@dataclass(frozen=True)
+class _Plan:
+    """What one conversation becomes before any audio is made: the speaker, the spoken text and the turns."""
+
+    speaker: int  # index into the speakers
+    spoken: str  # the normalized text to speak
+    conversations: list[dict]  # the first user turn with the locator in place of the spoken run, then the rest
+    system: str | None
+
+
+def plan_example(
+    item: dict, n_speakers: int, seed: int, audio_locator_tag: str, max_spoken_words: int | None
+) -> _Plan | Rejected:
+    """The speaker and run of sentences for one conversation (seeded by ``seed`` and its id), or why it is rejected."""
     try:
         conversation = to_conversation(item["record"])
     except SFTFormatError as e:
@@ -150,20 +167,30 @@ def mixed_modal_example(
     if audio_locator_tag in text:
         return Rejected("locator_in_text", f"{item['source']}: the user turn already contains {audio_locator_tag!r}")
     rng = random.Random(f"{seed}|{item['id']}")
-    tts = speakers[rng.randrange(len(speakers))]
+    speaker = rng.randrange(n_speakers)
     span = choose_spoken_span(text, rng, max_spoken_words)
     if isinstance(span, str):
         return Rejected(span, f"{item['source']}: {text[:150]}")
     start, end = span
-    syn = _synthesize(tts, normalize_for_tts(text[start:end]), sample_rate)
+    user = {"from": "User", "value": text[:start] + audio_locator_tag + text[end:]}
+    return _Plan(speaker, normalize_for_tts(text[start:end]), [user, *turns[1:]], conversation.get("system"))
+
+
+def _example(
+    item: dict, planned: _Plan | Rejected, speakers: Sequence[SpeechSynthesizer], audio_dir: Path, sample_rate: int
+) -> Outcome:
+    """One conversation -> its mixed-modal line (after writing its wav), or a :class:`Rejected`."""
+    if isinstance(planned, Rejected):
+        return planned
+    tts = speakers[planned.speaker]
+    syn = _synthesize(tts, planned.spoken, sample_rate)
     wav = audio_dir / _wav_name(item["id"], f"{tts.speaker}|{sample_rate}|{syn.text}")
     _write_wav_atomic(wav, syn.audio, sample_rate)
-    user = {"from": "User", "value": text[:start] + audio_locator_tag + text[end:]}
     record = {"id": item["id"]}
-    if "system" in conversation:
-        record["system"] = conversation["system"]
+    if planned.system is not None:
+        record["system"] = planned.system
     record.update({
-        "conversations": [user, *turns[1:]],
+        "conversations": planned.conversations,
         "audio_filepath": str(wav),
         "duration": round(len(syn.audio) / sample_rate, 4),
         "spoken_text": syn.text,

@@ -138,7 +138,8 @@ def sqa_job(
         results = generator.generate(conversations, max_new_tokens=max_new_tokens)
         return [_outcome(item, result.text, teacher) for item, result in zip(items, results)]
 
-    return Job(process, teacher, ("question", "answer"))
+    return Job(process, teacher, ("question", "answer"),
+               lambda item: {"original_text": item["text"]})  # a corrected transcript is asked about anew
 
 
 def _outcome(item: dict, output: str, teacher: dict) -> Outcome:

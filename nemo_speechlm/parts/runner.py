@@ -4,11 +4,14 @@ A job is a function ``process_batch(items) -> outcomes`` (one outcome per item, 
 the runner owns everything that makes long jobs safe to run:
 
 * **Output.** Each accepted item becomes one JSON line in ``output_path``; each rejected item
-  one ``{"key", "reason"[, "detail"]}`` line in ``<output>.rejected.jsonl``. Lines are appended
+  one ``{"key", "reason"[, "detail"][, "inputs"]}`` line in ``<output>.rejected.jsonl``. Lines are appended
   in input order, flushed and fsync'ed after every batch, so a crash loses at most the batch
   being computed.
 * **Resume.** On start both files are read; items whose key is already in either are skipped,
   so a rerun after a crash or Ctrl-C continues where it stopped and never duplicates a line.
+  A :class:`Job` that declares the input fields its records copy (``copied_inputs``: the
+  transcript) has the records and rejections of an item whose input changed since (a corrected
+  transcript under the same key) dropped and made anew; rejections keep those copies as ``inputs``.
   Because pending items keep their input order, an interrupted-then-resumed run writes the same
   file as an uninterrupted one (given a deterministic ``process_batch``).
 * **Someone else's file.** A datagen output is read whole (as training data), so it must hold
@@ -151,18 +154,23 @@ def run_resumable(
 
     output_path.parent.mkdir(parents=True, exist_ok=True)
     records = _read_jsonl(output_path, key_of, what="output record")
+    copied_inputs = process_batch.copied_inputs if isinstance(process_batch, Job) else None
     if isinstance(process_batch, Job):
         _check_output_fields(records, process_batch.output_fields, output_path, desc)
         check_run_settings(output_path, process_batch.settings)
-        if process_batch.copied_inputs is not None:
-            records = _drop_records_of_changed_items(records, dict(zip(keys, items)), process_batch.copied_inputs,
-                                                     key_of, output_path)
+    if copied_inputs is not None:
+        records = _drop_records_of_changed_items(records, dict(zip(keys, items)), copied_inputs, key_of, output_path,
+                                                 lambda record: record, "records")
     done = {key_of(rec) for rec in records}
     if rejected_path.exists() and not output_path.exists():  # the output was deleted to start over (as the settings
         # check advises): its rejections went with it, or the items they name were never made again
         log.warning(f"{rejected_path}: rejections of a deleted output; removed, their items are made anew")
         rejected_path.unlink()
     earlier_rejections = _read_jsonl(rejected_path, _key_function("key"), what="rejection")
+    if copied_inputs is not None:
+        earlier_rejections = _drop_records_of_changed_items(
+            earlier_rejections, dict(zip(keys, items)), copied_inputs, _key_function("key"), rejected_path,
+            lambda rejection: rejection.get("inputs"), "rejections")
     rejected_before = Counter(rec.get("reason", "unknown") for rec in earlier_rejections)
     done |= {rec["key"] for rec in earlier_rejections}
     if exclusive:
@@ -189,6 +197,8 @@ def run_resumable(
                         line = {"key": key_of(item), "reason": outcome.reason}
                         if outcome.detail is not None:
                             line["detail"] = outcome.detail
+                        if copied_inputs is not None:
+                            line["inputs"] = copied_inputs(item)
                         rej.write(json.dumps(line, ensure_ascii=False) + "\n")
                         rejected[outcome.reason] += 1
                     else:
@@ -280,20 +290,24 @@ def _check_output_fields(records: list[dict], fields: Sequence[str], output_path
 
 
 def _drop_records_of_changed_items(records: list[dict], items: dict, copied_inputs: Callable[[dict], dict],
-                                   key_of: KeyFn, output_path: Path) -> list[dict]:
-    """The records whose copies of their item's input fields (``copied_inputs(item)``) still hold; the others are
-    removed from the output (rewritten atomically, with a warning) so their items are made anew. Keyed by audio, a
-    line whose transcript was corrected kept its old record (its words, or its answers, of the old transcript)."""
+                                   key_of: KeyFn, output_path: Path, stored: Callable[[dict], dict | None],
+                                   what: str) -> list[dict]:
+    """The records whose copies of their item's input fields (``copied_inputs(item)``, as ``stored(record)`` holds
+    them) still hold; the others are removed from ``output_path`` (rewritten atomically, with a warning) so their
+    items are made anew. Keyed by audio, a line whose transcript was corrected kept its old record (its words, or its
+    answers, of the old transcript), and its old rejection (a QA pair refused for the misheard text). A record that
+    stores no copies (a rejection written before they were kept) is kept."""
     def changed(record: dict) -> bool:
-        item = items.get(key_of(record))
-        return item is not None and any(record.get(f) != value for f, value in copied_inputs(item).items())
+        item, copies = items.get(key_of(record)), stored(record)
+        return item is not None and copies is not None and any(
+            copies.get(f) != value for f, value in copied_inputs(item).items())
 
     stale_ids = {id(r) for r in records if changed(r)}
     if not stale_ids:
         return records
     kept = [r for r in records if id(r) not in stale_ids]
     _replace_jsonl(output_path, kept)
-    log.warning(f"{output_path}: {len(stale_ids)} records of items changed in the input since (e.g. a corrected "
+    log.warning(f"{output_path}: {len(stale_ids)} {what} of items changed in the input since (e.g. a corrected "
                 "transcript) were dropped; they are made anew")
     return kept
 
