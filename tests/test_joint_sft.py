@@ -171,7 +171,7 @@ def test_only_assistant_tokens_of_a_three_turn_conversation_carry_loss(model, da
     edges = torch.diff(mask.int(), prepend=torch.tensor([0]), append=torch.tensor([0]))
     starts, ends = (edges == 1).nonzero().flatten(), (edges == -1).nonzero().flatten()
     targets = [hf.decode(ids[s:e], skip_special_tokens=False) for s, e in zip(starts, ends)]
-    assert targets == [f"{a}<|im_end|>\n" for a in ANSWERS]  # each answer + end of turn, nothing else
+    assert targets == [f"{a}<|im_end|>" for a in ANSWERS]  # each answer + end of turn, nothing else (not its newline)
     inputs = model.prepare_inputs(batch)
     assert int((inputs["target_ids"] != IGNORE_INDEX).sum()) == int(mask.sum())
 

@@ -67,3 +67,22 @@ def test_an_llm_whose_packed_sequences_see_each_other_is_refused():
         check_llm_keeps_packed_sequences_apart(llm)
     assert error.value.fix == "set model.pack_sequences=false"
     assert llm.training
+
+
+@pytest.mark.parametrize("llm", ["gpt2", "opt"])
+def test_a_left_padded_row_keeps_its_positions_without_packing(llm):
+    """Without packing (``pack_sequences=false``, OPT's only way) the model's forward gave no positions: a GPT-2-style
+    LLM with learned positions numbered them from the padding, and trained padded rows on shifted ones."""
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from nemo_speechlm.models.speechlm_model import SpeechLMModel
+
+    model = (_tiny(OPTConfig, OPTForCausalLM, ffn_dim=64) if llm == "opt" else
+             GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4))).eval()
+    embeds = model.get_input_embeddings()(torch.tensor([[5, 6, 7, 8, 9]]))
+    alone = model(inputs_embeds=embeds).logits
+    padded = torch.cat([torch.zeros(1, 3, embeds.shape[-1]), embeds], 1)
+    logits = SpeechLMModel.forward(SimpleNamespace(llm=model), padded, torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]))
+    torch.testing.assert_close(logits[:, 3:], alone, rtol=1e-5, atol=1e-5)

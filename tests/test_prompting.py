@@ -33,7 +33,8 @@ def test_only_assistant_tokens_carry_loss_in_three_turns(tokenizer):
             spans.append(hf.decode(current)); current = []
     if current:
         spans.append(hf.decode(current))
-    assert spans == ["the cat sat<|im_end|>\n", "on the mat<|im_end|>\n", "please open the window<|im_end|>\n"]
+    # (not the newline ChatML writes after the marker: 5% of the demo's targets, one generation never reaches)
+    assert spans == ["the cat sat<|im_end|>", "on the mat<|im_end|>", "please open the window<|im_end|>"]
     # the locator is one token, in a user turn, never a target
     loc = tokenizer.token_to_id("<|audio|>")
     assert (ids == loc).sum() == 1 and not mask[ids == loc].any()
@@ -45,6 +46,16 @@ def test_generation_prompt_ends_with_assistant_header(tokenizer):
     assert isinstance(fmt, ChatTemplatePromptFormatter)
     ids = encode_messages(fmt, [{"role": "user", "content": "hi"}])["context_ids"]
     assert hf.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_a_training_dialog_splits_into_context_and_the_last_answer(tokenizer):
+    hf = tokenizer.tokenizer
+    fmt = resolve_prompt_formatter(None, tokenizer)
+    out = encode_messages(fmt, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the cat"},
+                                {"role": "user", "content": "again"}, {"role": "assistant", "content": "on the mat"}])
+    assert hf.decode(out["context_ids"]).endswith("again<|im_end|>\n<|im_start|>assistant\n")
+    assert hf.decode(out["answer_ids"]) == "on the mat<|im_end|>\n"  # the template's newline, untrained, included
+    assert torch.equal(torch.cat([out["context_ids"], out["answer_ids"]]), out["input_ids"])
 
 
 def test_nemo_prompt_formatter_names_work(tokenizer):

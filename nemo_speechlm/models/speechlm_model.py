@@ -264,9 +264,14 @@ class SpeechLMModel(ModelPT):
     def forward(
         self, input_embeds: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int | torch.Tensor = 0
     ) -> torch.Tensor:
-        """Logits ``(B, T', V)`` of the LLM over spliced embeddings (``logits_to_keep`` as in HF; 0 = all)."""
+        """Logits ``(B, T', V)`` of the LLM over spliced embeddings (``logits_to_keep`` as in HF; 0 = all).
+
+        Positions count from each row's first token, past its left padding, as in decoding and packing (left to the
+        LLM, a GPT-2-style LLM with learned positions trained every padded row on shifted ones)."""
+        position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         return self.llm(
-            inputs_embeds=input_embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=logits_to_keep
+            inputs_embeds=input_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            logits_to_keep=logits_to_keep,
         ).logits
 
     def response_logits(

@@ -119,12 +119,20 @@ def decode(
 def end_token_ids(model, tokenizer) -> set[int]:
     """EOS ids of the model and tokenizer, plus the chat template's end-of-turn token (a config often
     names only its end-of-text token as EOS, while the template closes every turn with another)."""
+    ids = tokenizer_end_ids(tokenizer)
+    value = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(value, int):
+        ids.add(value)
+    elif value:
+        ids.update(value)
+    return ids
+
+
+def tokenizer_end_ids(tokenizer) -> set[int]:
+    """The tokenizer's EOS id and its chat template's end-of-turn token ids (what ends an answer)."""
     ids = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(value)
+    if isinstance(tokenizer.eos_token_id, int):
+        ids.add(tokenizer.eos_token_id)
     try:
         rendered = tokenizer.apply_chat_template(
             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], tokenize=False

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from nemo.collections.common.prompts.formatter import Modality, PromptFormatter
 
+from nemo_speechlm.parts.decoding import tokenizer_end_ids
+
 CHAT_TEMPLATE_FORMAT = "speechlm_chat_template"
 
 ROLES = ("system", "user", "assistant")
@@ -18,8 +20,8 @@ def tokenize_chat(hf_tokenizer, messages: list[dict], add_generation_prompt: boo
     """Render ``messages`` with the tokenizer's chat template; return ``input_ids`` and ``mask``.
 
     ``mask`` is True exactly on the tokens of assistant turns (their text and the
-    end-of-turn marker the template writes after it), never on system/user turns or on
-    the assistant header. We render the conversation prefix by prefix and tokenize the
+    end-of-turn marker the template writes after it, not the newline ChatML writes after
+    that marker), never on system/user turns or on the assistant header. We render the conversation prefix by prefix and tokenize the
     pieces separately, so the boundary between a header and an answer is exact.
     """
     if not getattr(hf_tokenizer, "chat_template", None):
@@ -52,14 +54,28 @@ def tokenize_chat(hf_tokenizer, messages: list[dict], add_generation_prompt: boo
         pieces.append((_suffix_after(rendered, render(messages, True)), False))
 
     ids, mask = [], []
+    ends = _turn_end_ids(hf_tokenizer)
     for text, is_target in pieces:
         piece_ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         ids.extend(piece_ids)
-        mask.extend([is_target] * len(piece_ids))
+        # an answer's targets: its tokens up to its end-of-turn token, not what the template writes after it
+        # (ChatML's and Gemma's newline: 5% of the demo's targets, a token generation never reaches)
+        targets = next((n + 1 for n, token in enumerate(piece_ids) if token in ends), len(piece_ids)) if is_target else 0
+        mask.extend([True] * targets + [False] * (len(piece_ids) - targets))
     return {"input_ids": torch.tensor(ids, dtype=torch.long), "mask": torch.tensor(mask, dtype=torch.bool)}
 
 
 _TEMPLATE_TAKES_SYSTEM: dict[str, bool] = {}
+_TURN_END_IDS: dict[tuple, frozenset[int]] = {}
+
+
+def _turn_end_ids(hf_tokenizer) -> frozenset[int]:
+    """The ids that end an assistant turn (EOS, the template's end-of-turn token), once per tokenizer and template."""
+    key = (getattr(hf_tokenizer, "name_or_path", ""), hf_tokenizer.chat_template, len(hf_tokenizer),
+           hf_tokenizer.eos_token_id)
+    if key not in _TURN_END_IDS:
+        _TURN_END_IDS[key] = frozenset(tokenizer_end_ids(hf_tokenizer))
+    return _TURN_END_IDS[key]
 
 
 def _system_in_first_user_turn_if_refused(hf_tokenizer, messages: list[dict]) -> list[dict]:
@@ -121,8 +137,11 @@ class ChatTemplatePromptFormatter(PromptFormatter):
             ans["input_ids"] = ans["context_ids"]
             del ans["mask"]
             return ans
-        # context = everything before the last assistant turn's first target token
-        last_context = int((~ans["mask"]).nonzero().max()) + 1 if (~ans["mask"]).any() else 0
+        # context = everything before the last assistant turn's first target token (the turn's targets are one run
+        # that ends at its end-of-turn token; what the template writes after that is part of the answer, untrained)
+        mask = ans["mask"]
+        last_target = int(mask.nonzero().max()) if mask.any() else len(mask)
+        last_context = int((~mask[:last_target]).nonzero().max()) + 1 if (~mask[:last_target]).any() else 0
         ans["context_ids"] = ans["input_ids"][:last_context]
         ans["answer_ids"] = ans["input_ids"][last_context:]
         return ans
