@@ -287,7 +287,7 @@ def condition_config(cfg: DictConfig, name: str, data: dict[str, Path], connecto
     cfg = copy.deepcopy(cfg)  # every condition edits its own copy
     with open_dict(cfg):
         cfg.name = name
-        cfg.output_nemo = str(seed_dir / f"{name}.partial.nemo")
+        cfg.output_nemo = str(seed_dir / f"{name}.nemo")  # written atomically: a file under this name is complete
         cfg.exp_manager.exp_dir = str(seed_dir / "runs")
         cfg.connector_pretraining.steps = 0
         cfg.connector_pretraining.init_from = str(connector)
@@ -319,10 +319,7 @@ def train_condition(cfg: DictConfig, name: str, seed_dir: Path) -> Path:
     if nemo.is_file():
         print(f"[seed {cfg.seed}] {name}: reusing {nemo}")
         return nemo
-    model_cls = JointSFTModel if CONDITIONS[name].lora else MTBIModel
-    partial = train(cfg, model_cls)
-    os.replace(partial, nemo)  # atomic: a .nemo under the final name is always complete
-    return nemo
+    return train(cfg, JointSFTModel if CONDITIONS[name].lora else MTBIModel)
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -17,7 +17,7 @@ from nemo_speechlm.data.feature_cache import fill_feature_cache, open_feature_ca
 from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.data.preflight import check_clip_lengths, check_pre_alignment_data, check_training_data
 from nemo_speechlm.errors import ConfigError
-from nemo_speechlm.parts.checkpoint import check_resume_fits
+from nemo_speechlm.parts.checkpoint import CheckpointError, check_resume_fits, checkpoint_step, read_any_nemo_config
 from nemo_speechlm.parts.connector_ctc import (ALIGNED_CONNECTOR_PREFIXES, freeze_aligned_connector, load_aligned_connector,
                                                pretrain_connector_ctc)
 from nemo_speechlm.parts.distributed import broadcast_from_rank0, resolve_strategy, start_ranks
@@ -80,6 +80,9 @@ def train(cfg: DictConfig, model_cls) -> Path:
     datamodule = build_datamodule(cfg.data, model, feature_cache)
     trainer.fit(model, datamodule)
     nemo_path = Path(cfg.get("output_nemo") or Path(log_dir) / f"{cfg.get('name', 'speechlm')}.nemo")
+    if trainer.strategy.broadcast(trainer.is_global_zero and _written_by_this_run(trainer, nemo_path, scope), src=0):
+        logging.info(f"Kept {nemo_path}: this run had finished (step {trainer.global_step}) and wrote it")
+        return nemo_path
     with full_state_dict(model):  # FSDP2: every rank takes part in gathering the weights
         if trainer.is_global_zero:
             if scope == "trainable":  # without the frozen base weights the references load again
@@ -88,6 +91,20 @@ def train(cfg: DictConfig, model_cls) -> Path:
                 model.save_to(str(nemo_path))
             logging.info(f"Saved {nemo_path} ({scope} weights)")
     return nemo_path
+
+
+def _written_by_this_run(trainer: Trainer, nemo_path: Path, scope: str) -> bool:
+    """A rerun of a finished command: it resumed at the step it stopped at, trained nothing, and ``nemo_path`` (of
+    ``scope``) was written after that checkpoint. Written again, the same weights had a new modification time, by
+    which evaluations and the benchmark tell models apart: a ``train && evaluate`` job killed while evaluating
+    refused to resume its evaluation when rerun as it was."""
+    ckpt = trainer.ckpt_path
+    try:  # (a checkpoint gone since: replaced by the steps this run trained)
+        if not ckpt or nemo_path.stat().st_mtime < Path(ckpt).stat().st_mtime or checkpoint_step(ckpt) != trainer.global_step:
+            return False
+        return read_any_nemo_config(nemo_path).get("checkpoint_scope", "full") == scope
+    except (CheckpointError, OSError):
+        return False
 
 
 def _encodes_before_fit(cfg: DictConfig) -> bool:

@@ -16,7 +16,7 @@ from nemo_speechlm.datagen import (
     run_resumable,
 )
 from nemo_speechlm.errors import InputError
-from nemo_speechlm.parts.runner import check_run_settings, keep_only
+from nemo_speechlm.parts.runner import Job, check_run_settings, keep_only
 from tests.tiny_assets import make_tiny_llm
 from tests.conftest import REPO, run_python
 
@@ -240,8 +240,6 @@ def test_deleting_the_output_to_start_over_redoes_its_rejections(tmp_path):
 def test_records_and_rejections_of_a_changed_item_are_made_anew(tmp_path, caplog):
     """Keyed by item, a corrected input line kept its old record and its old rejection (an SQA pair refused as
     "none" for a misheard transcript stayed refused after the transcript was corrected)."""
-    from nemo_speechlm.parts.runner import Job
-
     def copying(calls):  # records copy their item's text, as SQA's copy the transcript
         def process(batch):
             return [dict(o, text=i["text"]) if isinstance(o, dict) else o for i, o in zip(batch, counting(calls)(batch))]
@@ -269,9 +267,6 @@ def test_records_and_rejections_of_a_changed_item_are_made_anew(tmp_path, caplog
 def test_an_output_that_this_job_did_not_write_is_refused(tmp_path):
     """The input manifest given as the output: its lines carry the items' keys, so every item read as done and the
     run wrote nothing, exit 0."""
-    from nemo_speechlm.errors import InputError
-    from nemo_speechlm.parts.runner import Job
-
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
     with pytest.raises(InputError, match=r"manifest.jsonl: record 1 has no 'answer', so it is not an output of "
@@ -334,6 +329,21 @@ def test_settings_no_longer_recorded_are_not_a_change_but_changed_ones_are(tmp_p
     check_run_settings(out, {"steps": 100})
     with pytest.raises(InputError, match=r"other settings \(steps: 100 -> 200\)"):
         check_run_settings(out, {"steps": 200})
+
+
+def test_a_settings_record_cut_short_is_one_error_naming_it_and_one_written_whole_is_not_rewritten(tmp_path):
+    """Rewritten in place on every run, a kill mid-write left an empty settings file, and every rerun stopped with a
+    JSONDecodeError traceback."""
+    out = tmp_path / "out.jsonl"
+    run_resumable(ITEMS, Job(job, {"teacher": "a"}), out, 4, "first")
+    settings = tmp_path / "out.jsonl.settings.json"
+    stamp = settings.stat().st_mtime_ns
+    run_resumable(ITEMS, Job(job, {"teacher": "a"}), out, 4, "again")
+    assert settings.stat().st_mtime_ns == stamp  # the same settings: not written again
+    settings.write_text("")
+    with pytest.raises(InputError, match=r"out\.jsonl\.settings\.json: the record of the settings is not a JSON "
+                                         r"object \(a write cut short\?\)"):
+        run_resumable(ITEMS, Job(job, {"teacher": "a"}), out, 4, "cut")
 
 
 def test_a_setting_added_since_at_its_default_is_not_a_change(tmp_path):

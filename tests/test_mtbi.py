@@ -112,11 +112,16 @@ def test_the_student_reads_the_prompt_the_teacher_reads_with_the_speech_in_place
     assert not any("  " in tokenizer.decode(row[row != model.text_pad_id]) for row in interleaved)
 
 
-def test_a_data_config_may_not_train_under_another_prompt_format_than_the_model_uses(assets, whisper_dir, behaviors):
+@pytest.mark.parametrize("key, value", [("prompt_format", "qwen"), ("sample_rate", 8000)])
+def test_a_data_config_may_not_train_under_another_prompt_format_than_the_model_uses(assets, whisper_dir, behaviors,
+                                                                                   key, value):
+    """The model answers under the LLM's chat template, and hears audio at its encoder's rate (NeMo's loader resampled
+    to its own 16 kHz default whatever the encoder's, where inference and the feature cache use the encoder's)."""
     model = _mtbi_model(assets, whisper_dir, mtbi={"kl_weight": 1.0})
+    assert fill_model_settings(_data_cfg(behaviors), model).train_ds.sample_rate == model.sampling_rate == 16000
     cfg = _data_cfg(behaviors)
-    cfg.train_ds.prompt_format = "qwen"  # the model answers under the LLM's chat template
-    with pytest.raises(ConfigError, match="data.train_ds.prompt_format is 'qwen' but the model's is"):
+    cfg.train_ds[key] = value
+    with pytest.raises(ConfigError, match=f"data.train_ds.{key} is {value!r} but the model's is"):
         build_datamodule(cfg, model)
 
 

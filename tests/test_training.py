@@ -126,6 +126,35 @@ def test_a_resumed_run_trains_on_with_its_own_max_steps_and_lr(assets, tmp_path,
 
 
 @pytest.mark.slow
+def test_a_rerun_of_a_finished_run_keeps_its_nemo_and_a_failed_save_keeps_the_last_good_one(assets, tmp_path, monkeypatch):
+    """Rerun as it was, a finished command rewrote the same weights with a new modification time, by which evaluations
+    beside it tell models apart (they refused to resume); NeMo writes the tar in place, so a save killed midway left
+    a truncated .nemo under the final name, and a "train on" rerun killed while saving destroyed the good one."""
+    from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
+
+    from nemo_speechlm.parts.checkpoint import read_any_nemo_config
+
+    nemo = tmp_path / "runs" / "out.nemo"
+    _train_lrs(assets, tmp_path / "runs", 2, 1e-3)
+    stamp = nemo.stat().st_mtime_ns
+    assert _train_lrs(assets, tmp_path / "runs", 2, 1e-3) == [] and nemo.stat().st_mtime_ns == stamp
+
+    def killed_midway(self, model, save_path):  # writes part of the file, then dies as a killed save would
+        with open(save_path, "wb") as f:
+            f.write(b"\0" * 1000)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SaveRestoreConnector, "save_to", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        _train_lrs(assets, tmp_path / "runs", 3, 1e-3)  # trains on one step, then its save is killed
+    assert nemo.stat().st_mtime_ns == stamp and read_any_nemo_config(nemo)  # the last good file, whole
+    assert sorted(p.name for p in nemo.parent.glob("*.nemo")) == ["out.nemo"]  # no partial file left behind
+    monkeypatch.undo()
+    assert _train_lrs(assets, tmp_path / "runs", 3, 1e-3) == []  # resumed at step 3: the file is still written
+    assert nemo.stat().st_mtime_ns != stamp and read_any_nemo_config(nemo)
+
+
+@pytest.mark.slow
 def test_a_run_resumed_on_other_data_starts_that_data_at_its_first_batch(assets, tmp_path, monkeypatch):
     """The resumed stream skips the batches already trained on; with other training data that count belongs to
     another stream, and skipping it dropped the new data's first batches unseen."""

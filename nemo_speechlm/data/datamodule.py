@@ -1,7 +1,8 @@
 """Dataloaders: NeMo's lhotse machinery (speechlm2 ``DataModule`` + ``SALMDataset``) fed with our settings.
 
-The model decides four data settings, so users never have to keep them in sync by hand:
-the audio locator tag, the prompt format, ``token_equivalent_duration`` (how many
+The model decides five data settings, so users never have to keep them in sync by hand:
+the audio locator tag, the prompt format, the sample rate the audio is resampled to (the
+encoder's), ``token_equivalent_duration`` (how many
 seconds of audio one connector output stands for) and ``speech_positions`` (how token-based
 bucketing counts a speech turn: as those outputs, or with the CTC read-out as its transcript's
 tokens + 2, which is what the LLM then sees; ``nemo_speechlm.data.conversations``).
@@ -21,16 +22,18 @@ SPLITS = ("train_ds", "validation_ds", "test_ds")
 
 
 # Given in a data config, these must be the model's: inference and the KL teacher use the model's, so a data-level
-# prompt format trained the speech model under one template and ran it under another, silently.
-_MUST_MATCH_MODEL = ("audio_locator_tag", "prompt_format")
+# prompt format trained the speech model under one template and ran it under another, silently; the loader resamples
+# to its sample_rate (NeMo's default 16 kHz, whatever the encoder's: inference and the feature cache use the encoder's).
+_MUST_MATCH_MODEL = ("audio_locator_tag", "prompt_format", "sample_rate")
 
 
 def fill_model_settings(data_cfg: DictConfig, model) -> DictConfig:
-    """Set locator tag, prompt format, token_equivalent_duration and speech_positions on each split unless given
-    (a given locator tag or prompt format other than the model's is a :class:`ConfigError`)."""
+    """Set locator tag, prompt format, sample rate, token_equivalent_duration and speech_positions on each split
+    unless given (a given locator tag, prompt format or sample rate other than the model's is a :class:`ConfigError`)."""
     settings = {
         "audio_locator_tag": model.audio_locator_tag,
         "prompt_format": model.cfg.get("prompt_format") or CHAT_TEMPLATE_FORMAT,
+        "sample_rate": model.sampling_rate,
         "token_equivalent_duration": model.token_equivalent_duration,
     }
     # Not a NeMo loader key (NeMo drops unknown split-level keys): set on each input_cfg entry, which our data types read.

@@ -63,7 +63,8 @@ from nemo_speechlm.models.base_llm import base_llm_identity
 from nemo_speechlm.models.loading import load_asr_model, load_model, model_id
 from nemo_speechlm.parts.cli import positive_int
 from nemo_speechlm.parts.device import resolve_device
-from nemo_speechlm.parts.runner import RunSummary, keep_only, run_resumable, update_records
+from nemo_speechlm.parts.runner import (RunSummary, keep_only, read_json_object, run_resumable, update_records,
+                                         write_json_atomic)
 
 __all__ = [  # the public names, wherever they live (benchmark_items, _scoring, _systems, _report)
     "CASCADE", "SPLIT_TITLES", "UPPER_BOUND", "add_arguments", "aggregate", "benchmark_items", "copy_expected",
@@ -237,8 +238,7 @@ def _text_llm_of(out_dir: Path, path: str, model: LazyModel) -> str:
 
 
 def _read_run_config(out_dir: Path) -> dict:
-    path = out_dir / CONFIG_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    return read_json_object(out_dir / CONFIG_FILE, "benchmark's record of its settings")
 
 
 def _check_run_config(out_dir: Path, config: dict, replace: bool = False) -> None:
@@ -286,8 +286,7 @@ def _check_run_config(out_dir: Path, config: dict, replace: bool = False) -> Non
             _remove_answers(out_dir, ASR_TRANSCRIPTS)
     config = {**config, "systems": {**before, **config["systems"]},
               "text_llm_of": {**old.get("text_llm_of", {}), **config["text_llm_of"]}}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(out_dir / CONFIG_FILE, config)
 
 
 def _drop_answers_to_old_transcripts(out_dir: Path, items: list[dict]) -> None:
@@ -420,7 +419,7 @@ def write_reports(items: list[dict], systems: list[str], config: dict, skipped: 
         "outputs": outputs,
     }
     metrics = _json_safe(metrics)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json_atomic(out_dir / "metrics.json", metrics)
     write_results_md(metrics, out_dir / "results.md")
     plot_splits(metrics, out_dir / "splits.png")
     return metrics

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -558,9 +559,19 @@ class SpeechLMModel(ModelPT):
                 self._state_dict_filter = None
 
     def _write_nemo(self, save_path: str) -> None:
+        """Written beside its path and moved into place: NeMo writes the tar in place, so a run killed mid-write left a
+        truncated ``.nemo`` under the final name (which the demo then reused on every rerun), and a rerun killed while
+        saving destroyed the good file it replaced."""
         with open_dict(self._cfg):
             stamp_checkpoint_format(self._cfg)
-        super().save_to(save_path)
+        path = Path(save_path).expanduser().resolve()
+        partial = path.with_name(f".{path.stem}.partial.nemo")
+        try:
+            super().save_to(str(partial))
+            if partial.exists():  # NeMo writes on global rank 0 only
+                os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def _checkpoint_scope(self, scope: str, fingerprints: dict | None):

@@ -71,6 +71,14 @@ def check_resume_fits(model, ckpt_path: str | Path) -> None:
     )
 
 
+def checkpoint_step(ckpt_path: str | Path) -> int | None:
+    """The optimizer step a Lightning checkpoint was saved at (``None`` for one this cannot read, e.g. a folder)."""
+    try:
+        return int(torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    except Exception:  # noqa: BLE001 -- any unreadable checkpoint: the caller then writes its output anew
+        return None
+
+
 def stamp_checkpoint_format(cfg: DictConfig) -> None:
     """Record the checkpoint format and package version in a model config about to be saved."""
     cfg.checkpoint_format = CHECKPOINT_FORMAT
@@ -80,6 +88,13 @@ def stamp_checkpoint_format(cfg: DictConfig) -> None:
 def read_nemo_config(path: str | Path) -> DictConfig:
     """The model config inside a ``.nemo`` that this version of nemo_speechlm can restore;
     raises :class:`CheckpointError` saying what the file is otherwise."""
+    cfg = read_any_nemo_config(path)
+    _check_ours(Path(path), cfg)
+    return cfg
+
+
+def read_any_nemo_config(path: str | Path) -> DictConfig:
+    """The model config inside a whole ``.nemo`` of any NeMo model; :class:`CheckpointError` if there is none."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Model file not found: {path}")
@@ -100,7 +115,6 @@ def read_nemo_config(path: str | Path) -> DictConfig:
         cfg = OmegaConf.create(text)
     except (OmegaConfBaseException, ValueError) as e:  # YAML errors are ValueErrors
         raise CheckpointError(path, f"its {CONFIG_NAME} is not a valid config ({e})", _OURS_FIX) from e
-    _check_ours(path, cfg)
     return cfg
 
 

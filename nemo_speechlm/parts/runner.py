@@ -422,10 +422,33 @@ def _sync(*files) -> None:
 
 
 def _write_summary(output_path: Path, summary: RunSummary) -> None:
-    path = Path(str(output_path) + SUMMARY_SUFFIX)
+    write_json_atomic(Path(str(output_path) + SUMMARY_SUFFIX), summary.to_dict())
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """``data`` as indented JSON, written beside ``path`` and moved into place: a kill mid-write leaves the old file
+    (written in place, an emptied settings file stopped every rerun with a traceback)."""
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    if path.is_file() and path.read_text(encoding="utf-8", errors="replace") == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in ``path`` (``{}`` when there is none); an unreadable one is an :class:`InputError` naming it."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        data = exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: the {what} is not a JSON object (a write cut short?)",
+                         f"delete {path} together with the results beside it, to start over")
+    return data
 
 
 # --------------------------------------------------------------------------- run files
@@ -444,7 +467,7 @@ def check_run_settings(output_path: str | Path, settings: dict, settings_file: s
     path = Path(settings_file) if settings_file is not None else Path(str(output_path) + SETTINGS_SUFFIX)
     settings = json.loads(json.dumps(settings))  # normalize tuples etc. for the comparison
     if path.is_file() and Path(output_path).exists():
-        before = {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if k in settings}
+        before = {k: v for k, v in read_json_object(path, "record of the settings").items() if k in settings}
         changed = changed_values(before, settings, defaults=json.loads(json.dumps(defaults or {})))
         if changed:
             diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
@@ -452,8 +475,7 @@ def check_run_settings(output_path: str | Path, settings: dict, settings_file: s
                 f"{output_path} holds results made with other settings ({diff})",
                 f"use another output location, or delete {output_path} and {path} to start over",
             )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json_atomic(path, settings)
 
 
 _ABSENT = object()
