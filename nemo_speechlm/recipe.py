@@ -1,6 +1,7 @@
 """The training recipe every example script runs: trainer + exp_manager + model + data -> fit -> ``.nemo``."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -16,13 +17,14 @@ from nemo_speechlm.data.conversations import cut_for_audio
 from nemo_speechlm.data.feature_cache import fill_feature_cache, open_feature_cache, transcribed_utterances, utterances_in
 from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.data.preflight import check_clip_lengths, check_pre_alignment_data, check_training_data
-from nemo_speechlm.errors import ConfigError
-from nemo_speechlm.parts.checkpoint import CheckpointError, check_resume_fits, checkpoint_step, read_any_nemo_config
+from nemo_speechlm.errors import ConfigError, InputError
+from nemo_speechlm.parts.checkpoint import check_resume_fits, checkpoint_step
 from nemo_speechlm.parts.connector_ctc import (ALIGNED_CONNECTOR_PREFIXES, freeze_aligned_connector, load_aligned_connector,
                                                pretrain_connector_ctc)
 from nemo_speechlm.parts.distributed import broadcast_from_rank0, resolve_strategy, start_ranks
 from nemo_speechlm.parts.fsdp import full_state_dict
 from nemo_speechlm.parts.precision import resolve_precision_plugins
+from nemo_speechlm.parts.runner import read_json_object, write_json_atomic
 
 # What the final .nemo holds: every weight (save_to), or all but the frozen base weights that the references
 # (model.pretrained_llm, the encoder's checkpoint) load again (save_trainable_to; models/reference_weights.py).
@@ -80,7 +82,9 @@ def train(cfg: DictConfig, model_cls) -> Path:
     datamodule = build_datamodule(cfg.data, model, feature_cache)
     trainer.fit(model, datamodule)
     nemo_path = Path(cfg.get("output_nemo") or Path(log_dir) / f"{cfg.get('name', 'speechlm')}.nemo")
-    if trainer.strategy.broadcast(trainer.is_global_zero and _written_by_this_run(trainer, nemo_path, scope), src=0):
+    checkpoints = getattr(trainer.checkpoint_callback, "dirpath", None)  # (NeMo moves the log dir's files on resume)
+    record = Path(checkpoints) / OUTPUT_RECORD if checkpoints else None
+    if trainer.strategy.broadcast(trainer.is_global_zero and _written_by_this_run(trainer, cfg, nemo_path, record), src=0):
         logging.info(f"Kept {nemo_path}: this run had finished (step {trainer.global_step}) and wrote it")
         return nemo_path
     with full_state_dict(model):  # FSDP2: every rank takes part in gathering the weights
@@ -89,21 +93,33 @@ def train(cfg: DictConfig, model_cls) -> Path:
                 model.save_trainable_to(str(nemo_path))
             else:
                 model.save_to(str(nemo_path))
+            if record is not None:
+                write_json_atomic(record, _output_identity(trainer, cfg, nemo_path))
             logging.info(f"Saved {nemo_path} ({scope} weights)")
     return nemo_path
 
 
-def _written_by_this_run(trainer: Trainer, nemo_path: Path, scope: str) -> bool:
-    """A rerun of a finished command: it resumed at the step it stopped at, trained nothing, and ``nemo_path`` (of
-    ``scope``) was written after that checkpoint. Written again, the same weights had a new modification time, by
-    which evaluations and the benchmark tell models apart: a ``train && evaluate`` job killed while evaluating
-    refused to resume its evaluation when rerun as it was."""
+# Among the run's checkpoints: which .nemo the run wrote, at which step, from which config.
+OUTPUT_RECORD = "output_nemo.json"
+
+
+def _output_identity(trainer: Trainer, cfg: DictConfig, nemo_path: Path) -> dict:
+    stat = nemo_path.stat()
+    return {"path": str(nemo_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "step": trainer.global_step, "config": hashlib.sha256(OmegaConf.to_yaml(cfg).encode()).hexdigest()}
+
+
+def _written_by_this_run(trainer: Trainer, cfg: DictConfig, nemo_path: Path, record: Path | None) -> bool:
+    """A rerun of a finished command: it resumed at the step it stopped at, trained nothing, and ``nemo_path`` is
+    the file this run wrote from this config at that step, untouched since (``record``). Written again, the same
+    weights had a new modification time, by which evaluations and the benchmark tell models apart: a
+    ``train && evaluate`` job killed while evaluating refused to resume its evaluation when rerun as it was."""
     ckpt = trainer.ckpt_path
-    try:  # (a checkpoint gone since: replaced by the steps this run trained)
-        if not ckpt or nemo_path.stat().st_mtime < Path(ckpt).stat().st_mtime or checkpoint_step(ckpt) != trainer.global_step:
+    try:
+        if not ckpt or record is None or not nemo_path.is_file() or checkpoint_step(ckpt) != trainer.global_step:
             return False
-        return read_any_nemo_config(nemo_path).get("checkpoint_scope", "full") == scope
-    except (CheckpointError, OSError):
+        return read_json_object(record, "record of the written .nemo") == _output_identity(trainer, cfg, nemo_path)
+    except InputError:  # an unreadable record: the file is written anew
         return False
 
 

@@ -221,6 +221,21 @@ def test_nemo_round_trip_in_fresh_process_without_original_files(assets, tmp_pat
     assert "ROUND_TRIP_OK SpeechLMModel" in out
 
 
+def test_a_rank_other_than_0_leaves_the_nemo_file_alone(model, tmp_path, monkeypatch):
+    """NeMo writes a .nemo on global rank 0 only; another rank calling save_to once moved a partial file left by a
+    killed save over the good model."""
+    from nemo_speechlm.models import speechlm_model
+
+    nemo = tmp_path / "out.nemo"
+    model.save_to(str(nemo))
+    good = nemo.read_bytes()
+    (tmp_path / ".out.partial.nemo").write_bytes(b"\0" * 10)  # left by a save killed mid-write
+    monkeypatch.setattr(speechlm_model, "is_global_rank_zero", lambda: False)
+    monkeypatch.setattr("nemo.core.classes.modelPT.is_global_rank_zero", lambda: False)
+    model.save_to(str(nemo))
+    assert nemo.read_bytes() == good
+
+
 def test_trainable_only_export_is_small_and_equivalent(assets, tmp_path):
     """MTBI's default freezes the connector after stage 1 (freeze_aligned_connector): the file must keep it,
     though it is no longer trainable (it left every frozen weight out, and could not be restored)."""

@@ -138,6 +138,11 @@ def test_a_rerun_of_a_finished_run_keeps_its_nemo_and_a_failed_save_keeps_the_la
     _train_lrs(assets, tmp_path / "runs", 2, 1e-3)
     stamp = nemo.stat().st_mtime_ns
     assert _train_lrs(assets, tmp_path / "runs", 2, 1e-3) == [] and nemo.stat().st_mtime_ns == stamp
+    # the file this run wrote from this config, not merely a newer one: another config (here another run's lr into
+    # the same output_nemo) writes it again
+    assert _train_lrs(assets, tmp_path / "runs", 2, 2e-3) == [] and nemo.stat().st_mtime_ns != stamp
+    _train_lrs(assets, tmp_path / "runs", 2, 1e-3)
+    stamp = nemo.stat().st_mtime_ns
 
     def killed_midway(self, model, save_path):  # writes part of the file, then dies as a killed save would
         with open(save_path, "wb") as f:

@@ -25,6 +25,8 @@ from nemo.collections.speechlm2.parts.optim_setup import freeze_and_subset, is_f
 from nemo.core.classes.common import safe_instantiate
 from nemo.core.classes import ModelPT, typecheck
 from nemo.utils import logging
+from nemo.utils.get_rank import is_global_rank_zero
+from nemo.utils.msc_utils import is_multistorageclient_url
 from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
@@ -564,12 +566,14 @@ class SpeechLMModel(ModelPT):
         saving destroyed the good file it replaced."""
         with open_dict(self._cfg):
             stamp_checkpoint_format(self._cfg)
+        if is_multistorageclient_url(save_path) or not is_global_rank_zero():  # NeMo writes on global rank 0 only:
+            super().save_to(save_path)  # the others leave the file alone (a partial left by a killed save included)
+            return
         path = Path(save_path).expanduser().resolve()
         partial = path.with_name(f".{path.stem}.partial.nemo")
         try:
             super().save_to(str(partial))
-            if partial.exists():  # NeMo writes on global rank 0 only
-                os.replace(partial, path)
+            os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
 

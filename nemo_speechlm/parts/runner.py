@@ -120,7 +120,7 @@ class RunSummary:
             f"{self.output_path}: {self.status}; {self.total} items, {self.done_before} already done, "
             f"{self.written} written, {sum(self.rejected.values())} rejected ({reasons(self.rejected)}), "
             f"{self.remaining} remaining; rejected in earlier runs: {reasons(self.rejected_before)}"
-            + (f" (not retried: delete {self.output_path}{REJECTED_SUFFIX} to retry them, e.g. after fixing their lines)"
+            + (f" (not retried: delete {self.output_path}{REJECTED_SUFFIX} to retry them)"
                if self.rejected_before else "") + "; "
             f"{self.elapsed_s:.1f} s, {self.items_per_s:.2f} items/s"
         )

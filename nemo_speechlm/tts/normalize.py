@@ -220,7 +220,20 @@ def normalize_for_tts(text: str) -> str:
     never disagree. Examples: "$5" -> "five dollars", "21st" -> "twenty-first",
     "in 1999" -> "in nineteen ninety-nine", "3:30 pm" -> "three thirty p.m.",
     "Dr. Smith" -> "Doctor Smith", "50%" -> "fifty percent".
+
+    Applied until the text stops changing (a few rules make text another pass changes, e.g. "good ——?" ->
+    "good,?" -> "good?"): what is spoken then normalizes to itself, which a resumed mixed-modal run relies on
+    (its TTS normalizes the planned text again; a line whose two differed was made anew on every run).
     """
+    for _ in range(4):
+        normalized = _normalize_once(text)
+        if normalized == text:
+            break
+        text = normalized
+    return text
+
+
+def _normalize_once(text: str) -> str:
     text = _clean_unicode(text)
     abbr_re = "|".join(re.escape(a) for a in sorted([*_ABBREVIATIONS, "St."], key=len, reverse=True))
     text = re.sub(rf"(?<![\w.])(?:{abbr_re})", lambda m: _abbreviation(m, text), text)
