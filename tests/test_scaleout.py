@@ -233,7 +233,12 @@ def _assert_trainable_file_restores_to(small: Path, full: Path, rtol: float) -> 
     want = nemo_weights(full)
     assert restored.keys() == want.keys()
     for k in want:
-        torch.testing.assert_close(restored[k].float(), want[k].float(), atol=ATOL, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
+        # bf16-true: a gradient is a sum of bf16 products whose rounding scales with its tensor's values, not with the
+        # element's own: a weight near 0 (LoRA B, from 0, after 2 steps) can differ by a step of its tensor's largest
+        # (measured 2026-12-07: 3.1e-5 at 1.6e-3 in a LoRA B whose largest is 2.9e-3, one step 2.3e-5 at that size)
+        scale = float(want[k].float().abs().max()) if want[k].numel() and rtol == BF16_STEP else 0.0
+        torch.testing.assert_close(restored[k].float(), want[k].float(), atol=ATOL + BF16_STEP * scale, rtol=rtol,
+                                   msg=lambda m, k=k: f"{k}: {m}")
     return max(float((restored[k].float() - want[k].float()).abs().max()) for k in want if want[k].numel())
 
 
