@@ -28,7 +28,8 @@ gradients in a different order (gloo all-reduce vs accumulation), about 1e-7 rel
 pre-alignment (MTBI, before ``fit``) splits each batch across the ranks and sums their gradients the same
 way. Under bf16-true the model is cast to bf16 after it, and a weight at a rounding boundary can round one
 bf16 step (:data:`BF16_STEP`) the other way: measured 2 of the GRU's 393,216 input weights 6.1e-5 apart (one
-step at their size), 2.4e-4 the largest difference of any weight, within one step. Measured
+step at their size), 2.4e-4 the largest difference of any weight, within one step (1.95e-3 once the targets ended
+at the end-of-turn token, 2026-12-07: again one step at its size); a weight near 0 is compared at its tensor's scale. Measured
 (torch 2.13 CPU): MTBI with KL + interleaving 1.6e-6 under DDP and FSDP2 (fp32), kill-and-resume 1.6e-6 (its
 uninterrupted run is one process); both were bit-identical while every rank ran the whole pre-alignment.
 """
