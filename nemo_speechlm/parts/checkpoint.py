@@ -88,13 +88,6 @@ def stamp_checkpoint_format(cfg: DictConfig) -> None:
 def read_nemo_config(path: str | Path) -> DictConfig:
     """The model config inside a ``.nemo`` that this version of nemo_speechlm can restore;
     raises :class:`CheckpointError` saying what the file is otherwise."""
-    cfg = read_any_nemo_config(path)
-    _check_ours(Path(path), cfg)
-    return cfg
-
-
-def read_any_nemo_config(path: str | Path) -> DictConfig:
-    """The model config inside a whole ``.nemo`` of any NeMo model; :class:`CheckpointError` if there is none."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Model file not found: {path}")
@@ -115,6 +108,7 @@ def read_any_nemo_config(path: str | Path) -> DictConfig:
         cfg = OmegaConf.create(text)
     except (OmegaConfBaseException, ValueError) as e:  # YAML errors are ValueErrors
         raise CheckpointError(path, f"its {CONFIG_NAME} is not a valid config ({e})", _OURS_FIX) from e
+    _check_ours(path, cfg)
     return cfg
 
 
