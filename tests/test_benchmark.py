@@ -289,6 +289,34 @@ def test_cli_compares_models_side_by_side_reusing_cached_answers(setup, tmp_path
     assert "| tiny − other |" in (out / "results.md").read_text()
 
 
+def test_a_system_prompt_reaches_every_system_and_is_part_of_the_settings(setup, tmp_path, monkeypatch):
+    """``--system-prompt`` (a model trained under the data config's system prompt) goes to the speech model and to
+    the text LLM's references alike; answers cached without it are refused, not mixed in."""
+    seen = []
+    encode_prompt = SpeechLMModel.encode_prompt
+    monkeypatch.setattr(SpeechLMModel, "encode_prompt",
+                        lambda self, prompt, system_prompt=None: seen.append((prompt, system_prompt))
+                        or encode_prompt(self, prompt, system_prompt))
+    flags = ["--model", f"tiny={setup['nemo']}", "--manifest", str(setup["manifest"]), "--tasks", *TASKS,
+             "--prompts-per-task", "1", "--max-new-tokens", "8", "--device", "cpu", "--system-prompt", "Be brief."]
+    parser = benchmark.add_arguments(argparse.ArgumentParser())
+    out = tmp_path / "out"
+    metrics = benchmark.main(parser.parse_args(flags + ["--out-dir", str(out)]))
+    assert metrics["config"]["generation_kwargs"] == {"system_prompt": "Be brief."}
+    runs = metrics["runs"]
+    assert runs["tiny"]["written"] == runs[UPPER_BOUND]["written"] > 0
+    tag = SpeechLMModel.restore_from(str(setup["nemo"])).audio_locator_tag
+    with_audio = [system for prompt, system in seen if tag in prompt]
+    text_only = [system for prompt, system in seen if tag not in prompt]
+    assert len(with_audio) == runs["tiny"]["written"] and len(text_only) == runs[UPPER_BOUND]["written"]
+    assert set(with_audio) == set(text_only) == {"Be brief."}
+
+    cached = tmp_path / "cached"  # answers made without a system prompt
+    shutil.copytree(setup["out"], cached)
+    with pytest.raises(ValueError, match="generation_kwargs={}, this run asks for {'system_prompt': 'Be brief.'}"):
+        benchmark.main(parser.parse_args(flags + ["--out-dir", str(cached)]))
+
+
 def test_unknown_task_is_a_clear_error(setup, tmp_path):
     with pytest.raises(UnknownTaskError, match="unknown task 'summarise'.*known tasks: repeat, continue"):
         run_benchmark({"tiny": str(setup["nemo"])}, setup["manifest"], tmp_path, tasks=["summarise"])

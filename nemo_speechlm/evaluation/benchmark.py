@@ -459,6 +459,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=positive_int, default=128, help="answer cap (tasks may set a lower one)")
     parser.add_argument("--seed", type=int, default=0, help="which prompts are drawn per task and split")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--system-prompt", default=None,
+                        help="system prompt for every system, the text LLM's references included: the one the model "
+                             "was trained under (the data config's system_prompt), if any")
     parser.add_argument("--replace", action="store_true",
                         help="answers cached in --out-dir by another model under the same name (retrained) or under "
                              "other settings are dropped and made anew, instead of refused")
@@ -472,6 +475,8 @@ def main(args: argparse.Namespace) -> dict:
         prompts_per_task=args.prompts_per_task, asr_model=args.asr_model, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, seed=args.seed, tasks=args.tasks, device=args.device,
         replace=args.replace,
+        # only when given: a run without one keeps the generation settings of results cached before the flag existed
+        **({"system_prompt": args.system_prompt} if args.system_prompt else {}),
     )
     print("Mean ROUGE-L vs the text upper bound [95% interval over utterances] (task-following rate):\n")
     print(summary_table(metrics))
