@@ -7,12 +7,13 @@ import subprocess
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
 import nemo_speechlm
 from hydra import compose, initialize_config_dir
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
@@ -282,28 +283,51 @@ def test_skip_invalid_skips_bad_lines(data, tmp_path):
 # ------------------------------------------------------------------ logging, config, script
 
 
-def test_audio_and_text_losses_and_source_counts_are_logged(assets, data, tmp_path):
+class _BatchLosses(Callback):
+    """Each batch's kind and loss, as the training loop saw them."""
+
+    def __init__(self, accumulate: int) -> None:
+        self.accumulate, self.batches = accumulate, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # Lightning hands over the loss divided by the accumulation (what was backpropagated)
+        self.batches.append((batch_kind(batch), float(outputs["loss"]) * self.accumulate))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_audio_and_text_losses_and_source_counts_are_logged(assets, data, tmp_path, accumulate):
+    """Each optimizer step logs the mean loss of its batches of each kind, once: under gradient accumulation the
+    per-kind loss used to be written per batch, so a step number appeared once per batch with the last one's value."""
     torch.manual_seed(0)
     model = JointSFTModel(model_config(assets["llm"], target="nemo_speechlm.models.JointSFTModel", lora=LORA))
     cfg = _joint_data_cfg(data, sampler_weights={"audio": 0.5, "text": 0.5})
     cfg.train_ds.audio.batch_size = 2
-    steps = 8
+    steps, batches = 8, _BatchLosses(accumulate)
     trainer = Trainer(accelerator="cpu", max_steps=steps, logger=CSVLogger(tmp_path), log_every_n_steps=1,
                       enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
-                      use_distributed_sampler=False)
+                      use_distributed_sampler=False, accumulate_grad_batches=accumulate, callbacks=[batches])
     trainer.fit(model, build_datamodule(cfg, model))
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     logged = {k for r in rows for k, v in r.items() if v}
     assert {"train_batches_audio", "train_batches_text", "train_examples_text_sft"} <= logged
     assert any(k.startswith("train_examples_") and k != "train_examples_text_sft" for k in logged)
-    kinds = {}  # step -> the one per-kind loss logged at it
+    losses = {}  # (step, kind) -> the loss logged for it
     for row in rows:
         for kind in ("audio", "text"):
             if row.get(f"train_{kind}_loss"):
-                assert int(row["step"]) not in kinds
-                kinds[int(row["step"])] = kind
-    assert sorted(kinds) == list(range(steps))
-    assert Counter(kinds.values()) == {k: model.counts[f"batches_{k}"] for k in ("audio", "text")}
+                assert (int(row["step"]), kind) not in losses
+                losses[int(row["step"]), kind] = float(row[f"train_{kind}_loss"])
+    expected = {}
+    for step in range(steps):
+        own = batches.batches[step * accumulate:(step + 1) * accumulate]
+        for kind in {k for k, _ in own}:
+            expected[step, kind] = np.mean([loss for k, loss in own if k == kind])
+    assert len(batches.batches) == steps * accumulate and losses.keys() == expected.keys()
+    assert all(losses[key] == pytest.approx(expected[key], rel=1e-5) for key in expected)
+    if accumulate > 1:  # the seed draws steps of both kinds at once
+        assert any(len({k for k, _ in batches.batches[i:i + accumulate]}) == 2
+                   for i in range(0, len(batches.batches), accumulate))
+    assert Counter(kind for kind, _ in batches.batches) == {k: model.counts[f"batches_{k}"] for k in ("audio", "text")}
     assert model.counts["batches_text"] > 0 and model.counts["batches_audio"] > 0
     assert model.counts["examples_text_sft"] == model.counts["batches_text"]  # text batch size 1
 
