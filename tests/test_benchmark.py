@@ -246,6 +246,28 @@ def test_a_corrected_transcript_gets_a_new_reference_and_new_answers(setup, tmp_
             assert line["reference"] == references[line["key"]]["reference"]
 
 
+def test_an_edited_catalog_prompt_gets_new_references_and_answers(setup, tmp_path):
+    """Prompt ids are positions in the task's list (``summarize/3``): a prompt edited in the catalog keeps its id,
+    and its items are answered anew (reference and model), the rest reused. Its old references were reused (scoring
+    a new model against the text LLM's answers to the old prompt) or, with the old answers there, the run refused."""
+    out = tmp_path / "out"
+    shutil.copytree(setup["out"], out)
+    old = read_jsonl(out / "references.jsonl")[0]
+    catalog_file = tmp_path / "tasks.yaml"
+    text = TaskCatalog.load().path.read_text()
+    catalog_file.write_text(text.replace(old["prompt"], old["prompt"].replace("{input}", "{input} (edited)"), 1))
+    catalog = TaskCatalog.load(catalog_file)
+    assert catalog.task(old["task"]).prompts[int(old["prompt_id"].split("/")[1])].text.endswith("(edited)")
+    runs = run_benchmark({"tiny": str(setup["nemo"])}, setup["manifest"], out, catalog=catalog, **SETTINGS)["runs"]
+    edited = [r for r in read_jsonl(out / "references.jsonl") if r["prompt_id"] == old["prompt_id"]]
+    assert len(edited) == N_UTTERANCES and all(r["prompt"].endswith("(edited)") for r in edited)
+    assert runs["references"]["written"] == runs["tiny"]["written"] == len(edited)
+    assert runs["references"]["done_before"] == runs["references"]["total"] - len(edited)
+    lines = [l for l in read_jsonl(out / "predictions.jsonl") if l["key"] in {r["key"] for r in edited}]
+    assert {l["system"] for l in lines} == {"tiny", UPPER_BOUND}  # the cascade's, made for the old prompt, dropped
+    assert all(l["prompt"].endswith("(edited)") for l in lines)
+
+
 def test_a_changed_asr_model_redoes_the_cascade_only_with_replace(setup, tmp_path):
     """The cascade's transcripts belong to its ASR model: another one (here the same file rewritten) is
     refused, and with ``replace`` its transcripts and answers are made anew while the rest is kept."""

@@ -289,18 +289,19 @@ def _check_run_config(out_dir: Path, config: dict, replace: bool = False) -> Non
     write_json_atomic(out_dir / CONFIG_FILE, config)
 
 
-def _drop_answers_to_old_transcripts(out_dir: Path, items: list[dict]) -> None:
-    """Drop the cached reference and answers of every item whose transcript has changed since (a corrected
-    manifest), so they are made anew. Keyed by audio and prompt, they were reused: a model added later was
-    scored against the text LLM's answer to the old transcript. References and prediction lines carry the
-    transcript they were made with (references written before 2026-12-07 do not; their predictions do)."""
-    now = {it["key"]: it["entry"][TRANSCRIPT_FIELD] for it in items}
+def _drop_answers_to_changed_items(out_dir: Path, items: list[dict]) -> None:
+    """Drop the cached reference and answers of every item whose transcript (a corrected manifest) or prompt text
+    (an edited catalog: prompt ids are positions, ``summarize/3``) has changed since, so they are made anew. Keyed by
+    audio and prompt id, they were reused: a model added later was scored against the text LLM's answer to the old
+    transcript or prompt. References and prediction lines carry both (references written before 2026-12-07 carry no
+    transcript; their predictions do)."""
+    now = {it["key"]: {"transcript": it["entry"][TRANSCRIPT_FIELD], "prompt": it["prompt"].text} for it in items}
     cached = {path: _read_jsonl(out_dir / path) for path in (REFERENCES, PREDICTIONS)}
-    stale = {r["key"] for records in cached.values() for r in records
-             if r["key"] in now and "transcript" in r and r["transcript"] != now[r["key"]]}
+    stale = {r["key"] for records in cached.values() for r in records if r["key"] in now
+             and any(field in r and r[field] != value for field, value in now[r["key"]].items())}
     if not stale:
         return
-    why = f"items whose transcript changed in the manifest ({len(stale)} items, e.g. {min(stale)!r})"
+    why = f"items whose transcript or prompt changed ({len(stale)} items, e.g. {min(stale)!r})"
     keep_only(out_dir / REFERENCES, {r["key"] for r in cached[REFERENCES]} - stale, why=why)
     keep_only(out_dir / PREDICTIONS, {_prediction_key(r) for r in cached[PREDICTIONS] if r["key"] not in stale},
               key=_prediction_key, why=why)
@@ -364,7 +365,7 @@ def run_benchmark(
                                 "generation_kwargs": generation_kwargs, "systems": systems,
                                 "text_llm_of": {_source(models[first]): reference}}, replace)
 
-    _drop_answers_to_old_transcripts(out_dir, items)
+    _drop_answers_to_changed_items(out_dir, items)
     job = _Job(catalog, out_dir, batch_size, max_new_tokens, {"batch_size": batch_size, **generation_kwargs})
     runs = _run_systems(items, loaded, asr_model, device, job)
     config = {"manifest": str(manifest), "catalog": str(catalog.path), "tasks": catalog.names, "splits": list(splits),
