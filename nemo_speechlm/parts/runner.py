@@ -158,8 +158,9 @@ def run_resumable(
     if isinstance(process_batch, Job):
         _check_output_fields(records, process_batch.output_fields, output_path, desc)
         check_run_settings(output_path, process_batch.settings)
+    items_by_key = dict(zip(keys, items)) if copied_inputs is not None else {}
     if copied_inputs is not None:
-        records = _drop_records_of_changed_items(records, dict(zip(keys, items)), copied_inputs, key_of, output_path,
+        records = _drop_records_of_changed_items(records, items_by_key, copied_inputs, key_of, output_path,
                                                  lambda record: record, "records")
     done = {key_of(rec) for rec in records}
     if rejected_path.exists() and not output_path.exists():  # the output was deleted to start over (as the settings
@@ -169,7 +170,7 @@ def run_resumable(
     earlier_rejections = _read_jsonl(rejected_path, _key_function("key"), what="rejection")
     if copied_inputs is not None:
         earlier_rejections = _drop_records_of_changed_items(
-            earlier_rejections, dict(zip(keys, items)), copied_inputs, _key_function("key"), rejected_path,
+            earlier_rejections, items_by_key, copied_inputs, _key_function("key"), rejected_path,
             lambda rejection: rejection.get("inputs"), "rejections")
     rejected_before = Counter(rec.get("reason", "unknown") for rec in earlier_rejections)
     done |= {rec["key"] for rec in earlier_rejections}
