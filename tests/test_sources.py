@@ -150,6 +150,26 @@ def test_audio_is_checked_when_converting_and_never_again_when_training(behavior
     assert len(list(archived)) == 8 and len(calls) == 8  # Shar was checked when it was written
 
 
+def test_lines_skipped_on_the_checking_pass_stay_skipped_and_a_partial_pass_checks_again(behaviors, tmp_path):
+    """Later passes trust the first full pass's audio check, and so skip what it skipped: they used to yield those
+    lines (a missing file failed the next epoch; a wrong duration trained a cut of the audio under the whole
+    transcript). A pass abandoned half-way (a validation limit) has not checked the rest, so the next one checks."""
+    rows = [json.loads(line) for line in open(behaviors)]
+    rows[2]["audio_filepath"] = str(tmp_path / "gone.wav")
+    rows[4]["duration"] = 0.3  # the file is longer, and the line has no offset
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = ManifestConversations(LineSource(manifest_filepath=str(bad)),
+                                  lambda e, i: (e.line, entry_cut(e, "x").duration), skip_invalid=True)
+    first = list(lines)
+    assert [line for line, _ in first] == [1, 2, 4, 6, 7, 8] and lines.summary.total == 2
+    assert list(lines) == list(lines) == first and lines.summary.total == 2
+
+    partial = ManifestConversations(LineSource(manifest_filepath=str(bad)), lambda e, i: e.line, skip_invalid=True)
+    assert next(iter(partial)) == 1  # abandoned after one line
+    assert list(partial) == [1, 2, 4, 6, 7, 8] and list(partial) == [1, 2, 4, 6, 7, 8]
+
+
 def test_tarred_nemo_manifest_reads_like_the_manifest(behaviors, tmp_path):
     """A NeMo tarred dataset (``audio_N.tar`` + ``manifest_N.json`` with ``shard_id``), as NeMo's script writes it."""
     rows = [json.loads(line) for line in open(behaviors)]

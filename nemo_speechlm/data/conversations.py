@@ -153,7 +153,9 @@ class ManifestConversations:
 
     ``to_conversation(entry, iteration)`` builds one conversation per line; ``iteration``
     counts passes over the data so random choices (interleaving spans) differ per epoch. Local
-    audio files are checked on the first pass only (``nemo_speechlm.data.sources``).
+    audio files are checked until one pass has read every line (``nemo_speechlm.data.sources``); the lines it
+    skipped stay skipped: later passes, trusting the check, used to train on them (a missing file's line failed
+    the epoch; a line whose duration was wrong trained on a cut of its audio under the whole transcript).
     """
 
     def __init__(
@@ -173,22 +175,29 @@ class ManifestConversations:
         self.has_audio = has_audio
         self.summary = SkipSummary()
         self.iteration = 0
+        self._audio_checked = False  # a pass has read every line with its audio checked
 
     def __iter__(self) -> Iterator[NeMoMultimodalConversation]:
         self.iteration += 1
+        checking = not self._audio_checked
+        skipped_before = self.summary.lines if not checking and not self.source.is_archive else ()
+        # (archive lines are named by their position in this pass's shard order, and checked on every pass)
         for entry in self.source.entries(
             required_text_fields=self.required_text_fields,
             has_audio=self.has_audio,
-            check_audio=self.iteration == 1,
+            check_audio=checking,
             skip_invalid=self.skip_invalid,
             summary=self.summary,
         ):
+            if (entry.path, entry.line) in skipped_before:
+                continue
             try:
                 yield self.to_conversation(entry, self.iteration)
             except ManifestError as e:
                 if not self.skip_invalid:
                     raise
                 self.summary.add(e)
+        self._audio_checked = True
 
 
 def finish_parsing(config, adapter: ManifestConversations) -> tuple[CutSet, bool]:

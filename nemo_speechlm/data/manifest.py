@@ -48,11 +48,13 @@ class SkipSummary:
 
     counts: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
+    lines: set = field(default_factory=set)  # (file, line) of every line skipped
 
     def add(self, err: ManifestError) -> None:
         key = err.field or "line"
         self.counts[key] += 1
         self.examples.setdefault(key, str(err))
+        self.lines.add((err.path, err.line))
 
     @property
     def total(self) -> int:

@@ -4,8 +4,8 @@ Every data type of ours (``speechlm_manifest``, ``mtbi_behaviors``, ``joint_asr_
 reads its lines through :class:`LineSource`, configured by one of:
 
 * ``manifest_filepath`` alone: local JSONL whose audio files are checked by
-  :func:`~nemo_speechlm.data.manifest.read_manifest` (exists, readable, duration matches) on the
-  *first* pass only; later passes of the endless training stream trust that check;
+  :func:`~nemo_speechlm.data.manifest.read_manifest` (exists, readable, duration matches) until one pass
+  has read every line; later passes of the endless training stream trust that check (and skip what it skipped);
 * ``manifest_filepath`` + ``tarred_audio_filepaths``: NeMo's tarred audio datasets (sharded
   manifests and tars, ``_OP_0..N_CL_`` brace patterns as NeMo writes them), read by NeMo's
   ``LazyNeMoTarredIterator``;
