@@ -89,13 +89,17 @@ def _train_lrs(assets, runs, steps: int, lr: float, *extra: str, manifest=None) 
 @pytest.mark.slow
 def test_a_resume_with_other_gradient_accumulation_continues_the_stream_where_it_stopped(assets, tmp_path):
     """The checkpoint records how many batches each rank drew: a resume with another accumulate_grad_batches used to
-    skip by the new setting's count (here 2 for 4 drawn) and train batches 2 and 3 a second time."""
-    _train_lrs(assets, tmp_path / "once", 6, 1e-3)
+    skip by the new setting's count (here 2 for 4 drawn) and train batches 2 and 3 a second time; and the checkpoint
+    of a resumed run counted all its steps at its own accumulation (4 for the 6 drawn by step 4), so the next resume
+    trained batches 4 and 5 again."""
+    _train_lrs(assets, tmp_path / "once", 8, 1e-3)
     stream = list(_LrProbe.batches)
     _train_lrs(assets, tmp_path / "twice", 2, 1e-3, "trainer.accumulate_grad_batches=2")
     assert _LrProbe.batches == stream[:4]
     _train_lrs(assets, tmp_path / "twice", 4, 1e-3, "trainer.accumulate_grad_batches=1")
     assert _LrProbe.batches == stream[4:6]
+    _train_lrs(assets, tmp_path / "twice", 5, 1e-3, "trainer.accumulate_grad_batches=2")
+    assert _LrProbe.batches == stream[6:8]
 
 
 @pytest.mark.slow

@@ -12,9 +12,11 @@ Lightning restores the model, optimizer, scheduler and step counters from a chec
 the position of a lhotse sampler: a resumed run would see the first batches again. Our training
 streams are endless (the lhotse loaders repeat the data) and deterministic given their seeds
 (``shard_seed: randomized`` resolves to one fixed value with ``num_workers`` loading in the main
-process's sampler), so the position is a count: the batches each rank has drawn, ``global_step *
-accumulate_grad_batches`` of the run that wrote the checkpoint, which records it (a resume with another
-``accumulate_grad_batches`` used to skip by its own, training batches twice or never). On resume,
+process's sampler), so the position is a count: the batches each rank has drawn from this stream, which the
+checkpoint records: where the run's stream started (0, or what a resume skipped) plus ``accumulate_grad_batches``
+batches per step since (a resume with another ``accumulate_grad_batches`` used to skip by its own, training
+batches twice or never; a checkpoint written after a resume with other data, devices or accumulation counted
+every step of the run from 0, so the next resume skipped batches never trained). On resume,
 :class:`ResumableDataModule` replays that many batches through the *sampler* (cut metadata only, no audio
 is read) before training starts, group draws of a multi-config (joint SFT) sampler included.
 
@@ -90,12 +92,14 @@ class ResumableDataModule(DataModule):
         super().__init__(cfg, tokenizer=tokenizer, dataset=dataset)
         self._changed_data: list[str] = []  # set on resume when the checkpoint's run trained on other data
         self._batches_per_rank: int | None = None  # how far each rank had read the stream, from the checkpoint
+        self._stream_start = (0, 0)  # (global step, batches per rank already read) where this run's stream began
 
     def state_dict(self) -> dict:
         """Saved in every checkpoint: the stream, how far each rank has read it, and over how many ranks."""
         trainer = self.trainer
-        return {"train_stream": _stream_config(self.cfg),
-                "batches_per_rank": trainer.global_step * trainer.accumulate_grad_batches, "ranks": trainer.world_size}
+        start_step, start_batches = self._stream_start
+        read = start_batches + (trainer.global_step - start_step) * trainer.accumulate_grad_batches
+        return {"train_stream": _stream_config(self.cfg), "batches_per_rank": read, "ranks": trainer.world_size}
 
     def load_state_dict(self, state_dict: dict) -> None:
         from nemo_speechlm.parts.runner import changed_values
@@ -115,15 +119,18 @@ class ResumableDataModule(DataModule):
         consumed = 0
         if trainer is not None and trainer.global_step:  # checkpoints before 2026-12-07 lack the count
             consumed = self._batches_per_rank or trainer.global_step * trainer.accumulate_grad_batches
+        skipped = 0
         if consumed and self._changed_data:
             logging.warning(f"Resumed at step {trainer.global_step} with other training data than the checkpoint's run "
                             f"({'; '.join(self._changed_data[:5])}): the new stream starts at its first batch")
         elif consumed:
             if skip_batches(loader, consumed):
                 logging.info(f"Resumed at step {trainer.global_step}: the training stream skips {consumed} batches")
+                skipped = consumed
             else:
                 logging.warning(f"Resumed at step {trainer.global_step}: this training stream (an iterable dataset) "
                                 "cannot skip the batches already trained on and starts again")
+        self._stream_start = (trainer.global_step if trainer is not None else 0, skipped)
         return loader
 
 
