@@ -229,6 +229,24 @@ def test_a_config_names_exactly_one_source_and_lines_without_one_audio_stay_json
         LineSource.from_config(OmegaConf.create({"shar_path": "s"}), "joint_mixed_modal", has_audio=False)
 
 
+def test_shuffled_shards_take_a_new_order_each_pass_as_one_lhotse_reader_does(shar_dir):
+    """Each pass built a new reader, whose epoch counter started at 0: every pass read the shards in one order."""
+    lines = ManifestConversations(LineSource(shar_path=str(shar_dir), shuffle_shards=True, shard_seed=0),
+                                  lambda e, i: e.cut.recording.id)
+    lhotse_reader = CutSet.from_shar(in_dir=str(shar_dir), shuffle_shards=True, seed=0)
+    passes = [list(lines) for _ in range(4)]
+    assert passes == [[cut.recording.id for cut in lhotse_reader] for _ in range(4)]
+    assert len({tuple(p) for p in passes}) > 1
+
+
+def test_shard_seed_randomized_is_one_order_for_every_rank_and_trng_is_refused():
+    config = {"shar_path": "s", "shuffle_shards": True}
+    assert LineSource.from_config(OmegaConf.create({**config, "shard_seed": "randomized"}), "mtbi_behaviors").shard_seed == 0
+    assert LineSource.from_config(OmegaConf.create({**config, "shard_seed": 7}), "mtbi_behaviors").shard_seed == 7
+    with pytest.raises(ConfigError, match="shard_seed 'trng' is not an integer"):
+        LineSource.from_config(OmegaConf.create({**config, "shard_seed": "trng"}), "mtbi_behaviors")
+
+
 def test_to_shar_script_writes_and_reports_bad_input_in_one_line(behaviors, tmp_path):
     script = [sys.executable, str(REPO / "examples" / "to_shar.py")]
     done = subprocess.run([*script, "--manifest", str(behaviors), "--output", str(tmp_path / "ok"), "--shard-size", "5"],

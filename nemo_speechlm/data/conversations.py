@@ -188,6 +188,7 @@ class ManifestConversations:
             check_audio=checking,
             skip_invalid=self.skip_invalid,
             summary=self.summary,
+            epoch=self.iteration - 1,
         ):
             if (entry.path, entry.line) in skipped_before:
                 continue

@@ -43,7 +43,7 @@ class LineSource:
             tarred_audio_filepaths=config.get("tarred_audio_filepaths"),
             shar_path=config.get("shar_path"),
             shuffle_shards=bool(config.get("shuffle_shards", False)),
-            shard_seed=config.get("shard_seed", 0) if config.get("shard_seed") != "randomized" else 0,
+            shard_seed=_fixed_shard_seed(config.get("shard_seed", 0), data_type),
         )
         if (source.shar_path is None) == (source.manifest_filepath is None):
             raise ConfigError(f"Data config of type {data_type!r} needs exactly one of `manifest_filepath` (JSONL, "
@@ -69,14 +69,17 @@ class LineSource:
         check_audio: bool = True,
         skip_invalid: bool = False,
         summary: SkipSummary | None = None,
+        epoch: int = 0,
     ) -> Iterator[ManifestEntry]:
         """The source's lines, validated; bad ones raise :class:`ManifestError` or, with ``skip_invalid``,
-        are counted in ``summary``. ``check_audio`` applies to local files only."""
+        are counted in ``summary``. ``check_audio`` applies to local files only. ``epoch`` (passes before this one)
+        reshuffles archive shards (``shuffle_shards``) with ``shard_seed + epoch``, as one lhotse / NeMo reader
+        iterated again does; built anew per pass, the readers started at epoch 0 and gave one order every pass."""
         if not self.is_archive:
             yield from read_manifest(self.manifest_filepath, required_text_fields, has_audio=has_audio,
                                      check_audio=check_audio, skip_invalid=skip_invalid, summary=summary)
             return
-        for index, cut in enumerate(self._archive_cuts(), start=1):
+        for index, cut in enumerate(self._archive_cuts(self.shard_seed + epoch), start=1):
             try:
                 yield archive_entry(self.name, index, cut, required_text_fields)
             except ManifestError as e:
@@ -85,17 +88,30 @@ class LineSource:
                 if summary is not None:
                     summary.add(e)
 
-    def _archive_cuts(self) -> Iterator[Cut]:
+    def _archive_cuts(self, seed: int) -> Iterator[Cut]:
         if self.shar_path is not None:
-            return iter(CutSet.from_shar(in_dir=self.shar_path, shuffle_shards=self.shuffle_shards, seed=self.shard_seed))
+            return iter(CutSet.from_shar(in_dir=self.shar_path, shuffle_shards=self.shuffle_shards, seed=seed))
         from nemo.collections.common.data.lhotse.nemo_adapters import LazyNeMoTarredIterator
 
         _cut_segments_with_their_offset()
         tarred = LazyNeMoTarredIterator(self.manifest_filepath, self.tarred_audio_filepaths,
-                                        shuffle_shards=self.shuffle_shards, shard_seed=self.shard_seed)
+                                        shuffle_shards=self.shuffle_shards, shard_seed=seed)
         # NeMo names a recording after its file inside the tar, which repeats across datasets (the
         # feature cache keys by recording id): qualify it with the tar it came from.
         return (_qualified(cut, cut.custom.get("tar_origin", "")) for cut in tarred)
+
+
+def _fixed_shard_seed(seed, data_type: str) -> int:
+    """Every rank reads the whole stream and takes its share of the batches (``data.resumable``), so all ranks need
+    one shard order: NeMo's default ``randomized`` (a seed per worker and rank) becomes 0; ``trng`` (a new order
+    each run) would break both the split and the resume, and is refused."""
+    if seed == "randomized":
+        return 0
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"Data config of type {data_type!r}: shard_seed {seed!r} is not an integer; our data types "
+                          "need one shard order on every rank and after a resume", "set shard_seed to an integer "
+                          "(`randomized`, NeMo's default, means 0 here)")
+    return seed
 
 
 def _qualified(cut: Cut, prefix: str) -> Cut:
