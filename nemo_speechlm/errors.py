@@ -31,4 +31,4 @@ class ManifestError(InputError):
     def __init__(self, path: str | Path, line: int, problem: str, field_name: str | None = None):
         where = f"{path}:{line}" + (f" field '{field_name}'" if field_name else "")
         super().__init__(f"{where}: {problem}")
-        self.path, self.line, self.field = str(path), line, field_name
+        self.path, self.line, self.field, self.problem = str(path), line, field_name, problem

@@ -239,6 +239,31 @@ def test_shuffled_shards_take_a_new_order_each_pass_as_one_lhotse_reader_does(sh
     assert len({tuple(p) for p in passes}) > 1
 
 
+def test_an_archive_error_names_the_same_item_whatever_the_shard_order(behaviors, tmp_path):
+    """Errors named the item's position in this pass's shard order (``bad:7`` with one seed, ``bad:1`` with another);
+    they name its cut id, which for our Shar is the manifest's name and line."""
+    rows = [json.loads(line) for line in open(behaviors)]
+    rows[6]["response"] = ""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_shar(bad, tmp_path / "shar", shard_size=2)
+    for seed in (0, 1, 2):
+        source = LineSource(shar_path=str(tmp_path / "shar"), shuffle_shards=True, shard_seed=seed)
+        with pytest.raises(ManifestError, match=r"shar:bad-7 field 'response': missing or empty text"):
+            list(source.entries(("text", "response")))
+
+    def refuse_line_7(entry, iteration):  # an error of the data type's own checks
+        if entry.cut.id == "bad-7":
+            raise ManifestError(entry.path, entry.line, "unknown task", "task")
+        return entry
+
+    for seed in (0, 1):
+        lines = ManifestConversations(LineSource(shar_path=str(tmp_path / "shar"), shuffle_shards=True, shard_seed=seed),
+                                      refuse_line_7)
+        with pytest.raises(ManifestError, match=r"shar:bad-7 field 'task': unknown task"):
+            list(lines)
+
+
 def test_shard_seed_randomized_is_one_order_for_every_rank_and_trng_is_refused():
     config = {"shar_path": "s", "shuffle_shards": True}
     assert LineSource.from_config(OmegaConf.create({**config, "shard_seed": "randomized"}), "mtbi_behaviors").shard_seed == 0

@@ -23,7 +23,7 @@ from nemo.collections.common.data.prompt_fn import get_prompt_format_fn, registe
 from nemo.collections.common.prompts.formatter import PromptFormatter
 
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary
-from nemo_speechlm.data.sources import LineSource
+from nemo_speechlm.data.sources import LineSource, naming_the_cut
 from nemo_speechlm.data.utterance import cut_id
 from nemo_speechlm.modules.ctc_readout import readout_positions
 from nemo_speechlm.parts.prompting import _hf_tokenizer, with_system_turn_for
@@ -195,8 +195,10 @@ class ManifestConversations:
             try:
                 yield self.to_conversation(entry, self.iteration)
             except ManifestError as e:
+                if entry.cut is not None and self.source.is_archive:
+                    e = naming_the_cut(e, entry.cut)
                 if not self.skip_invalid:
-                    raise
+                    raise e from None
                 self.summary.add(e)
         self._audio_checked = True
 

@@ -13,7 +13,7 @@ reads its lines through :class:`LineSource`, configured by one of:
   audio file once when it wrote the archive.
 
 Archive lines carry their audio as an in-memory cut (``ManifestEntry.cut``); their text fields
-are checked as a manifest's are, and errors name the archive and the item's position in it.
+are checked as a manifest's are, and errors name the archive and the item's cut id.
 """
 from __future__ import annotations
 
@@ -147,12 +147,24 @@ ARCHIVE_EXCLUDED_FIELDS = ("manifest_origin", "tar_origin", "shard_origin", "sha
 
 
 def archive_entry(name: str, index: int, cut: Cut, required_text_fields: tuple[str, ...] = ()) -> ManifestEntry:
-    """A tarred / Shar cut as a manifest line: its custom fields (the line's own), its transcript as
-    ``text``, its ``duration``; ``audio_filepath`` names the audio inside the archive."""
+    """A tarred / Shar cut as a manifest line (``index``: its position in this pass): its custom fields (the
+    line's own), its transcript as ``text``, its ``duration``; ``audio_filepath`` names the audio inside the
+    archive. Its errors name the cut (:func:`naming_the_cut`)."""
     data = {k: v for k, v in (cut.custom or {}).items() if k not in ARCHIVE_EXCLUDED_FIELDS}
     if "text" not in data and cut.supervisions and cut.supervisions[0].text:
         data["text"] = cut.supervisions[0].text
     data.pop("offset", None)  # the archive's cut is the segment itself
     data.update(audio_filepath=f"{name}:{cut.recording.id}", duration=cut.duration)
-    check_text_fields(name, index, data, required_text_fields)
+    try:
+        check_text_fields(name, index, data, required_text_fields)
+    except ManifestError as e:
+        raise naming_the_cut(e, cut) from None
     return ManifestEntry(name, index, data, cut=fastcopy(cut, custom=None))
+
+
+def naming_the_cut(error: ManifestError, cut: Cut) -> ManifestError:
+    """``error`` of an archive item, naming it by its cut id (our Shar: ``<manifest stem>-<line>``; NeMo tarred: the
+    audio's name in the tar) where it named its position in this pass's shard order, which changes with the seed
+    and the pass. (The position stays the item's line otherwise: random choices seeded by line, interleaving spans,
+    then match the JSONL the archive was written from.)"""
+    return ManifestError(error.path, cut.id, error.problem, error.field)
