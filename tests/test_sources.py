@@ -108,6 +108,18 @@ def test_conversion_resumes_at_the_first_unfinished_shard_and_refuses_other_inpu
     assert write_shar(behaviors, out, shard_size=4)["shards_written"] == 2
 
 
+def test_a_copied_shar_directory_is_not_converted_into(behaviors, shar_dir, tmp_path):
+    """Without its bookkeeping (a copy, or the `.<name>.to_shar` folder deleted) a conversion started over in place and
+    left the old higher-numbered shards beside the new ones: 3 lines into a copy of 8 read back 11."""
+    copy = tmp_path / "copy"
+    shutil.copytree(shar_dir, copy)
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(open(behaviors).readlines()[:3]))
+    with pytest.raises(InputError, match=r"copy holds files, and no record of a conversion into it"):
+        write_shar(short, copy, shard_size=1)
+    assert len(CutSet.from_shar(in_dir=str(copy))) == 8
+
+
 def test_a_shar_directory_holding_its_manifest_is_refused(behaviors, tmp_path):
     """lhotse reads every file of a Shar directory as a field: the manifest inside made it unreadable."""
     manifest = tmp_path / "out" / "m.jsonl"
@@ -190,6 +202,32 @@ def test_tarred_nemo_manifest_reads_like_the_manifest(behaviors, tmp_path):
         cut = entry_cut(entry, "x")
         assert cut.recording.id.startswith(str(tmp_path / "audio_"))  # qualified by its tar: unique across datasets
         assert torch.equal(torch.from_numpy(cut.load_audio()[0]), torch.from_numpy(soundfile.read(row["audio_filepath"], dtype="float32")[0]))
+
+
+def test_tarred_lines_without_audio_are_an_error_or_counted_not_dropped(behaviors, tmp_path):
+    """NeMo's tarred reader leaves out lines whose audio is missing from the tar or does not decode (a warning at
+    most): 8 lines gave 6 with no error and nothing counted, even without ``skip_invalid``."""
+    import io
+
+    rows = [json.loads(line) for line in open(behaviors)]
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"audio_{shard}.tar", "w") as tar, open(tmp_path / f"manifest_{shard}.json", "w") as f:
+            for k, row in enumerate(rows[shard::2]):
+                name = row["audio_filepath"].rsplit("/", 1)[-1]
+                if (shard, k) == (0, 1):  # bytes that are not audio
+                    info = tarfile.TarInfo(name)
+                    info.size = 90
+                    tar.addfile(info, io.BytesIO(b"not audio" * 10))
+                elif (shard, k) != (0, 2):  # (0, 2): not in the tar at all
+                    tar.add(row["audio_filepath"], arcname=name)
+                f.write(json.dumps({**row, "audio_filepath": name, "shard_id": shard}) + "\n")
+    source = LineSource(manifest_filepath=str(tmp_path / "manifest__OP_0..1_CL_.json"),
+                        tarred_audio_filepaths=str(tmp_path / "audio__OP_0..1_CL_.tar"))
+    with pytest.raises(InputError, match=r"2 of its 8 lines came back without audio"):
+        list(source.entries())
+    lines = ManifestConversations(source, lambda e, i: e, skip_invalid=True)
+    assert len(list(lines)) == len(list(lines)) == 6
+    assert lines.summary.total == 2 and "2 of its 8 lines" in str(lines.summary)
 
 
 def test_tarred_segments_of_one_file_read_like_the_manifest(tmp_path):

@@ -17,14 +17,14 @@ are checked as a manifest's are, and errors name the archive and the item's cut 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from lhotse import CutSet, fastcopy
 from lhotse.cut import Cut
 
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, check_text_fields, read_manifest
-from nemo_speechlm.errors import ConfigError
+from nemo_speechlm.errors import ConfigError, InputError
 
 @dataclass
 class LineSource:
@@ -35,6 +35,7 @@ class LineSource:
     shar_path: str | None = None
     shuffle_shards: bool = False
     shard_seed: int | str = 0
+    _tarred_lines: int | None = field(default=None, init=False, repr=False)  # the shard manifests' lines, once counted
 
     @classmethod
     def from_config(cls, config, data_type: str, has_audio: bool = True) -> "LineSource":
@@ -79,7 +80,9 @@ class LineSource:
             yield from read_manifest(self.manifest_filepath, required_text_fields, has_audio=has_audio,
                                      check_audio=check_audio, skip_invalid=skip_invalid, summary=summary)
             return
+        read = 0
         for index, cut in enumerate(self._archive_cuts(self.shard_seed + epoch), start=1):
+            read = index
             try:
                 yield archive_entry(self.name, index, cut, required_text_fields)
             except ManifestError as e:
@@ -87,6 +90,28 @@ class LineSource:
                     raise
                 if summary is not None:
                     summary.add(e)
+        if self.tarred_audio_filepaths is not None:
+            self._check_every_tarred_line_was_read(read, skip_invalid, summary)
+
+    def _check_every_tarred_line_was_read(self, read: int, skip_invalid: bool, summary: SkipSummary | None) -> None:
+        """NeMo's tarred reader leaves out, with a warning at most, a line whose audio is missing from its tar or
+        does not decode, and a whole tar it cannot open: the lines it gave are counted against the shard manifests'
+        (NeMo's own ``_skipme`` lines aside), an error, or with ``skip_invalid`` counted in ``summary`` once."""
+        from nemo.collections.common.data.lhotse.nemo_adapters import LazyNeMoTarredIterator
+
+        if self._tarred_lines is None:
+            manifests = LazyNeMoTarredIterator(self.manifest_filepath, self.tarred_audio_filepaths).source
+            self._tarred_lines = sum(1 for line in manifests if not line.get("_skipme", False))
+        missing = self._tarred_lines - read
+        if missing <= 0:
+            return
+        problem = (f"{missing} of its {self._tarred_lines} lines came back without audio (missing from their tar, "
+                   f"not decodable, or in a tar that does not open: NeMo's reader leaves them out; see its warnings)")
+        if not skip_invalid:
+            raise InputError(f"{self.name}: {problem}", "repair the tars, or set skip_invalid: true to train without them")
+        if summary is not None and _TARRED_AUDIO not in summary.counts:
+            summary.counts[_TARRED_AUDIO] += missing
+            summary.examples[_TARRED_AUDIO] = f"{self.name}: {problem}"
 
     def _archive_cuts(self, seed: int) -> Iterator[Cut]:
         if self.shar_path is not None:
@@ -143,6 +168,7 @@ def _cut_segments_with_their_offset() -> None:
     nemo_adapters.make_cut_with_subset_inmemory_recording = make_cut
 
 
+_TARRED_AUDIO = "tarred audio"  # the skip summary's name for lines NeMo's tarred reader left out
 ARCHIVE_EXCLUDED_FIELDS = ("manifest_origin", "tar_origin", "shard_origin", "shar_epoch")
 
 

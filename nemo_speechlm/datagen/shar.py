@@ -29,6 +29,7 @@ from tqdm import tqdm
 from nemo_speechlm.data.conversations import cut_for_audio
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
 from nemo_speechlm.errors import InputError
+from nemo_speechlm.parts.runner import read_json_object, write_json_atomic
 
 AUDIO_FORMATS = ("flac", "wav")
 _SEGMENT_FIELDS = ("audio_filepath", "duration", "offset")
@@ -52,8 +53,13 @@ def write_shar(
         raise InputError(f"{out_dir} holds the manifest {manifest.name}, and lhotse would read it as a Shar field",
                          "write the Shar to a directory of its own")
     work_dir = out_dir.parent / f".{out_dir.name}.to_shar"
-    if work_dir.exists() and not (out_dir.is_dir() and any(out_dir.iterdir())):  # the Shar was deleted to start
+    holds_files = out_dir.is_dir() and any(out_dir.iterdir())
+    if work_dir.exists() and not holds_files:  # the Shar was deleted to start
         shutil.rmtree(work_dir)  # again, as the settings check advises: its bookkeeping goes with it
+    if holds_files and not work_dir.exists():  # a copied or moved Shar, or its bookkeeping deleted: shards from
+        # other input would have stayed beside the new ones (a 3-line manifest into a 4-shard copy read back 7 lines)
+        raise InputError(f"{out_dir} holds files, and no record of a conversion into it ({work_dir} is missing)",
+                         "write to a new or empty directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(exist_ok=True)
     _check_same_input(manifest, out_dir, work_dir, shard_size, audio_format)
@@ -77,7 +83,7 @@ def write_shar(
             counts["shards_written"] += 1
             done.append({"next_line": chunk[-1].line + 1, "lines": counts["lines"], "manifest_done": len(chunk) < shard_size,
                          "skipped": dict(summary.counts), "examples": dict(summary.examples)})
-            _write_json_atomically(work_dir / "shards.json", done)
+            write_json_atomic(work_dir / "shards.json", done)
             bar.update(len(chunk))
     counts["skipped_invalid"] = summary.total
     if summary.total:
@@ -94,12 +100,6 @@ def _finished_shards(out_dir: Path, work_dir: Path) -> list[dict]:
     while finished < len(records) and (out_dir / f"cuts.{finished:06d}.jsonl.gz").is_file():
         finished += 1
     return records[:finished]
-
-
-def _write_json_atomically(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 def _write_shard(entries: list[ManifestEntry], out_dir: Path, work_dir: Path, shard: int, audio_format: str) -> None:
@@ -134,10 +134,10 @@ def _check_same_input(manifest: Path, out_dir: Path, work_dir: Path, shard_size:
             "shard_size": shard_size, "audio_format": audio_format}
     path = work_dir / "info.json"
     if path.is_file():
-        before = json.loads(path.read_text())
+        before = read_json_object(path, "record of the conversion's input")
         if before != info:
             changed = sorted(k for k in info if before.get(k) != info[k])
             raise InputError(f"{out_dir} holds Shar written from other input or settings ({', '.join(changed)} differ)",
                              "write to a new directory, or delete this one to start again")
     else:
-        path.write_text(json.dumps(info, indent=1))
+        write_json_atomic(path, info)
