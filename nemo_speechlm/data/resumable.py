@@ -18,7 +18,8 @@ batches per step since (a resume with another ``accumulate_grad_batches`` used t
 batches twice or never; a checkpoint written after a resume with other data, devices or accumulation counted
 every step of the run from 0, so the next resume skipped batches never trained). On resume,
 :class:`ResumableDataModule` replays that many batches through the *sampler* (cut metadata only, no audio
-is read) before training starts, group draws of a multi-config (joint SFT) sampler included.
+decoded; the first pass over local files reads their headers, as in any run) before training starts, group draws of a
+multi-config (joint SFT) sampler included.
 
 The position belongs to one stream: each checkpoint records the training data config it was made
 with and its number of ranks (the datamodule's ``state_dict``), and a run resumed with other training data
