@@ -308,6 +308,8 @@ def test_shard_seed_randomized_is_one_order_for_every_rank_and_trng_is_refused()
     assert LineSource.from_config(OmegaConf.create({**config, "shard_seed": 7}), "mtbi_behaviors").shard_seed == 7
     with pytest.raises(ConfigError, match="shard_seed 'trng' is not an integer"):
         LineSource.from_config(OmegaConf.create({**config, "shard_seed": "trng"}), "mtbi_behaviors")
+    unshuffled = {"shar_path": "s", "shard_seed": "trng"}  # NeMo's default for an input: unused without shuffling
+    assert LineSource.from_config(OmegaConf.create(unshuffled), "mtbi_behaviors").shard_seed == 0
 
 
 def test_to_shar_script_writes_and_reports_bad_input_in_one_line(behaviors, tmp_path):

@@ -44,7 +44,7 @@ class LineSource:
             tarred_audio_filepaths=config.get("tarred_audio_filepaths"),
             shar_path=config.get("shar_path"),
             shuffle_shards=bool(config.get("shuffle_shards", False)),
-            shard_seed=_fixed_shard_seed(config.get("shard_seed", 0), data_type),
+            shard_seed=_fixed_shard_seed(config.get("shard_seed", 0), bool(config.get("shuffle_shards", False)), data_type),
         )
         if (source.shar_path is None) == (source.manifest_filepath is None):
             raise ConfigError(f"Data config of type {data_type!r} needs exactly one of `manifest_filepath` (JSONL, "
@@ -126,11 +126,11 @@ class LineSource:
         return (_qualified(cut, cut.custom.get("tar_origin", "")) for cut in tarred)
 
 
-def _fixed_shard_seed(seed, data_type: str) -> int:
+def _fixed_shard_seed(seed, shuffle_shards: bool, data_type: str) -> int:
     """Every rank reads the whole stream and takes its share of the batches (``data.resumable``), so all ranks need
-    one shard order: NeMo's default ``randomized`` (a seed per worker and rank) becomes 0; ``trng`` (a new order
-    each run) would break both the split and the resume, and is refused."""
-    if seed == "randomized":
+    one shard order: ``randomized`` (a seed per worker and rank) becomes 0; ``trng`` (a new order each run, NeMo's
+    default for an input) would break both the split and the resume, and is refused where shards are shuffled."""
+    if seed == "randomized" or not shuffle_shards:  # (unshuffled: the seed is not used)
         return 0
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"Data config of type {data_type!r}: shard_seed {seed!r} is not an integer; our data types "
