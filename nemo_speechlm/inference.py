@@ -35,7 +35,9 @@ from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummar
 from nemo_speechlm.errors import InputError
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.models.answering import answer_items, ensure_audio_locator, generation_kwargs, item_keys
-from nemo_speechlm.models.loading import load_model, model_id, model_identity, resolve_device  # noqa: F401  (kept importable here)
+from nemo_speechlm.models.loading import (  # noqa: F401  (resolve_device kept importable here)
+    DTYPE_DEFAULT, llm_dtype, load_model, model_id, model_identity, resolve_device,
+)
 from nemo_speechlm.parts.cli import CommandParser, positive_int, run_cli, SKIP_FLAG_HINT, UsageError
 from nemo_speechlm.parts.runner import RunSummary, check_run_settings, read_records  # noqa: F401
 
@@ -100,8 +102,9 @@ def infer_manifest(
     if appended:
         _note(f"{appended} prompts have no audio locator {tag!r}: the audio goes after the prompt, on a new line.")
     check_run_settings(output, {"model": model_identity(model, model_name), "manifest": str(Path(manifest).resolve()),
-                                "prompt": prompt,
-                                "prompt_field": prompt_field, "system_prompt": system_prompt, "generation": generation})
+                                "prompt": prompt, "prompt_field": prompt_field, "system_prompt": system_prompt,
+                                "generation": generation, "answer_field": answer_field, "llm_dtype": llm_dtype(model)},
+                       defaults={"answer_field": "answer", **DTYPE_DEFAULT})
 
     def record(item: dict, answer: str) -> dict:
         return {**item["entry"].data, "key": item["key"], "prompt": item["prompt"], answer_field: answer}

@@ -5,6 +5,7 @@ Each row of the table runs the real script as ``python examples/<script>.py ...`
 the rows of one script share that subprocess (``tests/run_commands.py``) so torch and NeMo are
 imported once per script, not once per row.
 """
+import argparse
 import io
 import json
 import re
@@ -452,6 +453,22 @@ def test_a_damaged_asr_model_is_an_input_error(files, tmp_path, damage):
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a model\n")
     with pytest.raises(InputError, match="not a readable .nemo archive"):
         load_asr_model(path)
+
+
+def test_an_unknown_device_and_a_negative_count_are_one_line_errors(capsys):
+    """``--device foo`` was a torch RuntimeError traceback (no command limits it to a list), and ``listening
+    --num-utterances -1`` silently left the last utterance out (a slice)."""
+    from nemo_speechlm.errors import InputError
+    from nemo_speechlm.evaluation import listening
+    from nemo_speechlm.parts.device import resolve_device
+
+    with pytest.raises(InputError, match="unknown device 'foo'"):
+        resolve_device("foo")
+    parser = argparse.ArgumentParser()
+    listening.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m.nemo", "--manifest", "h.jsonl", "--out-dir", "o", "--num-utterances", "-1"])
+    assert "must be 0 (all) or more" in capsys.readouterr().err
 
 
 def test_synthesize_corpus_bad_arguments_are_one_line(files):

@@ -130,6 +130,65 @@ def test_a_resumed_evaluation_scores_against_the_references_as_they_are_now(tiny
         assert metrics["wer"] == word_error_rate(refs, answers, normalize)["wer"]
 
 
+def test_an_answer_to_an_edited_question_or_segment_is_made_anew(tiny, assets, tmp_path):
+    """Answers resume by the line's key (its own ``key`` field, or audio and offset): an edited question or a
+    corrected segment duration kept the old answer, relabelled with the new question or duration."""
+    rows = [{**row, "key": f"q{i}", "question": "What is said?", "answer": row["text"], "offset": 0.0}
+            for i, row in enumerate(manifest_lines(assets)[:3])]
+    manifest = write_jsonl(tmp_path / "sqa.jsonl", rows)
+    run = dict(batch_size=4, max_new_tokens=3)
+    standard.evaluate_sqa(tiny[0], manifest, tmp_path / "out", **run)
+    first = {r["key"]: r for r in _records(tmp_path / "out" / "sqa_predictions.jsonl")}
+    rows[0]["question"] = "Who speaks?"
+    rows[1]["duration"] = round(rows[1]["duration"] / 2, 3)
+    write_jsonl(tmp_path / "sqa.jsonl", rows)
+    standard.evaluate_sqa(tiny[0], manifest, tmp_path / "out", **run)
+    summary = json.loads((tmp_path / "out" / "sqa_predictions.jsonl.summary.json").read_text())
+    assert (summary["done_before"], summary["written"]) == (1, 2)
+    records = {r["key"]: r for r in _records(tmp_path / "out" / "sqa_predictions.jsonl")}
+    assert records["q0"]["question"] == "Who speaks?" and records["q0"]["prompt"].startswith("Who speaks?")
+    assert records["q1"]["duration"] == rows[1]["duration"] and records["q2"] == first["q2"]
+
+
+def test_a_resume_in_another_dtype_or_answer_field_is_refused(tiny, assets, tmp_path):
+    """The settings record the LLM's dtype (``--bf16`` casts it) and inference's answer field: a resumed run in bf16
+    mixed its answers with fp32 ones, and another ``--answer-field`` mixed two field names in one file."""
+    out = tmp_path / "a.jsonl"
+    inference.infer_manifest(tiny[0], assets["manifest"], out, prompt="Repeat:", max_new_tokens=2, model_name="m")
+    with pytest.raises(ValueError, match=r"other settings \(answer_field: 'answer' -> 'prediction'\)"):
+        inference.infer_manifest(tiny[0], assets["manifest"], out, prompt="Repeat:", max_new_tokens=2, model_name="m",
+                                 answer_field="prediction")
+    bf16 = SpeechLMModel.restore_from(str(tiny[1])).eval()
+    bf16.llm.to(torch.bfloat16)  # what load_model(bf16=True) does (it needs CUDA)
+    with pytest.raises(ValueError, match=r"other settings \(llm_dtype: 'float32' -> 'bfloat16'\)"):
+        inference.infer_manifest(bf16, assets["manifest"], out, prompt="Repeat:", max_new_tokens=2, model_name="m")
+    standard.evaluate_asr(tiny[0], assets["manifest"], tmp_path / "asr", max_new_tokens=2, model_name="m")
+    with pytest.raises(ValueError, match=r"other settings \(llm_dtype: 'float32' -> 'bfloat16'\)"):
+        standard.evaluate_asr(bf16, assets["manifest"], tmp_path / "asr", max_new_tokens=2, model_name="m")
+
+
+def test_bad_evaluation_prompts_and_clips_are_errors_naming_the_line_or_skipped(tiny, assets, tmp_path):
+    rows = manifest_lines(assets)[:2]
+    with pytest.raises(ManifestError, match=r":1 field 'prompt': the prompt has 2 audio locators"):
+        standard.evaluate_asr(tiny[0], assets["manifest"], tmp_path / "a", prompt="A <|audio|> B <|audio|>",
+                              max_new_tokens=2)
+    from nemo_speechlm.errors import InputError
+
+    with pytest.raises(InputError, match=r"has no \{question\}"):
+        standard.evaluate_sqa(tiny[0], assets["manifest"], tmp_path / "s", prompt="Answer briefly.", max_new_tokens=2)
+    short = tmp_path / "short.wav"
+    import soundfile
+
+    soundfile.write(short, [0.0] * 480, 16000)  # 30 ms: shorter than one encoder frame
+    manifest = write_jsonl(tmp_path / "m.jsonl", rows + [{**rows[0], "audio_filepath": str(short), "duration": 0.03}])
+    metrics = standard.evaluate_asr(tiny[0], manifest, tmp_path / "b", max_new_tokens=2, skip_invalid=True)
+    assert (metrics["num_utterances"], metrics["skipped_lines"]) == (2, 1)
+    with pytest.raises(ManifestError, match=r"t\.jsonl:2 field 'target_lang': expected a language code"):
+        standard.evaluate_ast(tiny[0], write_jsonl(tmp_path / "t.jsonl", [{**rows[0], "target_lang": "de", "answer": "x"},
+                                                                           {**rows[1], "target_lang": ["de"], "answer": "y"}]),
+                              tmp_path / "c", max_new_tokens=2)
+
+
 def _records(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -111,6 +111,8 @@ def test_bleu_tokenizes_each_target_language_as_published_scores_do():
     assert bleu(*en) == pytest.approx(sacrebleu.corpus_bleu(en[1], [en[0]]).score)  # 13a as before
     assert bleu(*zh, "zh") == pytest.approx(sacrebleu.corpus_bleu(zh[1], [zh[0]], tokenize="zh").score)
     assert sentence_bleu(zh[0][0], zh[1][0], "zh") == pytest.approx(66.06, abs=0.01) and sentence_bleu(zh[0][0], zh[1][0]) == 0
+    for code in ("zh-CN", "ZH", "zh_TW"):  # by the primary subtag, in any case: these took 13a
+        assert sentence_bleu(zh[0][0], zh[1][0], code) == pytest.approx(66.06, abs=0.01)
     by_pair = bleu(en[0] + zh[0], en[1] + zh[1], ["en", "en", "zh", "zh"])
     assert by_pair > bleu(en[0] + zh[0], en[1] + zh[1])  # all 13a: the Chinese pairs count as one word each
     try:  # Japanese takes MeCab (sacrebleu[ja]); without it, an error saying what to install, not a BLEU of ~0

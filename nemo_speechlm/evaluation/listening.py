@@ -27,7 +27,7 @@ import numpy as np
 from nemo_speechlm.data.audio import load_entry_audio
 from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.errors import InputError
-from nemo_speechlm.parts.cli import positive_int
+from nemo_speechlm.parts.cli import count_or_all, positive_int
 from nemo_speechlm.parts.connector_ctc import connector_transcripts
 from nemo_speechlm.parts.metrics import word_error_rate
 
@@ -128,7 +128,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--train-manifest", default=None, help="training manifest, for the training-subset row")
     parser.add_argument("--prompt", default=None,
                         help="repeat prompt with the audio locator (default: the task catalog's first repeat prompt)")
-    parser.add_argument("--num-utterances", type=int, default=40, help="utterances per condition (0 = all)")
+    parser.add_argument("--num-utterances", type=count_or_all, default=40, help="utterances per condition (0 = all)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=48)
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--out-dir", required=True, help="writes listening.json and listening.md")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from nemo_speechlm.errors import InputError
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.models.answering import answer_items, ensure_audio_locator, generation_kwargs, item_keys
 from nemo_speechlm.models.base_llm import base_llm, base_llm_description
-from nemo_speechlm.models.loading import load_model, model_id, model_identity
+from nemo_speechlm.models.loading import DTYPE_DEFAULT, llm_dtype, load_model, model_id, model_identity
 from nemo_speechlm.parts.cli import positive_int
 from nemo_speechlm.parts.metrics import (
     bleu,
@@ -184,7 +185,9 @@ def evaluate_asr(
 
     def record(item: dict, answer: str) -> dict:
         ref = item["entry"][reference_field]
-        return {**_base_record(item), "reference": ref, "prediction": answer, "wer": utterance_wer(ref, answer, normalize)}
+        wer = utterance_wer(ref, answer, normalize)  # inf for a reference that normalizes to nothing ("Hmm.")
+        return {**_base_record(item), "reference": ref, "prediction": answer,
+                "wer": wer if math.isfinite(wer) else None}  # (json wrote Infinity, which strict JSON readers reject)
 
     def score(records: list[dict]) -> dict:
         return score_asr([r["reference"] for r in records], [r["prediction"] for r in records], normalize)
@@ -212,6 +215,9 @@ def evaluate_ast(
     with punctuations and capitalizations."."""
 
     def prompt_for(entry: ManifestEntry) -> str:
+        if entry.get("target_lang") is not None and not isinstance(entry["target_lang"], str):
+            raise ManifestError(entry.path, entry.line, f"expected a language code, got {entry['target_lang']!r}",
+                                "target_lang")
         check_bleu_tokenizer(entry.get("target_lang"))  # while reading the lines: a missing tokenizer stops no answering
         return prompt if prompt is not None else line_instruction(entry, require_target=True)
 
@@ -255,6 +261,9 @@ def evaluate_sqa(
     in which ``{question}`` is replaced by it (e.g. ``"{question} Answer briefly."``).
     """
     template = prompt if prompt is not None else "{question}"
+    if "{question}" not in template:
+        raise InputError(f"the SQA prompt {template!r} has no {{question}}: every line would be asked it without its "
+                         "question", 'put {question} where the question goes, e.g. "{question} Answer briefly."')
 
     def prompt_for(entry: ManifestEntry) -> str:
         return template.replace("{question}", entry[question_field])
@@ -311,7 +320,8 @@ def _evaluate_manifest(
     predictions, metrics_path = _output_paths(out_dir, task.mode)
     model_name = model_identity(model, model_name)
     check_run_settings(predictions, {"mode": task.mode, "model": model_name, "manifest": str(Path(manifest).resolve()),
-                                     "prompt": task.prompt_setting, "system_prompt": system_prompt, "generation": generation})
+                                     "prompt": task.prompt_setting, "system_prompt": system_prompt, "generation": generation,
+                                     "llm_dtype": llm_dtype(model)}, defaults=DTYPE_DEFAULT)
     answer_items(model, items, predictions, task.make_record, batch_size, system_prompt, desc=f"Evaluating {task.mode}",
                  exclusive=False, **generation)
     records = _rescored(predictions, items, lambda item, record: task.make_record(item, record["prediction"]))
@@ -322,10 +332,16 @@ def _evaluate_manifest(
 
 
 def _manifest_items(model, manifest, prompt_for, required, skip_invalid, skipped) -> list[dict]:
-    pairs = []
-    for entry in read_manifest(manifest, required_text_fields=required, skip_invalid=skip_invalid, summary=skipped):
+    """The valid lines and their prompts (one audio locator each; clips shorter than one encoder frame are bad
+    lines, as in inference: they failed mid-run, after answers were written, ``--skip-invalid`` or not)."""
+    pairs, tag = [], model.audio_locator_tag
+    for entry in read_manifest(manifest, required_text_fields=required, skip_invalid=skip_invalid, summary=skipped,
+                               min_duration=model.encoder_frame_duration):
         try:
-            text, _ = ensure_audio_locator(prompt_for(entry), model.audio_locator_tag)
+            text, _ = ensure_audio_locator(prompt_for(entry), tag)
+            if text.count(tag) != 1:  # (a template or question holding the tag): was a traceback from respond()
+                raise ManifestError(entry.path, entry.line, f"the prompt has {text.count(tag)} audio locators {tag!r} "
+                                    f"but the line has one audio: {text!r}", "prompt")
         except ManifestError as e:
             if not skip_invalid:
                 raise
@@ -409,7 +425,8 @@ def evaluate_text_retention(
     predictions, metrics_path = _output_paths(out_dir, "text-retention")
     model_name = model_identity(model, model_name)
     check_run_settings(predictions, {"mode": "text-retention", "model": model_name,
-                                     "conversations": str(Path(conversations).resolve()), "generation": generation})
+                                     "conversations": str(Path(conversations).resolve()), "generation": generation,
+                                     "llm_dtype": llm_dtype(model)}, defaults=DTYPE_DEFAULT)
 
     def process(batch: list[dict]) -> list[dict]:
         msgs = [item["messages"] for item in batch]

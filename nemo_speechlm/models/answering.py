@@ -11,7 +11,7 @@ from nemo_speechlm.data.audio import load_entry_audio
 from nemo_speechlm.data.manifest import ManifestEntry
 from nemo_speechlm.data.utterance import utterance_id
 from nemo_speechlm.models.speechlm_model import SpeechLMModel
-from nemo_speechlm.parts.runner import RunSummary, run_resumable
+from nemo_speechlm.parts.runner import Job, RunSummary, run_resumable
 
 
 def generation_kwargs(
@@ -65,8 +65,11 @@ def answer_items(
 ) -> RunSummary:
     """Answer ``{"key", "entry", "prompt"}`` items about their audio through the resumable runner.
 
-    ``make_record(item, answer)`` builds the output line (it must carry ``item["key"]``), so
-    inference and every evaluation share one batched, resumable loop. ``exclusive``: see
+    ``make_record(item, answer)`` builds the output line (it must carry ``item["key"]``, and the item's ``prompt``
+    and its line's ``offset`` and ``duration`` where the line has them), so inference and every evaluation share one
+    batched, resumable loop. A cached answer whose prompt or segment differs from its item's now is made anew: a
+    line's own ``key`` field (or its audio and offset) names the item, and an edited question or a corrected
+    segment kept the answer to the old one. ``exclusive``: see
     :func:`~nemo_speechlm.parts.runner.run_resumable` (False where the output is read by key).
     """
 
@@ -76,4 +79,11 @@ def answer_items(
                                 system_prompt=system_prompt, **generation)
         return [make_record(item, a) for item, a in zip(batch, answers)]
 
-    return run_resumable(items, process, output_path, batch_size=batch_size, desc=desc, key="key", exclusive=exclusive)
+    job = Job(process, settings=None, copied_inputs=_asked)
+    return run_resumable(items, job, output_path, batch_size=batch_size, desc=desc, key="key", exclusive=exclusive)
+
+
+def _asked(item: dict) -> dict:
+    """What an answer was made for, as its record copies it: the prompt and the audio segment."""
+    entry = item["entry"]
+    return {"prompt": item["prompt"], **{f: entry[f] for f in ("offset", "duration") if entry.get(f) is not None}}

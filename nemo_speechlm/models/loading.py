@@ -64,6 +64,17 @@ def model_identity(model: torch.nn.Module, model_name: str | None = None) -> str
     return f"{type(model).__name__} in memory, weights {digest.hexdigest()}"
 
 
+def llm_dtype(model: torch.nn.Module) -> str:
+    """The LLM's weight dtype (``load_model(bf16=True)`` casts it): evaluations and inference record it, so a run
+    resumed in bf16 does not mix its answers with fp32 ones under the same model name."""
+    return str(next(model.llm.parameters()).dtype).removeprefix("torch.")
+
+
+# A settings record written before the dtype was recorded: made in fp32 (--bf16 was rarely used; it is refused
+# then, to be safe, rather than mixed).
+DTYPE_DEFAULT = {"llm_dtype": "float32"}
+
+
 def load_asr_model(name_or_path: str | Path, device: str | torch.device | None = None):
     """Restore a NeMo ASR ``.nemo`` file or download a pretrained one by name, in eval mode."""
     from nemo.collections.asr.models import ASRModel

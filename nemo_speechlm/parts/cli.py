@@ -59,6 +59,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def count_or_all(text: str) -> int:
+    """An argparse ``type`` for "how many, 0 = all": a negative count sliced items off the end (-1: all but one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (all) or more, got {value}")
+    return value
+
+
 class UsageError(InputError):
     """A bad command-line argument (what argparse would print with the usage text)."""
 

@@ -10,7 +10,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:  # "Expected one of cpu, cuda, ... device type at start of device string: foo"
+        raise InputError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from e
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r} requested but CUDA is not available on this machine", "use --device cpu")
     return resolved

@@ -173,8 +173,10 @@ _TOKENIZER_EXTRAS = {"ja-mecab": "sacrebleu[ja]", "ko-mecab": "sacrebleu[ko]"}
 
 
 def bleu_tokenizer(target_lang: str | None) -> str:
-    """sacrebleu's tokenizer for a target language code (13a unless listed in ``BLEU_TOKENIZERS``)."""
-    return BLEU_TOKENIZERS.get(target_lang or "", "13a")
+    """sacrebleu's tokenizer for a target language code (13a unless listed in ``BLEU_TOKENIZERS``), by its primary
+    subtag in any case: ``zh-CN``, ``ZH`` and ``ja_JP`` took 13a, which scores a Chinese sentence as one word."""
+    primary = (target_lang or "").strip().lower().replace("_", "-").split("-")[0]
+    return BLEU_TOKENIZERS.get(primary, "13a")
 
 
 def check_bleu_tokenizer(target_lang: str | None) -> None:

@@ -73,7 +73,7 @@ class Job:
     """A ``process_batch`` with the settings its outputs depend on; :func:`run_resumable` checks them."""
 
     process: Callable[[list[dict]], list[Outcome]]
-    settings: dict
+    settings: dict | None  # None: the caller checks the output's settings itself (check_run_settings)
     output_fields: tuple[str, ...] = ()  # what every output record has: an output without them is not this job's
     copied_inputs: Callable[[dict], dict] | None = None  # item -> the input fields its record copies (a record whose
     # copy differs from the item now, e.g. a corrected transcript, is redone)
@@ -157,7 +157,8 @@ def run_resumable(
     copied_inputs = process_batch.copied_inputs if isinstance(process_batch, Job) else None
     if isinstance(process_batch, Job):
         _check_output_fields(records, process_batch.output_fields, output_path, desc)
-        check_run_settings(output_path, process_batch.settings)
+        if process_batch.settings is not None:
+            check_run_settings(output_path, process_batch.settings)
     items_by_key = dict(zip(keys, items)) if copied_inputs is not None else {}
     if copied_inputs is not None:
         records = _drop_records_of_changed_items(records, items_by_key, copied_inputs, key_of, output_path,
