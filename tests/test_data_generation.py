@@ -137,6 +137,11 @@ CONVERSATIONS = [
 UNUSABLE = [
     {"id": "no_user", "conversations": [{"from": "Assistant", "value": "Hello."}]},
     {"id": "empty", "conversations": [{"from": "User", "value": "  "}, {"from": "Assistant", "value": "Hm."}]},
+    # the locator anywhere else: accepted, then refused by training (more locators than audio)
+    {"id": "later_locator", "conversations": [{"from": "User", "value": "Hello there."}, {"from": "Assistant", "value": "Hi."},
+                                              {"from": "User", "value": "What is <|audio|>?"}, {"from": "Assistant", "value": "A tag."}]},
+    {"id": "system_locator", "system": "Read <|audio|> aloud.",
+     "conversations": [{"from": "User", "value": "Hello there."}, {"from": "Assistant", "value": "Hi."}]},
 ]
 
 
@@ -182,9 +187,10 @@ def test_mixed_modal_lines_are_valid_and_reconstruct_the_instruction(mixed_modal
 def test_unusable_conversations_are_rejected_and_counted(mixed_modal):
     root, _, out = mixed_modal
     rejected = {r["key"]: r["reason"] for r in jsonl(root / "mixed.jsonl.rejected.jsonl")}
-    assert rejected == {"no_user": "no_user_turn", "empty": "empty_text"}
+    assert rejected == {"no_user": "no_user_turn", "empty": "empty_text", "later_locator": "locator_in_text",
+                        "system_locator": "locator_in_text"}
     summary = json.loads((root / "mixed.jsonl.summary.json").read_text())
-    assert summary["written"] == 3 and summary["rejected"] == {"empty_text": 1, "no_user_turn": 1}
+    assert summary["written"] == 3 and summary["rejected"] == {"empty_text": 1, "no_user_turn": 1, "locator_in_text": 2}
 
 
 def test_mixed_modal_rerun_resumes_and_reproduces_the_choices(mixed_modal, tmp_path):
@@ -195,7 +201,7 @@ def test_mixed_modal_rerun_resumes_and_reproduces_the_choices(mixed_modal, tmp_p
     assert (out.read_bytes(), (root / "mixed.jsonl.rejected.jsonl").read_bytes()) == before
     assert {p: p.stat().st_mtime_ns for p in (root / "wavs").iterdir()} == wav_times  # nothing re-synthesized
     summary = json.loads((root / "mixed.jsonl.summary.json").read_text())
-    assert summary["done_before"] == 5 and summary["written"] == 0
+    assert summary["done_before"] == len(CONVERSATIONS + UNUSABLE) and summary["written"] == 0
     # Other voices into the same output: refused, not appended in the new voices (settings.json beside it).
     from nemo_speechlm.errors import InputError
 
@@ -221,11 +227,11 @@ def test_an_edited_conversation_is_spoken_anew_and_a_fixed_one_retried(mixed_mod
     edited[4]["conversations"][0]["value"] = "Say hello."  # "empty" was rejected as empty_text
     run_mixed_modal(write_jsonl(tmp_path / "edited.jsonl", edited), tmp_path / "mixed.jsonl", root / "wavs")
     summary = json.loads((tmp_path / "mixed.jsonl.summary.json").read_text())
-    assert summary["done_before"] == 3 and summary["written"] == 2
+    assert summary["done_before"] == len(edited) - 2 and summary["written"] == 2
     lines = {r["id"]: r for r in jsonl(tmp_path / "mixed.jsonl")}
     assert lines["single"]["spoken_text"] == "Write a haiku about the moon." and lines["empty"]["spoken_text"] == "Say hello."
     assert {r["id"]: r for r in jsonl(out)}["multi"] == lines["multi"]  # the unchanged lines are kept as they were
-    assert [r["key"] for r in jsonl(tmp_path / "mixed.jsonl.rejected.jsonl")] == ["no_user"]
+    assert [r["key"] for r in jsonl(tmp_path / "mixed.jsonl.rejected.jsonl")] == ["no_user", "later_locator", "system_locator"]
 
 
 def test_two_datasets_sharing_an_audio_dir_keep_their_own_speech(mixed_modal, tmp_path):
@@ -260,6 +266,13 @@ WITH_SYSTEM = {"system": "Be brief.", **EXPECTED}
      {"conversations": [{"from": "User", "value": "Translate to French.\n\nGood night."},
                         {"from": "Assistant", "value": "Bonne nuit."}]}),
     ({"id": 7, **WITH_SYSTEM}, {"id": 7, **WITH_SYSTEM}),  # our own format passes through
+    # LLaMA-Factory's Alpaca history: the turns before (it was dropped); an empty instruction takes the input
+    ({"instruction": "And in French?", "output": "Bonjour", "history": [["Say hello in German.", "Hallo"]]},
+     {"conversations": [{"from": "User", "value": "Say hello in German."}, {"from": "Assistant", "value": "Hallo"},
+                        {"from": "User", "value": "And in French?"}, {"from": "Assistant", "value": "Bonjour"}]}),
+    ({"instruction": "", "input": "Hi there.", "output": "Hello!"}, EXPECTED),
+    ({"messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi there."},
+                   {"role": "assistant", "content": "Hello!", "weight": 1}]}, WITH_SYSTEM),  # OpenAI's newer name
 ])
 def test_prepare_text_sft_converts_each_format(tmp_path, record, expected):
     out = tmp_path / "ours.jsonl"
@@ -291,6 +304,10 @@ def test_prepare_text_sft_cli_reads_json_arrays_and_mixed_files(tmp_path, capsys
     ({"conversations": [{"from": "gpt", "value": "Hi"}]}, "conversations[0].from", "start with a user turn"),
     ({"instruction": "Say hi.", "output": ""}, "output", "empty Assistant turn"),
     ({"prompt": "Hi", "completion": "Hello"}, None, "unrecognized SFT record"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Bad", "weight": 0},
+                   {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Good"}]},
+     "messages[1].weight", "`weight: 0`"),  # was trained like any answer
+    ({"instruction": "Hi", "output": "Hello", "history": [["only one"]]}, "history", "list of \\[user, assistant\\] pairs"),
 ])
 def test_bad_sft_records_fail_naming_file_line_and_field(tmp_path, record, field, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [EXPECTED, record])
@@ -304,6 +321,17 @@ def test_bad_sft_records_fail_naming_file_line_and_field(tmp_path, record, field
     skipped = SkipSummary()
     assert prepare_text_sft([path], tmp_path / "out.jsonl", skip_invalid=True, summary=skipped) == 1
     assert skipped.total == 1
+
+
+def test_a_byte_order_mark_does_not_hide_the_first_record(tmp_path):
+    """A BOM made a JSON array read as JSONL (the array lost, line by line) and a JSONL file's first line invalid."""
+    bom = "\ufeff"
+    array = tmp_path / "bom.json"
+    array.write_text(bom + json.dumps([{"instruction": "Hi there.", "output": "Hello!"}] * 2), encoding="utf-8")
+    lines = tmp_path / "bom.jsonl"
+    lines.write_text(bom + json.dumps(EXPECTED) + "\n" + json.dumps(EXPECTED) + "\n", encoding="utf-8")
+    for path in (array, lines):
+        assert prepare_text_sft([path], tmp_path / "out.jsonl") == 2 and jsonl(tmp_path / "out.jsonl") == [EXPECTED] * 2
 
 
 def test_prepare_text_sft_into_a_directory_is_an_error_naming_it(tmp_path):

@@ -30,6 +30,7 @@ from nemo_speechlm.data.joint_sft import (
     read_joint_text_sft,
 )
 from nemo_speechlm.data.manifest import ManifestError
+from nemo_speechlm.errors import InputError
 from nemo_speechlm.models import JointSFTModel
 from nemo_speechlm.models.joint_sft_model import batch_kind, batch_sources
 from nemo_speechlm.models.speechlm_model import IGNORE_INDEX
@@ -273,11 +274,39 @@ def test_a_blank_system_field_keeps_the_configured_system_prompt(data, tmp_path)
     assert (turns[0].role, turns[0].value) == ("system", "Be brief.")
 
 
-def test_skip_invalid_skips_bad_lines(data, tmp_path):
+def test_a_locator_in_the_system_prompt_is_an_error_naming_the_line(tmp_path):
+    """The checks read the turns only: a locator in the line's or the config's system prompt stopped training at its
+    batch ("1 audio locator tokens but 0 audios"), naming no file or line."""
+    rows = [{"system": f"Read {TAG} aloud.", "conversations": _chat("hi", "hello")}]
+    with pytest.raises(ManifestError, match=r"t\.jsonl:1 field 'system': the system prompt contains the audio locator"):
+        _conversations(TEXT_SFT, _write(tmp_path / "t.jsonl", rows))
+    rows = [{"conversations": _chat("hi", "hello")}]
+    with pytest.raises(ManifestError, match=r"field 'system': .*\(the data config's system_prompt\)"):
+        _conversations(TEXT_SFT, _write(tmp_path / "c.jsonl", rows), system_prompt=f"Listen: {TAG}")
+
+
+def test_a_mixed_modal_segment_of_a_longer_file_takes_its_offset(assets, tmp_path):
+    """``offset`` was ignored: a segment failed its duration check, told to give the offset it had."""
+    utt = json.loads(open(assets["manifest"]).readline())
+    row = {"conversations": _chat(f"Listen: {TAG}", "ok"), "audio_filepath": utt["audio_filepath"],
+           "offset": 0.25, "duration": round(utt["duration"] - 0.5, 3)}
+    (conversation,) = _conversations(MIXED_MODAL, _write(tmp_path / "m.jsonl", [row]))
+    (cut,) = [turn.cut for turn in conversation.turns if hasattr(turn, "cut")]
+    assert (cut.start, cut.duration) == pytest.approx((0.25, row["duration"]))
+
+
+def test_skip_invalid_skips_bad_lines_says_so_and_refuses_a_source_with_none_left(data, tmp_path, caplog):
+    """Lines refused while their conversation is built were skipped without a word, and a source with every line
+    refused vanished from the mix (its share going to the others)."""
     good = open(data["text_sft"]).read()
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text(json.dumps({"conversations": _chat("hi", "")}) + "\n" + good)
-    assert len(_conversations(TEXT_SFT, mixed, skip_invalid=True)) == len(good.splitlines())
+    mixed.write_text(json.dumps({"conversations": _chat(f"hi {TAG}", "hello")}) + "\n" + good)
+    with caplog.at_level("WARNING"):
+        assert len(_conversations(TEXT_SFT, mixed, skip_invalid=True)) == len(good.splitlines())
+    assert any("Skipping" in r.message and "mixed.jsonl:1" in r.message for r in caplog.records)
+    only_bad = _write(tmp_path / "bad.jsonl", [{"conversations": _chat(f"hi {TAG}", "hello")}] * 2)
+    with pytest.raises(InputError, match=r"bad\.jsonl: every line was skipped as invalid \(2 lines skipped"):
+        _conversations(TEXT_SFT, only_bad, skip_invalid=True)
 
 
 # ------------------------------------------------------------------ logging, config, script

@@ -9,6 +9,7 @@ lhotse dataloader and speechlm2's ``SALMDataset``.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -25,8 +26,11 @@ from nemo.collections.common.prompts.formatter import PromptFormatter
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary
 from nemo_speechlm.data.sources import LineSource, naming_the_cut
 from nemo_speechlm.data.utterance import cut_id
+from nemo_speechlm.errors import InputError
 from nemo_speechlm.modules.ctc_readout import readout_positions
 from nemo_speechlm.parts.prompting import _hf_tokenizer, with_system_turn_for
+
+log = logging.getLogger(__name__)
 
 DATA_TYPE = "speechlm_manifest"
 # How the sampler counts a speech turn's LLM positions (data config ``speech_positions``, filled in from the model):
@@ -182,6 +186,7 @@ class ManifestConversations:
         checking = not self._audio_checked
         skipped_before = self.summary.lines if not checking and not self.source.is_archive else ()
         # (archive lines are named by their position in this pass's shard order, and checked on every pass)
+        yielded = 0
         for entry in self.source.entries(
             required_text_fields=self.required_text_fields,
             has_audio=self.has_audio,
@@ -199,7 +204,14 @@ class ManifestConversations:
                     e = naming_the_cut(e, entry.cut)
                 if not self.skip_invalid:
                     raise e from None
+                if checking:  # as read_manifest says it of the lines it skips (once: later passes skip them too)
+                    log.warning("Skipping %s", e)
                 self.summary.add(e)
+            else:
+                yielded += 1
+        if checking and not yielded and self.summary.total:  # a source of the mix would vanish without a word
+            raise InputError(f"{self.source.name}: every line was skipped as invalid ({self.summary})",
+                             "fix the lines, or remove this input from the data config")
         self._audio_checked = True
 
 

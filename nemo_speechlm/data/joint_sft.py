@@ -127,25 +127,29 @@ def parse_turns(entry: ManifestEntry) -> list[tuple[str, str]]:
 
 
 def audio_cuts(entry: ManifestEntry) -> list[Cut]:
-    """Cuts for a line's ``audio_filepath``/``duration``: one value each, or equal-length lists."""
-    paths, durations = entry.get("audio_filepath"), entry.get("duration")
+    """Cuts for a line's ``audio_filepath``/``duration`` (and ``offset``, for segments of longer files): one value
+    each, or equal-length lists (the offset was ignored: a segment failed its duration check)."""
+    paths, durations, offsets = entry.get("audio_filepath"), entry.get("duration"), entry.get("offset")
     if paths is None:
         return []
     if isinstance(paths, str):
-        paths, durations = [paths], [durations]
-    if not isinstance(paths, list) or not isinstance(durations, list) or len(paths) != len(durations):
+        paths, durations, offsets = [paths], [durations], [offsets]
+    offsets = [None] * len(paths) if offsets is None else offsets
+    if not all(isinstance(v, list) and len(v) == len(paths) for v in (paths, durations, offsets)):
         raise ManifestError(
-            entry.path, entry.line, f"audio_filepath and duration must be one value each or lists of equal length, got {paths!r} / {durations!r}", "duration"
+            entry.path, entry.line, "audio_filepath, duration and offset must be one value each or lists of equal "
+            f"length, got {paths!r} / {durations!r} / {entry.get('offset')!r}", "duration"
         )
     cuts = []
-    for i, (path, duration) in enumerate(zip(paths, durations)):
-        item = {"audio_filepath": path, "duration": duration}
+    for i, (path, duration, offset) in enumerate(zip(paths, durations, offsets)):
+        item = {"audio_filepath": path, "duration": duration, **({} if offset is None else {"offset": offset})}
         try:
             validate_audio_fields(entry.path, entry.line, item)
         except ManifestError as e:
             problem = str(e).split(f"field '{e.field}': ", 1)[-1]
             raise ManifestError(entry.path, entry.line, f"audio {i}: {problem}", e.field) from None
-        cuts.append(cut_for_audio(item["audio_filepath"], 0.0, item["duration"], f"{Path(entry.path).stem}-{entry.line}-{i}"))
+        cuts.append(cut_for_audio(item["audio_filepath"], item.get("offset") or 0.0, item["duration"],
+                                  f"{Path(entry.path).stem}-{entry.line}-{i}"))
     return cuts
 
 
@@ -179,7 +183,12 @@ def turns_to_conversation(
             "conversations" if missing_audio else "audio_filepath",
         )
     system = entry.get("system")
-    system = system if isinstance(system, str) and system.strip() else system_prompt  # blank: the configured one
+    own_system = isinstance(system, str) and bool(system.strip())
+    system = system if own_system else system_prompt  # blank: the configured one
+    if system and (audio_locator_tag in system or placeholder in system):  # it stopped training at the batch
+        what, token = ("locator", audio_locator_tag) if audio_locator_tag in system else ("placeholder", placeholder)
+        raise ManifestError(entry.path, entry.line, f"the system prompt contains the audio {what} {token!r}"
+                            + ("" if own_system else " (the data config's system_prompt)"), "system")
     out = [TextTurn(value=system, role="system")] if system else []
     remaining = list(cuts)
     for role, text in turns:

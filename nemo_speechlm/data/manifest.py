@@ -6,6 +6,7 @@ through :func:`read_manifest` first.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -183,7 +184,8 @@ def decode_line(path, line: int, raw: bytes) -> str:
     """One line of a JSONL file as text: a line that is not UTF-8 is a :class:`ManifestError` naming it (skippable),
     where decoding the whole file stopped every tool at that line with a traceback."""
     try:
-        return raw.decode("utf-8")
+        # a file's first line may start with a byte-order mark (Windows editors): json.loads refused it
+        return (raw.removeprefix(codecs.BOM_UTF8) if line == 1 else raw).decode("utf-8")
     except UnicodeDecodeError as e:
         raise ManifestError(path, line, f"not valid UTF-8 (byte {e.object[e.start]:#04x} at byte {e.start + 1})") from None
 

@@ -13,7 +13,10 @@ Accepted inputs, detected per record:
 * OpenAI-style ``messages: [{"role": "user"|"assistant"|"system", "content"}]`` (``content``
   may also be a list of ``{"type": "text", "text"}`` parts);
 * Alpaca-style ``instruction`` [+ ``input``] + ``output`` (instruction and input joined by a
-  blank line).
+  blank line), with LLaMA-Factory's ``history`` (``[[user, assistant], ...]``, the turns before).
+
+OpenAI's per-message ``weight: 0`` (do not train on this answer) is refused: every assistant turn trains here.
+``developer`` (OpenAI's newer name) is a system turn. A UTF-8 byte-order mark at the start of a file is dropped.
 
 A usable conversation starts with a user turn, alternates user/assistant, ends with an
 assistant turn (the training target), and has no empty turn; a system prompt may come
@@ -22,6 +25,7 @@ line and the field, because silently dropping turns changes what the model learn
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from pathlib import Path
@@ -103,6 +107,11 @@ def _turns(record: dict, list_key: str, role_key: str, text_key: str) -> list[_T
             raise SFTFormatError(f"a turn must be an object with `{role_key}` and `{text_key}`, got {turn!r:.80}", where)
         role = turn.get(role_key)
         name = role.strip().lower() if isinstance(role, str) else None
+        name = SYSTEM if name == "developer" else name
+        if turn.get("weight", 1) == 0:
+            raise SFTFormatError("`weight: 0` (do not train on this turn) is not supported: every assistant turn "
+                                 "trains here; drop the turn's conversation or the weight", f"{where}.weight",
+                                 "unsupported_weight")
         if name != SYSTEM and name not in ROLES:
             known = sorted({*ROLES, USER, ASSISTANT, SYSTEM})
             raise SFTFormatError(f"unknown role {role!r}; expected one of {known}", f"{where}.{role_key}", "unknown_role")
@@ -126,11 +135,21 @@ def _text(value, where: str) -> str:
 
 
 def _alpaca_turns(record: dict) -> list[_Turn]:
+    """The ``history`` pairs, then the instruction (and input) and the output; the history was dropped, training the
+    last answer without the turns it answers."""
     instruction = _text(record["instruction"], "instruction")
     extra = _text(record.get("input") or "", "input")
     user = f"{instruction.strip()}\n\n{extra.strip()}" if extra.strip() and instruction.strip() else instruction
+    user = user if user.strip() else extra  # an empty instruction with an input: the input is the request
     output = _text(record["output"], "output")
-    return [_Turn(USER, user, "instruction", "instruction"), _Turn(ASSISTANT, output, "output", "output")]
+    history = record.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(pair, list) and len(pair) == 2 for pair in history):
+        raise SFTFormatError(f"expected a list of [user, assistant] pairs, got {history!r:.80}", "history")
+    turns = []
+    for i, (asked, answered) in enumerate(history):
+        turns += [_Turn(USER, _text(asked, f"history[{i}][0]"), f"history[{i}]", f"history[{i}][0]"),
+                  _Turn(ASSISTANT, _text(answered, f"history[{i}][1]"), f"history[{i}]", f"history[{i}][1]")]
+    return turns + [_Turn(USER, user, "instruction", "instruction"), _Turn(ASSISTANT, output, "output", "output")]
 
 
 def _take_system(record: dict, turns: list[_Turn]) -> tuple[str | None, list[_Turn]]:
@@ -177,7 +196,7 @@ def read_records(
     if not path.is_file():
         raise FileNotFoundError(f"SFT file not found: {path}")
     with path.open("rb") as f:
-        head = f.read(4096).lstrip()
+        head = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
     if head.startswith(b"["):
         try:
             lines = path.read_bytes().splitlines(keepends=True)

@@ -164,8 +164,11 @@ def plan_example(
         return Rejected(e.reason, f"{item['source']}: {e.problem}" + (f" ({e.field})" if e.field else ""))
     turns = conversation["conversations"]
     text = turns[0]["value"]
-    if audio_locator_tag in text:
-        return Rejected("locator_in_text", f"{item['source']}: the user turn already contains {audio_locator_tag!r}")
+    # anywhere in the conversation, not only the turn spoken: training refuses a line with more locators than audio
+    where = [f"turn {i}" for i, turn in enumerate(turns) if audio_locator_tag in turn["value"]]
+    where += ["the system prompt"] if audio_locator_tag in (conversation.get("system") or "") else []
+    if where:
+        return Rejected("locator_in_text", f"{item['source']}: {', '.join(where)} already contain(s) {audio_locator_tag!r}")
     rng = random.Random(f"{seed}|{item['id']}")
     speaker = rng.randrange(n_speakers)
     span = choose_spoken_span(text, rng, max_spoken_words)
