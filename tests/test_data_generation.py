@@ -11,6 +11,7 @@ import soundfile
 from nemo_speechlm.data.manifest import ManifestError, SkipSummary
 from nemo_speechlm.data.task_checks import split_sentences
 from nemo_speechlm.data.text_sft import prepare_text_sft, read_text_sft
+from nemo_speechlm.datagen.mixed_modal import choose_spoken_span, sentence_spans
 from nemo_speechlm.datagen.sqa import REASONS, parse_sqa
 from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, run_cli
 from nemo_speechlm.parts.runner import Rejected
@@ -182,6 +183,33 @@ def test_mixed_modal_lines_are_valid_and_reconstruct_the_instruction(mixed_modal
     assert lines["single"]["conversations"][0]["value"] == TAG  # one sentence: fully spoken, normalized
     assert lines["single"]["spoken_text"] == "Write two short poems about the sea for Doctor Lee."
     assert lines["single"]["system"] == "You are a poet."
+
+
+def test_the_spoken_run_is_drawn_uniformly_from_every_speakable_run_within_the_word_limit():
+    """Against the definition, run by run (the generator used to compute it so, in cubic time: minutes for a pasted
+    10,000-line text); the draw must stay the same, or a resumed generation would redo its lines."""
+    import random
+
+    def by_definition(text, rng, limit):
+        spans = sentence_spans(text)
+        spoken = [normalize_for_tts(text[a:b]) for a, b in spans]
+        runs, too_long = [], False
+        for i in range(len(spans)):
+            for j in range(i + 1, len(spans) + 1):
+                if not any(any(c.isalnum() for c in s) for s in spoken[i:j]):
+                    continue
+                if limit is not None and sum(len(s.split()) for s in spoken[i:j]) > limit:
+                    too_long = True
+                    continue
+                runs.append((spans[i][0], spans[j - 1][1]))
+        return rng.choice(runs) if runs else ("too_long" if too_long else "empty_text")
+
+    pieces = ["Hello there.", "...", "I bought 3 apples for $2.50.", "?!", "What is the time?", "A B C D E F G.", "Ok."]
+    draw = random.Random(0)
+    for seed in range(400):
+        text = " ".join(draw.choice(pieces) for _ in range(draw.randint(1, 8)))
+        limit = draw.choice([None, 1, 3, 5, 100])
+        assert choose_spoken_span(text, random.Random(seed), limit) == by_definition(text, random.Random(seed), limit)
 
 
 def test_unusable_conversations_are_rejected_and_counted(mixed_modal):
