@@ -72,6 +72,24 @@ def test_bad_inputs_raise():
         chrf([], [])
 
 
+def test_wer_normalizes_each_language_and_counts_characters_where_words_are_unspaced():
+    """Split on spaces, a Chinese or Japanese sentence was one word (WER 1.0 for one wrong character), and the English
+    normalizer took other languages' diacritics ("Straße" -> "strasse")."""
+    from nemo_speechlm.evaluation.standard import score_asr
+
+    zh = (["我喜欢吃苹果。"], ["我喜欢吃香蕉。"])
+    assert word_error_rate(*zh)["wer"] == 1.0  # as before, without a language
+    counted = word_error_rate(*zh, languages=["zh-CN"])
+    assert (counted["wer"], counted["reference_words"], counted["substitutions"]) == (pytest.approx(2 / 6), 6, 2)
+    assert char_error_rate(*zh, languages=["zh"])["cer"] == pytest.approx(2 / 6)
+    assert utterance_wer("日本語の文です。", "日本語の文でした。", language="ja") == pytest.approx(2 / 7)
+    assert utterance_wer("Straße größer!", "strasse grösser", language="de") == 1.0  # diacritics kept, case folded
+    assert utterance_wer("Straße größer!", "straße Größer", language="de") == 0.0
+    assert utterance_wer("The cat, Mr. Lee.", "the cat mister lee") == 0.0  # English: Whisper's normalizer as before
+    metrics = score_asr(["The cat.", zh[0][0]], ["the dog", zh[1][0]], languages=[None, "zh"])
+    assert metrics["wer"] == pytest.approx(3 / 8) and metrics["normalization"].startswith("whisper_english for English")
+
+
 def test_cer_by_hand():
     # a b c  vs  a b d ␣ e: c->d substituted, "␣" and "e" inserted: 3 edits / 3 characters.
     out = char_error_rate(["abc"], ["abd e"], normalize=False)

@@ -41,6 +41,7 @@ from nemo_speechlm.parts.metrics import (
     check_bleu_tokenizer,
     chrf,
     exact_match,
+    primary_language,
     rouge_l,
     sentence_bleu,
     sentence_chrf,
@@ -104,17 +105,22 @@ def _pnc(entry: ManifestEntry) -> bool:
 # --------------------------------------------------------------------------- scoring (pure)
 
 
-def score_asr(references: Sequence[str], predictions: Sequence[str], normalize: bool = True) -> dict:
-    """Corpus WER and CER (with error counts) over all utterances."""
-    words = word_error_rate(references, predictions, normalize=normalize)
-    chars = char_error_rate(references, predictions, normalize=normalize)
+def score_asr(references: Sequence[str], predictions: Sequence[str], normalize: bool = True,
+              languages: Sequence[str | None] | None = None) -> dict:
+    """Corpus WER and CER (with error counts) over all utterances, each normalized for its language (``languages``:
+    the lines' ``source_lang``; English where not given) and, in unspaced languages (zh, ja, ...), counted by
+    character (``parts.metrics.normalize_for_language``)."""
+    words = word_error_rate(references, predictions, normalize=normalize, languages=languages)
+    chars = char_error_rate(references, predictions, normalize=normalize, languages=languages)
+    english = all(primary_language(lang) in ("", "en") for lang in languages or [])
     return {
         "wer": words["wer"],
         "cer": chars["cer"],
         "num_utterances": len(references),
         "word_errors": {k: v for k, v in words.items() if k != "wer"},
         "char_errors": {k: v for k, v in chars.items() if k != "cer"},
-        "normalization": "whisper_english" if normalize else "none",
+        "normalization": ("none" if not normalize else "whisper_english" if english
+                          else "whisper_english for English, whisper_basic for other languages"),
     }
 
 
@@ -181,16 +187,29 @@ def evaluate_asr(
     """
 
     def prompt_for(entry: ManifestEntry) -> str:
+        if entry.get("source_lang") is not None and not isinstance(entry["source_lang"], str):
+            raise ManifestError(entry.path, entry.line, f"expected a language code, got {entry['source_lang']!r}",
+                                "source_lang")
         return prompt if prompt is not None else line_instruction(entry, require_target=False)
 
     def record(item: dict, answer: str) -> dict:
-        ref = item["entry"][reference_field]
-        wer = utterance_wer(ref, answer, normalize)  # inf for a reference that normalizes to nothing ("Hmm.")
-        return {**_base_record(item), "reference": ref, "prediction": answer,
+        ref, lang = item["entry"][reference_field], item["entry"].get("source_lang")
+        wer = utterance_wer(ref, answer, normalize, lang)  # inf for a reference that normalizes to nothing ("Hmm.")
+        return {**_base_record(item), **({"source_lang": lang} if lang else {}), "reference": ref, "prediction": answer,
                 "wer": wer if math.isfinite(wer) else None}  # (json wrote Infinity, which strict JSON readers reject)
 
     def score(records: list[dict]) -> dict:
-        return score_asr([r["reference"] for r in records], [r["prediction"] for r in records], normalize)
+        def scored(rs: list[dict]) -> dict:
+            return score_asr([r["reference"] for r in rs], [r["prediction"] for r in rs], normalize,
+                             [r.get("source_lang") for r in rs])
+
+        metrics = scored(records)
+        by_lang = defaultdict(list)
+        for r in records:
+            by_lang[primary_language(r.get("source_lang")) or "en"].append(r)
+        if len(by_lang) > 1:
+            metrics["by_source_lang"] = {lang: scored(rs) for lang, rs in sorted(by_lang.items())}
+        return metrics
 
     task = _ManifestTask("asr", prompt_for, record, score, (reference_field,), prompt)
     return _evaluate_manifest(task, model, manifest, out_dir, batch_size, skip_invalid, system_prompt, model_name, generation)

@@ -31,7 +31,7 @@ import jiwer
 import sacrebleu
 from sacrebleu.metrics import BLEU
 from rouge_score import rouge_scorer, tokenizers
-from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
 from nemo_speechlm.errors import InputError
 
@@ -81,6 +81,45 @@ def normalize_english(text: str) -> str:
     return _english_normalizer()(text).strip()
 
 
+# Languages written without spaces between words: their "words" are characters (WER over characters, as Whisper's
+# paper and FLEURS results report them); split on spaces, a whole sentence was one word (WER 1.0 for one wrong
+# character).
+UNSPACED_LANGUAGES = ("zh", "ja", "th", "lo", "my", "km")
+
+
+def primary_language(code: str | None) -> str:
+    """The primary subtag of a language code, lower case (``zh-CN``, ``ZH``, ``zh_TW`` -> ``zh``; None -> "")."""
+    return (code or "").strip().lower().replace("_", "-").split("-")[0]
+
+
+def normalize_for_language(text: str, language: str | None = None) -> str:
+    """Whisper's normalization for ``language``: the English normalizer for English (or no language given), its basic
+    one (lower case, no punctuation or symbols, diacritics kept) otherwise; the English one stripped other
+    languages' diacritics ("Straße größer" -> "strasse grosser") and applied English spelling rules. Unspaced
+    languages come back with a space between characters, so word counts are character counts."""
+    _require_text(text, "text")
+    primary = primary_language(language)
+    if primary in ("", "en"):
+        return _english_normalizer()(text).strip()
+    text = _basic_normalizer()(text).strip()
+    return " ".join(c for c in text if not c.isspace()) if primary in UNSPACED_LANGUAGES else text
+
+
+@lru_cache(maxsize=1)
+def _basic_normalizer() -> BasicTextNormalizer:
+    return BasicTextNormalizer()
+
+
+def _prepared(texts: Sequence[str], normalize: bool, languages: Sequence[str | None] | None) -> list[str]:
+    languages = list(languages) if languages is not None else [None] * len(texts)
+    if len(languages) != len(texts):
+        raise ValueError(f"got {len(languages)} languages for {len(texts)} texts")
+    if normalize:
+        return [normalize_for_language(t, lang) for t, lang in zip(texts, languages)]
+    return [" ".join(c for c in t if not c.isspace()) if primary_language(lang) in UNSPACED_LANGUAGES else t
+            for t, lang in zip(texts, languages)]
+
+
 # --------------------------------------------------------------------------- input checks
 
 
@@ -111,17 +150,17 @@ def _rate(errors: int, reference_units: int) -> float:
 # --------------------------------------------------------------------------- WER / CER
 
 
-def word_error_rate(references: Sequence[str], hypotheses: Sequence[str], normalize: bool = True) -> dict:
+def word_error_rate(references: Sequence[str], hypotheses: Sequence[str], normalize: bool = True,
+                    languages: Sequence[str | None] | None = None) -> dict:
     """Corpus WER (total edits / total reference words) and its counts, via jiwer.
 
     Returns ``{"wer", "substitutions", "deletions", "insertions", "hits", "reference_words"}``.
-    ``normalize`` applies :func:`normalize_english` to both sides first; without it, words
-    are whitespace-separated tokens compared exactly.
+    ``normalize`` applies :func:`normalize_for_language` to both sides first (each pair in its ``languages``
+    entry; English when not given); without it, words are whitespace-separated tokens compared exactly. Words of
+    unspaced languages (``UNSPACED_LANGUAGES``) are characters either way.
     """
     _require_pairs(references, hypotheses)
-    if normalize:
-        references = [normalize_english(r) for r in references]
-        hypotheses = [normalize_english(h) for h in hypotheses]
+    references, hypotheses = _prepared(references, normalize, languages), _prepared(hypotheses, normalize, languages)
     out = jiwer.process_words(list(references), list(hypotheses))
     n_ref = out.hits + out.substitutions + out.deletions
     return {
@@ -134,15 +173,18 @@ def word_error_rate(references: Sequence[str], hypotheses: Sequence[str], normal
     }
 
 
-def char_error_rate(references: Sequence[str], hypotheses: Sequence[str], normalize: bool = True) -> dict:
-    """Corpus CER and its counts, via jiwer; spaces count as characters (jiwer's default).
+def char_error_rate(references: Sequence[str], hypotheses: Sequence[str], normalize: bool = True,
+                    languages: Sequence[str | None] | None = None) -> dict:
+    """Corpus CER and its counts, via jiwer; spaces count as characters (jiwer's default), except in unspaced
+    languages, whose text has none (normalized per ``languages`` as :func:`word_error_rate` does).
 
     Returns ``{"cer", "substitutions", "deletions", "insertions", "hits", "reference_chars"}``.
     """
     _require_pairs(references, hypotheses)
-    if normalize:
-        references = [normalize_english(r) for r in references]
-        hypotheses = [normalize_english(h) for h in hypotheses]
+    references, hypotheses = _prepared(references, normalize, languages), _prepared(hypotheses, normalize, languages)
+    unspaced = [primary_language(lang) in UNSPACED_LANGUAGES for lang in (languages or [None] * len(references))]
+    references = [r.replace(" ", "") if u else r for r, u in zip(references, unspaced)]
+    hypotheses = [h.replace(" ", "") if u else h for h, u in zip(hypotheses, unspaced)]
     out = jiwer.process_characters(list(references), list(hypotheses))
     n_ref = out.hits + out.substitutions + out.deletions
     return {
@@ -155,11 +197,11 @@ def char_error_rate(references: Sequence[str], hypotheses: Sequence[str], normal
     }
 
 
-def utterance_wer(reference: str, hypothesis: str, normalize: bool = True) -> float:
+def utterance_wer(reference: str, hypothesis: str, normalize: bool = True, language: str | None = None) -> float:
     """WER of one utterance, for per-utterance output (0.0 / inf for an empty reference)."""
     _require_text(reference, "reference")
     _require_text(hypothesis, "hypothesis")
-    return word_error_rate([reference], [hypothesis], normalize=normalize)["wer"]
+    return word_error_rate([reference], [hypothesis], normalize=normalize, languages=[language])["wer"]
 
 
 # --------------------------------------------------------------------------- BLEU / chrF
@@ -175,8 +217,7 @@ _TOKENIZER_EXTRAS = {"ja-mecab": "sacrebleu[ja]", "ko-mecab": "sacrebleu[ko]"}
 def bleu_tokenizer(target_lang: str | None) -> str:
     """sacrebleu's tokenizer for a target language code (13a unless listed in ``BLEU_TOKENIZERS``), by its primary
     subtag in any case: ``zh-CN``, ``ZH`` and ``ja_JP`` took 13a, which scores a Chinese sentence as one word."""
-    primary = (target_lang or "").strip().lower().replace("_", "-").split("-")[0]
-    return BLEU_TOKENIZERS.get(primary, "13a")
+    return BLEU_TOKENIZERS.get(primary_language(target_lang), "13a")
 
 
 def check_bleu_tokenizer(target_lang: str | None) -> None:
