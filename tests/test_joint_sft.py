@@ -285,6 +285,14 @@ def test_a_locator_in_the_system_prompt_is_an_error_naming_the_line(tmp_path):
         _conversations(TEXT_SFT, _write(tmp_path / "c.jsonl", rows), system_prompt=f"Listen: {TAG}")
 
 
+def test_an_end_of_turn_token_in_the_text_is_an_error_naming_the_line(model, tmp_path):
+    """Tokenized as the token itself, it ended the answer's targets there (the rest untrained)."""
+    rows = [{"conversations": _chat("hi", "hello")}, {"conversations": _chat("hi", "It writes <|im_end|> then.")}]
+    with pytest.raises(InputError, match=r"conversation eot-2\S*: Message 1 \(assistant\) contains the chat "
+                                         r"template's end-of-turn token '<\|im_end\|>'"):
+        _first_batch(model, {"type": TEXT_SFT, "manifest_filepath": str(_write(tmp_path / "eot.jsonl", rows))}, 2)
+
+
 def test_a_mixed_modal_segment_of_a_longer_file_takes_its_offset(assets, tmp_path):
     """``offset`` was ignored: a segment failed its duration check, told to give the offset it had."""
     utt = json.loads(open(assets["manifest"]).readline())

@@ -104,6 +104,11 @@ def test_bad_messages_are_rejected(tokenizer):
         tokenize_chat(hf, [{"role": "robot", "content": "x"}])
     with pytest.raises(ValueError, match="empty"):
         tokenize_chat(hf, [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}])
+    # the end-of-turn token as text: the answer's targets stopped there (the rest untrained, the model learning to stop
+    # mid-answer), and user text could close its turn
+    with pytest.raises(ValueError, match=r"Message 1 \(assistant\) contains the chat template's end-of-turn token "
+                                         r"'<\|im_end\|>' as text"):
+        tokenize_chat(hf, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "It writes <|im_end|> here."}])
 
 
 def test_non_incremental_template_is_refused(tokenizer):

@@ -243,7 +243,10 @@ def concatenate_turns_prompt_fn(example: NeMoMultimodalConversation, formatter: 
             turns[-1]["slots"]["message"] += piece
         else:
             turns.append({"role": turn.role, "slots": {"message": piece}})
-    return formatter.encode_dialog(with_system_turn_for(formatter, turns), **kwargs)
+    try:
+        return formatter.encode_dialog(with_system_turn_for(formatter, turns), **kwargs)
+    except ValueError as e:  # e.g. an end-of-turn token in the text: name the line (ids are ``<manifest stem>-<line>``)
+        raise InputError(f"conversation {example.id}: {e}") from None
 
 
 @registered_prompt_format_fn(ReadoutConversation)

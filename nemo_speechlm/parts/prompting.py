@@ -35,6 +35,13 @@ def tokenize_chat(hf_tokenizer, messages: list[dict], add_generation_prompt: boo
         if not isinstance(m.get("content"), str) or (m["role"] == "assistant" and not m["content"].strip()):
             raise ValueError(f"Message {i} ({m.get('role')}) has empty or non-string content: {m.get('content')!r}.")
 
+    ends = _turn_end_ids(hf_tokenizer)
+    for i, m in enumerate(messages):  # the text would end its turn there: an answer's targets stopped at it, and a
+        # user's text could close its turn and write the assistant's
+        literal = next((t for t in _end_token_texts(hf_tokenizer, ends) if t in m["content"]), None)
+        if literal is not None:
+            raise ValueError(f"Message {i} ({m['role']}) contains the chat template's end-of-turn token {literal!r} as "
+                             "text: the turn would end there; remove it from the data")
     messages = _system_in_first_user_turn_if_refused(hf_tokenizer, messages)
 
     def render(msgs, gen_prompt):
@@ -54,7 +61,6 @@ def tokenize_chat(hf_tokenizer, messages: list[dict], add_generation_prompt: boo
         pieces.append((_suffix_after(rendered, render(messages, True)), False))
 
     ids, mask = [], []
-    ends = _turn_end_ids(hf_tokenizer)
     for text, is_target in pieces:
         piece_ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         ids.extend(piece_ids)
@@ -76,6 +82,11 @@ def _turn_end_ids(hf_tokenizer) -> frozenset[int]:
     if key not in _TURN_END_IDS:
         _TURN_END_IDS[key] = frozenset(tokenizer_end_ids(hf_tokenizer))
     return _TURN_END_IDS[key]
+
+
+def _end_token_texts(hf_tokenizer, ends: frozenset[int]) -> list[str]:
+    """The text of each end-of-turn id (``<|im_end|>``, ``<end_of_turn>``, ...), empty strings left out."""
+    return [t for t in hf_tokenizer.convert_ids_to_tokens(sorted(ends)) if t]
 
 
 def _system_in_first_user_turn_if_refused(hf_tokenizer, messages: list[dict]) -> list[dict]:
