@@ -297,7 +297,8 @@ TRAIN_ERRORS.update({
                        E("config: data.train_ds has no examples (its inputs are empty, or every line was skipped or "
                          "filtered out by min_duration/max_duration) — point data.train_ds.input_cfg at data"), False),
     "every line skipped": (lambda f: [f"{MANIFEST}={f['only_missing_audio']}", "data.train_ds.input_cfg.0.skip_invalid=true"],
-                           E("config: data.train_ds has no examples"), False),
+                           r"\S*only_missing_audio\.jsonl: every line was skipped as invalid \(1 lines skipped: 1 x "
+                           r"audio_filepath" + ".*" + E("fix the lines, or remove this input from the data config"), False),
     "unknown precision": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "trainer.precision=bf17"],
                           E("trainer: Precision 'bf17' is invalid.") + ".*" + E(TRAINER_FIX), False),
     "missing Shar directory": (lambda f: [f"{MANIFEST}=null", f"+data.train_ds.input_cfg.0.shar_path={f['root']}/no_shar"],
