@@ -8,7 +8,8 @@ from pathlib import Path
 
 from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.data.task_catalog import HELDOUT, TaskCatalog
-from nemo_speechlm.datagen.behaviors import behavior_items
+from nemo_speechlm.datagen.behaviors import behavior_items, behavior_job
+from nemo_speechlm.datagen.chat_generator import GenerationResult
 from tests.conftest import REPO
 from tests.tiny_assets import relative_bundle
 
@@ -145,3 +146,32 @@ def test_a_corrected_transcript_is_answered_anew(assets, tmp_path):
     assert "7 already done, 1 written" in rerun.stdout
     records = {r["audio_filepath"]: r for r in map(json.loads, _lines(output))}
     assert len(records) == 8 and records[rows[3]["audio_filepath"]]["response"] == "a corrected transcript"
+
+
+class _EchoingTeacher:
+    """A teacher that answers every request with the speech's words (the transcript after the prompt's text)."""
+
+    def __init__(self, transcripts: list[str]) -> None:
+        self.transcripts = transcripts
+
+    def generate(self, conversations, max_new_tokens=None):
+        said = [next(t for t in self.transcripts if t in c[-1]["content"]) for c in conversations]
+        return [GenerationResult(text=t[:1].upper() + t[1:] + ".", finished=True) for t in said]
+
+    def generation_settings(self) -> dict:
+        return {"model": "echo", "backend": "test", "do_sample": False}
+
+
+def test_an_echo_of_the_speech_is_rejected_where_the_task_must_differ_from_it(assets):
+    """paraphrase, continue and reply ask for something other than the words said: an echo was kept (reply's prompt
+    is the speech alone, so the repeats-the-prompt filter never saw it), training the habit reply exists to cure."""
+    catalog = TaskCatalog.load().select(["paraphrase", "reply", "summarize", "repeat"])
+    items = list(behavior_items(assets["manifest"], catalog, tasks_per_utterance=4, prompts_per_task=1))
+    transcripts = [json.loads(line)["text"] for line in open(assets["manifest"])]
+    outcomes = behavior_job(_EchoingTeacher(transcripts), catalog, max_new_tokens=32)(items)
+    by_task = {}
+    for item, outcome in zip(items, outcomes):
+        by_task.setdefault(item["prompt"].task, set()).add(getattr(outcome, "reason", "kept"))
+    assert by_task["paraphrase"] == by_task["reply"] == {"copies_transcript"}
+    assert by_task["repeat"] == {"kept"}  # the words said are repeat's answer
+    assert "copies_transcript" not in by_task["summarize"]  # its check is another one

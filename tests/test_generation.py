@@ -415,6 +415,15 @@ TRANSCRIPT = "i cannot come to the meeting tomorrow because my car broke down"
         ("No, no, no. That is not what she said.", "Did she agree?", True, None, None),
         ("The speaker's car broke down.", "Summarize.", False, TRANSCRIPT, None),  # cap hit at a sentence end
         ('He said "stop!"', "Quote him.", False, None, None),
+        # refusal phrases the speech says too, as an ASR transcript writes them, and openings that only look like one
+        ("I'm sorry, but we are closed today.", "Fix the grammar: im sorry but we are closed today", True,
+         "im sorry but we are closed today", None),
+        ("I cannot help you today.", "Paraphrase: i can not help you today", True, "i can not help you today", None),
+        ("I cannot wait to feel the sand between my toes.", "Continue: we are going to the beach", True,
+         "we are going to the beach", None),
+        ("As an AI researcher, she studies language.", "Describe her.", True, None, None),
+        ("As an AI, I have no opinions.", "What do you think?", True, None, "refusal"),
+        ("I can't assist with that request.", "Summarize the text.", True, None, "refusal"),
     ],
 )
 def test_degenerate_reason(answer, prompt, finished, transcript, reason):

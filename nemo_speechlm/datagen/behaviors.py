@@ -16,6 +16,7 @@ from nemo_speechlm.data.utterance import portable_utterance_id, utterance_id
 from nemo_speechlm.datagen.chat_generator import ChatGenerator
 from nemo_speechlm.datagen.filters import degenerate_reason
 from nemo_speechlm.errors import InputError
+from nemo_speechlm.parts.metrics import is_transcript_copy
 from nemo_speechlm.parts.runner import Job, Outcome, Rejected
 
 # Manifest fields copied into each behavior line (plus anything else the line has).
@@ -79,6 +80,11 @@ def behavior_job(
             item = items[i]
             rendered = item["prompt"].render(item["entry"]["text"])
             reason = degenerate_reason(result.text, rendered, result.finished, transcript=item["entry"]["text"])
+            if reason is None and catalog.task(item["prompt"].task).check["name"] == "differs_from_input" \
+                    and is_transcript_copy(result.text, item["entry"]["text"]):
+                # the teacher echoed the speech for a task that must not (paraphrase, continue, reply): the very
+                # habit reply exists to cure; the filter could not see it (reply's prompt is the transcript itself)
+                reason = "copies_transcript"
             if reason:
                 outcomes[i] = Rejected(reason, result.text[:200])
             else:

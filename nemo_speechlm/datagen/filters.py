@@ -11,10 +11,13 @@ deliberately few and simple, checked in this order (the first that applies is th
     least 0.85, and matches it better than it matches the transcript (repeating the transcript
     is the right answer to "repeat"-style tasks).
 ``refusal``
-    The answer *starts with* a refusal phrase (``I'm sorry, but``, ``As an AI``, ``I cannot``,
-    ``I can't help``, ... see :data:`REFUSAL_PREFIXES`), unless the transcript (or, without one,
-    the prompt) contains that phrase too, so repeating or paraphrasing speech that says
-    "I cannot come" is not a refusal. "Sorry" in the middle of an answer never counts.
+    The answer *starts with* a refusal phrase (``I'm sorry, but``, ``As an AI,``, ``I cannot help``,
+    ``I can't assist``, ... see :data:`REFUSAL_PREFIXES`), unless the transcript (or, without one,
+    the prompt) says those words too, compared word by word without punctuation or apostrophes ("im sorry
+    but", "i can not help" in an ASR transcript), so repeating or paraphrasing speech that says them is not a
+    refusal. "I cannot" and "As an AI" alone are not refusals ("I cannot wait to ...", "As an AI researcher, she
+    ..."): they were, and so was "I'm sorry, but ..." fixing the grammar of "im sorry but ...". "Sorry" in the
+    middle of an answer never counts.
 ``repetition_loop``
     A block of 1-20 words repeats back to back at least 4 times, covering at least 12 words
     (greedy decoding stuck in a loop: "the cat the cat the cat the cat ...").
@@ -30,19 +33,20 @@ import re
 
 REASONS = ("empty", "repeats_prompt", "refusal", "repetition_loop", "truncated")
 
+_REFUSED = ("help", "assist", "provide", "answer", "comply", "fulfill", "do that", "complete", "generate", "create",
+            "write", "perform", "engage", "support")
 REFUSAL_PREFIXES = (
     "i'm sorry, but",
     "i am sorry, but",
     "sorry, but i",
     "i apologize, but",
-    "as an ai",
+    "as an ai,",
+    "as an ai language model",
+    "as an ai assistant",
+    "as an ai model",
     "as a language model",
     "as an artificial intelligence",
-    "i cannot",
-    "i can't help",
-    "i can't assist",
-    "i can't provide",
-    "i can't answer",
+    *(f"{cannot} {verb}" for cannot in ("i cannot", "i can't", "i can not") for verb in _REFUSED),
     "i'm unable to",
     "i am unable to",
     "i'm not able to",
@@ -112,8 +116,18 @@ def _without(words: list[str], part: list[str]) -> list[str]:
 
 def _is_refusal(answer: str, context: str) -> bool:
     start = _normalize_quotes(answer).lstrip(" \"'“*-#>").lower()
-    context = _normalize_quotes(context).lower()
-    return any(start.startswith(p) and p not in context for p in REFUSAL_PREFIXES)
+    said = _plain_words(context)
+    return any(start.startswith(p) and not _contains(said, _plain_words(p)) for p in REFUSAL_PREFIXES)
+
+
+def _plain_words(text: str) -> list[str]:
+    """Words without apostrophes, "cannot" as "can not": how an ASR transcript may write a phrase."""
+    words = [w.replace("'", "") for w in _words(text)]
+    return [part for w in words for part in (("can", "not") if w == "cannot" else (w,))]
+
+
+def _contains(words: list[str], part: list[str]) -> bool:
+    return any(words[i:i + len(part)] == part for i in range(len(words) - len(part) + 1))
 
 
 def _has_loop(words: list[str]) -> bool:
