@@ -93,6 +93,22 @@ def test_a_word_that_lasts_no_time_is_read_as_text_when_interleaved(behaviors):
     assert alone  # some seeds did draw the empty word as a speech span
 
 
+def test_a_word_starting_at_the_audios_end_is_read_as_text_when_interleaved(behaviors):
+    """Alignment times may pass the end by validate_words' tolerance; a speech span starting there was cut from
+    nothing and stopped training with a bare ValueError (no file or line)."""
+    first = _entries(behaviors)[0]
+    words = [dict(w) for w in first["words"]]
+    words[-1].update(start=first["duration"] + 0.02, end=first["duration"] + 0.06)
+    entry = dataclasses.replace(first, data={**first.data, "words": words})
+    cfg = InterleaveConfig(prob=1.0, text_span_words=(1, 1), speech_span_words=(1, 1))
+    drawn = 0
+    for seed in range(20):
+        conv = behavior_to_conversation(entry, TAG, 0.08, TaskCatalog.load(), cfg, random.Random(seed))
+        assert words[-1]["word"] not in [t.text for t in conv.turns if hasattr(t, "cut")]
+        drawn += choose_spans(words, cfg, random.Random(seed))[-1].is_speech
+    assert drawn
+
+
 @pytest.mark.parametrize("prompt_format", [None, "qwen"])
 def test_the_student_reads_the_prompt_the_teacher_reads_with_the_speech_in_place_of_the_words(
         assets, whisper_dir, behaviors, prompt_format):
@@ -159,11 +175,24 @@ def test_the_bare_reply_prompt_is_the_speech_alone(behaviors, prob):
         ({"words": "too_long"}, "words"),
         # answered under a system prompt the training (None here) does not use
         ({"teacher": {"source": "llm", "model": "m", "system_prompt": "Be brief."}}, "teacher"),
+        # held-out prompts up to case and whitespace, of any task, and lines marked held out: all trained before
+        ({"prompt": "summarize:heldout:0:upper+space"}, "prompt"),
+        ({"prompt": "explain_child:heldout:0", "task": "paraphrase"}, "prompt"),  # a held-out task's prompt
+        ({"split": "heldout"}, "split"),
+        # words of another transcript (a corrected text, not aligned again), with interleaving on
+        ({"text": "a corrected transcript of the clip"}, "words"),
     ],
 )
 def test_bad_behavior_lines_are_clear_errors(behaviors, tmp_path, change, field):
     row = json.loads(open(behaviors).readline())
+    catalog = TaskCatalog.load()
+    for key, value in list(change.items()):
+        if isinstance(value, str) and ":heldout:" in value:
+            task, _, index, *how = value.split(":")
+            text = [p.text for p in catalog.task(task).prompts if task != "summarize" or p.split == "heldout"][int(index)]
+            change = {**change, key: text.replace("{input}", "\0").upper().replace("\0", "{input}") + " " if how else text}
     key, value = next(iter(change.items()))
+    row.update({k: v for k, v in change.items() if k != key})
     if value == "reverse":
         row["words"] = list(reversed(row["words"]))
     elif value == "too_long":
@@ -176,8 +205,8 @@ def test_bad_behavior_lines_are_clear_errors(behaviors, tmp_path, change, field)
     bad.write_text(json.dumps(row) + "\n")
     with pytest.raises(ManifestError) as err:
         entries = list(read_manifest(bad, required_text_fields=("text", "task", "prompt", "response")))
-        behavior_to_conversation(entries[0], TAG, 0.08, TaskCatalog.load())
-    assert f"{bad}:1" in str(err.value) and field in str(err.value)
+        behavior_to_conversation(entries[0], TAG, 0.08, catalog, InterleaveConfig(prob=0.3))
+    assert f"{bad}:1" in str(err.value) and f"field '{field}'" in str(err.value), str(err.value)
 
 
 

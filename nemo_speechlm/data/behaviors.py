@@ -17,6 +17,7 @@ speech_span_words}), ``catalog`` (task catalog path; null = ``nemo_speechlm/conf
 from __future__ import annotations
 
 import random
+import re
 from functools import partial
 
 from lhotse.cut import Cut
@@ -54,16 +55,12 @@ def behavior_to_conversation(
             validate_words(words, entry["duration"])
         except ValueError as e:
             raise ManifestError(entry.path, entry.line, str(e), "words") from None
+    if interleave.prob > 0:  # on every pass, not only when this line's draw interleaves (an epoch in, training stopped)
+        _check_words_for_interleaving(entry, words)
     rng = rng or random.Random(0)
     cut = entry_cut(entry, cut_id(entry))
     before, after = entry["prompt"].split(INPUT_PLACEHOLDER)
     if interleave.prob > 0 and rng.random() < interleave.prob:
-        if not words:
-            raise ManifestError(
-                entry.path, entry.line,
-                "interleaving needs word alignments: add them with examples/align_words.py or set interleave.prob=0",
-                "words",
-            )
         pieces = _interleaved_pieces(cut, words, interleave, rng, audio_locator_tag)
     else:
         pieces = [AudioTurn(cut=cut, role="user", audio_locator_tag=audio_locator_tag, text=entry["text"])]
@@ -74,6 +71,26 @@ def behavior_to_conversation(
     return new_conversation(cut.id, turns, token_equivalent_duration, speech_positions)
 
 
+def _check_words_for_interleaving(entry: ManifestEntry, words: list[dict] | None) -> None:
+    """Interleaving needs the line's words, and they must spell its transcript (up to case and punctuation): words
+    left from before a corrected transcript gave the student and the KL teacher the old text."""
+    if not words:
+        raise ManifestError(
+            entry.path, entry.line,
+            "interleaving needs word alignments: add them with examples/align_words.py or set interleave.prob=0",
+            "words",
+        )
+    spelled = _plain(" ".join(str(w.get("word", "")) for w in words))
+    if spelled != _plain(entry["text"]):
+        raise ManifestError(entry.path, entry.line, f"the words ({spelled[:60]!r}) do not spell the transcript "
+                            f"({_plain(entry['text'])[:60]!r}): align the corrected transcript again "
+                            "(examples/align_words.py)", "words")
+
+
+def _plain(text: str) -> list[str]:
+    return re.findall(r"[^\W_]+", text.lower())
+
+
 def _interleaved_pieces(utterance: Cut, words: list[dict], cfg: InterleaveConfig, rng: random.Random, tag: str) -> list:
     """Text runs as text, speech runs as time spans of the utterance, separated by single spaces. A speech run
     that lasts no time (an aligner clamping a word at the audio's end gives start == end) stays text: it has no
@@ -81,7 +98,8 @@ def _interleaved_pieces(utterance: Cut, words: list[dict], cfg: InterleaveConfig
     pieces = []
     for i, span in enumerate(choose_spans(words, cfg, rng)):
         sep = " " if i else ""
-        if span.is_speech and span.end > span.start:
+        if span.is_speech and min(span.end, utterance.duration) > span.start:  # (a word starting at the audio's
+            # end, which validate_words allows by its tolerance, stopped training with a ValueError)
             if sep:
                 pieces.append(TextTurn(value=sep, role="user"))
             pieces.append(AudioTurn(cut=speech_span(utterance, span.start, span.end), role="user", audio_locator_tag=tag, text=span.text))
@@ -103,8 +121,10 @@ def _check_behavior(entry: ManifestEntry, catalog: TaskCatalog) -> None:
         raise ManifestError(entry.path, entry.line, f"unknown task {task!r}; the catalog {catalog.path} has {list(catalog.names)}", "task")
     if catalog.task(task).split == HELDOUT:
         raise ManifestError(entry.path, entry.line, f"task {task!r} is held out in {catalog.path}: it must not be trained on", "task")
-    heldout_prompts = {p.text for p in catalog.task(task).prompts_in(HELDOUT)}
-    if entry["prompt"] in heldout_prompts:
+    if entry.get("split") == HELDOUT:
+        raise ManifestError(entry.path, entry.line, "the line is marked held out: it must not be trained on", "split")
+    if catalog.is_heldout_prompt(entry["prompt"]):  # of any task, up to case and whitespace: it was this task's,
+        # exactly (a trailing space, or the line naming another task, trained a held-out prompt)
         raise ManifestError(entry.path, entry.line, "this prompt is held out in the catalog: it must not be trained on", "prompt")
     if entry["prompt"].count(INPUT_PLACEHOLDER) != 1:
         raise ManifestError(entry.path, entry.line, f"the prompt must contain {INPUT_PLACEHOLDER} exactly once", "prompt")

@@ -109,12 +109,26 @@ def _rng(*parts: Any) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
+def prompt_key(text: str) -> str:
+    """A prompt's text as the catalog compares prompts: lower case, runs of whitespace as one space."""
+    return " ".join(text.lower().split())
+
+
 class TaskCatalog:
     """Tasks in file order. Build with :meth:`load`; all methods are pure and deterministic."""
 
     def __init__(self, tasks: Iterable[Task], path: str | Path | None = None):
         self._tasks = {t.name: t for t in tasks}
         self.path = Path(path) if path is not None else None
+        self._heldout_keys: frozenset[str] | None = None
+
+    def is_heldout_prompt(self, text: str) -> bool:
+        """Whether ``text`` is, up to case and whitespace, a held-out prompt of any task (a held-out task's prompts
+        all are): training on it would leak it into the benchmark's held-out splits whatever task a line names."""
+        if self._heldout_keys is None:
+            self._heldout_keys = frozenset(prompt_key(p.text) for t in self for p in t.prompts
+                                           if t.split == HELDOUT or p.split == HELDOUT)
+        return prompt_key(text) in self._heldout_keys
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "TaskCatalog":
@@ -324,7 +338,7 @@ def _parse_prompts(path: Path, task: str, node: dict) -> list[TaskPrompt]:
             raise _error(path, item, f"must contain {INPUT_PLACEHOLDER} exactly once, found {count}", task, f"{field}.text")
         if "{" in text.replace(INPUT_PLACEHOLDER, "") or "}" in text.replace(INPUT_PLACEHOLDER, ""):
             raise _error(path, item, f"braces other than {INPUT_PLACEHOLDER} are not allowed", task, f"{field}.text")
-        key = " ".join(text.lower().split())
+        key = prompt_key(text)
         if key in seen:
             raise _error(path, item, f"duplicate of prompts[{seen[key]}]", task, f"{field}.text")
         seen[key] = index
