@@ -11,7 +11,7 @@ answers go to ``<output>.rejected.jsonl`` and are counted in ``<output>.summary.
 
 from nemo_speechlm.data.manifest import SkipSummary
 from nemo_speechlm.data.task_catalog import TaskCatalog
-from nemo_speechlm.datagen.behaviors import behavior_items, behavior_job
+from nemo_speechlm.datagen.behaviors import behavior_items, behavior_job, check_ground_truth_tasks
 from nemo_speechlm.datagen.chat_generator import add_teacher_arguments, teacher_from_arguments
 from nemo_speechlm.parts.cli import CommandParser, positive_int, run_cli, SKIP_FLAG_HINT
 from nemo_speechlm.parts.runner import run_resumable
@@ -38,6 +38,7 @@ def main(argv=None) -> None:
     items = list(behavior_items(args.manifest, catalog, args.tasks_per_utterance, args.prompts_per_task,
                                 seed=args.seed, skip_invalid=args.skip_invalid, summary=skipped,
                                 output_path=args.output))
+    check_ground_truth_tasks(catalog, args.ground_truth_tasks)  # before the teacher loads
     generator = teacher_from_arguments(args)
     job = behavior_job(generator, catalog, args.max_new_tokens, args.system_prompt, tuple(args.ground_truth_tasks))
     summary = run_resumable(items, job, args.output, batch_size=args.batch_size, desc="Generating behaviors")

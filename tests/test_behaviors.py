@@ -175,3 +175,27 @@ def test_an_echo_of_the_speech_is_rejected_where_the_task_must_differ_from_it(as
     assert by_task["paraphrase"] == by_task["reply"] == {"copies_transcript"}
     assert by_task["repeat"] == {"kept"}  # the words said are repeat's answer
     assert "copies_transcript" not in by_task["summarize"]  # its check is another one
+
+
+def test_ground_truth_tasks_are_checked_before_any_model_and_a_missing_field_names_its_line(assets, tmp_path):
+    """A misspelled name was ignored (the LLM asked instead, the name recorded); a line without the field was a
+    bare KeyError."""
+    import pytest
+
+    from nemo_speechlm.errors import InputError
+    from nemo_speechlm.data.manifest import ManifestError
+
+    catalog = TaskCatalog.load().select(["repeat", "summarize"])
+    teacher = _EchoingTeacher([])
+    with pytest.raises(InputError, match="unknown task 'Repeat'; the tasks are repeat, summarize"):
+        behavior_job(teacher, catalog, 32, ground_truth_tasks=("Repeat",))
+    with pytest.raises(InputError, match="task 'summarize' has no ground_truth"):
+        behavior_job(teacher, catalog, 32, ground_truth_tasks=("summarize",))
+    french = TaskCatalog.load().select(["translate_fr"])
+    rows = [{**json.loads(line), "translation_fr": "le chat"} for line in open(assets["manifest"])][:2]
+    del rows[1]["translation_fr"]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = list(behavior_items(manifest, french, 1, 1))
+    with pytest.raises(ManifestError, match=r"m\.jsonl:2 field 'translation_fr': missing or empty: task 'translate_fr'"):
+        behavior_job(teacher, french, 32, ground_truth_tasks=("translate_fr",))(items)

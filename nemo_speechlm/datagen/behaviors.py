@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from nemo_speechlm.data.manifest import SkipSummary, data_for_output, read_manifest
+from nemo_speechlm.data.manifest import ManifestError, SkipSummary, data_for_output, read_manifest
 from nemo_speechlm.data.task_catalog import TaskCatalog
 from nemo_speechlm.data.utterance import portable_utterance_id, utterance_id
 from nemo_speechlm.datagen.chat_generator import ChatGenerator
@@ -61,6 +61,7 @@ def behavior_job(
     ``repeat``) as the response instead of the LLM's answer: small teachers paraphrase
     when asked to repeat, and a repeat behavior should be the words said.
     """
+    check_ground_truth_tasks(catalog, ground_truth_tasks)
     settings = {**generator.generation_settings(), "max_new_tokens": max_new_tokens, "system_prompt": system_prompt}
 
     def process(items: list[dict]) -> list[Outcome]:
@@ -69,9 +70,11 @@ def behavior_job(
         for i, item in enumerate(items):
             task = catalog.task(item["prompt"].task)
             if task.name in ground_truth_tasks:
-                if task.ground_truth is None:
-                    raise InputError(f"Task {task.name!r} has no ground_truth in {catalog.path}; it cannot take one as response.")
-                outcomes[i] = _record(item, item["entry"][task.ground_truth.field], {"source": "ground_truth", "field": task.ground_truth.field})
+                field, entry = task.ground_truth.field, item["entry"]
+                if not isinstance(entry.get(field), str) or not entry[field].strip():  # was a bare KeyError
+                    raise ManifestError(entry.path, entry.line, f"missing or empty: task {task.name!r} takes its "
+                                        "response from this field (--ground-truth-tasks)", field)
+                outcomes[i] = _record(item, entry[field], {"source": "ground_truth", "field": field})
                 continue
             asked.append(i)
             caps.append(min(max_new_tokens, task.max_new_tokens or max_new_tokens))
@@ -93,6 +96,17 @@ def behavior_job(
 
     return Job(process, {**settings, "ground_truth_tasks": sorted(ground_truth_tasks)}, ("response",),
                lambda item: {"text": item["fields"].get("text")})  # a corrected transcript is answered anew
+
+
+def check_ground_truth_tasks(catalog: TaskCatalog, names) -> None:
+    """Each ``--ground-truth-tasks`` name is a task of ``catalog`` with a ground truth: a misspelled one was ignored
+    (its task asked of the LLM, and the name recorded as if used). Checked before any model loads."""
+    for name in names:
+        if name not in catalog:
+            raise InputError(f"--ground-truth-tasks: unknown task {name!r}; the tasks are {', '.join(catalog.names)}")
+        if catalog.task(name).ground_truth is None:
+            raise InputError(f"--ground-truth-tasks: task {name!r} has no ground_truth in {catalog.path}; it cannot take "
+                             "one as response")
 
 
 def _messages(item: dict, system_prompt: str | None) -> list[dict]:
