@@ -199,3 +199,28 @@ def test_ground_truth_tasks_are_checked_before_any_model_and_a_missing_field_nam
     items = list(behavior_items(manifest, french, 1, 1))
     with pytest.raises(ManifestError, match=r"m\.jsonl:2 field 'translation_fr': missing or empty: task 'translate_fr'"):
         behavior_job(teacher, french, 32, ground_truth_tasks=("translate_fr",))(items)
+
+
+def test_a_task_cap_or_prompt_edited_in_the_catalog_is_not_resumed_into(assets, tmp_path):
+    """Each task's cap and each prompt's words are part of the job's settings: edited, the run resumed and mixed
+    answers made under two caps."""
+    import dataclasses
+
+    import pytest
+
+    from nemo_speechlm.parts.runner import run_resumable
+
+    catalog = TaskCatalog.load().select(["summarize", "paraphrase"])
+    transcripts = [json.loads(line)["text"] for line in open(assets["manifest"])]
+    items = list(behavior_items(assets["manifest"], catalog, 2, 1))
+    out = tmp_path / "behaviors.jsonl"
+    run_resumable(items[:4], behavior_job(_EchoingTeacher(transcripts), catalog, 32), out, batch_size=4, desc="b")
+    capped = TaskCatalog([dataclasses.replace(t, max_new_tokens=4) if t.name == "summarize" else t for t in catalog],
+                         catalog.path)
+    with pytest.raises(ValueError, match=r"other settings \(task_caps\.summarize: \d+ -> 4\)"):
+        run_resumable(items, behavior_job(_EchoingTeacher(transcripts), capped, 32), out, batch_size=4, desc="b")
+    settings = out.with_name(out.name + ".settings.json")
+    recorded = json.loads(settings.read_text())
+    settings.write_text(json.dumps({k: v for k, v in recorded.items() if k not in ("task_caps", "prompts")}))
+    summary = run_resumable(items, behavior_job(_EchoingTeacher(transcripts), catalog, 32), out, batch_size=4, desc="b")
+    assert summary.done_before == 4  # an output from before they were recorded resumes

@@ -94,8 +94,13 @@ def behavior_job(
                 outcomes[i] = _record(item, result.text, {**settings, "max_new_tokens": cap, "source": "llm"})
         return outcomes
 
-    return Job(process, {**settings, "ground_truth_tasks": sorted(ground_truth_tasks)}, ("response",),
-               lambda item: {"text": item["fields"].get("text")})  # a corrected transcript is answered anew
+    # the catalog's part in an answer (each task's cap, each prompt's words): edited, it was resumed into, mixing
+    # answers made under two caps; an output written before it was recorded is taken as made under this one
+    asked_by = {"task_caps": {t.name: t.max_new_tokens for t in catalog},
+                "prompts": {p.id: p.text for t in catalog for p in t.prompts}}
+    return Job(process, {**settings, "ground_truth_tasks": sorted(ground_truth_tasks), **asked_by}, ("response",),
+               lambda item: {"text": item["fields"].get("text")},  # a corrected transcript is answered anew
+               settings_defaults=asked_by)
 
 
 def check_ground_truth_tasks(catalog: TaskCatalog, names) -> None:

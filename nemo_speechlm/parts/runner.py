@@ -77,6 +77,7 @@ class Job:
     output_fields: tuple[str, ...] = ()  # what every output record has: an output without them is not this job's
     copied_inputs: Callable[[dict], dict] | None = None  # item -> the input fields its record copies (a record whose
     # copy differs from the item now, e.g. a corrected transcript, is redone)
+    settings_defaults: dict | None = None  # settings an older output did not record, taken as these values
 
     def __call__(self, items: list[dict]) -> list[Outcome]:
         return self.process(items)
@@ -158,7 +159,7 @@ def run_resumable(
     if isinstance(process_batch, Job):
         _check_output_fields(records, process_batch.output_fields, output_path, desc)
         if process_batch.settings is not None:
-            check_run_settings(output_path, process_batch.settings)
+            check_run_settings(output_path, process_batch.settings, defaults=process_batch.settings_defaults)
     items_by_key = dict(zip(keys, items)) if copied_inputs is not None else {}
     if copied_inputs is not None:
         records = _drop_records_of_changed_items(records, items_by_key, copied_inputs, key_of, output_path,
