@@ -93,6 +93,25 @@ def test_unknown_backend_and_missing_vllm():
         assert "pip install vllm" in missing.value.fix
 
 
+def test_the_vllm_backend_takes_and_records_dtype_and_refuses_device(monkeypatch, tmp_path):
+    """--dtype was not passed to vLLM nor recorded (a rerun in another dtype resumed), --device silently ignored."""
+    import argparse
+    import types
+
+    from nemo_speechlm.datagen.chat_generator import add_teacher_arguments, teacher_from_arguments
+    from nemo_speechlm.errors import ConfigError
+
+    made = {}
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=lambda **kwargs: made.update(kwargs)))
+    parser = argparse.ArgumentParser()
+    add_teacher_arguments(parser)
+    args = parser.parse_args(["--teacher", str(tmp_path), "--backend", "vllm", "--dtype", "float16"])
+    generator = teacher_from_arguments(args)
+    assert made["dtype"] == "float16" and generator.generation_settings()["dtype"] == "float16"
+    with pytest.raises(ConfigError, match="--device is not used by --backend vllm"):
+        teacher_from_arguments(parser.parse_args(["--teacher", str(tmp_path), "--backend", "vllm", "--device", "cuda:1"]))
+
+
 @pytest.mark.timeout(600)
 def test_smollm2_answers_two_prompts_in_one_batch():
     """The real SmolLM2-135M-Instruct (GGUF, converted once to the user cache) answers greedily."""

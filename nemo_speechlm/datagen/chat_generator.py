@@ -186,6 +186,7 @@ class VLLMChatGenerator:
         top_p: float = 1.0,
         seed: int = 0,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        dtype: str | None = None,
         **llm_kwargs,
     ) -> None:
         try:
@@ -195,7 +196,8 @@ class VLLMChatGenerator:
                               "pip install vllm (on a CUDA machine), or use --backend hf") from exc
         self._vllm = vllm
         self.model_name = str(model)
-        self.llm = vllm.LLM(model=_loadable_source(str(model)), seed=seed, **llm_kwargs)
+        self.dtype = dtype or "auto"  # (was not passed on: --dtype was ignored, and not recorded)
+        self.llm = vllm.LLM(model=_loadable_source(str(model)), seed=seed, dtype=self.dtype, **llm_kwargs)
         self.do_sample = do_sample
         self.temperature = temperature
         self.top_p = top_p
@@ -229,6 +231,7 @@ class VLLMChatGenerator:
             "top_p": self.top_p if self.do_sample else None,
             "max_new_tokens": self.max_new_tokens,
             "seed": self.seed,
+            "dtype": self.dtype,
         }
 
 
@@ -297,7 +300,10 @@ def teacher_from_arguments(args) -> ChatGenerator:
     """The generator that :func:`add_teacher_arguments`' flags describe."""
     from nemo_speechlm.parts.offline_models import smollm2_gguf_path
 
-    kwargs = {"device": args.device, "dtype": args.dtype, "batch_size": args.batch_size} if args.backend == "hf" else {}
+    if args.backend == "vllm" and args.device != "auto":  # vLLM places the model itself; it was silently ignored
+        raise ConfigError("--device is not used by --backend vllm", "set CUDA_VISIBLE_DEVICES to choose the GPU")
+    kwargs = ({"device": args.device, "dtype": args.dtype, "batch_size": args.batch_size} if args.backend == "hf"
+              else {"dtype": args.dtype})  # (vLLM batches by itself: --batch-size only sets how often output is written)
     return build_chat_generator(
         args.backend, model=args.teacher or smollm2_gguf_path(), do_sample=args.sample,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, **kwargs,
