@@ -182,6 +182,19 @@ def test_a_run_resumed_on_other_data_starts_that_data_at_its_first_batch(assets,
     assert f"data.train_ds.input_cfg: [{{'type': 'speechlm_manifest', 'manifest_filepath': '{assets['manifest']}'" in warning
 
 
+@pytest.mark.parametrize("adapter", ["conformer", "stack_mlp"])
+def test_mtbi_takes_another_adapter_whole(assets, adapter):
+    """mtbi.yaml's adapter settings (stacking, GRU, SpecAugment) were merged into any adapter chosen: the Conformer
+    adapter failed to build ("unexpected keyword argument 'stack'"); they are an adapter option of their own now."""
+    from nemo_speechlm.models import MTBIModel
+
+    with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
+        cfg = compose("mtbi", overrides=["encoder=conformer_tiny", f"adapter={adapter}", "llm=hf",
+                                         f"model.pretrained_llm={assets['llm']}"])
+    assert "rnn_layers" not in cfg.model.perception.modality_adapter or cfg.model.perception.modality_adapter.rnn_layers == 0
+    MTBIModel(cfg.model)
+
+
 CONFORMER = "nemo.collections.asr.modules.ConformerEncoder"
 STACKING, CONFORMER_ADAPTER = "nemo_speechlm.modules.adapters.FrameStackingAdapter", CONFORMER
 
