@@ -1,5 +1,6 @@
 """End to end: the real training script fits 2 steps from a manifest on CPU and writes a .nemo
 that a fresh process restores and uses; the Hydra config groups all compose."""
+import json
 import subprocess
 import sys
 
@@ -193,6 +194,28 @@ def test_mtbi_takes_another_adapter_whole(assets, adapter):
                                          f"model.pretrained_llm={assets['llm']}"])
     assert "rnn_layers" not in cfg.model.perception.modality_adapter or cfg.model.perception.modality_adapter.rnn_layers == 0
     MTBIModel(cfg.model)
+
+
+def test_a_pretrained_asr_given_over_another_encoder_group_sizes_the_adapter_to_it(assets, tmp_path):
+    """The adapter took the width of the group's encoder config, which the pretrained encoder then replaced: the
+    model built and failed at its first forward ("normalized_shape=[1024] ... input of size [1, 7, 64]")."""
+    from nemo_speechlm.errors import ConfigError
+    from nemo_speechlm.models import SpeechLMModel
+
+    def build(*overrides):
+        with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
+            cfg = compose("speechlm", overrides=["encoder=conformer_tiny", "llm=hf",
+                                                 f"model.pretrained_llm={assets['llm']}", *overrides])
+        return SpeechLMModel(cfg.model).eval()
+
+    model = build(f"model.pretrained_asr={assets['asr']}")
+    assert model.cfg.perception.modality_adapter.input_dim == model.cfg.perception.encoder.d_model
+    wav = json.loads(open(assets["manifest"]).readline())["audio_filepath"]
+    assert isinstance(model.respond([wav], ["Repeat: <|audio|>"], max_new_tokens=2)[0], str)
+    with pytest.raises(ConfigError, match="no such file"):
+        build(f"model.pretrained_asr={tmp_path / 'gone.nemo'}")
+    with pytest.raises(ConfigError, match="model.pretrained_asr has no value"):
+        build("model.pretrained_asr=???")
 
 
 CONFORMER = "nemo.collections.asr.modules.ConformerEncoder"

@@ -60,7 +60,7 @@ class SpeechLMModel(ModelPT):
     """Speech LLM core. Config keys are documented in ``nemo_speechlm/conf/speechlm.yaml``."""
 
     def __init__(self, cfg: DictConfig, trainer=None) -> None:
-        fill_pretrained_encoder_config(cfg)  # before ModelPT resolves ${..encoder.d_model}
+        fill_pretrained_encoder_config(cfg, new_model=not self._is_model_being_restored())  # before ModelPT resolves
         super().__init__(cfg=cfg, trainer=trainer)
         restoring = self._is_model_being_restored()
         # A "trainable" checkpoint stores only what was trained; base weights come from the references.

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from nemo.collections.speechlm2.modules import AudioPerceptionModule
 from nemo.collections.speechlm2.parts.pretrained import setup_speech_encoder
+
+from nemo_speechlm.errors import ConfigError
 
 
 class _PerceptionHost:
@@ -20,26 +22,46 @@ class _PerceptionHost:
         self.cfg, self.llm, self.perception = cfg, llm, None
 
 
-def fill_pretrained_encoder_config(cfg: DictConfig) -> None:
+def fill_pretrained_encoder_config(cfg: DictConfig, new_model: bool = True) -> None:
     """Put the pretrained ASR model's preprocessor + encoder config into ``cfg.perception`` when the config
-    names only ``pretrained_asr`` (``encoder=canary_1b_flash``, ``parakeet_tdt_0_6b_v2``, ``asr_nemo``).
+    names ``pretrained_asr`` (``encoder=canary_1b_flash``, ``parakeet_tdt_0_6b_v2``, ``asr_nemo``).
 
     It must be there before ``ModelPT`` resolves the config: the adapter's width is
     ``${..encoder.d_model}``, and without an encoder section every such model failed to build
-    (``Interpolation key 'encoder.d_model' not found``). Reads the config only; the weights are
+    (``Interpolation key 'encoder.d_model' not found``). For a new model it replaces an encoder section another
+    group left there (``pretrained_asr`` set over the default encoder): the adapter was sized to that one, and
+    the pretrained encoder :func:`build_perception` loads then did not fit it (an error at the first forward).
+    A restored model keeps the section it was saved with. Reads the config only; the weights are
     loaded later by :func:`build_perception` (a hub model is downloaded once and then cached)."""
-    if not cfg.get("pretrained_asr") or "encoder" in cfg.get("perception", {}):
+    if OmegaConf.is_missing(cfg, "pretrained_asr"):
+        raise ConfigError("model.pretrained_asr has no value (encoder=asr_nemo takes a NeMo ASR .nemo)",
+                          "set model.pretrained_asr=/path/to/model.nemo on the command line")
+    if not cfg.get("pretrained_asr") or ("encoder" in cfg.get("perception", {}) and not new_model):
         return
     from nemo.collections.asr.models import ASRModel
 
     source = str(cfg.pretrained_asr)
+    if source.endswith(".nemo") and not Path(source).exists():
+        raise ConfigError(f"model.pretrained_asr={source!r}: no such file", "give the path of a NeMo ASR .nemo")
     if Path(source).exists() and source.endswith(".nemo"):  # as speechlm2's load_pretrained_nemo decides
         asr_cfg = ASRModel.restore_from(source, return_config=True, map_location="cpu")
     else:
-        asr_cfg = ASRModel.from_pretrained(source, return_config=True)
+        asr_cfg = _hub_asr_config(source)
     with open_dict(cfg):
         cfg.perception.preprocessor = asr_cfg.preprocessor
         cfg.perception.encoder = asr_cfg.encoder
+
+
+def _hub_asr_config(name: str) -> DictConfig:
+    """A NeMo ASR model's config by name; a mistyped name or no network is a :class:`ConfigError`, not a traceback."""
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from nemo.collections.asr.models import ASRModel
+
+    try:
+        return ASRModel.from_pretrained(name, return_config=True)
+    except (HFValidationError, RepositoryNotFoundError, LocalEntryNotFoundError, FileNotFoundError) as exc:
+        raise ConfigError(f"model.pretrained_asr={name!r}: not a local .nemo, and no such model could be fetched "
+                          f"({type(exc).__name__})", "check the name and the network, or give a local .nemo") from exc
 
 
 def embedding_rms(llm) -> float:
