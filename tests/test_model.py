@@ -282,6 +282,20 @@ def test_trainable_only_keeps_a_frozen_encoder_that_no_reference_gives_back(asse
     assert_same_weights(restored, model)
 
 
+def test_trainable_only_with_a_trained_encoder_restores_without_its_reference(assets, tmp_path):
+    """Joint SFT trains the encoder: the file holds all of it and records no encoder fingerprint, yet restoring
+    loaded the ASR reference anyway (for Canary a 1B download; offline, or with the .nemo moved, a traceback)."""
+    asr = tmp_path / "asr.nemo"
+    shutil.copy(assets["asr"], asr)
+    torch.manual_seed(6)
+    model = SpeechLMModel(model_config(assets["llm"], pretrained_asr=str(asr), freeze_params=[r"^llm\..+$"])).eval()
+    model.save_trainable_to(str(tmp_path / "small.nemo"))
+    asr.unlink()
+    restored = SpeechLMModel.restore_from(str(tmp_path / "small.nemo"))
+    assert set(restored.cfg.reference_fingerprints) == {"llm"}
+    assert_same_weights(restored, model)
+
+
 def test_trainable_only_refuses_a_base_llm_replaced_in_place(assets, tmp_path):
     """The file's adapters were trained on one base LLM; the reference now holds another of the same shape."""
     llm = tmp_path / "llm"

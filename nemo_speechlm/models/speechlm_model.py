@@ -78,7 +78,11 @@ class SpeechLMModel(ModelPT):
                 self.llm.generation_config = GenerationConfig.from_pretrained(llm_dir)
         if not restoring:
             self._register_llm_files()
-        self.perception = build_perception(self.cfg, self.llm, load_pretrained_asr=load_base_weights, restoring=restoring)
+        # A trainable-only file that left no encoder weights out (joint SFT trains the encoder) records no encoder
+        # fingerprint: its encoder is in the file, and loading the reference (a 1B hub download) is not needed.
+        recorded = self.cfg.get("reference_fingerprints")
+        encoder_reference = load_base_weights and not (restoring and recorded is not None and "encoder" not in recorded)
+        self.perception = build_perception(self.cfg, self.llm, load_pretrained_asr=encoder_reference, restoring=restoring)
         # Built empty; connector pre-alignment fills its vocabulary (nemo_speechlm.modules.ctc_readout).
         self.ctc_readout = CTCReadout(self.llm.config.hidden_size) if self.cfg.get("ctc_readout") else None
         self._install_lora()
