@@ -55,8 +55,8 @@ def train(cfg: DictConfig, model_cls) -> Path:
         trainer_cfg["limit_val_batches"] = 0  # Lightning rejects a missing val dataloader otherwise
     try:
         trainer = Trainer(**trainer_cfg)
-    except (MisconfigurationException, ValueError) as exc:  # settings this machine cannot run, or unknown ones
-        # (Lightning raises ValueError for an unknown precision or strategy name)
+    except (MisconfigurationException, ValueError, TypeError) as exc:  # settings this machine cannot run, or unknown
+        # ones (Lightning raises ValueError for an unknown precision or strategy name, TypeError for max_steps=abc)
         raise ConfigError(f"trainer: {exc}", "set trainer.accelerator / trainer.devices / trainer.strategy / "
                           "trainer.precision to values Lightning knows and this machine has (e.g. trainer.accelerator=cpu)"
                           ) from exc

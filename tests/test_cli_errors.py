@@ -310,6 +310,19 @@ TRAIN_ERRORS.update({
                                    ".*missing_audio.jsonl" + E(":2 field 'audio_filepath': audio file does not exist: ")
                                    + ".*gone.wav" + E(" — fix the line (connector pre-alignment reads every line of its "
                                                       "manifest)"), False),
+    # tracebacks (exit 1) after the trainer and run folder were made, or a hint naming an override that did not exist
+    "unknown prompt format": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "model.prompt_format=nosuch"],
+                              E("model.prompt_format='nosuch': no such prompt format — use null"), False),
+    "model value not set": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "model.pretrained_llm=???"],
+                            E("config: model.pretrained_llm not set (???) — give it on the command line, e.g. "
+                              "model.pretrained_llm=<value>"), False),
+    "bad max_steps": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "trainer.max_steps=abc"], E("trainer: ") + ".*", False),
+    "unknown LoRA key": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "model.lora={r: 4, rank: 3}"],
+                         E("model.lora: LoraConfig.__init__() got an unexpected keyword argument 'rank'"), False),
+    "bad freeze pattern": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "model.freeze_params=['^llm(']"],
+                           E("model.freeze_params: '^llm(' is not a regular expression"), False),
+    "adapter stacking 0 frames": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "model.perception.modality_adapter.stack=0"],
+                                  E("model.perception.modality_adapter: stack 0"), False),
 })
 if not torch.cuda.is_available():  # the README's GPU command on a machine without one: Lightning raised a traceback
     TRAIN_ERRORS["GPU command without a GPU"] = (

@@ -24,7 +24,7 @@ from nemo_speechlm.data.audio import AudioError
 from nemo_speechlm.data.split_config import loader_configs
 from nemo_speechlm.data.utterance import source_utterance
 from nemo_speechlm.errors import ConfigError
-from nemo_speechlm.parts.prompting import CHAT_TEMPLATE_FORMAT
+from nemo_speechlm.parts.prompting import CHAT_TEMPLATE_FORMAT, prompt_formatter_class
 
 CHECKED_SPLITS = ("train_ds", "validation_ds")
 
@@ -55,12 +55,15 @@ def check_training_data(cfg: DictConfig) -> ClipRange:
     """Validate ``cfg.data`` (a training recipe's config) without a model: unset values, then every
     line of every train/validation input through its data type's parser. Raises the parsers' errors
     (:class:`~nemo_speechlm.data.manifest.ManifestError`, ...) or :class:`ConfigError`."""
-    missing = missing_values(cfg.data, "data")
+    # (model values too: once NeMo copies cfg.model, a missing one was named without its `model.` prefix, and the
+    # override the hint suggested did not exist)
+    missing = missing_values(cfg.data, "data") + missing_values(cfg.model, "model")
     if missing:
         raise ConfigError(f"config: {', '.join(missing)} not set (???)",
                           f"give {'it' if len(missing) == 1 else 'each'} on the command line, e.g. {missing[0]}=<value>")
     # What the model would fill in (nemo_speechlm.data.datamodule.fill_model_settings); the token
     # rate only sizes buckets, which reading the data does not use.
+    prompt_formatter_class(cfg.model.get("prompt_format"))  # an unknown name, before any model or run folder
     settings = {
         "audio_locator_tag": cfg.model.audio_locator_tag,
         "prompt_format": cfg.model.get("prompt_format") or CHAT_TEMPLATE_FORMAT,

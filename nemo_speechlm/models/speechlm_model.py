@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,6 +33,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
 from nemo_speechlm.data.audio import check_audio_length, read_audio
+from nemo_speechlm.errors import ConfigError
 from nemo_speechlm.models.reference_weights import check_reference_weights, reference_fingerprints, reference_weight_names
 from nemo_speechlm.modules.ctc_readout import CTCReadout
 from nemo_speechlm.modules.perception import build_perception, fill_pretrained_encoder_config
@@ -110,7 +112,11 @@ class SpeechLMModel(ModelPT):
         encoder_lora = (self.cfg.perception.get("encoder") or {}).get("lora")  # installed by the encoder itself
         if self.cfg.get("lora"):
             lora_cfg = OmegaConf.to_container(self.cfg.lora, resolve=True)
-            self.llm = get_peft_model(self.llm, LoraConfig(**lora_cfg))
+            try:
+                self.llm = get_peft_model(self.llm, LoraConfig(**lora_cfg))
+            except (TypeError, ValueError) as exc:  # an unknown key, target modules the LLM lacks (peft's error is one)
+                raise ConfigError(f"model.lora: {exc}", "see peft's LoraConfig for the keys; target_modules are module "
+                                  "names of the LLM (q_proj, v_proj, ...)") from exc
         if self.cfg.get("lora") or encoder_lora:
             patterns = [LORA_PARAM_PATTERN]
             if (self.cfg.get("lora") or {}).get("modules_to_save"):
@@ -122,6 +128,12 @@ class SpeechLMModel(ModelPT):
     def _freeze(self) -> None:
         """Apply ``freeze_params``/``prevent_freeze_params`` regexes now, so counts and ``requires_grad`` are right
         before training (speechlm2 applies them only inside ``configure_optimizers``)."""
+        for key in ("freeze_params", "prevent_freeze_params"):
+            for pattern in self.cfg.get(key, []):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:  # was a traceback from inside speechlm2
+                    raise ConfigError(f"model.{key}: {pattern!r} is not a regular expression ({exc})") from None
         for _ in freeze_and_subset(
             self.named_parameters(),
             exclude_patterns=list(self.cfg.get("freeze_params", [])),

@@ -46,6 +46,11 @@ class FrameStackingAdapter(nn.Module):
         rnn_dim: int = 512,
         spec_augment: dict | None = None,
     ) -> None:
+        if stack < 1 or hidden_dim < 1 or context_kernel < 1 or rnn_layers < 0:  # (stack 0 divided by zero in fit)
+            from nemo_speechlm.errors import ConfigError
+
+            raise ConfigError(f"model.perception.modality_adapter: stack {stack}, hidden_dim {hidden_dim}, context_kernel "
+                              f"{context_kernel} must be 1 or more, rnn_layers {rnn_layers} 0 or more")
         super().__init__()
         self.stack = stack
         self.subsampling_factor = stack

@@ -71,6 +71,21 @@ def embedding_rms(llm) -> float:
 
 
 def build_perception(cfg: DictConfig, llm, load_pretrained_asr: bool, restoring: bool = False) -> AudioPerceptionModule:
+    """See :func:`_build_perception`; a config error of one of its modules comes out as itself, not wrapped in
+    Hydra's InstantiationException (a traceback at the command line)."""
+    from hydra.errors import InstantiationException
+
+    from nemo_speechlm.errors import InputError
+
+    try:
+        return _build_perception(cfg, llm, load_pretrained_asr, restoring)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, InputError):
+            raise exc.__cause__ from None
+        raise
+
+
+def _build_perception(cfg: DictConfig, llm, load_pretrained_asr: bool, restoring: bool = False) -> AudioPerceptionModule:
     """Build the perception module for ``cfg`` (the model config), sized to ``llm``'s width.
 
     With ``cfg.pretrained_asr`` set and ``load_pretrained_asr`` true, the encoder and

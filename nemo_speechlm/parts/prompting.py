@@ -165,8 +165,20 @@ def _hf_tokenizer(tokenizer):
 
 def resolve_prompt_formatter(name: str | None, tokenizer) -> PromptFormatter:
     """``None`` means the LLM's chat template; anything else is a NeMo PromptFormatter name."""
-    name = name or CHAT_TEMPLATE_FORMAT
-    return PromptFormatter.resolve(name)(tokenizer)
+    return prompt_formatter_class(name)(tokenizer)
+
+
+def prompt_formatter_class(name: str | None) -> type[PromptFormatter]:
+    """The formatter class for ``model.prompt_format``; an unknown name is a :class:`ConfigError` listing the known
+    ones (NeMo's RuntimeError was a traceback, after the trainer and run folder were made)."""
+    try:
+        return PromptFormatter.resolve(name or CHAT_TEMPLATE_FORMAT)
+    except RuntimeError as exc:
+        from nemo_speechlm.errors import ConfigError
+
+        known = sorted(getattr(PromptFormatter, "_REGISTERED_FORMATTERS", {}))
+        raise ConfigError(f"model.prompt_format={name!r}: no such prompt format",
+                          f"use null (the LLM's chat template) or one of {', '.join(known)}") from exc
 
 
 def encode_messages(formatter: PromptFormatter, messages: list[dict]) -> dict[str, torch.Tensor]:
