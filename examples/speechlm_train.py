@@ -2,8 +2,10 @@
 
     python examples/speechlm_train.py \
         data.train_ds.input_cfg.0.manifest_filepath=train.jsonl \
-        'data.validation_ds={input_cfg: [{type: speechlm_manifest, manifest_filepath: dev.jsonl}], batch_size: 8}' \
+        'data.validation_ds={input_cfg: [{type: speechlm_manifest, manifest_filepath: dev.jsonl, prompt: "Repeat exactly what is said in the audio: <|audio|>"}], batch_size: 8}' \
         encoder=canary_1b_flash llm=qwen2_5_1_5b_instruct
+
+(A validation input takes its own ``prompt``: it does not inherit the training input's.)
 """
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.parts.cli import hydra_command

@@ -296,6 +296,20 @@ def test_trainable_only_with_a_trained_encoder_restores_without_its_reference(as
     assert_same_weights(restored, model)
 
 
+def test_trainable_only_records_local_references_as_absolute_paths(assets, tmp_path, monkeypatch):
+    """Recorded as given (a path relative to where training ran), the file restored only from that directory."""
+    shutil.copytree(assets["llm"], tmp_path / "llm")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(7)
+    model = SpeechLMModel(model_config("llm"))
+    model.save_trainable_to(str(tmp_path / "small.nemo"))
+    assert model.cfg.pretrained_llm == "llm"  # the model's own config is left as it was
+    monkeypatch.chdir(tmp_path.parent)
+    restored = SpeechLMModel.restore_from(str(tmp_path / "small.nemo"))
+    assert restored.cfg.pretrained_llm == str(tmp_path / "llm")
+    assert_same_weights(restored, model)
+
+
 def test_trainable_only_refuses_a_base_llm_replaced_in_place(assets, tmp_path):
     """The file's adapters were trained on one base LLM; the reference now holds another of the same shape."""
     llm = tmp_path / "llm"

@@ -110,7 +110,8 @@ def check_reference_weights(model: torch.nn.Module, missing: Iterable[str]) -> N
     for part, expected in recorded.items():
         found = fingerprint(by_part.get(part, {}))
         if found != expected:
-            setting = "model.pretrained_llm" if part == "llm" else "the encoder's reference (model.pretrained_asr)"
+            setting = ("model.pretrained_llm" if part == "llm" else "the encoder's reference (model.pretrained_asr)"
+                       if model.cfg.get("pretrained_asr") else "the encoder's checkpoint (model.perception.encoder.pretrained_model)")
             raise InputError(
                 f"this trainable-only model was trained on other {part} weights than {sources.get(part)!r} gives now "
                 f"(fingerprint {found}, saved with {expected}): its adapters would run on another base model",

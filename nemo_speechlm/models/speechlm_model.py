@@ -569,12 +569,30 @@ class SpeechLMModel(ModelPT):
         encoder's own checkpoint) load again; restoring loads them from there and checks that they are the same
         (``models/reference_weights.py``)."""
         left_out = reference_weight_names(self)
-        with self._checkpoint_scope("trainable", reference_fingerprints(self, left_out)):
+        with self._checkpoint_scope("trainable", reference_fingerprints(self, left_out)), self._absolute_references():
             self._state_dict_filter = {name for names in left_out.values() for name in names}
             try:
                 self._write_nemo(save_path)
             finally:
                 self._state_dict_filter = None
+
+    @contextlib.contextmanager
+    def _absolute_references(self):
+        """A trainable-only file records its references as absolute paths where they are local: recorded as given
+        (``pretrained_llm=assets/llm``), it could be restored only from the directory it was trained in."""
+        keys = ("pretrained_llm", "pretrained_asr", "perception.encoder.pretrained_model")
+        given = {key: OmegaConf.select(self._cfg, key, default=None) for key in keys}
+        local = {key: str(Path(value).resolve()) for key, value in given.items()
+                 if isinstance(value, str) and not Path(value).is_absolute() and Path(value).exists()}
+        with open_dict(self._cfg):
+            for key, value in local.items():
+                OmegaConf.update(self._cfg, key, value)
+        try:
+            yield
+        finally:
+            with open_dict(self._cfg):
+                for key in local:
+                    OmegaConf.update(self._cfg, key, given[key])
 
     def _write_nemo(self, save_path: str) -> None:
         """Written beside its path and moved into place: NeMo writes the tar in place, so a run killed mid-write left a
