@@ -50,23 +50,21 @@ T = TypeVar("T")
 
 def positive_int(text: str) -> int:
     """An argparse ``type`` for counts and sizes: 0 or less was taken and failed later with a traceback."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
+    return _int_at_least(text, 1, "1 or more")
 
 
 def count_or_all(text: str) -> int:
     """An argparse ``type`` for "how many, 0 = all": a negative count sliced items off the end (-1: all but one)."""
+    return _int_at_least(text, 0, "0 (all) or more")
+
+
+def _int_at_least(text: str, minimum: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (all) or more, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
     return value
 
 
