@@ -104,7 +104,7 @@ def infer_manifest(
     check_run_settings(output, {"model": model_identity(model, model_name), "manifest": str(Path(manifest).resolve()),
                                 "prompt": prompt, "prompt_field": prompt_field, "system_prompt": system_prompt,
                                 "generation": generation, "answer_field": answer_field, "llm_dtype": llm_dtype(model)},
-                       defaults={"answer_field": "answer", **DTYPE_DEFAULT})
+                       defaults={"answer_field": answer_field, **DTYPE_DEFAULT})  # (not recorded before: unknown)
 
     def record(item: dict, answer: str) -> dict:
         return {**item["entry"].data, "key": item["key"], "prompt": item["prompt"], answer_field: answer}

@@ -108,6 +108,8 @@ def test_the_vllm_backend_takes_and_records_dtype_and_refuses_device(monkeypatch
     args = parser.parse_args(["--teacher", str(tmp_path), "--backend", "vllm", "--dtype", "float16"])
     generator = teacher_from_arguments(args)
     assert made["dtype"] == "float16" and generator.generation_settings()["dtype"] == "float16"
+    plain = teacher_from_arguments(parser.parse_args(["--teacher", str(tmp_path), "--backend", "vllm"]))
+    assert made["dtype"] == "auto" and "dtype" not in plain.generation_settings()  # outputs from before it resume
     with pytest.raises(ConfigError, match="--device is not used by --backend vllm"):
         teacher_from_arguments(parser.parse_args(["--teacher", str(tmp_path), "--backend", "vllm", "--device", "cuda:1"]))
 

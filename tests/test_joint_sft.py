@@ -283,14 +283,10 @@ def test_a_locator_in_the_system_prompt_is_an_error_naming_the_line(tmp_path):
     rows = [{"conversations": _chat("hi", "hello")}]
     with pytest.raises(ManifestError, match=r"field 'system': .*\(the data config's system_prompt\)"):
         _conversations(TEXT_SFT, _write(tmp_path / "c.jsonl", rows), system_prompt=f"Listen: {TAG}")
-
-
-def test_an_end_of_turn_token_in_the_text_is_an_error_naming_the_line(model, tmp_path):
-    """Tokenized as the token itself, it ended the answer's targets there (the rest untrained)."""
-    rows = [{"conversations": _chat("hi", "hello")}, {"conversations": _chat("hi", "It writes <|im_end|> then.")}]
-    with pytest.raises(InputError, match=r"conversation eot-2\S*: Message 1 \(assistant\) contains the chat "
-                                         r"template's end-of-turn token '<\|im_end\|>'"):
-        _first_batch(model, {"type": TEXT_SFT, "manifest_filepath": str(_write(tmp_path / "eot.jsonl", rows))}, 2)
+    # another placeholder is not replaced in a system prompt: there it is text
+    (conversation,) = _conversations(TEXT_SFT, _write(tmp_path / "p.jsonl", [{"system": "Say <speech>.", **rows[0]}]),
+                                     audio_placeholder="<speech>")
+    assert conversation.turns[0].value == "Say <speech>."
 
 
 def test_a_mixed_modal_segment_of_a_longer_file_takes_its_offset(assets, tmp_path):
@@ -301,6 +297,10 @@ def test_a_mixed_modal_segment_of_a_longer_file_takes_its_offset(assets, tmp_pat
     (conversation,) = _conversations(MIXED_MODAL, _write(tmp_path / "m.jsonl", [row]))
     (cut,) = [turn.cut for turn in conversation.turns if hasattr(turn, "cut")]
     assert (cut.start, cut.duration) == pytest.approx((0.25, row["duration"]))
+    two = {**row, "conversations": _chat(f"{TAG} and {TAG}", "ok"), "audio_filepath": [utt["audio_filepath"]] * 2,
+           "duration": [row["duration"]] * 2}  # one offset for both audios
+    (conversation,) = _conversations(MIXED_MODAL, _write(tmp_path / "two.jsonl", [two]))
+    assert [turn.cut.start for turn in conversation.turns if hasattr(turn, "cut")] == pytest.approx([0.25, 0.25])
 
 
 def test_skip_invalid_skips_bad_lines_says_so_and_refuses_a_source_with_none_left(data, tmp_path, caplog):

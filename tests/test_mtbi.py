@@ -109,6 +109,17 @@ def test_a_word_starting_at_the_audios_end_is_read_as_text_when_interleaved(beha
     assert drawn
 
 
+def test_words_spell_the_transcript_as_outside_aligners_write_them():
+    """Apostrophes dropped and Unicode in another normal form are the same words; other words are not."""
+    from nemo_speechlm.data.behaviors import _check_words_for_interleaving
+    from nemo_speechlm.data.manifest import ManifestEntry
+
+    entry = ManifestEntry("b.jsonl", 1, {"text": "Don't go to the café."})
+    _check_words_for_interleaving(entry, [{"word": w} for w in ("dont", "go", "to", "the", "cafe\u0301")])
+    with pytest.raises(ManifestError, match=r"b\.jsonl:1 field 'words': the words .* do not spell the transcript"):
+        _check_words_for_interleaving(entry, [{"word": w} for w in ("do", "go", "to", "the", "cafe")])
+
+
 @pytest.mark.parametrize("prompt_format", [None, "qwen"])
 def test_the_student_reads_the_prompt_the_teacher_reads_with_the_speech_in_place_of_the_words(
         assets, whisper_dir, behaviors, prompt_format):

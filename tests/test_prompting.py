@@ -104,11 +104,18 @@ def test_bad_messages_are_rejected(tokenizer):
         tokenize_chat(hf, [{"role": "robot", "content": "x"}])
     with pytest.raises(ValueError, match="empty"):
         tokenize_chat(hf, [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}])
-    # the end-of-turn token as text: the answer's targets stopped there (the rest untrained, the model learning to stop
-    # mid-answer), and user text could close its turn
-    with pytest.raises(ValueError, match=r"Message 1 \(assistant\) contains the chat template's end-of-turn token "
-                                         r"'<\|im_end\|>' as text"):
-        tokenize_chat(hf, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "It writes <|im_end|> here."}])
+
+
+
+def test_an_end_of_turn_token_in_the_text_is_reported(tokenizer, caplog):
+    """Its turn ends there (an answer's targets stop at it), which nothing said; found only at tokenization, hours
+    into a run, it is reported rather than raised (raised, it stopped the run, and no skip_invalid could skip it)."""
+    with caplog.at_level("WARNING"):
+        out = tokenize_chat(tokenizer.tokenizer, [{"role": "user", "content": "x"},
+                                                  {"role": "assistant", "content": "It writes <|im_end|> here."}])
+    assert out["mask"].any()
+    assert any("assistant text contains the chat template's end-of-turn token '<|im_end|>'" in r.message
+               for r in caplog.records)
 
 
 def test_non_incremental_template_is_refused(tokenizer):

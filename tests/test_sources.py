@@ -178,8 +178,10 @@ def test_lines_skipped_on_the_checking_pass_stay_skipped_and_a_partial_pass_chec
     assert list(lines) == list(lines) == first and lines.summary.total == 2
 
     partial = ManifestConversations(LineSource(manifest_filepath=str(bad)), lambda e, i: e.line, skip_invalid=True)
-    assert next(iter(partial)) == 1  # abandoned after one line
+    abandoned = iter(partial)
+    assert [next(abandoned) for _ in range(3)] == [1, 2, 4]  # abandoned after one skip
     assert list(partial) == [1, 2, 4, 6, 7, 8] and list(partial) == [1, 2, 4, 6, 7, 8]
+    assert partial.summary.total == 2  # its skips counted once, though the next pass checked the lines again
 
 
 def test_tarred_nemo_manifest_reads_like_the_manifest(behaviors, tmp_path):
@@ -302,12 +304,13 @@ def test_an_archive_error_names_the_same_item_whatever_the_shard_order(behaviors
             list(lines)
 
 
-def test_shard_seed_randomized_is_one_order_for_every_rank_and_trng_is_refused():
+def test_shard_seed_randomized_and_trng_are_one_order_for_every_rank():
     config = {"shar_path": "s", "shuffle_shards": True}
     assert LineSource.from_config(OmegaConf.create({**config, "shard_seed": "randomized"}), "mtbi_behaviors").shard_seed == 0
     assert LineSource.from_config(OmegaConf.create({**config, "shard_seed": 7}), "mtbi_behaviors").shard_seed == 7
-    with pytest.raises(ConfigError, match="shard_seed 'trng' is not an integer"):
-        LineSource.from_config(OmegaConf.create({**config, "shard_seed": "trng"}), "mtbi_behaviors")
+    assert LineSource.from_config(OmegaConf.create({**config, "shard_seed": "trng"}), "mtbi_behaviors").shard_seed == 0
+    with pytest.raises(ConfigError, match="shard_seed 'often' is not an integer"):
+        LineSource.from_config(OmegaConf.create({**config, "shard_seed": "often"}), "mtbi_behaviors")
     unshuffled = {"shar_path": "s", "shard_seed": "trng"}  # NeMo's default for an input: unused without shuffling
     assert LineSource.from_config(OmegaConf.create(unshuffled), "mtbi_behaviors").shard_seed == 0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 import re
+import unicodedata
 from functools import partial
 
 from lhotse.cut import Cut
@@ -88,7 +89,9 @@ def _check_words_for_interleaving(entry: ManifestEntry, words: list[dict] | None
 
 
 def _plain(text: str) -> list[str]:
-    return re.findall(r"[^\W_]+", text.lower())
+    """Words as an outside aligner may write them: NFKC, lower case, apostrophes dropped ("don't" = "dont")."""
+    text = unicodedata.normalize("NFKC", text).lower().replace("'", "").replace("’", "")
+    return re.findall(r"[^\W_]+", text)
 
 
 def _interleaved_pieces(utterance: Cut, words: list[dict], cfg: InterleaveConfig, rng: random.Random, tag: str) -> list:

@@ -204,9 +204,8 @@ class ManifestConversations:
                     e = naming_the_cut(e, entry.cut)
                 if not self.skip_invalid:
                     raise e from None
-                if checking:  # as read_manifest says it of the lines it skips (once: later passes skip them too)
+                if self.summary.add(e):  # as read_manifest says it of the lines it skips, once per line
                     log.warning("Skipping %s", e)
-                self.summary.add(e)
             else:
                 yielded += 1
         if checking and not yielded and self.summary.total:  # a source of the mix would vanish without a word
@@ -243,10 +242,7 @@ def concatenate_turns_prompt_fn(example: NeMoMultimodalConversation, formatter: 
             turns[-1]["slots"]["message"] += piece
         else:
             turns.append({"role": turn.role, "slots": {"message": piece}})
-    try:
-        return formatter.encode_dialog(with_system_turn_for(formatter, turns), **kwargs)
-    except ValueError as e:  # e.g. an end-of-turn token in the text: name the line (ids are ``<manifest stem>-<line>``)
-        raise InputError(f"conversation {example.id}: {e}") from None
+    return formatter.encode_dialog(with_system_turn_for(formatter, turns), **kwargs)
 
 
 @registered_prompt_format_fn(ReadoutConversation)

@@ -134,7 +134,7 @@ def audio_cuts(entry: ManifestEntry) -> list[Cut]:
         return []
     if isinstance(paths, str):
         paths, durations, offsets = [paths], [durations], [offsets]
-    offsets = [None] * len(paths) if offsets is None else offsets
+    offsets = [offsets] * len(paths) if not isinstance(offsets, list) else offsets  # one offset (or none) for all
     if not all(isinstance(v, list) and len(v) == len(paths) for v in (paths, durations, offsets)):
         raise ManifestError(
             entry.path, entry.line, "audio_filepath, duration and offset must be one value each or lists of equal "
@@ -185,9 +185,8 @@ def turns_to_conversation(
     system = entry.get("system")
     own_system = isinstance(system, str) and bool(system.strip())
     system = system if own_system else system_prompt  # blank: the configured one
-    if system and (audio_locator_tag in system or placeholder in system):  # it stopped training at the batch
-        what, token = ("locator", audio_locator_tag) if audio_locator_tag in system else ("placeholder", placeholder)
-        raise ManifestError(entry.path, entry.line, f"the system prompt contains the audio {what} {token!r}"
+    if system and audio_locator_tag in system:  # it stopped training at the batch (a placeholder there stays text)
+        raise ManifestError(entry.path, entry.line, f"the system prompt contains the audio locator {audio_locator_tag!r}"
                             + ("" if own_system else " (the data config's system_prompt)"), "system")
     out = [TextTurn(value=system, role="system")] if system else []
     remaining = list(cuts)

@@ -51,11 +51,16 @@ class SkipSummary:
     examples: dict = field(default_factory=dict)
     lines: set = field(default_factory=set)  # (file, line) of every line skipped
 
-    def add(self, err: ManifestError) -> None:
+    def add(self, err: ManifestError) -> bool:
+        """Count ``err``'s line; False (and not counted) when it was counted before: a pass abandoned half-way
+        (a validation limit) is checked again, and its skips were counted again."""
+        if (err.path, err.line) in self.lines:
+            return False
         key = err.field or "line"
         self.counts[key] += 1
         self.examples.setdefault(key, str(err))
         self.lines.add((err.path, err.line))
+        return True
 
     @property
     def total(self) -> int:
@@ -175,9 +180,8 @@ def read_manifest(
             except ManifestError as e:
                 if not skip_invalid:
                     raise
-                if summary is not None:
-                    summary.add(e)
-                log.warning("Skipping %s", e)
+                if summary is None or summary.add(e):
+                    log.warning("Skipping %s", e)
 
 
 def decode_line(path, line: int, raw: bytes) -> str:

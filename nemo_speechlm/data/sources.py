@@ -17,6 +17,7 @@ are checked as a manifest's are, and errors name the archive and the item's cut 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -25,6 +26,8 @@ from lhotse.cut import Cut
 
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, check_text_fields, read_manifest
 from nemo_speechlm.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class LineSource:
@@ -129,13 +132,18 @@ class LineSource:
 def _fixed_shard_seed(seed, shuffle_shards: bool, data_type: str) -> int:
     """Every rank reads the whole stream and takes its share of the batches (``data.resumable``), so all ranks need
     one shard order: ``randomized`` (a seed per worker and rank) becomes 0; ``trng`` (a new order each run, NeMo's
-    default for an input) would break both the split and the resume, and is refused where shards are shuffled."""
+    default for an input) would break both the split and the resume: with ``shuffle_shards`` it is 0 too, with a
+    warning; any other non-integer is an error."""
     if seed == "randomized" or not shuffle_shards:  # (unshuffled: the seed is not used)
+        return 0
+    if seed == "trng":
+        log.warning(f"Data config of type {data_type!r}: shard_seed 'trng' (a new shard order every run) cannot be "
+                    "split across ranks or resumed; using 0 (set shard_seed to an integer to choose the order)")
         return 0
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"Data config of type {data_type!r}: shard_seed {seed!r} is not an integer; our data types "
                           "need one shard order on every rank and after a resume", "set shard_seed to an integer "
-                          "(`randomized`, NeMo's default, means 0 here)")
+                          "(`randomized` means 0 here)")
     return seed
 
 

@@ -196,8 +196,8 @@ class VLLMChatGenerator:
                               "pip install vllm (on a CUDA machine), or use --backend hf") from exc
         self._vllm = vllm
         self.model_name = str(model)
-        self.dtype = dtype or "auto"  # (was not passed on: --dtype was ignored, and not recorded)
-        self.llm = vllm.LLM(model=_loadable_source(str(model)), seed=seed, dtype=self.dtype, **llm_kwargs)
+        self.dtype = dtype  # (was not passed on: --dtype was ignored, and not recorded)
+        self.llm = vllm.LLM(model=_loadable_source(str(model)), seed=seed, dtype=dtype or "auto", **llm_kwargs)
         self.do_sample = do_sample
         self.temperature = temperature
         self.top_p = top_p
@@ -231,7 +231,8 @@ class VLLMChatGenerator:
             "top_p": self.top_p if self.do_sample else None,
             "max_new_tokens": self.max_new_tokens,
             "seed": self.seed,
-            "dtype": self.dtype,
+            # only when given: outputs written before it was recorded (vLLM's "auto") resume
+            **({"dtype": self.dtype} if self.dtype else {}),
         }
 
 
@@ -288,7 +289,7 @@ def add_teacher_arguments(parser, teacher_help: str = "") -> None:
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="hf")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 on GPUs (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 on GPUs (default: hf float32 on CPU, bfloat16 on CUDA; vllm its own choice)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)

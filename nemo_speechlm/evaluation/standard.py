@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import math
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,9 +281,10 @@ def evaluate_sqa(
     in which ``{question}`` is replaced by it (e.g. ``"{question} Answer briefly."``).
     """
     template = prompt if prompt is not None else "{question}"
-    if "{question}" not in template:
-        raise InputError(f"the SQA prompt {template!r} has no {{question}}: every line would be asked it without its "
-                         "question", 'put {question} where the question goes, e.g. "{question} Answer briefly."')
+    if "{question}" not in template:  # right for questions spoken in the audio; a slip otherwise, so say it
+        print(f"note: the SQA prompt {template!r} has no {{question}}: every line is asked it without its question "
+              '(put {question} where it goes, e.g. "{question} Answer briefly.", unless the audio asks it)',
+              file=sys.stderr, flush=True)
 
     def prompt_for(entry: ManifestEntry) -> str:
         return template.replace("{question}", entry[question_field])

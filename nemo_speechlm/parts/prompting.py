@@ -6,6 +6,8 @@ without writing a formatter. NeMo ``PromptFormatter`` names (``llama3``, ``qwen`
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from nemo.collections.common.prompts.formatter import Modality, PromptFormatter
 
@@ -14,6 +16,8 @@ from nemo_speechlm.parts.decoding import tokenizer_end_ids
 CHAT_TEMPLATE_FORMAT = "speechlm_chat_template"
 
 ROLES = ("system", "user", "assistant")
+
+log = logging.getLogger(__name__)
 
 
 def tokenize_chat(hf_tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> dict:
@@ -36,12 +40,12 @@ def tokenize_chat(hf_tokenizer, messages: list[dict], add_generation_prompt: boo
             raise ValueError(f"Message {i} ({m.get('role')}) has empty or non-string content: {m.get('content')!r}.")
 
     ends = _turn_end_ids(hf_tokenizer)
-    for i, m in enumerate(messages):  # the text would end its turn there: an answer's targets stopped at it, and a
-        # user's text could close its turn and write the assistant's
+    for i, m in enumerate(messages):  # the text ends its turn there: an answer's targets stop at it, a user's text
+        # could close its turn. Found only here, hours into a run, so said (not raised: it stopped the run, unskippable)
         literal = next((t for t in _end_token_texts(hf_tokenizer, ends) if t in m["content"]), None)
         if literal is not None:
-            raise ValueError(f"Message {i} ({m['role']}) contains the chat template's end-of-turn token {literal!r} as "
-                             "text: the turn would end there; remove it from the data")
+            _warn_end_token_in_text(f"{m['role']} text contains the chat template's end-of-turn token {literal!r}: "
+                                    f"its turn ends there (an answer trains only up to it): {m['content'][:80]!r}")
     messages = _system_in_first_user_turn_if_refused(hf_tokenizer, messages)
 
     def render(msgs, gen_prompt):
@@ -86,7 +90,21 @@ def _turn_end_ids(hf_tokenizer) -> frozenset[int]:
 
 def _end_token_texts(hf_tokenizer, ends: frozenset[int]) -> list[str]:
     """The text of each end-of-turn id (``<|im_end|>``, ``<end_of_turn>``, ...), empty strings left out."""
-    return [t for t in hf_tokenizer.convert_ids_to_tokens(sorted(ends)) if t]
+    key = (getattr(hf_tokenizer, "name_or_path", ""), len(hf_tokenizer), ends)
+    if key not in _END_TOKEN_TEXTS:
+        _END_TOKEN_TEXTS[key] = [t for t in hf_tokenizer.convert_ids_to_tokens(sorted(ends)) if t]
+    return _END_TOKEN_TEXTS[key]
+
+
+_END_TOKEN_TEXTS: dict[tuple, list[str]] = {}
+_END_TOKEN_WARNINGS = {"left": 10}
+
+
+def _warn_end_token_in_text(message: str) -> None:
+    """The first ten such messages of a process, then one saying the rest are not shown."""
+    if _END_TOKEN_WARNINGS["left"] > 0:
+        _END_TOKEN_WARNINGS["left"] -= 1
+        log.warning(message + ("" if _END_TOKEN_WARNINGS["left"] else " (further ones are not shown)"))
 
 
 def _system_in_first_user_turn_if_refused(hf_tokenizer, messages: list[dict]) -> list[dict]:
