@@ -39,10 +39,10 @@ def tokenize_chat(hf_tokenizer, messages: list[dict], add_generation_prompt: boo
         if not isinstance(m.get("content"), str) or (m["role"] == "assistant" and not m["content"].strip()):
             raise ValueError(f"Message {i} ({m.get('role')}) has empty or non-string content: {m.get('content')!r}.")
 
-    ends = _turn_end_ids(hf_tokenizer)
-    for i, m in enumerate(messages):  # the text ends its turn there: an answer's targets stop at it, a user's text
-        # could close its turn. Found only here, hours into a run, so said (not raised: it stopped the run, unskippable)
-        literal = next((t for t in _end_token_texts(hf_tokenizer, ends) if t in m["content"]), None)
+    ends, end_texts = _turn_ends(hf_tokenizer)
+    for m in messages:  # the text ends its turn there: an answer's targets stop at it, a user's text could close its
+        # turn. Found only here, hours into a run, so said (not raised: it stopped the run, and was unskippable)
+        literal = next((t for t in end_texts if t in m["content"]), None)
         if literal is not None:
             _warn_end_token_in_text(f"{m['role']} text contains the chat template's end-of-turn token {literal!r}: "
                                     f"its turn ends there (an answer trains only up to it): {m['content'][:80]!r}")
@@ -76,27 +76,20 @@ def tokenize_chat(hf_tokenizer, messages: list[dict], add_generation_prompt: boo
 
 
 _TEMPLATE_TAKES_SYSTEM: dict[str, bool] = {}
-_TURN_END_IDS: dict[tuple, frozenset[int]] = {}
+_TURN_ENDS: dict[tuple, tuple[frozenset[int], tuple[str, ...]]] = {}
 
 
-def _turn_end_ids(hf_tokenizer) -> frozenset[int]:
-    """The ids that end an assistant turn (EOS, the template's end-of-turn token), once per tokenizer and template."""
+def _turn_ends(hf_tokenizer) -> tuple[frozenset[int], tuple[str, ...]]:
+    """The ids that end an assistant turn (EOS, the template's end-of-turn token) and their texts (``<|im_end|>``,
+    ...), once per tokenizer and template."""
     key = (getattr(hf_tokenizer, "name_or_path", ""), hf_tokenizer.chat_template, len(hf_tokenizer),
            hf_tokenizer.eos_token_id)
-    if key not in _TURN_END_IDS:
-        _TURN_END_IDS[key] = frozenset(tokenizer_end_ids(hf_tokenizer))
-    return _TURN_END_IDS[key]
+    if key not in _TURN_ENDS:
+        ids = frozenset(tokenizer_end_ids(hf_tokenizer))
+        _TURN_ENDS[key] = ids, tuple(t for t in hf_tokenizer.convert_ids_to_tokens(sorted(ids)) if t)
+    return _TURN_ENDS[key]
 
 
-def _end_token_texts(hf_tokenizer, ends: frozenset[int]) -> list[str]:
-    """The text of each end-of-turn id (``<|im_end|>``, ``<end_of_turn>``, ...), empty strings left out."""
-    key = (getattr(hf_tokenizer, "name_or_path", ""), len(hf_tokenizer), ends)
-    if key not in _END_TOKEN_TEXTS:
-        _END_TOKEN_TEXTS[key] = [t for t in hf_tokenizer.convert_ids_to_tokens(sorted(ends)) if t]
-    return _END_TOKEN_TEXTS[key]
-
-
-_END_TOKEN_TEXTS: dict[tuple, list[str]] = {}
 _END_TOKEN_WARNINGS = {"left": 10}
 
 
