@@ -134,20 +134,23 @@ def test_an_answer_to_an_edited_question_or_segment_is_made_anew(tiny, assets, t
     """Answers resume by the line's key (its own ``key`` field, or audio and offset): an edited question or a
     corrected segment duration kept the old answer, relabelled with the new question or duration."""
     rows = [{**row, "key": f"q{i}", "question": "What is said?", "answer": row["text"], "offset": 0.0}
-            for i, row in enumerate(manifest_lines(assets)[:3])]
+            for i, row in enumerate(manifest_lines(assets)[:4])]
+    rows[3] = {**rows[3], "offset": 0.1, "duration": round(rows[3]["duration"] - 0.1, 3)}
     manifest = write_jsonl(tmp_path / "sqa.jsonl", rows)
     run = dict(batch_size=4, max_new_tokens=3)
     standard.evaluate_sqa(tiny[0], manifest, tmp_path / "out", **run)
     first = {r["key"]: r for r in _records(tmp_path / "out" / "sqa_predictions.jsonl")}
     rows[0]["question"] = "Who speaks?"
     rows[1]["duration"] = round(rows[1]["duration"] / 2, 3)
+    del rows[3]["offset"]  # the segment now starts at 0 (it kept the answer about the segment from 0.1 s)
     write_jsonl(tmp_path / "sqa.jsonl", rows)
     standard.evaluate_sqa(tiny[0], manifest, tmp_path / "out", **run)
     summary = json.loads((tmp_path / "out" / "sqa_predictions.jsonl.summary.json").read_text())
-    assert (summary["done_before"], summary["written"]) == (1, 2)
+    assert (summary["done_before"], summary["written"]) == (1, 3)
     records = {r["key"]: r for r in _records(tmp_path / "out" / "sqa_predictions.jsonl")}
     assert records["q0"]["question"] == "Who speaks?" and records["q0"]["prompt"].startswith("Who speaks?")
     assert records["q1"]["duration"] == rows[1]["duration"] and records["q2"] == first["q2"]
+    assert "offset" in first["q3"] and "offset" not in records["q3"]
 
 
 def test_a_resume_in_another_dtype_or_answer_field_is_refused(tiny, assets, tmp_path):

@@ -84,6 +84,8 @@ def answer_items(
 
 
 def _asked(item: dict) -> dict:
-    """What an answer was made for, as its record copies it: the prompt and the audio segment."""
+    """What an answer was made for, as its record copies it: the prompt and the audio segment (``None`` where the line
+    has no offset or duration, as the record then has none: a segment bound removed from a keyed line kept the answer
+    to the segment)."""
     entry = item["entry"]
-    return {"prompt": item["prompt"], **{f: entry[f] for f in ("offset", "duration") if entry.get(f) is not None}}
+    return {"prompt": item["prompt"], "offset": entry.get("offset"), "duration": entry.get("duration")}
