@@ -70,7 +70,7 @@ def train(cfg: DictConfig, model_cls) -> Path:
     check_clip_lengths(clips, model)
     fill_model_settings(cfg.data, model)
     if _encodes_before_fit(cfg):
-        model.to(trainer.strategy.root_device)  # feature cache / pre-alignment on this rank's accelerator
+        model.move_speech_side(trainer.strategy.root_device)  # feature cache / pre-alignment on this rank's accelerator
     feature_cache = open_feature_cache(cfg.get("feature_cache"), model, trainer.precision)
     # The pre-alignment encodes its manifest first, in manifest order: an utterance's cached features (to
     # rounding, the batch it was encoded in) then do not depend on which utterances the training data asks for.

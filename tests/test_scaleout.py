@@ -280,6 +280,20 @@ def test_fsdp2_strategy_spans_every_device_and_needs_a_device_count():
         resolve_strategy({"strategy": "fsdp2", "devices": "auto"})
 
 
+def test_pre_fit_work_moves_the_speech_side_only(assets):  # noqa: F811
+    """The feature cache and pre-alignment need the perception, the read-out and the LLM's input embeddings on the
+    rank's device; the LLM's layers stay on the host, for FSDP2 to move only this rank's shards of them at ``fit``
+    (the whole fp32 LLM went to every GPU). The meta device stands in for the GPU."""
+    model = SpeechLMModel(model_config(assets["llm"], ctc_readout=True))
+    model.move_speech_side(torch.device("meta"))
+    assert model.device.type == "meta"  # where the speech code puts its inputs
+    speech_side = [*model.perception.parameters(), *model.ctc_readout.parameters(), *model.ctc_readout.buffers(),
+                   model.embed_tokens.weight]
+    assert all(t.is_meta for t in speech_side)
+    layers = list(model.llm.model.layers.parameters())
+    assert layers and not any(p.is_meta for p in layers)
+
+
 def _first_input_ids(loader, n: int) -> list[torch.Tensor]:
     return [b["input_ids"] for _, b in zip(range(n), loader)]
 

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.device_dtype_mixin import _update_properties
 from nemo.collections.speechlm2.data.salm_dataset import left_collate_vectors
 from nemo.collections.speechlm2.models.salm import replace_placeholders_and_build_targets
 from nemo.collections.speechlm2.parts.encoder_chunking import encode_audio_with_optional_chunking
@@ -151,6 +152,19 @@ class SpeechLMModel(ModelPT):
     @property
     def embed_tokens(self) -> torch.nn.Embedding:
         return self.llm.get_input_embeddings()
+
+    def move_speech_side(self, device: torch.device) -> None:
+        """Move what encodes and aligns speech before ``fit`` (the perception, the CTC read-out and the LLM's input
+        embeddings, which connector pre-alignment targets) to ``device``, leaving the rest of the LLM where it is.
+
+        ``fit`` then moves the whole model (DDP) or each rank's shards only (FSDP2: ``fully_shard`` moves each unit's
+        shard to the mesh's device). The whole model moved here made the LLM's fp32 weights fit one GPU under FSDP2."""
+        for child in self.children():
+            if child is not self.llm:
+                child.to(device)
+        self.embed_tokens.to(device)
+        # Lightning's ``self.device`` (where the speech code puts its inputs) follows ``self.to`` only.
+        _update_properties(self, device=torch.device(device))
 
     @property
     def audio_locator_tag(self) -> str:
