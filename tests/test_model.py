@@ -9,6 +9,7 @@ from nemo.collections.asr.models import ASRModel
 from nemo.core.classes.common import ALLOWED_TARGET_PREFIXES, safe_instantiate
 from omegaconf import OmegaConf
 
+from nemo_speechlm.errors import ConfigError
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.models.reference_weights import fingerprint
 from nemo_speechlm.parts.checkpoint import CheckpointError, restore_checked
@@ -73,6 +74,20 @@ def test_lora_modules_to_save_train(assets):
     head = {n: p.requires_grad for n, p in model.named_parameters() if "lm_head" in n}
     assert head == {"llm.base_model.model.lm_head.original_module.weight": False,
                     "llm.base_model.model.lm_head.modules_to_save.default.weight": True}
+
+
+def test_a_kept_llm_weight_that_lora_freezes_is_a_config_error(assets):
+    """Under LoRA, peft freezes the LLM's base weights and a ``prevent_freeze_params`` pattern naming them trained
+    nothing (speechlm2 logged it as an unmatched, "bad" regexp); ``modules_to_save`` is the way to train them."""
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}
+    keep = [r"^llm\..*embed_tokens\..+$"]
+    with pytest.raises(ConfigError, match=r"prevent_freeze_params: .*embed_tokens.* LoRA keeps frozen") as err:
+        SpeechLMModel(model_config(assets["llm"], lora=lora, prevent_freeze_params=keep))
+    assert "modules_to_save" in err.value.fix
+    model = SpeechLMModel(model_config(assets["llm"], lora={**lora, "modules_to_save": ["embed_tokens"]},
+                                       prevent_freeze_params=keep))  # the pattern also names the trained copy: fine
+    assert any(p.requires_grad for n, p in model.named_parameters() if "embed_tokens.modules_to_save" in n)
+    SpeechLMModel(model_config(assets["llm"], prevent_freeze_params=keep))  # no LoRA: the pattern unfreezes them
 
 
 def test_several_audios_per_sample_are_spliced_in_order(model, assets):
@@ -169,6 +184,7 @@ def test_unsupported_architecture_has_clear_error():
 
 ROUND_TRIP_CHECK = """
 import torch, nemo_speechlm
+from nemo_speechlm.errors import ConfigError
 from nemo_speechlm.models import SpeechLMModel
 expected = torch.load({ref!r})
 m = SpeechLMModel.restore_from({nemo!r})

@@ -90,6 +90,8 @@ class SpeechLMModel(ModelPT):
         self.ctc_readout = CTCReadout(self.llm.config.hidden_size) if self.cfg.get("ctc_readout") else None
         self._install_lora()
         self._freeze()
+        if not restoring:
+            self._check_lora_leaves_kept_weights_trainable()
         self.prompt_formatter = resolve_prompt_formatter(self.cfg.get("prompt_format"), self.tokenizer)
         self._packing_checked = False  # model.pack_sequences: the LLM is tried once, at the first packed batch
         self._validation_totals: dict[str, torch.Tensor] = {}  # per validation set: [samples, loss sum, acc sum]
@@ -141,6 +143,24 @@ class SpeechLMModel(ModelPT):
             keep_patterns=list(self.cfg.get("prevent_freeze_params", [])),
         ):
             pass
+
+    def _check_lora_leaves_kept_weights_trainable(self) -> None:
+        """A ``prevent_freeze_params`` pattern naming LLM base weights trains nothing under LoRA: peft freezes every
+        base weight and speechlm2's freezing skips frozen ones, so the pattern was ignored with a warning that called
+        it a bad regexp. (Unfrozen, they would also train under the KL teacher, which only switches the adapters off.)"""
+        if not self.cfg.get("lora"):
+            return
+        ours = (LORA_PARAM_PATTERN, LORA_MODULES_TO_SAVE_PATTERN)
+        for pattern in self.cfg.get("prevent_freeze_params", []):
+            named = {n: p.requires_grad for n, p in self.named_parameters()
+                     if pattern not in ours and n.startswith("llm.") and re.match(pattern, n)}
+            frozen = [n for n, trains in named.items() if not trains]
+            if frozen and not any(named.values()):  # (with modules_to_save the pattern also names the trained copy)
+                raise ConfigError(
+                    f"model.prevent_freeze_params: {pattern!r} names LLM base weights that LoRA keeps frozen "
+                    f"({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}), so they would not train",
+                    "train whole LLM modules beside LoRA with model.lora.modules_to_save (e.g. [embed_tokens, lm_head]), "
+                    "or drop model.lora to train the LLM's weights themselves")
 
     def parameter_counts(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.parameters())
