@@ -69,6 +69,23 @@ def test_an_llm_whose_packed_sequences_see_each_other_is_refused():
     assert llm.training
 
 
+class _LlamaSeparatingOneRowOnly(LlamaForCausalLM):
+    """As transformers' flash-attention path: restarting position_ids separate packed sequences in a batch of one
+    row only; a batch of several rows is attended causally over each whole row."""
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        if input_ids is not None and input_ids.shape[0] > 1 and attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)  # no packed-sequence detection: one causal row
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def test_an_llm_that_separates_packed_sequences_in_one_row_only_is_refused():
+    """Training packs several rows; a check on one row passed such an LLM, whose packed examples then saw each other."""
+    llm = _tiny(LlamaConfig, _LlamaSeparatingOneRowOnly, intermediate_size=64, num_key_value_heads=4)
+    with pytest.raises(ConfigError, match="does not keep packed sequences apart"):
+        check_llm_keeps_packed_sequences_apart(llm)
+
+
 def test_a_left_padded_row_keeps_its_positions_without_packing():
     """Without packing (``pack_sequences=false``) the model's forward gave no positions: a GPT-2-style LLM with
     learned positions numbered them from the padding, and trained padded rows on shifted ones (OPT, which cannot

@@ -81,21 +81,23 @@ def _fill_evenly(order: list[int], lengths: list[int], n_rows: int) -> tuple[lis
 def check_llm_keeps_packed_sequences_apart(llm: torch.nn.Module) -> None:
     """Raise :class:`ConfigError` when ``llm`` lets a packed sequence see the one packed before it.
 
-    Runs a 3-token sequence alone and after a 32-token one in the same row (positions restarting at 0,
-    no attention mask, as :func:`pack_rows` feeds it) and compares its logits. Two tiny forwards, in
-    eval mode so dropout does not count as a difference; the modules' train/eval modes are restored.
+    Runs a 3-token sequence alone and after a 32-token one in each of two rows (positions restarting at 0,
+    no attention mask, as :func:`pack_rows` feeds it) and compares its logits. Two rows, as training packs them:
+    transformers' flash-attention path recognises packed sequences in a batch of one row only. Two tiny forwards,
+    in eval mode so dropout does not count as a difference; the modules' train/eval modes are restored.
     """
     embeddings = llm.get_input_embeddings()
     vocab, device = embeddings.num_embeddings, embeddings.weight.device
-    before = torch.arange(32, device=device) * 7 % vocab  # fixed ids: the check draws no random numbers
+    befores = [torch.arange(32, device=device) * step % vocab for step in (7, 5)]  # fixed ids: no random numbers drawn
     tokens = (torch.arange(3, device=device) * 11 + 1) % vocab
     modes = {module: module.training for module in llm.modules()}
     llm.eval()
     try:
         alone = llm(input_ids=tokens[None], position_ids=torch.arange(3, device=device)[None],
                     attention_mask=None, use_cache=False).logits.float()
-        packed = llm(input_ids=torch.cat([before, tokens])[None],
-                     position_ids=torch.cat([torch.arange(32, device=device), torch.arange(3, device=device)])[None],
+        positions = torch.cat([torch.arange(32, device=device), torch.arange(3, device=device)])
+        packed = llm(input_ids=torch.stack([torch.cat([before, tokens]) for before in befores]),
+                     position_ids=torch.stack([positions, positions]),
                      attention_mask=None, use_cache=False).logits[:, 32:].float()
     finally:
         for module, training in modes.items():
