@@ -23,7 +23,8 @@ def main(argv=None) -> None:
     p.add_argument("--output", required=True, help="behaviors JSONL (appended to; reruns resume)")
     p.add_argument("--catalog", default=None, help="task catalog YAML (default: nemo_speechlm/conf/mtbi/tasks.yaml)")
     p.add_argument("--tasks", nargs="*", default=None, help="only these training tasks")
-    p.add_argument("--tasks-per-utterance", type=positive_int, default=4)
+    p.add_argument("--tasks-per-utterance", type=positive_int, default=4,
+                   help="training tasks drawn per utterance (at most the catalog's, or --tasks', count)")
     p.add_argument("--prompts-per-task", type=positive_int, default=1)
     p.add_argument("--ground-truth-tasks", nargs="*", default=[], help="tasks whose response is their ground truth "
                    "field instead of the LLM's answer (e.g. repeat)")
