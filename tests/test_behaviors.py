@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.data.task_catalog import HELDOUT, TaskCatalog
 from nemo_speechlm.datagen.behaviors import behavior_items, behavior_job
@@ -224,3 +226,17 @@ def test_a_task_cap_or_prompt_edited_in_the_catalog_is_not_resumed_into(assets, 
     settings.write_text(json.dumps({k: v for k, v in recorded.items() if k not in ("task_caps", "prompts")}))
     summary = run_resumable(items, behavior_job(_EchoingTeacher(transcripts), catalog, 32), out, batch_size=4, desc="b")
     assert summary.done_before == 4  # an output from before they were recorded resumes
+
+
+def test_a_repeated_manifest_line_is_named_by_its_file_lines(assets, tmp_path):
+    """A line given twice makes the same items twice; the error named their positions among the items (e.g. "items
+    1 and 9"), not the manifest lines to remove."""
+    from nemo_speechlm.errors import InputError
+    from nemo_speechlm.parts.runner import run_resumable
+
+    lines = Path(assets["manifest"]).read_text().splitlines()
+    manifest = tmp_path / "twice.jsonl"
+    manifest.write_text("\n".join(lines[:3] + lines[:1]) + "\n")
+    items = list(behavior_items(manifest, TaskCatalog.load(), 1, 1))
+    with pytest.raises(InputError, match=rf"{manifest}:1 and {manifest}:4 are the same item"):
+        run_resumable(items, lambda batch: [], tmp_path / "out.jsonl", batch_size=4, desc="Generating behaviors")

@@ -243,7 +243,7 @@ def test_corrupt_line_is_an_error_naming_file_and_line(tmp_path):
 def test_duplicate_input_keys_are_an_error(tmp_path):
     from nemo_speechlm.errors import InputError
 
-    with pytest.raises(InputError, match=r"dup: items 4 and 24 are the same item \('utt03'\)"):
+    with pytest.raises(InputError, match=r"dup: item 4 and item 24 are the same item \('utt03'\)"):
         run_resumable(ITEMS + [ITEMS[3]], job, tmp_path / "out.jsonl", batch_size=4, desc="dup")
 
 

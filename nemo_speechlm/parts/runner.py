@@ -151,7 +151,7 @@ def run_resumable(
     rejected_path = Path(str(output_path) + REJECTED_SUFFIX)
     items = list(items)
     keys = [key_of(item) for item in items]
-    _check_unique(keys, desc)
+    _check_unique(keys, items, desc)
 
     output_path.parent.mkdir(parents=True, exist_ok=True)
     records = _read_jsonl(output_path, key_of, what="output record")
@@ -328,18 +328,27 @@ def _key_function(key: KeyFn | str) -> KeyFn:
     return get
 
 
-def _check_unique(keys: list, desc: str) -> None:
+def _check_unique(keys: list, items: list, desc: str) -> None:
     first_index: dict = {}
     for index, k in enumerate(keys):
         if not isinstance(k, (str, int)):
             raise TypeError(f"{desc}: item {index} has key {k!r} of type {type(k).__name__}; keys must be str (or int)")
         if k in first_index:  # an input line given twice (a traceback before)
+            first, again = (_where(items[i], i) for i in (first_index[k], index))
             raise InputError(
-                f"{desc}: items {first_index[k] + 1} and {index + 1} are the same item ({k!r}); each needs its own key, "
+                f"{desc}: {first} and {again} are the same item ({k!r}); each needs its own key, "
                 "or resuming cannot tell which ones are done",
                 "remove the entry given twice from the input (e.g. a repeated manifest line)",
             )
         first_index[k] = index
+
+
+def _where(item: Any, index: int) -> str:
+    """An item's manifest file and line where it carries its line (``entry``: a ManifestEntry), else its position."""
+    entry = item.get("entry") if isinstance(item, dict) else None
+    if getattr(entry, "path", None) is not None and getattr(entry, "line", None) is not None:
+        return f"{entry.path}:{entry.line}"
+    return f"item {index + 1}"
 
 
 def _check_no_foreign_records(foreign: set, output_path: Path, rejected_path: Path) -> None:
