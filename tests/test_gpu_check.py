@@ -66,3 +66,28 @@ def test_a_spent_budget_skips_the_remaining_steps_and_still_prints_the_table(tmp
     rows = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
     assert len(rows) == 6 and all(r["code"] == "no time" for r in rows)
     assert "[SKIP] plain SFT: no time left in --budget 1 s" in out and "FAIL(no time)" in out
+
+
+def test_a_terminated_check_kills_its_step_and_prints_the_table_with_the_logs_where_asked(tmp_path):
+    """The device's command limit ends the check with SIGTERM: Python used to exit without its table, leaving the
+    step's processes running, and its logs in a folder that was copied back only at the end."""
+    import signal
+    import time
+
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out", str(out),
+                             "--log-dir", str(logs)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    log = logs / "plain_sft.log"
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and log.stat().st_size) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)  # the first step is running and writing its log
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stdout[-3000:]
+    rows = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    assert [(r["name"], r["code"]) for r in rows] == [("plain SFT", "terminated")]
+    assert "FAIL(terminated)" in stdout and f"logs in {logs}" in stdout
+    assert log.is_file() and not list(out.glob("*.log"))
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert not left, f"the step's processes outlived the check: {left}"

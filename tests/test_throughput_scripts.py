@@ -14,7 +14,7 @@ def run_benchmark(script: str, *args: str) -> dict:
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
                           timeout=900, cwd=REPO)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][len("RESULT "):])
 
 
 def test_generation_benchmark_tiny_batched_answers_equal_one_at_a_time():
