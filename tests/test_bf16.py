@@ -60,28 +60,38 @@ class _Probe(SpeechLMModel):
     seen: list[dict] = []
 
     def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        pre = self.perception.preprocessor
-        feats, _ = pre(input_signal=batch["audios"], length=batch["audio_lens"]) if batch.get("audios") is not None else (None, None)
+        pre, front_end = self.perception.preprocessor, {}
+        # What the model's own encoder stage hands the mel front end and gets back (no mel of this step: cached features)
+        hook = pre.register_forward_hook(lambda module, args, kwargs, out: front_end.update(
+            signal=kwargs["input_signal"].dtype, features=out[0].dtype), with_kwargs=True)
+        try:
+            loss = super().training_step(batch, batch_idx)
+        finally:
+            hook.remove()
         _Probe.seen.append({
             "loss": float(loss.detach()),
             "llm": next(self.llm.parameters()).dtype,
             "adapter": next(self.perception.modality_adapter.parameters()).dtype,
             "front_end_buffers": {b.dtype for b in pre.buffers() if b.is_floating_point()},
-            "features": None if feats is None else feats.dtype,
+            "signal": front_end.get("signal"),
+            "features": front_end.get("features"),
             "encoder_features": None if batch.get("encoder_features") is None else batch["encoder_features"].dtype,
         })
         return loss
 
 
-def run_recipe(assets, tmp_path, overrides) -> list[dict]:
+def recipe_config(assets, tmp_path, overrides, max_steps: int = 1):
     with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
-        cfg = compose("speechlm", overrides=[
+        return compose("speechlm", overrides=[
             "llm=hf", f"model.pretrained_llm={assets['llm']}", "model.perception.modality_adapter.hidden_dim=64",
             "model.lr_scheduler.warmup_steps=1", f"data.train_ds.input_cfg.0.manifest_filepath={assets['manifest']}",
-            "data.train_ds.batch_size=2", "trainer.accelerator=cpu", "trainer.max_steps=1",
+            "data.train_ds.batch_size=2", "trainer.accelerator=cpu", f"trainer.max_steps={max_steps}",
             f"exp_manager.exp_dir={tmp_path / 'runs'}", f"output_nemo={tmp_path / 'out.nemo'}", *overrides,
         ])
+
+
+def run_recipe(assets, tmp_path, overrides) -> list[dict]:
+    cfg = recipe_config(assets, tmp_path, overrides)
     _Probe.seen = []
     nemo = train(cfg, _Probe)
     assert nemo.is_file()
@@ -97,7 +107,7 @@ def test_recipe_trains_a_step(assets, whisper_dir, tmp_path, encoder, precision)
     # bf16-true casts the weights, bf16-mixed autocasts fp32 weights; the mel front end is fp32 in both.
     assert step["llm"] == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
     assert step["front_end_buffers"] == {torch.float32}
-    assert step["features"] == torch.float32
+    assert step["signal"] == step["features"] == torch.float32
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
@@ -116,6 +126,44 @@ def test_recipe_trains_from_the_feature_cache_in_bf16_true(assets, whisper_dir, 
     assert [p.parent.parent.name.endswith("-bf16") for p in (tmp_path / "fp32").rglob("*.npy")] == [False] * 8
     assert math.isfinite(stored_bf16["loss"]) and stored_bf16["loss"] == stored_fp32["loss"]
     assert stored_bf16["encoder_features"] == torch.bfloat16 and stored_bf16["adapter"] == torch.bfloat16
+
+
+class _Moves(SpeechLMModel):
+    """Which of the trained weights a run changed at all, and how it stored its weights."""
+
+    result: dict = {}
+
+    def on_train_start(self) -> None:
+        _Moves.result = {"start": {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad},
+                         "dtypes": {n: p.dtype for n, p in self.named_parameters()}}
+
+    def on_train_end(self) -> None:
+        now = dict(self.named_parameters())
+        _Moves.result["moved"] = {n: ((now[n].detach() != start).float().mean().item(), start.numel())
+                                  for n, start in _Moves.result["start"].items()}
+
+
+def test_bf16_mixed_with_frozen_weights_in_bf16_trains_every_weight_that_bf16_true_leaves(assets, tmp_path):
+    """bf16-true keeps no fp32 copy of the trained weights: an AdamW update below about |w|/512 rounds away, so at
+    the configs' lr (1e-4) few weights move at all and no LayerNorm gain (|w| = 1) does. ``frozen_weights_dtype=
+    bfloat16`` under bf16-mixed trains every weight in fp32 and stores the frozen ones (the LLM) in bf16."""
+    def run(name: str, *precision: str) -> dict:
+        train(recipe_config(assets, tmp_path / name, ["encoder=conformer_tiny", *precision], max_steps=10), _Moves)
+        result = dict(_Moves.result)
+        moved = result["moved"]
+        result["share"] = sum(f * n for f, n in moved.values()) / sum(n for _, n in moved.values())
+        result["gains"] = [f for name, (f, _) in moved.items() if "norm" in name and name.endswith(".weight")]
+        return result
+
+    true = run("true", "trainer.precision=bf16-true")
+    frozen = run("frozen", "trainer.precision=bf16-mixed", "frozen_weights_dtype=bfloat16")
+    print(f"share of trained weights moved in 10 steps: bf16-true {true['share']:.1%}, frozen in bf16 {frozen['share']:.1%}")
+    assert true["gains"] and max(true["gains"]) == 0.0 and true["share"] < 0.5  # the control: bf16-true loses them
+    assert min(frozen["gains"]) > 0.9 and frozen["share"] > 0.99
+    trained = frozen["start"].keys()
+    assert all(frozen["dtypes"][n] == torch.float32 for n in trained)
+    llm = [d for n, d in frozen["dtypes"].items() if n.startswith("llm.") and n not in trained]
+    assert llm and set(llm) == {torch.bfloat16}
 
 
 # ---------------------------------------------------------------- fixed-batch numerics
@@ -182,20 +230,25 @@ def test_features_are_fp32_and_loss_is_close_to_fp32(assets, whisper_dir, encode
     model = build_model(assets, whisper_dir, encoder)
     batch = fixed_batch(model, assets)
 
-    def mel(m, b):
-        return m.perception.preprocessor(input_signal=b["audios"], length=b["audio_lens"])[0]
-
-    def loss(m, b):
-        return m.compute_losses(b)["loss"]
+    def loss_and_mel(m, b):
+        """The loss, and what the model's own encoder stage gave the mel front end and got back."""
+        front_end = {}
+        hook = m.perception.preprocessor.register_forward_hook(lambda module, args, kwargs, out: front_end.update(
+            signal=kwargs["input_signal"], mel=out[0]), with_kwargs=True)
+        try:
+            return m.compute_losses(b)["loss"], front_end
+        finally:
+            hook.remove()
 
     with torch.no_grad():
-        mel32, loss32 = mel(model, batch), float(loss(model, batch))
+        loss32, seen32 = loss_and_mel(model, batch)
+    loss32 = float(loss32)
     half = same_weights(model, assets, whisper_dir, encoder)
-    mel16 = in_precision(half, batch, precision, mel)
-    assert mel16.dtype == torch.float32
-    torch.testing.assert_close(mel16, mel32, rtol=0, atol=0)  # the same fp32 computation, bit for bit
+    loss16, seen16 = in_precision(half, batch, precision, loss_and_mel)
+    assert seen16["signal"].dtype == seen16["mel"].dtype == torch.float32
+    torch.testing.assert_close(seen16["signal"], seen32["signal"], rtol=0, atol=0)  # the waveform as it was
+    torch.testing.assert_close(seen16["mel"], seen32["mel"], rtol=0, atol=0)  # the same fp32 computation, bit for bit
 
-    loss16 = in_precision(half, batch, precision, loss)
     print(f"{encoder} {precision}: fp32 loss {loss32:.5f}, bf16 loss {float(loss16):.5f}")
     assert loss16.dtype == torch.float32  # cross entropy in fp32 over bf16 logits
     assert abs(float(loss16) - loss32) <= LOSS_RTOL * abs(loss32)

@@ -316,7 +316,14 @@ TRAIN_ERRORS.update({
     "model value not set": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "model.pretrained_llm=???"],
                             E("config: model.pretrained_llm not set (???) — give it on the command line, e.g. "
                               "model.pretrained_llm=<value>"), False),
-    "bad max_steps": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "trainer.max_steps=abc"], E("trainer: ") + ".*", False),
+    "bad max_steps": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "trainer.max_steps=abc"],
+                      E("trainer: max_steps is 'abc', not an integer — set trainer.max_steps to a whole number"), False),
+    "frozen weights in bf16 without bf16-mixed": (
+        lambda f: [f"{MANIFEST}={f['good_manifest']}", "frozen_weights_dtype=bfloat16"],
+        E("config: frozen_weights_dtype=bfloat16 needs trainer.precision=bf16-mixed (it is 32)"), False),
+    "unknown frozen weights dtype": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "trainer.precision=bf16-mixed",
+                                                "frozen_weights_dtype=fp8"],
+                                     E("config: frozen_weights_dtype is 'fp8', not one of bfloat16"), False),
     "unknown LoRA key": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "model.lora={r: 4, rank: 3}"],
                          E("model.lora: LoraConfig.__init__() got an unexpected keyword argument 'rank'"), False),
     "bad freeze pattern": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "model.freeze_params=['^llm(']"],

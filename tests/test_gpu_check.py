@@ -27,7 +27,7 @@ def test_several_gpus_add_an_fsdp2_mtbi_run_beside_the_ddp_ones(tmp_path):
     assert list(one) == ["plain SFT", "MTBI (KL, interleaving)", "joint SFT"]
     assert list(several) == [*one, "MTBI, FSDP2"]
     fsdp2, ddp = several["MTBI, FSDP2"], several["MTBI (KL, interleaving)"]
-    assert {"trainer.strategy=fsdp2", "trainer.devices=8", "trainer.precision=bf16-true"} <= set(fsdp2)
+    assert {"trainer.strategy=fsdp2", "trainer.devices=8", "trainer.precision=bf16-mixed", "frozen_weights_dtype=bfloat16"} <= set(fsdp2)
     # the same MTBI run, sharded, writing its own model and cache
     assert [a for a in fsdp2 if "mtbi_fsdp2" not in a and "strategy" not in a] == [a for a in ddp if "/mtbi/" not in a]
     # and connector pre-alignment split across the GPUs, timed against one
