@@ -222,12 +222,18 @@ def test_bad_behavior_lines_are_clear_errors(behaviors, tmp_path, change, field)
 
 
 def test_behaviors_train_under_the_system_prompt_they_were_answered_with(behaviors):
+    def system_turns(conversation) -> list[str]:
+        return [t.value for t in conversation.turns if getattr(t, "role", None) == "system"]
+
     entry = _entries(behaviors)[0]
-    for answered_with, trained_with in [("Be brief.", "Be brief."), (None, None), (None, "")]:
+    for answered_with, trained_with, system in [("Be brief.", "Be brief.", ["Be brief."]), (None, None, []), (None, "", [])]:
         line = dataclasses.replace(entry, data={**entry.data, "teacher": {"source": "llm", "system_prompt": answered_with}})
-        behavior_to_conversation(line, TAG, 0.08, TaskCatalog.load(), system_prompt=trained_with)
+        conversation = behavior_to_conversation(line, TAG, 0.08, TaskCatalog.load(), system_prompt=trained_with)
+        assert system_turns(conversation) == system and getattr(conversation.turns[0], "role", None) == (
+            "system" if system else "user")
     ground_truth = dataclasses.replace(entry, data={**entry.data, "teacher": {"source": "ground_truth", "field": "text"}})
-    behavior_to_conversation(ground_truth, TAG, 0.08, TaskCatalog.load(), system_prompt="Be brief.")  # no LLM asked
+    conversation = behavior_to_conversation(ground_truth, TAG, 0.08, TaskCatalog.load(), system_prompt="Be brief.")
+    assert system_turns(conversation) == ["Be brief."]  # no LLM asked: trained under the configured one
 
 
 # ------------------------------------------------------------------ objective
@@ -588,11 +594,19 @@ def test_mtbi_script_trains_from_cached_features_and_exports(assets, whisper_dir
         f"data.train_ds.input_cfg.0.manifest_filepath={behaviors}", "data.train_ds.batch_size=4",
         f"feature_cache.dir={tmp_path / 'features'}",
         "trainer.accelerator=cpu", "trainer.max_steps=3", f"exp_manager.exp_dir={tmp_path / 'runs'}", f"output_nemo={nemo}",
+        "trainer.log_every_n_steps=1",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
-    assert "'encoded': 8" in log and "train_kl" in log or "`max_steps=3` reached" in log
+    assert "'encoded': 8" in log  # the feature cache was filled
+    assert "`max_steps=3` reached" in log
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "runs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    kl = [e.value for e in events.Scalars("train_kl")]  # exp_manager's TensorBoard log
+    assert len(kl) == 3 and all(v > 0 for v in kl)  # the KL term trained at every step
     assert len(list((tmp_path / "features").rglob("*.npy"))) == 8
     wav = json.loads(open(behaviors).readline())["audio_filepath"]
     out = run_python(
