@@ -136,7 +136,9 @@ def test_the_nemo_answers_a_spoken_request_in_a_fresh_process(demo):
          "--prompt", "<|audio|>", "--max-new-tokens", "8"],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=True,
     ).stdout.strip()
-    assert answer == speech[: len(answer)] or answer.split()[0] == speech.split()[0]  # same greedy answer
+    # The same greedy answer, cut at 8 tokens (an empty answer was a prefix of every one); the demo answered in a
+    # batch, whose padding may move a later token, so the first word at least must agree.
+    assert answer and (answer == speech[: len(answer)] or answer.split()[0] == speech.split()[0])
 
 
 def test_step_6_takes_a_real_manifest_with_relative_paths_and_no_speaker(demo, tmp_path, capsys):
