@@ -112,10 +112,20 @@ def assert_same_weights(got: Path, want: Path, start: Path | None = None, atol: 
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].numel())
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
-    if start is not None:  # the runs trained: some weight moved
-        s = nemo_weights(start)
-        assert any(not torch.equal(a[k], s[k]) for k in a)
+    if start is not None:
+        assert_trained(got, start)
     return worst
+
+
+def assert_trained(trained: Path, start: Path) -> float:
+    """The run at ``trained`` moved its weights from the untrained run's (``start``: the same command at
+    ``max_steps=0``) by well over the comparisons' tolerance: two runs that trained nothing write equal files.
+    A weight is compared at the trained file's dtype (a bf16-true run's untrained weights are the start's, rounded)."""
+    a, s = nemo_weights(trained), nemo_weights(start)
+    moved = max(float((a[k].float() - s[k].to(a[k].dtype).float()).abs().max()) for k in a
+                if a[k].is_floating_point() and a[k].numel() and not k.endswith(("running_mean", "running_var")))
+    assert moved > 3 * ATOL, f"{trained}: the largest weight change from the untrained run is {moved:.2e}"
+    return moved
 
 
 # Plain SFT used to differ too (8.3e-5): the tiny Conformer had NeMo's default 0.1 input/embedding dropout, random
@@ -130,9 +140,25 @@ RECIPES = ["plain", "mtbi_kl_interleaved", "joint_text_steps"]
 
 
 @pytest.fixture(scope="module")
-def one_process(assets, behaviors, whisper_dir, data, tmp_path_factory):  # noqa: F811
+def untrained(assets, behaviors, whisper_dir, data, tmp_path_factory):  # noqa: F811
+    """``recipe``'s ``.nemo`` at ``max_steps=0`` (MTBI: after connector pre-alignment, before any step), once."""
+    done: dict[str, Path] = {}
+
+    def start(recipe: str) -> Path:
+        if recipe not in done:
+            start_dir = tmp_path_factory.mktemp(recipe) / "untrained"
+            run(recipe_command(recipe, assets, behaviors, whisper_dir, data, start_dir)
+                + ["trainer.devices=1", "trainer.max_steps=0"], start_dir)
+            done[recipe] = start_dir / "out.nemo"
+        return done[recipe]
+
+    return start
+
+
+@pytest.fixture(scope="module")
+def one_process(assets, behaviors, whisper_dir, data, tmp_path_factory, untrained):  # noqa: F811
     """What DDP and FSDP2 are compared with: ``recipe`` in one process accumulating 2 micro-batches, at ``precision``
-    (its ``.nemo``), trained once for both comparisons."""
+    (its ``.nemo``), trained once for both comparisons, and checked to have trained (else equal files prove nothing)."""
     done: dict[tuple[str, str], Path] = {}
 
     def reference(recipe: str, precision: str = "32") -> Path:
@@ -140,6 +166,8 @@ def one_process(assets, behaviors, whisper_dir, data, tmp_path_factory):  # noqa
             one_dir = tmp_path_factory.mktemp(recipe) / "one"
             run(recipe_command(recipe, assets, behaviors, whisper_dir, data, one_dir)
                 + ["trainer.devices=1", "trainer.accumulate_grad_batches=2", f"trainer.precision={precision}"], one_dir)
+            moved = assert_trained(one_dir / "out.nemo", untrained(recipe))
+            print(f"{recipe} {precision}: one process moved its weights by up to {moved:.2e}")
             done[recipe, precision] = one_dir / "out.nemo"
         return done[recipe, precision]
 
@@ -161,7 +189,7 @@ def test_two_ddp_ranks_equal_one_process_accumulating_two(assets, behaviors, whi
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_uninterrupted_result(assets, behaviors, whisper_dir, data, tmp_path):  # noqa: F811
+def test_killed_run_resumes_to_the_uninterrupted_result(assets, behaviors, whisper_dir, data, tmp_path, untrained):  # noqa: F811
     """MTBI with connector pre-alignment + frozen connector, feature cache, KL and interleaving, on 2 FSDP2 ranks:
     the checkpoint is gathered, restored into the sharded model (the read-out's vocabulary included) and each rank's
     stream skips its own trained batches."""
@@ -182,7 +210,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(assets, behaviors, whisp
     assert "Connector pre-alignment skipped: resuming from a checkpoint" in log
     assert "the training stream skips 2 batches" in log
     assert "`max_steps=4` reached" in log
-    worst = assert_same_weights(killed / "out.nemo", whole / "out.nemo")
+    worst = assert_same_weights(killed / "out.nemo", whole / "out.nemo", start=untrained("mtbi_kl_interleaved"))
     print(f"resume: largest |resumed - uninterrupted| weight difference {worst:.2e}")
 
 
