@@ -22,16 +22,24 @@ from __future__ import annotations
 
 import torch
 
-# Dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets, SXM parts; no sparsity).
-PEAK_BF16_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+# Dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets; no sparsity). A plain "H100" / "H200" / "A100" is the SXM
+# part ("NVIDIA H100 80GB HBM3"); the PCIe and NVL parts clock lower.
+PEAK_BF16_TFLOPS = {"B200": 2250.0, "H200 NVL": 835.0, "H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+                    "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0, "A10G": 70.0, "A10": 125.0, "L4": 121.0}
+
+
+def peak_tflops_of(name: str) -> float | None:
+    """The dense bf16 peak of the GPU called ``name`` (``torch.cuda.get_device_name``): the longest key in it, so
+    "L40S" is not read as "L40" or "L4", nor "H100 PCIe" as "H100"."""
+    key = max((k for k in PEAK_BF16_TFLOPS if k in name), key=len, default=None)
+    return PEAK_BF16_TFLOPS[key] if key else None
 
 
 def gpu_peak_tflops(device: torch.device) -> float | None:
     """The dense bf16 peak of ``device``'s GPU, by name; None when unknown (pass ``--peak-tflops``)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+    return peak_tflops_of(torch.cuda.get_device_name(device))
 
 
 def _counts(module: torch.nn.Module, skip: tuple[torch.nn.Module, ...] = ()) -> tuple[int, int]:

@@ -98,3 +98,14 @@ def test_mfu_counts_the_lm_head_at_trained_positions_only(assets):
     body = sum(p.numel() for p in llm.parameters()) - llm.get_input_embeddings().weight.numel()
     body -= 0 if llm.get_output_embeddings().weight is llm.get_input_embeddings().weight else head
     assert model_flops_per_step(model, 10, 0, 3) == pytest.approx(4 * body * 10 + 4 * head * 3)
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA H100 NVL", 835.0), ("NVIDIA L40S", 362.0), ("NVIDIA L40", 181.0),
+                                        ("NVIDIA L4", 121.0), ("NVIDIA A10G", 70.0), ("NVIDIA GeForce RTX 4090", None)])
+def test_the_gpu_peak_is_the_longest_name_that_matches(name, peak):
+    """By the first key in the name, the PCIe and NVL H100s got the SXM part's peak and an L40 an L4's."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from mfu import peak_tflops_of
+
+    assert peak_tflops_of(name) == peak
