@@ -141,10 +141,13 @@ def main() -> None:
     cache = FeatureCache(root / "features", fingerprint)
     fill_feature_cache(model.to(args.device if args.device == "cpu" else "cuda:0"), cache, [c for c, _ in utterances_of(corpus)])
     del model
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # the ranks get GPU 0 without the parent's cached blocks
     cores = len(os.sched_getaffinity(0))
     runs = {}
     threads = args.threads or max(1, cores // args.ranks)
     for world in (1, args.ranks):
+        (root / f"init{world}").unlink(missing_ok=True)  # a crashed run's rendezvous file would be joined again
         mp.start_processes(run_rank, args=(world, args, overrides, corpus, heldout, str(cache.root.parent), fingerprint, str(root), threads),
                            nprocs=world, start_method="spawn")
         runs[world] = torch.load(root / f"run{world}.pt")

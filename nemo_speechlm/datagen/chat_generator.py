@@ -276,7 +276,8 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
 @contextlib.contextmanager
 def _seeded_rng(seed: int, device: torch.device):
     """Seed torch inside the block without disturbing the caller's random state."""
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
+    with torch.random.fork_rng(devices=[index] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
 
