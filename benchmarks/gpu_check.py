@@ -239,7 +239,7 @@ def main() -> int:
         return 2
     accelerator, devices = ("cpu", args.devices or 1) if args.cpu_smoke else ("gpu", args.devices or gpus)
     steps = args.steps or (1 if args.cpu_smoke else 20)
-    budget = args.budget or (None if args.cpu_smoke else 540.0)
+    budget = args.budget if args.budget is not None else (None if args.cpu_smoke else 540.0)
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu_check_"))
     out.mkdir(parents=True, exist_ok=True)
     log_dir = Path(args.log_dir or out)
@@ -257,7 +257,7 @@ def main() -> int:
                     "MTBI .nemo answers" + (" (bf16)" if accelerator == "gpu" else ""): inference_command(out, d, accelerator),
                     **throughput_commands(d, accelerator, args.cpu_smoke, devices)}
         for name, cmd in commands.items():
-            left = budget - (time.perf_counter() - start) if budget else step_timeout
+            left = budget - (time.perf_counter() - start) if budget is not None else step_timeout
             if left < 20:
                 rows.append(skipped_step(name))
                 print(f"[SKIP] {name}: no time left in --budget {budget:.0f} s", flush=True)

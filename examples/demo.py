@@ -311,7 +311,7 @@ def main(argv: list[str]) -> None:
                         "less noise; 40 is the whole held-out set, and intervals over fewer than ~30 are too narrow)")
     p.add_argument("--batch-size", type=positive_int, default=GENERATION_BATCH, help="teacher generation batch")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of nemo_speechlm/conf/mtbi.yaml, e.g. encoder=whisper_small "
-                   "llm=qwen2_5_1_5b_instruct trainer.precision=bf16-true")
+                   "llm=qwen2_5_1_5b_instruct trainer.precision=bf16-mixed frozen_weights_dtype=bfloat16")
     args = p.parse_intermixed_args(argv)
     if bool(args.manifest) != bool(args.heldout_manifest):
         p.error("--manifest and --heldout-manifest go together")

@@ -50,10 +50,11 @@ def train(cfg: DictConfig, model_cls) -> Path:
     OmegaConf.resolve(cfg.data)
     torch.manual_seed(cfg.get("seed", 0))
     # bf16-true/fp16-true: NeMo's fp32-audio plugin, extended to keep the mel front end in fp32.
-    trainer_cfg = resolve_strategy(resolve_precision_plugins(resolve_trainer_cfg(cfg.trainer), cfg.get("frozen_weights_dtype")))
+    trainer_cfg = resolve_trainer_cfg(cfg.trainer)
+    _check_integer_trainer_settings(trainer_cfg)  # (resolve_strategy reads num_nodes as an integer)
+    trainer_cfg = resolve_strategy(resolve_precision_plugins(trainer_cfg, cfg.get("frozen_weights_dtype")))
     if cfg.data.get("validation_ds") is None:
         trainer_cfg["limit_val_batches"] = 0  # Lightning rejects a missing val dataloader otherwise
-    _check_integer_trainer_settings(trainer_cfg)
     try:
         trainer = Trainer(**trainer_cfg)
     except (MisconfigurationException, ValueError, TypeError) as exc:  # settings this machine cannot run, or unknown

@@ -157,6 +157,13 @@ def test_bf16_mixed_with_frozen_weights_in_bf16_trains_every_weight_that_bf16_tr
 
     true = run("true", "trainer.precision=bf16-true")
     frozen = run("frozen", "trainer.precision=bf16-mixed", "frozen_weights_dtype=bfloat16")
+    # A frozen Conformer encoder in the step (no feature cache): its BatchNorm's bf16 weights beside fp32 statistics
+    # were refused by torch ("expected scalar type BFloat16 but found Float"; also MTBI's frozen conformer connector).
+    frozen_speech = run("frozen_speech", "trainer.precision=bf16-mixed", "frozen_weights_dtype=bfloat16",
+                        "model.freeze_params=['^llm\\..+$','^perception\\.encoder\\..+$']")
+    assert frozen_speech["share"] > 0.99 and not any(n.startswith("perception.encoder.") for n in frozen_speech["start"])
+    batch_norm = [d for n, d in frozen_speech["dtypes"].items() if "batch_norm" in n and "running" not in n]
+    assert batch_norm and set(batch_norm) == {torch.float32}  # beside its fp32 statistics
     print(f"share of trained weights moved in 10 steps: bf16-true {true['share']:.1%}, frozen in bf16 {frozen['share']:.1%}")
     assert true["gains"] and max(true["gains"]) == 0.0 and true["share"] < 0.5  # the control: bf16-true loses them
     assert min(frozen["gains"]) > 0.9 and frozen["share"] > 0.99

@@ -74,7 +74,7 @@ class FrozenWeightsInBF16(MixedPrecision):
     """bf16-mixed (autocast; trained weights, their gradients and optimizer state in fp32) with the frozen weights
     stored in bf16, as bf16-true stores them: autocast multiplies in bf16 anyway, so only their memory changes (and
     the few ops autocast keeps in fp32, e.g. a norm's gain, read them rounded to bf16). The audio front ends stay
-    fp32, and so do buffers (BatchNorm statistics). Frozen means ``requires_grad=False`` when Lightning converts the
+    fp32, and so do buffers and BatchNorm's weights (beside its fp32 statistics). Frozen means ``requires_grad=False`` when Lightning converts the
     model in ``fit`` (after MTBI's connector pre-alignment has frozen the connector)."""
 
     def __init__(self, device: str) -> None:
@@ -83,7 +83,13 @@ class FrozenWeightsInBF16(MixedPrecision):
     @override
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
         with audio_front_ends_detached(module):
-            frozen = [p for p in module.parameters() if not p.requires_grad and p.is_floating_point()]
+            # BatchNorm (NeMo's Conformers, the conformer adapter) keeps its weights in fp32 beside its fp32 running
+            # statistics: torch's batch_norm refuses bf16 weights with fp32 statistics ("expected scalar type
+            # BFloat16 but found Float"), with or without autocast.
+            batch_norm = {id(p) for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                          for p in m.parameters(recurse=False)}
+            frozen = [p for p in module.parameters()
+                      if not p.requires_grad and p.is_floating_point() and id(p) not in batch_norm]
         for param in frozen:
             param.data = param.data.to(torch.bfloat16)
         return module
