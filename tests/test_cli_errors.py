@@ -318,6 +318,8 @@ TRAIN_ERRORS.update({
                               "model.pretrained_llm=<value>"), False),
     "bad max_steps": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "trainer.max_steps=abc"],
                       E("trainer: max_steps is 'abc', not an integer — set trainer.max_steps to a whole number"), False),
+    "bad num_nodes": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "trainer.num_nodes=two"],  # read by the strategy
+                      E("trainer: num_nodes is 'two', not an integer — set trainer.num_nodes to a whole number"), False),
     "frozen weights in bf16 without bf16-mixed": (
         lambda f: [f"{MANIFEST}={f['good_manifest']}", "frozen_weights_dtype=bfloat16"],
         E("config: frozen_weights_dtype=bfloat16 needs trainer.precision=bf16-mixed (it is 32)"), False),
