@@ -17,8 +17,6 @@ speech_span_words}), ``catalog`` (task catalog path; null = ``nemo_speechlm/conf
 from __future__ import annotations
 
 import random
-import re
-import unicodedata
 from functools import partial
 
 from lhotse.cut import Cut
@@ -32,6 +30,7 @@ from nemo_speechlm.data.manifest import ManifestEntry, ManifestError
 from nemo_speechlm.data.sources import LineSource
 from nemo_speechlm.data.task_catalog import HELDOUT, INPUT_PLACEHOLDER, TaskCatalog
 from nemo_speechlm.data.utterance import cut_id, speech_span
+from nemo_speechlm.parts.metrics import plain_words
 
 DATA_TYPE = "mtbi_behaviors"
 BEHAVIOR_FIELDS = ("text", "task", "prompt", "response")
@@ -81,17 +80,11 @@ def _check_words_for_interleaving(entry: ManifestEntry, words: list[dict] | None
             "interleaving needs word alignments: add them with examples/align_words.py or set interleave.prob=0",
             "words",
         )
-    spelled = _plain(" ".join(str(w.get("word", "")) for w in words))
-    if spelled != _plain(entry["text"]):
+    spelled = plain_words(" ".join(str(w.get("word", "")) for w in words))
+    if spelled != plain_words(entry["text"]):
         raise ManifestError(entry.path, entry.line, f"the words ({spelled[:60]!r}) do not spell the transcript "
-                            f"({_plain(entry['text'])[:60]!r}): align the corrected transcript again "
+                            f"({plain_words(entry['text'])[:60]!r}): align the corrected transcript again "
                             "(examples/align_words.py)", "words")
-
-
-def _plain(text: str) -> list[str]:
-    """Words as an outside aligner may write them: NFKC, lower case, apostrophes dropped ("don't" = "dont")."""
-    text = unicodedata.normalize("NFKC", text).lower().replace("'", "").replace("’", "")
-    return re.findall(r"[^\W_]+", text)
 
 
 def _interleaved_pieces(utterance: Cut, words: list[dict], cfg: InterleaveConfig, rng: random.Random, tag: str) -> list:

@@ -31,6 +31,8 @@ from __future__ import annotations
 import difflib
 import re
 
+from nemo_speechlm.parts.metrics import plain_words
+
 REASONS = ("empty", "repeats_prompt", "refusal", "repetition_loop", "truncated")
 
 _REFUSED = ("help", "assist", "provide", "answer", "comply", "fulfill", "do that", "complete", "generate", "create",
@@ -121,9 +123,8 @@ def _is_refusal(answer: str, context: str) -> bool:
 
 
 def _plain_words(text: str) -> list[str]:
-    """Words without apostrophes, "cannot" as "can not": how an ASR transcript may write a phrase."""
-    words = [w.replace("'", "") for w in _words(text)]
-    return [part for w in words for part in (("can", "not") if w == "cannot" else (w,))]
+    """The words as an ASR transcript may write them (``plain_words``), "cannot" as "can not"."""
+    return [part for w in plain_words(text) for part in (("can", "not") if w == "cannot" else (w,))]
 
 
 def _contains(words: list[str], part: list[str]) -> bool:

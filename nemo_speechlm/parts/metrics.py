@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from importlib.resources import files
@@ -79,6 +80,14 @@ def normalize_english(text: str) -> str:
     """
     _require_text(text, "text")
     return _english_normalizer()(text).strip()
+
+
+def plain_words(text: str) -> list[str]:
+    """Words as an aligner or an ASR transcript may write them: NFKC, lower case, apostrophes dropped ("Don't" ->
+    "dont"), punctuation gone. For "are these the same words?" checks, where a normalizer's spelling rules (numbers,
+    British spelling) would be too much."""
+    text = unicodedata.normalize("NFKC", text).lower().replace("'", "").replace("\u2019", "")
+    return re.findall(r"[^\W_]+", text)
 
 
 # Languages written without spaces between words: their "words" are characters (WER over characters, as Whisper's
