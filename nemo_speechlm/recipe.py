@@ -58,7 +58,7 @@ def train(cfg: DictConfig, model_cls) -> Path:
     try:
         trainer = Trainer(**trainer_cfg)
     except (MisconfigurationException, ValueError, TypeError) as exc:  # settings this machine cannot run, or unknown
-        # ones (Lightning raises ValueError for an unknown precision or strategy name, TypeError for max_steps=abc)
+        # ones (Lightning raises ValueError for an unknown precision or strategy name, TypeError for an unknown key)
         raise ConfigError(f"trainer: {exc}", "set trainer.accelerator / trainer.devices / trainer.strategy / "
                           "trainer.precision to values Lightning knows and this machine has (e.g. trainer.accelerator=cpu)"
                           ) from exc

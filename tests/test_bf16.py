@@ -173,6 +173,21 @@ def test_bf16_mixed_with_frozen_weights_in_bf16_trains_every_weight_that_bf16_tr
     assert llm and set(llm) == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("precision, warned", [("bf16-true", True), ("16-true", True), ("bf16-mixed", False),
+                                               ("32", False)])
+def test_half_precision_true_with_trained_weights_is_warned(precision, warned, caplog):
+    """The recipe says it when bf16-true (or fp16-true) will round small updates of its trained weights away."""
+    from nemo_speechlm.parts.precision import warn_if_trained_weights_in_half_precision
+
+    trained, frozen = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).requires_grad_(False)
+    with caplog.at_level("WARNING", logger="nemo_logger"):  # NeMo's logger
+        warn_if_trained_weights_in_half_precision(precision, torch.nn.Sequential(trained, frozen))
+        warn_if_trained_weights_in_half_precision(precision, frozen)  # nothing trains: nothing to say
+    said = caplog.text
+    assert said.count("frozen_weights_dtype=bfloat16") == (1 if warned else 0)
+    assert ("stores the 6 trained weights" in said) == warned
+
+
 # ---------------------------------------------------------------- fixed-batch numerics
 
 

@@ -151,9 +151,8 @@ class SpeechLMModel(ModelPT):
         if not self.cfg.get("lora"):
             return
         ours = (LORA_PARAM_PATTERN, LORA_MODULES_TO_SAVE_PATTERN)
-        for pattern in self.cfg.get("prevent_freeze_params", []):
-            named = {n: p.requires_grad for n, p in self.named_parameters()
-                     if pattern not in ours and n.startswith("llm.") and re.match(pattern, n)}
+        for pattern in [p for p in self.cfg.get("prevent_freeze_params", []) if p not in ours]:
+            named = {n: p.requires_grad for n, p in self.llm.named_parameters(prefix="llm") if re.match(pattern, n)}
             frozen = [n for n, trains in named.items() if not trains]
             if frozen and not any(named.values()):  # (with modules_to_save the pattern also names the trained copy)
                 raise ConfigError(

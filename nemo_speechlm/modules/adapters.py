@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nemo_speechlm.errors import ConfigError
+
 
 class FrameStackingAdapter(nn.Module):
     """Stack ``stack`` frames (k-fold downsampling), LayerNorm, Linear-GELU-Linear to ``output_dim``,
@@ -47,8 +49,6 @@ class FrameStackingAdapter(nn.Module):
         spec_augment: dict | None = None,
     ) -> None:
         if stack < 1 or hidden_dim < 1 or context_kernel < 1 or rnn_layers < 0:  # (stack 0 divided by zero in fit)
-            from nemo_speechlm.errors import ConfigError
-
             raise ConfigError(f"model.perception.modality_adapter: stack {stack}, hidden_dim {hidden_dim}, context_kernel "
                               f"{context_kernel} must be 1 or more, rnn_layers {rnn_layers} 0 or more")
         super().__init__()

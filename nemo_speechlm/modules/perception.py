@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from nemo.collections.speechlm2.modules import AudioPerceptionModule
 from nemo.collections.speechlm2.parts.pretrained import setup_speech_encoder
 
-from nemo_speechlm.errors import ConfigError
+from nemo_speechlm.errors import ConfigError, InputError
 
 
 class _PerceptionHost:
@@ -74,8 +74,6 @@ def build_perception(cfg: DictConfig, llm, load_pretrained_asr: bool, restoring:
     """See :func:`_build_perception`; a config error of one of its modules comes out as itself, not wrapped in
     Hydra's InstantiationException (a traceback at the command line)."""
     from hydra.errors import InstantiationException
-
-    from nemo_speechlm.errors import InputError
 
     try:
         return _build_perception(cfg, llm, load_pretrained_asr, restoring)

@@ -74,8 +74,9 @@ class FrozenWeightsInBF16(MixedPrecision):
     """bf16-mixed (autocast; trained weights, their gradients and optimizer state in fp32) with the frozen weights
     stored in bf16, as bf16-true stores them: autocast multiplies in bf16 anyway, so only their memory changes (and
     the few ops autocast keeps in fp32, e.g. a norm's gain, read them rounded to bf16). The audio front ends stay
-    fp32, and so do buffers and BatchNorm's weights (beside its fp32 statistics). Frozen means ``requires_grad=False`` when Lightning converts the
-    model in ``fit`` (after MTBI's connector pre-alignment has frozen the connector)."""
+    fp32, and so do buffers and BatchNorm's weights (beside its fp32 statistics). Frozen means
+    ``requires_grad=False`` when Lightning converts the model in ``fit`` (after MTBI's connector pre-alignment has
+    frozen the connector)."""
 
     def __init__(self, device: str) -> None:
         super().__init__("bf16-mixed", device)
@@ -106,8 +107,9 @@ def resolve_precision_plugins(trainer_cfg: dict, frozen_weights_dtype: str | Non
     if frozen_weights_dtype is None:
         return trainer_cfg
     if frozen_weights_dtype not in FROZEN_WEIGHTS_DTYPES:
-        raise ConfigError(f"config: frozen_weights_dtype is {frozen_weights_dtype!r}, not one of {', '.join(FROZEN_WEIGHTS_DTYPES)}",
-                          "frozen_weights_dtype=bfloat16 (with trainer.precision=bf16-mixed), or null")
+        raise ConfigError(f"config: frozen_weights_dtype is {frozen_weights_dtype!r}, not one of "
+                          f"{', '.join(FROZEN_WEIGHTS_DTYPES)}", "frozen_weights_dtype=bfloat16 (with "
+                          "trainer.precision=bf16-mixed), or null")
     if str(trainer_cfg.get("precision")) != "bf16-mixed":
         raise ConfigError(f"config: frozen_weights_dtype={frozen_weights_dtype} needs trainer.precision=bf16-mixed (it is "
                           f"{trainer_cfg.get('precision')!r}): the bf16 frozen weights meet fp32 ones under autocast",

@@ -11,6 +11,7 @@ import logging
 import torch
 from nemo.collections.common.prompts.formatter import Modality, PromptFormatter
 
+from nemo_speechlm.errors import ConfigError
 from nemo_speechlm.parts.decoding import tokenizer_end_ids
 
 CHAT_TEMPLATE_FORMAT = "speechlm_chat_template"
@@ -185,8 +186,6 @@ def prompt_formatter_class(name: str | None) -> type[PromptFormatter]:
     try:
         return PromptFormatter.resolve(name or CHAT_TEMPLATE_FORMAT)
     except RuntimeError as exc:
-        from nemo_speechlm.errors import ConfigError
-
         known = sorted(getattr(PromptFormatter, "_REGISTERED_FORMATTERS", {}))
         raise ConfigError(f"model.prompt_format={name!r}: no such prompt format",
                           f"use null (the LLM's chat template) or one of {', '.join(known)}") from exc
