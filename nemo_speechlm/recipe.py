@@ -16,12 +16,13 @@ from nemo_speechlm.data.datamodule import build_datamodule, fill_model_settings
 from nemo_speechlm.data.conversations import cut_for_audio
 from nemo_speechlm.data.feature_cache import fill_feature_cache, open_feature_cache, transcribed_utterances, utterances_in
 from nemo_speechlm.data.manifest import read_manifest
-from nemo_speechlm.data.preflight import check_clip_lengths, check_pre_alignment_data, check_training_data
+from nemo_speechlm.data.preflight import ClipRange, check_clip_lengths, check_pre_alignment_data, check_training_data
 from nemo_speechlm.errors import ConfigError, InputError
 from nemo_speechlm.parts.checkpoint import check_resume_fits, checkpoint_step
 from nemo_speechlm.parts.connector_ctc import (ALIGNED_CONNECTOR_PREFIXES, freeze_aligned_connector, load_aligned_connector,
                                                pretrain_connector_ctc)
-from nemo_speechlm.parts.distributed import broadcast_from_rank0, resolve_strategy, start_ranks
+from nemo_speechlm.parts.distributed import (broadcast_from_rank0, resolve_strategy, start_ranks,
+                                             stop_started_ranks_on_failure)
 from nemo_speechlm.parts.fsdp import full_state_dict
 from nemo_speechlm.parts.precision import resolve_precision_plugins, warn_if_trained_weights_in_half_precision
 from nemo_speechlm.parts.runner import read_json_object, write_json_atomic
@@ -66,6 +67,13 @@ def train(cfg: DictConfig, model_cls) -> Path:
     if not trainer.ckpt_path:  # a resumed run skips the stage, and its manifest may be gone
         check_pre_alignment_data(cfg)
     start_ranks(trainer)  # several devices: the other ranks and the process group now, so pre-fit work is shared
+    with stop_started_ranks_on_failure(trainer):
+        return _fit_and_save(cfg, model_cls, trainer, log_dir, clips, scope)
+
+
+def _fit_and_save(cfg: DictConfig, model_cls, trainer: Trainer, log_dir: Path, clips: ClipRange, scope: str) -> Path:
+    """Everything from building the model on: pre-fit work (feature cache, connector pre-alignment), ``fit``, the
+    ``.nemo``; on every rank."""
     model = model_cls(cfg.model, trainer=trainer)
     if trainer.ckpt_path:
         check_resume_fits(model, trainer.ckpt_path)

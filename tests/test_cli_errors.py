@@ -28,7 +28,7 @@ from nemo_speechlm.data.manifest import ManifestError, read_manifest
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.parts.checkpoint import CHECKPOINT_FORMAT, read_nemo_config
 from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, error_line
-from tests.tiny_assets import make_tiny_whisper, tiny_whisper_perception
+from tests.tiny_assets import make_damaged_flac, make_tiny_whisper, tiny_whisper_perception
 from tests.conftest import REPO, model_config
 
 SR = 16000
@@ -109,6 +109,8 @@ def files(assets, tmp_path_factory) -> dict:
         "whisper_dir": str(root / "whisper"),
     }
     f["good_manifest"] = write_jsonl(root / "good_manifest.jsonl", rows[:2])
+    f["damaged_flac"] = make_damaged_flac(rows[1]["audio_filepath"], root / "damaged.flac")
+    f["damaged_manifest"] = write_jsonl(root / "damaged.jsonl", [rows[0], {**rows[1], "audio_filepath": f["damaged_flac"]}])
     f["not_utf8"] = str(root / "not_utf8.jsonl")
     (root / "not_utf8.jsonl").write_bytes(json.dumps(rows[0]).encode() + b"\n" + json.dumps(rows[1]).encode().replace(
         b'"text": "', b'"text": "\xff\xfe') + b"\n")
@@ -154,6 +156,9 @@ INFER_ERRORS = {  # row: (arguments, pattern of the error line)
     "missing model": (lambda f: ["/nonexistent/m.nemo", f["wav"], *ASK], E("model file not found: /nonexistent/m.nemo")),
     "corrupt wav": (lambda f: [f["model"], f["corrupt"], *ASK],
                     ".*corrupt.wav" + E(": cannot read audio (Format not recognised)") + FIX_AUDIO),
+    # the header reads (rate, length), the frames do not decode: lhotse's first line named no reason
+    "damaged FLAC": (lambda f: [f["model"], f["damaged_flac"], *ASK],
+                     ".*damaged.flac" + E(": cannot read audio (flac decoder lost sync)") + FIX_AUDIO),
     "text file named .wav": (lambda f: [f["model"], f["text_wav"], *ASK],
                              ".*text.wav" + E(": cannot read audio (Format not recognised)") + FIX_AUDIO),
     "empty wav": (lambda f: [f["model"], f["empty"], *ASK],
@@ -289,6 +294,10 @@ TRAIN_ERRORS = {  # row: (overrides, pattern of the error line, whether a model 
         ".*long.wav" + E(": 45.0 s of audio is longer than the encoder's 30 s window — set model.encoder_chunk_size_seconds=30"),
         True),
 }
+# The data checks read headers only; a damaged body is found when a batch decodes it (a RuntimeError traceback)
+TRAIN_ERRORS["audio that does not decode"] = (lambda f: [f"{MANIFEST}={f['damaged_manifest']}"],
+                                              ".*damaged.flac" + E(": cannot read audio (flac decoder lost sync)") + FIX_AUDIO,
+                                              True)
 TRAINER_FIX = ("set trainer.accelerator / trainer.devices / trainer.strategy / trainer.precision to values Lightning "
                "knows and this machine has (e.g. trainer.accelerator=cpu)")
 TRAIN_ERRORS.update({

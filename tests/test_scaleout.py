@@ -33,9 +33,11 @@ at the end-of-turn token, 2026-12-07: again one step at its size); a weight near
 (torch 2.13 CPU): MTBI with KL + interleaving 1.6e-6 under DDP and FSDP2 (fp32), kill-and-resume 1.6e-6 (its
 uninterrupted run is one process); both were bit-identical while every rank ran the whole pre-alignment.
 """
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,7 @@ from nemo_speechlm.errors import ConfigError
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.parts.distributed import broadcast_from_rank0, resolve_strategy
 from tests.conftest import REPO, model_config, nemo_weights, run_on_ranks
+from tests.tiny_assets import make_damaged_flac
 from tests.test_joint_sft import _joint_data_cfg, _single_loader, data, model  # noqa: F401  (fixtures)
 from tests.test_mtbi import behaviors, whisper_dir  # noqa: F401  (fixtures)
 
@@ -308,6 +311,49 @@ def test_fsdp2_strategy_spans_every_device_and_needs_a_device_count():
     assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (8, 1)
     with pytest.raises(ConfigError, match="trainer.devices to an integer"):
         resolve_strategy({"strategy": "fsdp2", "devices": "auto"})
+
+
+def test_rank_0_failing_ends_the_ranks_it_started():
+    """A rank-0 failure before, in or after ``fit`` ends the child ranks (NCCL left them waiting in their next
+    collective until the process group's timeout); a run that ends well leaves them to finish. Real Lightning DDP
+    launcher, its children stood in for by processes that would sleep for a minute."""
+    import signal
+    from lightning.pytorch import Trainer
+    from nemo_speechlm.parts.distributed import stop_started_ranks_on_failure
+
+    trainer = Trainer(devices=2, accelerator="cpu", strategy="ddp", logger=False, enable_checkpointing=False)
+    launcher = trainer.strategy._launcher
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    launcher.procs = [subprocess.Popen(sleeper)]
+    try:
+        with stop_started_ranks_on_failure(trainer):
+            pass
+        assert launcher.procs[0].poll() is None  # still running
+        with pytest.raises(ConfigError, match="bad"), stop_started_ranks_on_failure(trainer):
+            raise ConfigError("bad")
+        assert launcher.procs[0].wait(timeout=30) == -signal.SIGKILL
+    finally:
+        launcher.procs[0].kill()
+
+
+@pytest.mark.slow
+def test_a_file_rank_0_cannot_decode_ends_every_rank_with_one_line(assets, behaviors, whisper_dir, data, tmp_path):  # noqa: F811
+    """Rank 0's half of the feature cache holds a file that does not decode: the run ends with one line naming it
+    and exit code 2, and rank 1 is ended too (it would wait for rank 0 in the cache's barrier)."""
+    lines = Path(behaviors).read_text().splitlines()
+    first = json.loads(lines[0])
+    first["audio_filepath"] = str(make_damaged_flac(first["audio_filepath"], tmp_path / "damaged.flac"))
+    damaged = tmp_path / "behaviors.jsonl"
+    damaged.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    cmd = recipe_command("mtbi_kl_interleaved", assets, damaged, whisper_dir, data, tmp_path / "run")
+    started = time.monotonic()
+    log = run(cmd + ["trainer.devices=2"], tmp_path / "run", expect_code=2)
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {tmp_path / 'damaged.flac'}: cannot read audio (flac decoder lost sync) — check that it "
+                      "is an undamaged audio file (WAV, FLAC, OGG, MP3, ...)"], log[-3000:]
+    assert "Rank 0 failed: ending the 1 rank(s) it started" in log
+    assert "Traceback" not in log, log[-3000:]  # rank 1 did not fail in a collective with rank 0 gone
+    print(f"ended in {time.monotonic() - started:.0f} s")
 
 
 def test_pre_fit_work_moves_the_speech_side_only(assets):  # noqa: F811

@@ -180,6 +180,18 @@ def make_wav_manifest(out_dir: str | Path, n: int = 8, sample_rate: int = 16000,
     return manifest
 
 
+def make_damaged_flac(wav: str | Path, out: Path) -> str:
+    """``wav`` as FLAC with its frames damaged: the header (rate, length: what the data checks read) is intact,
+    decoding fails. Such a file is found only when the audio is decoded."""
+    samples, rate = soundfile.read(wav, dtype="float32")
+    soundfile.write(out, samples, rate, format="FLAC")
+    data = bytearray(out.read_bytes())
+    for i in range(200, len(data) - 8, 7):
+        data[i] ^= 0x5A
+    out.write_bytes(bytes(data))
+    return str(out)
+
+
 def even_word_times(text: str, duration: float) -> list[dict]:
     """Evenly spaced word times (the synthetic test audio has no real words)."""
     tokens = text.split()

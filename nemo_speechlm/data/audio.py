@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 from lhotse import Recording
+from lhotse.cut import Cut
 
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError
 from nemo_speechlm.errors import InputError
@@ -38,7 +39,23 @@ def read_audio(path: str | Path, sampling_rate: int, offset: float = 0.0, durati
             duration = max(0.0, min(duration, recording.duration - offset))
         samples = recording.resample(sampling_rate).load_audio(offset=offset, duration=duration)
     except Exception as e:  # lhotse raises several types, one per backend it tried
-        raise AudioError(path, f"cannot read audio ({_unreadable_reason(path, e)})", _FORMATS_HINT) from e
+        raise AudioError(path, f"cannot read audio ({_unreadable_reason(e, path)})", _FORMATS_HINT) from e
+    return samples.mean(axis=0).astype(np.float32)
+
+
+def read_cut_audio(cut: Cut, sampling_rate: int | None = None) -> np.ndarray:
+    """Mono float32 samples of ``cut`` (at ``sampling_rate``, default the cut's). The data checks read the
+    files' headers only, so a file whose body is damaged is found here, when it is decoded: that raises
+    :class:`AudioError` naming it (lhotse's error listed every backend it tried, in a traceback)."""
+    try:
+        resampled = cut if sampling_rate in (None, cut.sampling_rate) else cut.resample(sampling_rate)
+        samples = resampled.load_audio()
+    except Exception as e:  # lhotse raises several types, one per backend it tried
+        source = cut.recording.sources[0]
+        local = source.type == "file"
+        name = source.source if source.type in ("file", "url") else f"recording {cut.recording.id} ({source.type})"
+        raise AudioError(name, f"cannot read audio ({_unreadable_reason(e, Path(name) if local else None)})",
+                         _FORMATS_HINT) from e
     return samples.mean(axis=0).astype(np.float32)
 
 
@@ -68,10 +85,16 @@ def load_entry_audio(entry: ManifestEntry, sampling_rate: int, min_seconds: floa
     return samples
 
 
-def _unreadable_reason(path: Path, error: Exception) -> str:
-    """soundfile's one-line reason ("Format not recognised.") where it has one, else lhotse's first line."""
-    try:
-        soundfile.info(str(path))
-    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError or TypeError
-        return str(e).split("': ", 1)[-1].rstrip(".")
-    return str(error).strip().splitlines()[0]
+def _unreadable_reason(error: Exception, path: Path | None) -> str:
+    """soundfile's one-line reason: why the header does not open ("Format not recognised"), else why decoding
+    failed ("flac decoder lost sync", from lhotse's line for its libsndfile backend); else lhotse's first line."""
+    if path is not None:
+        try:
+            soundfile.info(str(path))
+        except Exception as e:  # soundfile raises LibsndfileError, RuntimeError or TypeError
+            return str(e).split("': ", 1)[-1].rstrip(".")
+    lines = str(error).strip().splitlines()
+    for line in lines:  # "Exception #0 (<class '...LibsndfileBackend'>): <class '...LibsndfileError'>: Error : <why>."
+        if "LibsndfileError" in line:
+            return line.rsplit(">: ", 1)[-1].removeprefix("Error : ").rstrip(".")
+    return lines[0] if lines else type(error).__name__

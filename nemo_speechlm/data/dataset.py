@@ -21,6 +21,7 @@ from nemo.collections.common.data.lhotse.text_adapters import AudioTurn, TextTur
 from nemo.collections.speechlm2.data import SALMDataset
 from nemo.collections.speechlm2.data.salm_dataset import drop_in_memory_data, left_collate_vectors
 
+from nemo_speechlm.data.audio import AudioError, read_cut_audio
 from nemo_speechlm.data.feature_cache import FeatureCache
 from nemo_speechlm.data.utterance import (  # noqa: F401  (speech_span, source_utterance: their home is data.utterance)
     SPAN_SOURCE_DURATION,
@@ -95,7 +96,10 @@ class SpeechLMDataset(SALMDataset):
 
     def _load(self, sources: list[Cut]) -> tuple[torch.Tensor, torch.Tensor]:
         audios, audio_lens, loaded = self.load_audio(CutSet(sources))
-        if len(loaded) != len(sources):
-            failed = sorted({s.recording.sources[0].source for s in sources} - {c.recording.sources[0].source for c in loaded})
-            raise RuntimeError(f"Could not read audio: {failed}")
+        if len(loaded) != len(sources):  # lhotse dropped what it could not decode (the data checks read headers only)
+            kept = {c.id for c in loaded}
+            failed = [s for s in sources if s.id not in kept]
+            read_cut_audio(failed[0])  # raises AudioError naming the file and why
+            raise AudioError(failed[0].recording.sources[0].source, "lhotse could not read the audio while batching",
+                             "check that it is an undamaged audio file")
         return audios, audio_lens

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from nemo.utils import logging
 
+from nemo_speechlm.data.audio import read_cut_audio
 from nemo_speechlm.data.split_config import input_entries, loader_configs
 from nemo_speechlm.data.utterance import source_utterance, utterance_key
 from nemo_speechlm.errors import ConfigError
@@ -170,10 +171,7 @@ def fill_feature_cache(model, cache: FeatureCache, cuts: list[Cut], batch_size: 
                 tqdm(total=len(todo), desc="Caching encoder features", unit="utt") as bar:
             for start in range(0, len(todo), batch_size):
                 batch_cuts = todo[start : start + batch_size]
-                wavs = [
-                    torch.as_tensor(c.resample(model.sampling_rate).load_audio().mean(axis=0), dtype=torch.float32)
-                    for c in batch_cuts
-                ]
+                wavs = [torch.from_numpy(read_cut_audio(c, model.sampling_rate)) for c in batch_cuts]
                 lens = torch.tensor([len(w) for w in wavs])
                 audio = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)
                 for cut, feats in zip(batch_cuts, model.encode_speech(audio.to(model.device), lens.to(model.device))):

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from nemo.utils import logging
 
+from nemo_speechlm.data.audio import read_cut_audio
 from nemo_speechlm.parts.distributed import encoding_on_this_rank_only, rank_and_world, sum_over_ranks
 
 __all__ = ["transcript_vocabulary", "transcript_targets", "connector_ctc_loss", "embed_vocabulary", "pretrain_connector_ctc",
@@ -242,7 +243,7 @@ def connector_transcripts(model, audios: Sequence, batch_size: int = 16) -> list
 def _encoder_features(model, cuts: list[Cut], feature_cache) -> list[torch.Tensor]:
     if feature_cache is not None:
         return [feature_cache.load(c).to(model.device) for c in cuts]
-    wavs = [torch.as_tensor(c.resample(model.sampling_rate).load_audio().mean(axis=0), dtype=torch.float32) for c in cuts]
+    wavs = [torch.from_numpy(read_cut_audio(c, model.sampling_rate)) for c in cuts]
     return [f.detach() for f in _encode_waveforms(model, wavs)]
 
 

@@ -19,6 +19,7 @@ from lightning.fabric.strategies.launchers.subprocess_script import _launch_proc
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
 from nemo.utils import logging
 
 from nemo_speechlm.parts.fsdp import FSDP2_STRATEGY_NAME, fsdp2_strategy
@@ -52,6 +53,28 @@ def start_ranks(trainer: Trainer) -> None:
     else:
         strategy.setup_environment()  # this rank's device + init_process_group; fit skips an initialised group
     logging.info(f"Rank {dist.get_rank()} of {dist.get_world_size()} started before fit on {strategy.root_device}")
+
+
+@contextmanager
+def stop_started_ranks_on_failure(trainer: Trainer) -> Iterator[None]:
+    """Rank 0 failing (an exception, Ctrl-C) ends the ranks it started (:func:`start_ranks`), then re-raises.
+
+    Otherwise they waited in their next collective until the process group's timeout (Lightning's default:
+    30 minutes) holding their GPUs: NCCL does not notice that a peer has exited (gloo does: "Connection closed by
+    peer"), and Lightning kills the children itself only on Ctrl-C inside ``fit``. The failures this is for hit
+    rank 0 alone: its share of the feature cache (a file that decodes badly), an OOM on its GPU, a full disk
+    while it writes the ``.nemo``. A child rank's failure already ends rank 0 (Lightning's process observer);
+    under ``torchrun`` or SLURM the launcher ends the job.
+    """
+    try:
+        yield
+    except BaseException:
+        launcher = getattr(trainer.strategy, "_launcher", None)
+        children = getattr(launcher, "procs", None) if isinstance(launcher, _SubprocessScriptLauncher) else None
+        if children:
+            logging.error(f"Rank 0 failed: ending the {len(children)} rank(s) it started")
+            launcher.kill(_get_sigkill_signal())
+        raise
 
 
 def rank_and_world() -> tuple[int, int]:
