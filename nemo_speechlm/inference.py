@@ -34,7 +34,8 @@ from nemo_speechlm.data.audio import AudioError, load_entry_audio  # noqa: F401 
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
 from nemo_speechlm.errors import InputError
 from nemo_speechlm.models import SpeechLMModel
-from nemo_speechlm.models.answering import answer_items, ensure_audio_locator, generation_kwargs, item_keys
+from nemo_speechlm.models.answering import (SYSTEM_PROMPT_HELP, answer_items, ensure_audio_locator,
+                                             generation_kwargs, item_keys)
 from nemo_speechlm.models.loading import (  # noqa: F401  (resolve_device kept importable here)
     DTYPE_DEFAULT, llm_dtype, load_model, model_id, model_identity, resolve_device,
 )
@@ -102,7 +103,8 @@ def infer_manifest(
     if appended:
         _note(f"{appended} prompts have no audio locator {tag!r}: the audio goes after the prompt, on a new line.")
     check_run_settings(output, {"model": model_identity(model, model_name), "manifest": str(Path(manifest).resolve()),
-                                "prompt": prompt, "prompt_field": prompt_field, "system_prompt": system_prompt,
+                                "prompt": prompt, "prompt_field": prompt_field,
+                                "system_prompt": model.system_prompt_for(system_prompt),
                                 "generation": generation, "answer_field": answer_field, "llm_dtype": llm_dtype(model)},
                        defaults={"answer_field": answer_field, **DTYPE_DEFAULT})  # (not recorded before: unknown)
 
@@ -147,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=1.0, help="with --sample")
     parser.add_argument("--top-p", type=float, default=1.0, help="with --sample")
     parser.add_argument("--seed", type=int, default=0, help="random seed for --sample")
-    parser.add_argument("--system-prompt", default=None)
+    parser.add_argument("--system-prompt", default=None, help=SYSTEM_PROMPT_HELP)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--bf16", action="store_true", help="run the LLM in bfloat16 (CUDA only)")
     return parser

@@ -12,7 +12,7 @@ from nemo.utils.exp_manager import exp_manager
 from nemo.utils.trainer_utils import resolve_trainer_cfg
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_speechlm.data.datamodule import build_datamodule, fill_model_settings
+from nemo_speechlm.data.datamodule import build_datamodule, fill_model_settings, record_system_prompt
 from nemo_speechlm.data.conversations import cut_for_audio
 from nemo_speechlm.data.feature_cache import fill_feature_cache, open_feature_cache, transcribed_utterances, utterances_in
 from nemo_speechlm.data.manifest import read_manifest
@@ -80,6 +80,7 @@ def _fit_and_save(cfg: DictConfig, model_cls, trainer: Trainer, log_dir: Path, c
     check_clip_lengths(clips, model)
     warn_if_trained_weights_in_half_precision(trainer.precision, model)
     fill_model_settings(cfg.data, model)
+    record_system_prompt(cfg.data, model)  # into the .nemo: inference answers under it by default
     if _encodes_before_fit(cfg):
         model.move_speech_side(trainer.strategy.root_device)  # feature cache / pre-alignment on this rank's accelerator
     feature_cache = open_feature_cache(cfg.get("feature_cache"), model, trainer.precision)

@@ -311,32 +311,42 @@ def test_cli_compares_models_side_by_side_reusing_cached_answers(setup, tmp_path
     assert "| tiny − other |" in (out / "results.md").read_text()
 
 
-def test_a_system_prompt_reaches_every_system_and_is_part_of_the_settings(setup, tmp_path, monkeypatch):
-    """``--system-prompt`` (a model trained under the data config's system prompt) goes to the speech model and to
-    the text LLM's references alike; answers cached without it are refused, not mixed in."""
+@pytest.mark.parametrize("source", ["flag", "recorded", "recorded, '' given"])
+def test_a_system_prompt_reaches_every_system_and_is_part_of_the_settings(setup, assets, tmp_path, monkeypatch, source):
+    """The system prompt of ``--system-prompt``, else the one the model trained under (recorded in its ``.nemo``),
+    goes to the speech model and to the text LLM's references alike (``''``: none); answers cached without it are
+    refused, not mixed in."""
     seen = []
     encode_prompt = SpeechLMModel.encode_prompt
     monkeypatch.setattr(SpeechLMModel, "encode_prompt",
                         lambda self, prompt, system_prompt=None: seen.append((prompt, system_prompt))
                         or encode_prompt(self, prompt, system_prompt))
-    flags = ["--model", f"tiny={setup['nemo']}", "--manifest", str(setup["manifest"]), "--tasks", *TASKS,
-             "--prompts-per-task", "1", "--max-new-tokens", "8", "--device", "cpu", "--system-prompt", "Be brief."]
+    nemo, flag = setup["nemo"], ["--system-prompt", "Be brief."]
+    if source.startswith("recorded"):
+        torch.manual_seed(0)  # the weights of setup's model: the cached answers below are its answers
+        nemo = tmp_path / "trained_under_a_prompt.nemo"
+        SpeechLMModel(model_config(assets["llm"], system_prompt="Be brief.")).save_to(str(nemo))
+        flag = ["--system-prompt", ""] if "given" in source else []
+    flags = ["--model", f"tiny={nemo}", "--manifest", str(setup["manifest"]), "--tasks", *TASKS,
+             "--prompts-per-task", "1", "--max-new-tokens", "8", "--device", "cpu", *flag]
     parser = benchmark.add_arguments(argparse.ArgumentParser())
     out = tmp_path / "out"
     metrics = benchmark.main(parser.parse_args(flags + ["--out-dir", str(out)]))
-    assert metrics["config"]["generation_kwargs"] == {"system_prompt": "Be brief."}
+    want = None if "given" in source else "Be brief."
+    assert metrics["config"]["generation_kwargs"] == ({"system_prompt": want} if want else {})
     runs = metrics["runs"]
     assert runs["tiny"]["written"] == runs[UPPER_BOUND]["written"] > 0
-    tag = SpeechLMModel.restore_from(str(setup["nemo"])).audio_locator_tag
+    tag = SpeechLMModel.restore_from(str(nemo)).audio_locator_tag
     with_audio = [system for prompt, system in seen if tag in prompt]
     text_only = [system for prompt, system in seen if tag not in prompt]
     assert len(with_audio) == runs["tiny"]["written"] and len(text_only) == runs[UPPER_BOUND]["written"]
-    assert set(with_audio) == set(text_only) == {"Be brief."}
+    assert set(with_audio) == set(text_only) == {want}
 
-    cached = tmp_path / "cached"  # answers made without a system prompt
-    shutil.copytree(setup["out"], cached)
-    with pytest.raises(ValueError, match="generation_kwargs={}, this run asks for {'system_prompt': 'Be brief.'}"):
-        benchmark.main(parser.parse_args(flags + ["--out-dir", str(cached)]))
+    if want:
+        cached = tmp_path / "cached"  # answers made without a system prompt
+        shutil.copytree(setup["out"], cached)
+        with pytest.raises(ValueError, match="generation_kwargs={}, this run asks for {'system_prompt': 'Be brief.'}"):
+            benchmark.main(parser.parse_args(flags + ["--out-dir", str(cached)]))
 
 
 def test_unknown_task_is_a_clear_error(setup, tmp_path):

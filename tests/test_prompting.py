@@ -133,3 +133,52 @@ def test_non_incremental_template_is_refused(tokenizer):
 def test_pad_token_is_distinct_from_eos(tokenizer):
     hf = tokenizer.tokenizer
     assert hf.pad_token_id is not None and hf.pad_token_id != hf.eos_token_id
+
+
+def _recipe_data(recipe: str, *overrides: str):
+    """``data`` of a shipped recipe config with ``overrides`` (composed, not resolved)."""
+    from hydra import compose, initialize_config_dir
+
+    import nemo_speechlm
+
+    with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
+        return compose(recipe, overrides=list(overrides)).data
+
+
+@pytest.mark.parametrize("recipe, overrides, given, recorded", [
+    ("speechlm", ["data.train_ds.input_cfg.0.system_prompt='Be brief.'"], None, "Be brief."),
+    ("mtbi", ["data.train_ds.input_cfg.0.system_prompt='Be brief.'"], "Be brief.", "Be brief."),
+    ("speechlm", [], None, None),
+    ("speechlm", [], "Say yes.", "Say yes."),  # given in the model config, the data has none: kept
+    # joint SFT: only its text SFT conversations have a system prompt; speech is answered without one
+    ("joint_sft", ["data.train_ds.text.input_cfg.0.system_prompt='Be brief.'"], None, None),
+])
+def test_training_records_the_speech_datas_system_prompt(recipe, overrides, given, recorded):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from nemo_speechlm.data.datamodule import record_system_prompt
+
+    model = SimpleNamespace(cfg=OmegaConf.create({"system_prompt": given}))
+    assert record_system_prompt(_recipe_data(recipe, *overrides), model) == recorded
+    assert model.cfg.system_prompt == recorded
+
+
+def test_speech_inputs_under_two_system_prompts_record_none_and_a_conflict_is_an_error(caplog):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from nemo_speechlm.data.datamodule import record_system_prompt
+    from nemo_speechlm.errors import ConfigError
+
+    two = _recipe_data("joint_sft", "+data.train_ds.audio.input_cfg.2.system_prompt='Be brief.'")
+    model = SimpleNamespace(cfg=OmegaConf.create({}))
+    with caplog.at_level("WARNING", logger="nemo_logger"):
+        assert record_system_prompt(two, model) is None
+    assert "train under 2 system prompts (['Be brief.', None])" in caplog.text
+    assert model.cfg.get("system_prompt") is None
+    conflict = SimpleNamespace(cfg=OmegaConf.create({"system_prompt": "Say yes."}))
+    with pytest.raises(ConfigError, match="model.system_prompt is 'Say yes.' but the speech data trains under 'Be brief.'"):
+        record_system_prompt(_recipe_data("speechlm", "data.train_ds.input_cfg.0.system_prompt='Be brief.'"), conflict)

@@ -47,17 +47,24 @@ def run_train_script(assets, tmp_path, extra=()) -> str:
 
 @pytest.mark.slow
 def test_train_script_two_steps_then_restore(assets, tmp_path):
+    """... and the .nemo records the data's system prompt, which the restored model answers under by default."""
     nemo = tmp_path / "out.nemo"
-    run_train_script(assets, tmp_path)
+    run_train_script(assets, tmp_path, ["data.train_ds.input_cfg.0.system_prompt='Be brief.'"])
     out = run_python(
         "import nemo_speechlm\n"
         "from nemo_speechlm.models import SpeechLMModel\n"
         f"m = SpeechLMModel.restore_from({str(nemo)!r})\n"
         "wav = " + repr(str(next((assets["root"] / "data" / "wav").glob("*.wav")))) + "\n"
+        "asked = []\n"
+        "encode = m.encode_prompt\n"
+        "m.encode_prompt = lambda prompt, system=None: asked.append(system) or encode(prompt, system)\n"
         "print('ANSWER', repr(m.respond([wav], ['Repeat: <|audio|>'], max_new_tokens=3)[0]))\n"
+        "m.respond([wav], ['Repeat: <|audio|>'], max_new_tokens=3, system_prompt='')\n"
+        "print('SYSTEM', repr(m.system_prompt), repr(asked))\n"
     )
-    answer = out.split("ANSWER ")[1].strip()
+    answer = out.split("ANSWER ")[1].splitlines()[0].strip()
     assert answer.startswith("'") and len(eval(answer)) > 0  # a real, non-empty greedy answer
+    assert "SYSTEM 'Be brief.' ['Be brief.', None]" in out
 
 
 class _LrProbe(SpeechLMModel):

@@ -9,10 +9,12 @@ tokens + 2, which is what the LLM then sees; ``nemo_speechlm.data.conversations`
 """
 from __future__ import annotations
 
+from nemo.utils import logging
 from omegaconf import DictConfig, open_dict
 
 from nemo_speechlm.data.dataset import SpeechLMDataset
 from nemo_speechlm.data.feature_cache import FeatureCache
+from nemo_speechlm.data.joint_sft import TEXT_SFT
 from nemo_speechlm.data.resumable import ResumableDataModule
 from nemo_speechlm.data.split_config import input_entries, loader_configs
 from nemo_speechlm.errors import ConfigError
@@ -56,6 +58,36 @@ def fill_model_settings(data_cfg: DictConfig, model) -> DictConfig:
                     if entry.get("speech_positions") is None:
                         entry["speech_positions"] = speech_positions
     return data_cfg
+
+
+def record_system_prompt(data_cfg: DictConfig, model) -> str | None:
+    """Write the system prompt the speech conversations trained under (``system_prompt`` of the ``train_ds`` inputs
+    other than text SFT) into ``model.cfg.system_prompt``, and so into the ``.nemo``; returns it.
+
+    ``SpeechLMModel.respond`` (inference, the evaluations, the benchmark) uses it when given none: a model trained
+    under a system prompt and asked without it answered in a prompt layout it had never seen, and nothing said so
+    (the commands' ``--system-prompt`` had to be repeated by hand). Inputs with different prompts record none, with
+    a warning; a prompt a line gives itself (``system``) is not seen here. A ``model.system_prompt`` given in the
+    config stays when the data has none and must equal the data's otherwise."""
+    prompts = set()
+    for loader_cfg in loader_configs(data_cfg.train_ds).values():
+        for entry in input_entries(loader_cfg.get("input_cfg")):
+            if entry.get("type") != TEXT_SFT:  # text-only steps: not what the model answers speech under
+                prompts.add(entry.get("system_prompt") or None)
+    given = model.cfg.get("system_prompt") or None
+    if len(prompts) > 1:
+        logging.warning(f"The speech inputs of data.train_ds train under {len(prompts)} system prompts "
+                        f"({sorted(prompts, key=str)}): the .nemo records {given!r}; pass --system-prompt at inference")
+        return given
+    (data_prompt,) = prompts or {None}
+    if data_prompt is None:
+        return given
+    if given is not None and given != data_prompt:
+        raise ConfigError(f"model.system_prompt is {given!r} but the speech data trains under {data_prompt!r}",
+                          "drop model.system_prompt (the data's is recorded) or give the data the same")
+    with open_dict(model.cfg):
+        model.cfg.system_prompt = data_prompt
+    return data_prompt
 
 
 def build_datamodule(data_cfg: DictConfig, model, feature_cache: FeatureCache | None = None) -> ResumableDataModule:

@@ -61,6 +61,7 @@ from nemo_speechlm.evaluation.benchmark_systems import (
 )
 from nemo_speechlm.models.base_llm import base_llm_identity
 from nemo_speechlm.models.loading import load_asr_model, load_model, model_id
+from nemo_speechlm.parts.checkpoint import read_nemo_config
 from nemo_speechlm.parts.cli import positive_int
 from nemo_speechlm.parts.device import resolve_device
 from nemo_speechlm.parts.runner import (RunSummary, keep_only, read_json_object, run_resumable, update_records,
@@ -342,6 +343,7 @@ def run_benchmark(
     or dropped and made anew with ``replace``; references made by the same base LLM are reused.
     """
     _check_models(models)
+    generation_kwargs = _with_one_system_prompt(generation_kwargs, models)
     catalog = catalog if isinstance(catalog, TaskCatalog) else TaskCatalog.load(catalog)
     if tasks:
         catalog = catalog.select(tasks)  # an unknown name raises UnknownTaskError listing the known tasks
@@ -366,13 +368,30 @@ def run_benchmark(
                                 "text_llm_of": {_source(models[first]): reference}}, replace)
 
     _drop_answers_to_changed_items(out_dir, items)
-    job = _Job(catalog, out_dir, batch_size, max_new_tokens, {"batch_size": batch_size, **generation_kwargs})
+    # (system_prompt "" when none: respond's default is the model's own)
+    job = _Job(catalog, out_dir, batch_size, max_new_tokens,
+               {"batch_size": batch_size, "system_prompt": "", **generation_kwargs})
     runs = _run_systems(items, loaded, asr_model, device, job)
     config = {"manifest": str(manifest), "catalog": str(catalog.path), "tasks": catalog.names, "splits": list(splits),
               "prompts_per_task": prompts_per_task, "seed": seed, "max_new_tokens": max_new_tokens,
               "generation_kwargs": generation_kwargs, "utterances": len({it["utt"] for it in items}),
               "items": len(items), "systems": systems, "reference_model": first}
     return write_reports(items, list(systems), config, skipped, runs, out_dir, catalog)
+
+
+def _with_one_system_prompt(generation_kwargs: dict, models: dict[str, str]) -> dict:
+    """``generation_kwargs`` with the one system prompt every system answers under: the one given, else the one the
+    first model trained under (recorded in its ``.nemo``), so the text LLM's references are made under the prompt
+    its behaviors were generated with. The key is left out when there is none (``""``: none), as in runs cached
+    before models recorded theirs."""
+    kwargs = dict(generation_kwargs)
+    given = kwargs.pop("system_prompt", None)
+    trained = {name: read_nemo_config(path).get("system_prompt") or None for name, path in models.items()}
+    prompt = (next(iter(trained.values())) if given is None else given) or None
+    if given is None and any(p != prompt for p in trained.values()):
+        log.warning("The models trained under different system prompts (%s); every system answers under the first "
+                    "model's, %r (pass --system-prompt to choose)", trained, prompt)
+    return {**kwargs, "system_prompt": prompt} if prompt else kwargs
 
 
 def _check_models(models: dict[str, str]) -> None:
@@ -461,8 +480,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="which prompts are drawn per task and split")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--system-prompt", default=None,
-                        help="system prompt for every system, the text LLM's references included: the one the model "
-                             "was trained under (the data config's system_prompt), if any")
+                        help="system prompt for every system, the text LLM's references included (default: the one "
+                             "the first model trained under, recorded in its .nemo, if any; '' for none)")
     parser.add_argument("--replace", action="store_true",
                         help="answers cached in --out-dir by another model under the same name (retrained) or under "
                              "other settings are dropped and made anew, instead of refused")
@@ -476,8 +495,7 @@ def main(args: argparse.Namespace) -> dict:
         prompts_per_task=args.prompts_per_task, asr_model=args.asr_model, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, seed=args.seed, tasks=args.tasks, device=args.device,
         replace=args.replace,
-        # only when given: a run without one keeps the generation settings of results cached before the flag existed
-        **({"system_prompt": args.system_prompt} if args.system_prompt else {}),
+        **({"system_prompt": args.system_prompt} if args.system_prompt is not None else {}),  # ('': none)
     )
     print("Mean ROUGE-L vs the text upper bound [95% interval over utterances] (task-following rate):\n")
     print(summary_table(metrics))

@@ -32,7 +32,8 @@ from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummar
 from nemo_speechlm.data.text_sft import read_text_sft
 from nemo_speechlm.errors import InputError
 from nemo_speechlm.models import SpeechLMModel
-from nemo_speechlm.models.answering import answer_items, ensure_audio_locator, generation_kwargs, item_keys
+from nemo_speechlm.models.answering import (SYSTEM_PROMPT_HELP, answer_items, ensure_audio_locator,
+                                             generation_kwargs, item_keys)
 from nemo_speechlm.models.base_llm import base_llm, base_llm_description
 from nemo_speechlm.models.loading import DTYPE_DEFAULT, llm_dtype, load_model, model_id, model_identity
 from nemo_speechlm.parts.cli import positive_int
@@ -341,7 +342,8 @@ def _evaluate_manifest(
     predictions, metrics_path = _output_paths(out_dir, task.mode)
     model_name = model_identity(model, model_name)
     check_run_settings(predictions, {"mode": task.mode, "model": model_name, "manifest": str(Path(manifest).resolve()),
-                                     "prompt": task.prompt_setting, "system_prompt": system_prompt, "generation": generation,
+                                     "prompt": task.prompt_setting, "system_prompt": model.system_prompt_for(system_prompt),
+                                     "generation": generation,
                                      "llm_dtype": llm_dtype(model)}, defaults=DTYPE_DEFAULT)
     answer_items(model, items, predictions, task.make_record, batch_size, system_prompt, desc=f"Evaluating {task.mode}",
                  exclusive=False, **generation)
@@ -515,7 +517,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
                            help="manifest field holding the reference")
             p.add_argument("--skip-invalid", action="store_true", help="skip bad lines (e.g. missing audio) and count them")
             p.add_argument("--prompt", default=None, help=_PROMPT_HELP[mode])
-            p.add_argument("--system-prompt", default=None)
+            p.add_argument("--system-prompt", default=None, help=SYSTEM_PROMPT_HELP)
         if mode == "asr":
             p.add_argument("--no-normalize", action="store_true", help="score raw text (default: Whisper's English normalizer)")
         p.add_argument("--out-dir", required=True, help="writes <mode>_predictions.jsonl and <mode>_metrics.json here")

@@ -13,6 +13,9 @@ from nemo_speechlm.data.utterance import utterance_id
 from nemo_speechlm.models.speechlm_model import SpeechLMModel
 from nemo_speechlm.parts.runner import Job, RunSummary, run_resumable
 
+SYSTEM_PROMPT_HELP = ("system prompt of every request (default: the one the model trained under, recorded in its "
+                      ".nemo by training, if any; '' for none)")
+
 
 def generation_kwargs(
     max_new_tokens: int | None = None, sample: bool = False, temperature: float = 1.0, top_p: float = 1.0

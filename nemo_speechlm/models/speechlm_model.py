@@ -486,6 +486,17 @@ class SpeechLMModel(ModelPT):
         """Ids that end an answer: the LLM's EOS and its chat template's end-of-turn token."""
         return end_token_ids(self.llm, self.tokenizer.tokenizer)
 
+    @property
+    def system_prompt(self) -> str | None:
+        """The system prompt the speech data trained under (recorded by the training recipe,
+        ``nemo_speechlm.data.datamodule.record_system_prompt``); :meth:`respond` uses it when given none."""
+        return self.cfg.get("system_prompt") or None
+
+    def system_prompt_for(self, given: str | None) -> str | None:
+        """The system prompt a request answers under: ``given``, or :attr:`system_prompt` when ``None``;
+        ``""`` (no system prompt) as ``None``."""
+        return (self.system_prompt if given is None else given) or None
+
     def encode_prompt(self, prompt: str, system_prompt: str | None = None) -> torch.Tensor:
         """Token ids of a user prompt rendered for generation (assistant header appended)."""
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
@@ -506,8 +517,10 @@ class SpeechLMModel(ModelPT):
 
         ``audios[i]`` is a file path, a mono waveform at :attr:`sampling_rate` (numpy or
         tensor), a list of those (one per locator in ``prompts[i]``), or ``None`` for a
-        text-only prompt. ``decoding`` options are those of :meth:`complete`.
+        text-only prompt. ``system_prompt``: ``None`` for the one the model trained under
+        (:attr:`system_prompt`, if any), ``""`` for none. ``decoding`` options are those of :meth:`complete`.
         """
+        system_prompt = self.system_prompt_for(system_prompt)
         if len(audios) != len(prompts):
             raise ValueError(f"respond() got {len(audios)} audios but {len(prompts)} prompts; pass one audio per prompt.")
         ids, waveforms = [], []
