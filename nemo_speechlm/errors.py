@@ -21,6 +21,29 @@ class InputError(ValueError):
         self.fix = fix
 
 
+class WorkerInputError(InputError):
+    """An :class:`InputError` raised in a DataLoader worker process, as the training process gets it.
+
+    PyTorch re-raises a worker's exception by calling its type with one string, the worker's whole formatted
+    traceback (``torch._utils.ExceptionWrapper``); a type that takes other arguments, as ours do, became a
+    ``RuntimeError`` traceback instead of the one-line error. The worker raises this type (:meth:`carrying`), whose
+    text is the original's message and fix; built from PyTorch's string, it keeps those, from its last line."""
+
+    _FIX = "\t"  # between message and fix in the worker's text (our messages are one line without tabs)
+
+    def __init__(self, worker_traceback: str) -> None:
+        last = worker_traceback.rstrip("\n").rsplit(f"{type(self).__name__}: ", 1)[-1]
+        message, _, fix = last.partition(self._FIX)
+        super().__init__(message, fix or None)
+
+    @classmethod
+    def carrying(cls, error: InputError) -> "WorkerInputError":
+        """The error a worker raises for ``error``: its text carries the message and the fix across."""
+        carrier = cls.__new__(cls)
+        Exception.__init__(carrier, f"{error}{cls._FIX}{error.fix or ''}")
+        return carrier
+
+
 class ConfigError(InputError):
     """A config value is missing or unusable; the message names the key."""
 

@@ -298,6 +298,9 @@ TRAIN_ERRORS = {  # row: (overrides, pattern of the error line, whether a model 
 TRAIN_ERRORS["audio that does not decode"] = (lambda f: [f"{MANIFEST}={f['damaged_manifest']}"],
                                               ".*damaged.flac" + E(": cannot read audio (flac decoder lost sync)") + FIX_AUDIO,
                                               True)
+# ... in a DataLoader worker (GPU configs use 4-8): PyTorch re-raised it as a RuntimeError with the worker's traceback
+TRAIN_ERRORS["audio that does not decode, in a loader worker"] = (
+    lambda f: [f"{MANIFEST}={f['damaged_manifest']}", "data.train_ds.num_workers=2"], TRAIN_ERRORS["audio that does not decode"][1], True)
 TRAINER_FIX = ("set trainer.accelerator / trainer.devices / trainer.strategy / trainer.precision to values Lightning "
                "knows and this machine has (e.g. trainer.accelerator=cpu)")
 TRAIN_ERRORS.update({

@@ -23,6 +23,7 @@ from nemo.collections.speechlm2.data.salm_dataset import drop_in_memory_data, le
 
 from nemo_speechlm.data.audio import AudioError, read_cut_audio
 from nemo_speechlm.data.feature_cache import FeatureCache
+from nemo_speechlm.errors import InputError, WorkerInputError
 from nemo_speechlm.data.utterance import (  # noqa: F401  (speech_span, source_utterance: their home is data.utterance)
     SPAN_SOURCE_DURATION,
     SPAN_SOURCE_START,
@@ -61,6 +62,14 @@ class SpeechLMDataset(SALMDataset):
         self.text_teacher_formatter = text_teacher_formatter
 
     def __getitem__(self, conversations: CutSet) -> dict:
+        try:
+            return self._batch(conversations)
+        except InputError as e:  # (a damaged audio file, ...): one line at the command line, from a worker too
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            raise WorkerInputError.carrying(e) from e
+
+    def _batch(self, conversations: CutSet) -> dict:
         conversations = list(conversations)
         sources, rows, segments = [], {}, []
         for conversation in conversations:
