@@ -49,6 +49,7 @@ def train(cfg: DictConfig, model_cls) -> Path:
     # Data configs are copied around by NeMo's loaders and lose their root: resolve
     # interpolations such as ${model.audio_locator_tag} now.
     OmegaConf.resolve(cfg.data)
+    record_system_prompt(cfg)  # carried into the .nemo: inference answers under it by default
     torch.manual_seed(cfg.get("seed", 0))
     # bf16-true/fp16-true: NeMo's fp32-audio plugin, extended to keep the mel front end in fp32.
     trainer_cfg = resolve_trainer_cfg(cfg.trainer)
@@ -66,8 +67,8 @@ def train(cfg: DictConfig, model_cls) -> Path:
     log_dir = exp_manager(trainer, cfg.get("exp_manager"))
     if not trainer.ckpt_path:  # a resumed run skips the stage, and its manifest may be gone
         check_pre_alignment_data(cfg)
-    start_ranks(trainer)  # several devices: the other ranks and the process group now, so pre-fit work is shared
     with stop_started_ranks_on_failure(trainer):
+        start_ranks(trainer)  # several devices: the other ranks and the process group now, so pre-fit work is shared
         return _fit_and_save(cfg, model_cls, trainer, log_dir, clips, scope)
 
 
@@ -80,7 +81,6 @@ def _fit_and_save(cfg: DictConfig, model_cls, trainer: Trainer, log_dir: Path, c
     check_clip_lengths(clips, model)
     warn_if_trained_weights_in_half_precision(trainer.precision, model)
     fill_model_settings(cfg.data, model)
-    record_system_prompt(cfg.data, model)  # into the .nemo: inference answers under it by default
     if _encodes_before_fit(cfg):
         model.move_speech_side(trainer.strategy.root_device)  # feature cache / pre-alignment on this rank's accelerator
     feature_cache = open_feature_cache(cfg.get("feature_cache"), model, trainer.precision)

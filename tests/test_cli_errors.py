@@ -111,6 +111,7 @@ def files(assets, tmp_path_factory) -> dict:
     f["good_manifest"] = write_jsonl(root / "good_manifest.jsonl", rows[:2])
     f["damaged_flac"] = make_damaged_flac(rows[1]["audio_filepath"], root / "damaged.flac")
     f["damaged_manifest"] = write_jsonl(root / "damaged.jsonl", [rows[0], {**rows[1], "audio_filepath": f["damaged_flac"]}])
+    f["only_damaged"] = write_jsonl(root / "only_damaged.jsonl", [{**rows[1], "audio_filepath": f["damaged_flac"]}])
     f["not_utf8"] = str(root / "not_utf8.jsonl")
     (root / "not_utf8.jsonl").write_bytes(json.dumps(rows[0]).encode() + b"\n" + json.dumps(rows[1]).encode().replace(
         b'"text": "', b'"text": "\xff\xfe') + b"\n")
@@ -298,6 +299,9 @@ TRAIN_ERRORS = {  # row: (overrides, pattern of the error line, whether a model 
 TRAIN_ERRORS["audio that does not decode"] = (lambda f: [f"{MANIFEST}={f['damaged_manifest']}"],
                                               ".*damaged.flac" + E(": cannot read audio (flac decoder lost sync)") + FIX_AUDIO,
                                               True)
+# ... alone in its batch: lhotse's collation raised "max() arg is an empty sequence"
+TRAIN_ERRORS["a batch where no audio decodes"] = (
+    lambda f: [f"{MANIFEST}={f['only_damaged']}", "data.train_ds.batch_size=1"], TRAIN_ERRORS["audio that does not decode"][1], True)
 # ... in a DataLoader worker (GPU configs use 4-8): PyTorch re-raised it as a RuntimeError with the worker's traceback
 TRAIN_ERRORS["audio that does not decode, in a loader worker"] = (
     lambda f: [f"{MANIFEST}={f['damaged_manifest']}", "data.train_ds.num_workers=2"], TRAIN_ERRORS["audio that does not decode"][1], True)
@@ -338,6 +342,11 @@ TRAIN_ERRORS.update({
     "unknown frozen weights dtype": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "trainer.precision=bf16-mixed",
                                                 "frozen_weights_dtype=fp8"],
                                      E("config: frozen_weights_dtype is 'fp8', not one of bfloat16"), False),
+    "system prompt other than the data's": (
+        lambda f: [f"{MANIFEST}={f['good_manifest']}", "data.train_ds.input_cfg.0.system_prompt=Be brief.",
+                   "model.system_prompt=Say yes."],
+        E("model.system_prompt is 'Say yes.' but the speech data trains under 'Be brief.' — drop model.system_prompt"),
+        False),
     "unknown LoRA key": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "model.lora={r: 4, rank: 3}"],
                          E("model.lora: LoraConfig.__init__() got an unexpected keyword argument 'rank'"), False),
     "bad freeze pattern": (lambda f: [f"{MANIFEST}={f['good_manifest']}", "model.freeze_params=['^llm(']"],

@@ -177,6 +177,28 @@ def test_a_resume_in_another_dtype_or_answer_field_is_refused(tiny, assets, tmp_
         standard.evaluate_asr(bf16, assets["manifest"], tmp_path / "asr", max_new_tokens=2, model_name="m")
 
 
+def test_inference_and_evaluation_record_the_system_prompt_they_answered_under(tiny, assets, tmp_path):
+    """A model trained under a system prompt (``model.system_prompt``, recorded by training) answers under it when
+    given none; the settings record that one, so a rerun that names it resumes and one without it is refused."""
+    from omegaconf import open_dict
+
+    model = SpeechLMModel.restore_from(str(tiny[1])).eval()
+    with open_dict(model.cfg):
+        model.cfg.system_prompt = "Be brief."
+    out = tmp_path / "a.jsonl"
+    inference.infer_manifest(model, assets["manifest"], out, prompt="Repeat:", max_new_tokens=2, model_name="m")
+    assert json.loads((tmp_path / "a.jsonl.settings.json").read_text())["system_prompt"] == "Be brief."
+    inference.infer_manifest(model, assets["manifest"], out, prompt="Repeat:", max_new_tokens=2, model_name="m",
+                             system_prompt="Be brief.")
+    with pytest.raises(ValueError, match=r"other settings \(system_prompt: 'Be brief.' -> None\)"):
+        inference.infer_manifest(model, assets["manifest"], out, prompt="Repeat:", max_new_tokens=2, model_name="m",
+                                 system_prompt="")
+    standard.evaluate_asr(model, assets["manifest"], tmp_path / "asr", max_new_tokens=2, model_name="m")
+    with pytest.raises(ValueError, match=r"other settings \(system_prompt: 'Be brief.' -> None\)"):
+        standard.evaluate_asr(model, assets["manifest"], tmp_path / "asr", max_new_tokens=2, model_name="m",
+                              system_prompt="")
+
+
 def test_bad_evaluation_prompts_and_clips_are_errors_naming_the_line_or_skipped(tiny, assets, tmp_path, capsys):
     rows = manifest_lines(assets)[:2]
     with pytest.raises(ManifestError, match=r":1 field 'prompt': the prompt has 2 audio locators"):

@@ -135,14 +135,14 @@ def test_pad_token_is_distinct_from_eos(tokenizer):
     assert hf.pad_token_id is not None and hf.pad_token_id != hf.eos_token_id
 
 
-def _recipe_data(recipe: str, *overrides: str):
-    """``data`` of a shipped recipe config with ``overrides`` (composed, not resolved)."""
+def _recipe(recipe: str, *overrides: str):
+    """A shipped recipe config with ``overrides`` (composed, not resolved)."""
     from hydra import compose, initialize_config_dir
 
     import nemo_speechlm
 
     with initialize_config_dir(config_dir=str(nemo_speechlm.CONF_DIR), version_base=None):
-        return compose(recipe, overrides=list(overrides)).data
+        return compose(recipe, overrides=list(overrides))
 
 
 @pytest.mark.parametrize("recipe, overrides, given, recorded", [
@@ -154,31 +154,22 @@ def _recipe_data(recipe: str, *overrides: str):
     ("joint_sft", ["data.train_ds.text.input_cfg.0.system_prompt='Be brief.'"], None, None),
 ])
 def test_training_records_the_speech_datas_system_prompt(recipe, overrides, given, recorded):
-    from types import SimpleNamespace
-
-    from omegaconf import OmegaConf
-
     from nemo_speechlm.data.datamodule import record_system_prompt
 
-    model = SimpleNamespace(cfg=OmegaConf.create({"system_prompt": given}))
-    assert record_system_prompt(_recipe_data(recipe, *overrides), model) == recorded
-    assert model.cfg.system_prompt == recorded
+    cfg = _recipe(recipe, *overrides, f"model.system_prompt={given!r}" if given else "model.system_prompt=null")
+    assert record_system_prompt(cfg) == recorded
+    assert cfg.model.system_prompt == recorded
 
 
 def test_speech_inputs_under_two_system_prompts_record_none_and_a_conflict_is_an_error(caplog):
-    from types import SimpleNamespace
-
-    from omegaconf import OmegaConf
-
     from nemo_speechlm.data.datamodule import record_system_prompt
     from nemo_speechlm.errors import ConfigError
 
-    two = _recipe_data("joint_sft", "+data.train_ds.audio.input_cfg.2.system_prompt='Be brief.'")
-    model = SimpleNamespace(cfg=OmegaConf.create({}))
+    two = _recipe("joint_sft", "+data.train_ds.audio.input_cfg.2.system_prompt='Be brief.'")
     with caplog.at_level("WARNING", logger="nemo_logger"):
-        assert record_system_prompt(two, model) is None
+        assert record_system_prompt(two) is None
     assert "train under 2 system prompts (['Be brief.', None])" in caplog.text
-    assert model.cfg.get("system_prompt") is None
-    conflict = SimpleNamespace(cfg=OmegaConf.create({"system_prompt": "Say yes."}))
+    assert two.model.system_prompt is None
+    conflict = _recipe("speechlm", "data.train_ds.input_cfg.0.system_prompt='Be brief.'", "model.system_prompt='Say yes.'")
     with pytest.raises(ConfigError, match="model.system_prompt is 'Say yes.' but the speech data trains under 'Be brief.'"):
-        record_system_prompt(_recipe_data("speechlm", "data.train_ds.input_cfg.0.system_prompt='Be brief.'"), conflict)
+        record_system_prompt(conflict)

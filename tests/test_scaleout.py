@@ -313,27 +313,44 @@ def test_fsdp2_strategy_spans_every_device_and_needs_a_device_count():
         resolve_strategy({"strategy": "fsdp2", "devices": "auto"})
 
 
+_RANK_0_FAILS = """
+import os, subprocess, sys, time
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+from lightning.pytorch import Trainer
+from nemo_speechlm.errors import ConfigError
+from nemo_speechlm.parts.distributed import stop_started_ranks_on_failure
+
+trainer = Trainer(devices=2, accelerator="cpu", strategy="ddp", logger=False, enable_checkpointing=False)
+launcher = trainer.strategy._launcher
+launcher.procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])]
+child = launcher.procs[0]
+# Lightning's observer, as start_ranks runs it, polling every 0.1 s instead of 5
+_ChildProcessObserver(main_pid=os.getpid(), child_processes=launcher.procs, sleep_period=0.1).start()
+with stop_started_ranks_on_failure(trainer):
+    pass
+time.sleep(0.5)
+assert child.poll() is None, "a run that ended well ended its ranks"
+try:
+    with stop_started_ranks_on_failure(trainer):
+        raise ConfigError("bad")
+except ConfigError:
+    print("CHILD", child.wait(timeout=30), flush=True)
+    time.sleep(1)  # a rank 0 slow to exit (loggers flushing, CUDA teardown): the observer must not kill it
+    sys.exit(2)
+"""
+
+
 def test_rank_0_failing_ends_the_ranks_it_started():
     """A rank-0 failure before, in or after ``fit`` ends the child ranks (NCCL left them waiting in their next
-    collective until the process group's timeout); a run that ends well leaves them to finish. Real Lightning DDP
-    launcher, its children stood in for by processes that would sleep for a minute."""
+    collective until the process group's timeout), and rank 0 still exits with its own code: Lightning's process
+    observer, seeing a child killed, SIGKILLed rank 0 when it took longer than one poll to exit. A run that ends well
+    leaves the children to finish. Real Lightning DDP launcher and observer; the child rank is a process that would
+    sleep for a minute."""
     import signal
-    from lightning.pytorch import Trainer
-    from nemo_speechlm.parts.distributed import stop_started_ranks_on_failure
 
-    trainer = Trainer(devices=2, accelerator="cpu", strategy="ddp", logger=False, enable_checkpointing=False)
-    launcher = trainer.strategy._launcher
-    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    launcher.procs = [subprocess.Popen(sleeper)]
-    try:
-        with stop_started_ranks_on_failure(trainer):
-            pass
-        assert launcher.procs[0].poll() is None  # still running
-        with pytest.raises(ConfigError, match="bad"), stop_started_ranks_on_failure(trainer):
-            raise ConfigError("bad")
-        assert launcher.procs[0].wait(timeout=30) == -signal.SIGKILL
-    finally:
-        launcher.procs[0].kill()
+    proc = subprocess.run([sys.executable, "-c", _RANK_0_FAILS], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr[-3000:]
+    assert f"CHILD {-signal.SIGKILL}" in proc.stdout
 
 
 @pytest.mark.slow

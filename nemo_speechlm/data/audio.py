@@ -50,13 +50,23 @@ def read_cut_audio(cut: Cut, sampling_rate: int | None = None) -> np.ndarray:
     try:
         resampled = cut if sampling_rate in (None, cut.sampling_rate) else cut.resample(sampling_rate)
         samples = resampled.load_audio()
+    except MemoryError:
+        raise
     except Exception as e:  # lhotse raises several types, one per backend it tried
-        source = cut.recording.sources[0]
-        local = source.type == "file"
-        name = source.source if source.type in ("file", "url") else f"recording {cut.recording.id} ({source.type})"
-        raise AudioError(name, f"cannot read audio ({_unreadable_reason(e, Path(name) if local else None)})",
-                         _FORMATS_HINT) from e
+        name = audio_source_name(cut)
+        local = Path(name) if Path(name).is_file() else None
+        raise AudioError(name, f"cannot read audio ({_unreadable_reason(e, local)})", _FORMATS_HINT) from e
     return samples.mean(axis=0).astype(np.float32)
+
+
+def audio_source_name(cut: Cut) -> str:
+    """Where ``cut``'s audio comes from, for an error: its file or URL, else (audio held in memory: Shar, tarred
+    manifests) its recording id."""
+    recording = getattr(cut, "recording", None)  # (a MixedCut has none)
+    if recording is None:
+        return f"cut {cut.id}"
+    source = recording.sources[0]
+    return source.source if source.type in ("file", "url") else f"recording {recording.id} ({source.type})"
 
 
 def check_audio_length(num_samples: int, sampling_rate: int, min_seconds: float, name: str | Path) -> None:

@@ -60,21 +60,23 @@ def fill_model_settings(data_cfg: DictConfig, model) -> DictConfig:
     return data_cfg
 
 
-def record_system_prompt(data_cfg: DictConfig, model) -> str | None:
-    """Write the system prompt the speech conversations trained under (``system_prompt`` of the ``train_ds`` inputs
-    other than text SFT) into ``model.cfg.system_prompt``, and so into the ``.nemo``; returns it.
+def record_system_prompt(cfg: DictConfig) -> str | None:
+    """Set ``cfg.model.system_prompt`` (a training recipe's config) to the system prompt the speech conversations
+    train under, the ``system_prompt`` of the ``cfg.data.train_ds`` inputs other than text SFT, so that the model
+    carries it into its ``.nemo``; returns it.
 
     ``SpeechLMModel.respond`` (inference, the evaluations, the benchmark) uses it when given none: a model trained
     under a system prompt and asked without it answered in a prompt layout it had never seen, and nothing said so
-    (the commands' ``--system-prompt`` had to be repeated by hand). Inputs with different prompts record none, with
-    a warning; a prompt a line gives itself (``system``) is not seen here. A ``model.system_prompt`` given in the
-    config stays when the data has none and must equal the data's otherwise."""
+    (the commands' ``--system-prompt`` had to be repeated by hand). Inputs with different prompts leave
+    ``model.system_prompt`` as given (null by default), with a warning; a prompt a line gives itself (``system``) is
+    not seen here. A ``model.system_prompt`` given stays when the data has none and must equal the data's otherwise
+    (:class:`ConfigError`, before any model is built)."""
     prompts = set()
-    for loader_cfg in loader_configs(data_cfg.train_ds).values():
+    for loader_cfg in loader_configs(cfg.data.train_ds).values():
         for entry in input_entries(loader_cfg.get("input_cfg")):
             if entry.get("type") != TEXT_SFT:  # text-only steps: not what the model answers speech under
                 prompts.add(entry.get("system_prompt") or None)
-    given = model.cfg.get("system_prompt") or None
+    given = cfg.model.get("system_prompt") or None
     if len(prompts) > 1:
         logging.warning(f"The speech inputs of data.train_ds train under {len(prompts)} system prompts "
                         f"({sorted(prompts, key=str)}): the .nemo records {given!r}; pass --system-prompt at inference")
@@ -85,8 +87,8 @@ def record_system_prompt(data_cfg: DictConfig, model) -> str | None:
     if given is not None and given != data_prompt:
         raise ConfigError(f"model.system_prompt is {given!r} but the speech data trains under {data_prompt!r}",
                           "drop model.system_prompt (the data's is recorded) or give the data the same")
-    with open_dict(model.cfg):
-        model.cfg.system_prompt = data_prompt
+    with open_dict(cfg.model):
+        cfg.model.system_prompt = data_prompt
     return data_prompt
 
 

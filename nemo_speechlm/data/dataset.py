@@ -21,7 +21,7 @@ from nemo.collections.common.data.lhotse.text_adapters import AudioTurn, TextTur
 from nemo.collections.speechlm2.data import SALMDataset
 from nemo.collections.speechlm2.data.salm_dataset import drop_in_memory_data, left_collate_vectors
 
-from nemo_speechlm.data.audio import AudioError, read_cut_audio
+from nemo_speechlm.data.audio import audio_source_name, read_cut_audio
 from nemo_speechlm.data.feature_cache import FeatureCache
 from nemo_speechlm.errors import InputError, WorkerInputError
 from nemo_speechlm.data.utterance import (  # noqa: F401  (speech_span, source_utterance: their home is data.utterance)
@@ -104,11 +104,16 @@ class SpeechLMDataset(SALMDataset):
         return batch
 
     def _load(self, sources: list[Cut]) -> tuple[torch.Tensor, torch.Tensor]:
-        audios, audio_lens, loaded = self.load_audio(CutSet(sources))
-        if len(loaded) != len(sources):  # lhotse dropped what it could not decode (the data checks read headers only)
-            kept = {c.id for c in loaded}
-            failed = [s for s in sources if s.id not in kept]
-            read_cut_audio(failed[0])  # raises AudioError naming the file and why
-            raise AudioError(failed[0].recording.sources[0].source, "lhotse could not read the audio while batching",
-                             "check that it is an undamaged audio file")
+        failure = loaded = None
+        try:
+            audios, audio_lens, loaded = self.load_audio(CutSet(sources))
+        except Exception as e:  # lhotse's collation of a batch where nothing decoded: "max() arg is an empty sequence"
+            failure = e
+        if loaded is None or len(loaded) != len(sources):  # it drops what does not decode (the checks read headers)
+            for source in sources:  # by position: cut ids repeat across manifests that share a file name
+                read_cut_audio(source)  # raises AudioError naming the file and why
+            if failure is not None:  # every file decodes: not the audio's fault
+                raise failure
+            raise RuntimeError(f"lhotse dropped audio that decodes on its own from a batch: "
+                               f"{[audio_source_name(s) for s in sources]}")
         return audios, audio_lens

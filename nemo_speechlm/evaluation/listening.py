@@ -27,6 +27,7 @@ import numpy as np
 from nemo_speechlm.data.audio import load_entry_audio
 from nemo_speechlm.data.manifest import read_manifest
 from nemo_speechlm.errors import InputError
+from nemo_speechlm.models.answering import SYSTEM_PROMPT_HELP
 from nemo_speechlm.parts.cli import count_or_all, positive_int
 from nemo_speechlm.parts.connector_ctc import connector_transcripts
 from nemo_speechlm.parts.metrics import word_error_rate
@@ -52,9 +53,11 @@ def listening_diagnostics(
     max_new_tokens: int = 48,
     batch_size: int = 16,
     out_dir: str | Path | None = None,
+    system_prompt: str | None = None,
 ) -> dict:
     """Run every condition; returns ``{condition: {"wer", "n", "examples": [...]}}`` (and writes
-    ``listening.json`` + ``listening.md`` to ``out_dir`` when given)."""
+    ``listening.json`` + ``listening.md`` to ``out_dir`` when given). ``system_prompt``: as
+    ``SpeechLMModel.respond``'s (``None``: the one the model trained under, ``""``: none)."""
     tag = model.audio_locator_tag
     if prompt.count(tag) != 1:
         raise InputError(f"the diagnostics prompt needs exactly one audio locator {tag!r}: {prompt!r}")
@@ -67,7 +70,8 @@ def listening_diagnostics(
     speech = [load_entry_audio(e, rate) for e in held]
 
     def answer(audios, prompts) -> list[str]:
-        return model.respond(audios, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        return model.respond(audios, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             system_prompt=system_prompt)
 
     def scored(refs: Sequence[str], hyps: Sequence[str], **extra) -> dict:
         examples = [{"reference": r, "answer": h} for r, h in list(zip(refs, hyps))[:5]]
@@ -133,6 +137,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--out-dir", required=True, help="writes listening.json and listening.md")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--system-prompt", default=None, help=SYSTEM_PROMPT_HELP)
 
 
 def main(args) -> dict:
@@ -142,7 +147,7 @@ def main(args) -> dict:
     model = load_model(args.model, args.device)
     prompt = args.prompt or TaskCatalog.load().task("repeat").prompts_in(TRAIN)[0].render(model.audio_locator_tag)
     results = listening_diagnostics(model, args.manifest, prompt, args.train_manifest, args.num_utterances or None,
-                                    args.max_new_tokens, args.batch_size, args.out_dir)
-    print(f"prompt: {prompt!r}")
+                                    args.max_new_tokens, args.batch_size, args.out_dir, args.system_prompt)
+    print(f"prompt: {prompt!r}, system prompt: {model.system_prompt_for(args.system_prompt)!r}")
     print(listening_table(results))
     return results

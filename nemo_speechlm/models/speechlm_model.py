@@ -498,7 +498,8 @@ class SpeechLMModel(ModelPT):
         return (self.system_prompt if given is None else given) or None
 
     def encode_prompt(self, prompt: str, system_prompt: str | None = None) -> torch.Tensor:
-        """Token ids of a user prompt rendered for generation (assistant header appended)."""
+        """Token ids of a user prompt rendered for generation (assistant header appended); ``system_prompt=None``:
+        none (:meth:`respond` puts the model's own in first, :meth:`system_prompt_for`)."""
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
             {"role": "user", "content": prompt}
         ]

@@ -68,13 +68,27 @@ def stop_started_ranks_on_failure(trainer: Trainer) -> Iterator[None]:
     """
     try:
         yield
-    except BaseException:
-        launcher = getattr(trainer.strategy, "_launcher", None)
-        children = getattr(launcher, "procs", None) if isinstance(launcher, _SubprocessScriptLauncher) else None
-        if children:
-            logging.error(f"Rank 0 failed: ending the {len(children)} rank(s) it started")
-            launcher.kill(_get_sigkill_signal())
+    except SystemExit as e:
+        if e.code not in (0, None):  # (0: a clean stop, such as NeMo's preemption callback after its checkpoint)
+            _end_children(trainer)
         raise
+    except BaseException:
+        _end_children(trainer)
+        raise
+
+
+def _end_children(trainer: Trainer) -> None:
+    launcher = getattr(trainer.strategy, "_launcher", None)
+    children = getattr(launcher, "procs", None) if isinstance(launcher, _SubprocessScriptLauncher) else None
+    if not children:
+        return
+    logging.error(f"Rank 0 failed: ending the {len(children)} rank(s) it started")
+    launcher.kill(_get_sigkill_signal())
+    for child in children:
+        child.wait()
+    # Lightning's process observer watches this list: a child it saw killed made it SIGKILL rank 0 too (exit 137,
+    # not the error's own code) when rank 0 took more than its 5 s poll to exit (loggers flushing, CUDA teardown).
+    children.clear()
 
 
 def rank_and_world() -> tuple[int, int]:
