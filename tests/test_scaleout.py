@@ -8,7 +8,8 @@ cache filled once across ranks, and kill-and-resume.
   micro-batches' mean losses). Not the same as one process with batch ``2b``: a batch's loss is
   the mean over its tokens, so that one weighs the samples differently.
 * FSDP2 (``trainer.strategy=fsdp2``): the same comparison with the LLM, the speech parts and (MTBI) the CTC
-  read-out sharded over the 2 ranks and the full weights gathered for the ``.nemo``, in fp32 and (MTBI) bf16-true;
+  read-out sharded over the 2 ranks and the full weights gathered for the ``.nemo``, in fp32 and (MTBI) bf16-true
+  and the GPU commands' bf16-mixed with frozen weights in bf16 (also under DDP);
   the one-process runs are shared with the DDP comparison (:func:`one_process`).
 * Feature cache: each rank encodes half of the utterances, then all read the full cache (DDP and FSDP2).
 * Kill and resume (2 FSDP2 ranks): ``ExitAfterStep`` kills the run after step 3 (last checkpoint: step 2); the
@@ -131,6 +132,11 @@ def assert_trained(trained: Path, start: Path) -> float:
     return moved
 
 
+# The precisions the comparisons run in; bf16-mixed+frozen is what the README's GPU commands train in.
+PRECISIONS = {"32": ["trainer.precision=32"], "bf16-true": ["trainer.precision=bf16-true"],
+              "bf16-mixed+frozen": ["trainer.precision=bf16-mixed", "frozen_weights_dtype=bfloat16"]}
+
+
 # Plain SFT used to differ too (8.3e-5): the tiny Conformer had NeMo's default 0.1 input/embedding dropout, random
 # per process (now 0 in conformer_tiny.yaml), and BatchNorm running statistics, which DDP does not sync (left out
 # above). Joint SFT on text-only steps differed by up to 1.7e-4 (also under FSDP2) because the two sides trained
@@ -168,7 +174,7 @@ def one_process(assets, behaviors, whisper_dir, data, tmp_path_factory, untraine
         if (recipe, precision) not in done:
             one_dir = tmp_path_factory.mktemp(recipe) / "one"
             run(recipe_command(recipe, assets, behaviors, whisper_dir, data, one_dir)
-                + ["trainer.devices=1", "trainer.accumulate_grad_batches=2", f"trainer.precision={precision}"], one_dir)
+                + ["trainer.devices=1", "trainer.accumulate_grad_batches=2", *PRECISIONS[precision]], one_dir)
             moved = assert_trained(one_dir / "out.nemo", untrained(recipe))
             print(f"{recipe} {precision}: one process moved its weights by up to {moved:.2e}")
             done[recipe, precision] = one_dir / "out.nemo"
@@ -189,6 +195,24 @@ def test_two_ddp_ranks_equal_one_process_accumulating_two(assets, behaviors, whi
         assert len(list((tmp_path / "features").rglob("*.npy"))) == 8
     worst = assert_same_weights(ddp_dir / "out.nemo", one_process(recipe), atol=ATOL)
     print(f"{recipe}: largest |DDP - one process| weight difference {worst:.2e}")
+
+
+@pytest.mark.slow
+def test_the_gpu_commands_precision_on_two_ddp_ranks_equals_one_process(assets, behaviors, whisper_dir, data, tmp_path,  # noqa: F811
+                                                                        one_process):
+    """The README's GPU command (bf16-mixed, frozen weights stored in bf16) on 2 DDP ranks: DDP broadcasts the bf16
+    frozen weights and reduces the fp32 trained ones' gradients; MTBI, the recipe with every part (feature cache,
+    pre-alignment, read-out, KL, interleaving)."""
+    ddp_dir = tmp_path / "ddp"
+    log = run(recipe_command("mtbi_kl_interleaved", assets, behaviors, whisper_dir, data, ddp_dir)
+              + ["trainer.devices=2", *PRECISIONS["bf16-mixed+frozen"]], ddp_dir)
+    assert "`max_steps=2` reached" in log and "Rank 1 of 2 started before fit" in log
+    weights = nemo_weights(ddp_dir / "out.nemo")
+    assert weights["ctc_readout.residual_gate"].dtype == torch.float32  # trained: fp32
+    assert weights["llm.base_model.model.lm_head.weight"].dtype == torch.bfloat16  # frozen: bf16
+    worst = assert_same_weights(ddp_dir / "out.nemo", one_process("mtbi_kl_interleaved", "bf16-mixed+frozen"),
+                                atol=ATOL, rtol=BF16_STEP)
+    print(f"bf16-mixed, frozen in bf16: largest |DDP - one process| weight difference {worst:.2e}")
 
 
 @pytest.mark.slow
@@ -222,7 +246,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(assets, behaviors, whisp
 # The bf16-true run writes the small file (output_scope=trainable) that a user of an LLM too big for one GPU wants:
 # its fingerprints are read from the gathered weights, not from the ranks' shards.
 FSDP2_RUNS = [("mtbi_kl_interleaved", "32", "full"), ("mtbi_kl_interleaved", "bf16-true", "trainable"),
-              ("joint_text_steps", "32", "full")]
+              ("mtbi_kl_interleaved", "bf16-mixed+frozen", "full"), ("joint_text_steps", "32", "full")]
 
 
 @pytest.mark.slow
@@ -235,7 +259,7 @@ def test_fsdp2_on_two_ranks_equals_one_process_accumulating_two(assets, behavior
     that wrote it), equals it too."""
     fsdp_dir = tmp_path / "fsdp2"
     log = run(recipe_command(recipe, assets, behaviors, whisper_dir, data, fsdp_dir)
-              + ["trainer.devices=2", "trainer.strategy=fsdp2", f"trainer.precision={precision}", f"output_scope={scope}",
+              + ["trainer.devices=2", "trainer.strategy=fsdp2", *PRECISIONS[precision], f"output_scope={scope}",
                  # AdamW's multi-tensor path over DTensors, which it takes by default on GPUs (CPU defaults to the loop)
                  "+model.optimizer.foreach=true"],
               fsdp_dir)
@@ -246,7 +270,7 @@ def test_fsdp2_on_two_ranks_equals_one_process_accumulating_two(assets, behavior
         assert "'rank': 0, 'this_rank': 4" in log and "'rank': 1, 'this_rank': 4" in log
         assert weights["ctc_readout.residual_gate"].abs().item() > 0
         assert weights["ctc_readout.residual_gate"].dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
-    rtol = BF16_STEP if precision == "bf16-true" else RTOL
+    rtol = RTOL if precision == "32" else BF16_STEP
     if scope == "full":
         worst = assert_same_weights(fsdp_dir / "out.nemo", one_process(recipe, precision), atol=ATOL, rtol=rtol)
     else:
