@@ -6,6 +6,7 @@ confident answer to nothing. Silence of any usable length stays valid input.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ def read_cut_audio(cut: Cut, sampling_rate: int | None = None) -> np.ndarray:
         raise
     except Exception as e:  # lhotse raises several types, one per backend it tried
         name = audio_source_name(cut)
-        local = Path(name) if Path(name).is_file() else None
+        local = Path(name) if os.path.isfile(name) else None  # (Path.is_file raises on an overlong name)
         raise AudioError(name, f"cannot read audio ({_unreadable_reason(e, local)})", _FORMATS_HINT) from e
     return samples.mean(axis=0).astype(np.float32)
 

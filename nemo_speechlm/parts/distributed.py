@@ -10,6 +10,7 @@ SLURM every rank already runs the script from the start: only the process group 
 """
 from __future__ import annotations
 
+import subprocess
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
@@ -69,7 +70,7 @@ def stop_started_ranks_on_failure(trainer: Trainer) -> Iterator[None]:
     try:
         yield
     except SystemExit as e:
-        if e.code not in (0, None):  # (0: a clean stop, such as NeMo's preemption callback after its checkpoint)
+        if e.code != 0:  # (0: a clean stop, such as NeMo's preemption callback after its checkpoint)
             _end_children(trainer)
         raise
     except BaseException:
@@ -82,13 +83,19 @@ def _end_children(trainer: Trainer) -> None:
     children = getattr(launcher, "procs", None) if isinstance(launcher, _SubprocessScriptLauncher) else None
     if not children:
         return
-    logging.error(f"Rank 0 failed: ending the {len(children)} rank(s) it started")
-    launcher.kill(_get_sigkill_signal())
-    for child in children:
-        child.wait()
-    # Lightning's process observer watches this list: a child it saw killed made it SIGKILL rank 0 too (exit 137,
-    # not the error's own code) when rank 0 took more than its 5 s poll to exit (loggers flushing, CUDA teardown).
+    # Lightning's process observer watches this very list and SIGKILLs rank 0 too (exit 137, not the error's own
+    # code) once it sees a child that exited non-zero, which a killed child is: emptied first, it stops watching.
+    procs = list(children)
     children.clear()
+    logging.error(f"Rank 0 failed: ending the {len(procs)} rank(s) it started")
+    signal = _get_sigkill_signal()
+    for proc in procs:
+        proc.send_signal(signal)  # (skips one already gone)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a process in uninterruptible sleep (a hung driver): not waited for
+            logging.error(f"Rank process {proc.pid} did not end within 30 s of SIGKILL")
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -103,10 +103,12 @@ def check_llm_keeps_packed_sequences_apart(llm: torch.nn.Module) -> None:
         for module, training in modes.items():
             module.training = training
         # These no-grad forwards run inside the training step's autocast region (bf16-mixed) and leave bf16 casts of
-        # the weights in autocast's cache for the training forward that follows. Measured under FSDP2 (2 gloo ranks,
-        # torch 2.13): the first step's LoRA gradients were missing (None), reached the optimizer a step late, and
-        # the run ended up to 2e-3 from one process (LoRA A never moved); one process and DDP were unaffected.
-        # Dropped here, the training forward casts the weights anew (a no-op without autocast).
+        # the trained weights in autocast's cache, which the training forward that follows reuses. Measured under
+        # FSDP2 (2 gloo ranks, torch 2.13): the first step's LoRA gradients were missing (None) and reached the
+        # optimizer a step late (the run ended up to 2e-3 from one process; LoRA A never moved). One process and DDP
+        # were unaffected on torch 2.13 only: before PyTorch's fix of no-grad casts in that cache (pytorch#165068,
+        # December 2025; issue #112583) they lose those gradients too. Dropped here, the training forward casts the
+        # weights anew (a no-op without autocast).
         torch.clear_autocast_cache()
     change = ((packed - alone).abs().max() / alone.abs().max().clamp(min=1e-6)).item()
     if change > PACKING_TOLERANCE:
