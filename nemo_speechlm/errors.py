@@ -1,7 +1,7 @@
 """Errors the user can fix: a bad input file, config value or argument.
 
 Library code raises subclasses (:class:`ManifestError`,
-:class:`~nemo_speechlm.data.audio.AudioError`, :class:`~nemo_speechlm.parts.checkpoint.CheckpointError`,
+:class:`AudioError`, :class:`~nemo_speechlm.parts.checkpoint.CheckpointError`,
 :class:`ConfigError`, ...) whose message names the file (and line and field) and whose ``fix`` says
 what to do. Command-line entry points (:mod:`nemo_speechlm.parts.cli`) print them as one line
 instead of a traceback; any other exception is a bug of ours and keeps its traceback.
@@ -19,6 +19,14 @@ class InputError(ValueError):
     def __init__(self, message: str, fix: str | None = None) -> None:
         super().__init__(message)
         self.fix = fix
+
+
+class AudioError(InputError):
+    """Audio the model cannot use; the message names the file (or the waveform)."""
+
+    def __init__(self, name: str | Path, problem: str, fix: str | None = None) -> None:
+        super().__init__(f"{name}: {problem}", fix)
+        self.name = str(name)
 
 
 class WorkerInputError(InputError):

@@ -30,9 +30,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from nemo_speechlm.data.audio import AudioError, load_entry_audio  # noqa: F401  (load_entry_audio kept importable here)
+from nemo_speechlm.data.audio import load_entry_audio  # noqa: F401  (kept importable here)
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError, SkipSummary, read_manifest
-from nemo_speechlm.errors import InputError
+from nemo_speechlm.errors import AudioError, InputError  # noqa: F401  (AudioError kept importable here)
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.models.answering import (SYSTEM_PROMPT_HELP, answer_items, ensure_audio_locator,
                                              generation_kwargs, item_keys)

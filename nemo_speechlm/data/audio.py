@@ -6,26 +6,14 @@ confident answer to nothing. Silence of any usable length stays valid input.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
-import soundfile
 from lhotse import Recording
-from lhotse.cut import Cut
 
 from nemo_speechlm.data.manifest import ManifestEntry, ManifestError
-from nemo_speechlm.errors import InputError
-
-_FORMATS_HINT = "check that it is an undamaged audio file (WAV, FLAC, OGG, MP3, ...)"
-
-
-class AudioError(InputError):
-    """Audio the model cannot use; the message names the file (or the waveform)."""
-
-    def __init__(self, name: str | Path, problem: str, fix: str | None = None) -> None:
-        super().__init__(f"{name}: {problem}", fix)
-        self.name = str(name)
+from nemo_speechlm.errors import AudioError
+from nemo_speechlm.parts.audio_decoding import FORMATS_HINT, unreadable_reason
 
 
 def read_audio(path: str | Path, sampling_rate: int, offset: float = 0.0, duration: float | None = None) -> np.ndarray:
@@ -40,34 +28,8 @@ def read_audio(path: str | Path, sampling_rate: int, offset: float = 0.0, durati
             duration = max(0.0, min(duration, recording.duration - offset))
         samples = recording.resample(sampling_rate).load_audio(offset=offset, duration=duration)
     except Exception as e:  # lhotse raises several types, one per backend it tried
-        raise AudioError(path, f"cannot read audio ({_unreadable_reason(e, path)})", _FORMATS_HINT) from e
+        raise AudioError(path, f"cannot read audio ({unreadable_reason(e, path)})", FORMATS_HINT) from e
     return samples.mean(axis=0).astype(np.float32)
-
-
-def read_cut_audio(cut: Cut, sampling_rate: int | None = None) -> np.ndarray:
-    """Mono float32 samples of ``cut`` (at ``sampling_rate``, default the cut's). The data checks read the
-    files' headers only, so a file whose body is damaged is found here, when it is decoded: that raises
-    :class:`AudioError` naming it (lhotse's error listed every backend it tried, in a traceback)."""
-    try:
-        resampled = cut if sampling_rate in (None, cut.sampling_rate) else cut.resample(sampling_rate)
-        samples = resampled.load_audio()
-    except MemoryError:
-        raise
-    except Exception as e:  # lhotse raises several types, one per backend it tried
-        name = audio_source_name(cut)
-        local = Path(name) if os.path.isfile(name) else None  # (Path.is_file raises on an overlong name)
-        raise AudioError(name, f"cannot read audio ({_unreadable_reason(e, local)})", _FORMATS_HINT) from e
-    return samples.mean(axis=0).astype(np.float32)
-
-
-def audio_source_name(cut: Cut) -> str:
-    """Where ``cut``'s audio comes from, for an error: its file or URL, else (audio held in memory: Shar, tarred
-    manifests) its recording id."""
-    recording = getattr(cut, "recording", None)  # (a MixedCut has none)
-    if recording is None:
-        return f"cut {cut.id}"
-    source = recording.sources[0]
-    return source.source if source.type in ("file", "url") else f"recording {recording.id} ({source.type})"
 
 
 def check_audio_length(num_samples: int, sampling_rate: int, min_seconds: float, name: str | Path) -> None:
@@ -94,18 +56,3 @@ def load_entry_audio(entry: ManifestEntry, sampling_rate: int, min_seconds: floa
     except AudioError as e:
         raise ManifestError(entry.path, entry.line, str(e), "audio_filepath") from e
     return samples
-
-
-def _unreadable_reason(error: Exception, path: Path | None) -> str:
-    """soundfile's one-line reason: why the header does not open ("Format not recognised"), else why decoding
-    failed ("flac decoder lost sync", from lhotse's line for its libsndfile backend); else lhotse's first line."""
-    if path is not None:
-        try:
-            soundfile.info(str(path))
-        except Exception as e:  # soundfile raises LibsndfileError, RuntimeError or TypeError
-            return str(e).split("': ", 1)[-1].rstrip(".")
-    lines = str(error).strip().splitlines()
-    for line in lines:  # "Exception #0 (<class '...LibsndfileBackend'>): <class '...LibsndfileError'>: Error : <why>."
-        if "LibsndfileError" in line:
-            return line.rsplit(">: ", 1)[-1].removeprefix("Error : ").rstrip(".")
-    return lines[0] if lines else type(error).__name__

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from nemo.utils import logging
 
-from nemo_speechlm.data.audio import read_cut_audio
+from nemo_speechlm.parts.audio_decoding import read_cut_audio
 from nemo_speechlm.data.split_config import input_entries, loader_configs
 from nemo_speechlm.data.utterance import source_utterance, utterance_key
 from nemo_speechlm.errors import ConfigError

@@ -20,10 +20,9 @@ from nemo.collections.common.data.lhotse.sampling import DurationFilter
 from nemo.collections.common.data.lhotse.text_adapters import AudioTurn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from nemo_speechlm.data.audio import AudioError
 from nemo_speechlm.data.split_config import loader_configs
 from nemo_speechlm.data.utterance import source_utterance
-from nemo_speechlm.errors import ConfigError
+from nemo_speechlm.errors import AudioError, ConfigError
 from nemo_speechlm.parts.prompting import CHAT_TEMPLATE_FORMAT, prompt_formatter_class
 
 CHECKED_SPLITS = ("train_ds", "validation_ds")

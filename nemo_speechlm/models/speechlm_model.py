@@ -585,7 +585,7 @@ class SpeechLMModel(ModelPT):
 
     def _load_waveform(self, audio: Any) -> torch.Tensor:
         """Mono fp32 waveform from a path or an array. Audio shorter than one encoder frame is refused
-        (:class:`~nemo_speechlm.data.audio.AudioError`): empty audio would be answered as if there were none."""
+        (:class:`~nemo_speechlm.errors.AudioError`): empty audio would be answered as if there were none."""
         if isinstance(audio, (str, Path)):
             wav, name = torch.as_tensor(read_audio(audio, self.sampling_rate)), str(audio)
         else:

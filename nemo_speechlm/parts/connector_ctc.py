@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from nemo.utils import logging
 
-from nemo_speechlm.data.audio import read_cut_audio
+from nemo_speechlm.parts.audio_decoding import read_cut_audio
 from nemo_speechlm.parts.distributed import encoding_on_this_rank_only, rank_and_world, sum_over_ranks
 
 __all__ = ["transcript_vocabulary", "transcript_targets", "connector_ctc_loss", "embed_vocabulary", "pretrain_connector_ctc",
