@@ -24,8 +24,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from nemo_speechlm.data.audio import check_audio_length, read_audio
-from nemo_speechlm.errors import AudioError
 from nemo_speechlm.data.manifest import ManifestError, read_manifest
+from nemo_speechlm.errors import AudioError
 from nemo_speechlm.models import SpeechLMModel
 from nemo_speechlm.parts.checkpoint import CHECKPOINT_FORMAT, read_nemo_config
 from nemo_speechlm.parts.cli import SKIP_FLAG_HINT, error_line

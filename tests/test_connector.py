@@ -274,3 +274,25 @@ def test_pre_alignment_encodes_as_inference_does(assets):
     assert before
     pretrain_connector_ctc(model, utterances(assets), steps=2, lr=2e-2, batch_size=4)
     assert all(torch.equal(b, before[n]) for n, b in model.perception.encoder.named_buffers() if n in before)
+
+
+def test_listening_diagnostics_answer_under_the_recorded_system_prompt_unless_told(model, assets, monkeypatch):
+    """``evaluate.py listening`` asks every condition under the system prompt the model trained under; ``--system-prompt
+    ''`` asks without one."""
+    from omegaconf import open_dict
+
+    asked = []
+    encode = type(model).encode_prompt
+    monkeypatch.setattr(type(model), "encode_prompt",
+                        lambda self, prompt, system_prompt=None: asked.append(system_prompt) or encode(self, prompt, system_prompt))
+    with open_dict(model.cfg):
+        model.cfg.system_prompt = "Be brief."
+    try:
+        for given, want in [(None, "Be brief."), ("", None)]:
+            asked.clear()
+            listening_diagnostics(model, assets["manifest"], "Repeat: <|audio|>", num_utterances=2, max_new_tokens=2,
+                                  system_prompt=given)
+            assert asked and set(asked) == {want}
+    finally:
+        with open_dict(model.cfg):
+            model.cfg.system_prompt = None

@@ -21,9 +21,7 @@ from nemo.collections.common.data.lhotse.text_adapters import AudioTurn, TextTur
 from nemo.collections.speechlm2.data import SALMDataset
 from nemo.collections.speechlm2.data.salm_dataset import drop_in_memory_data, left_collate_vectors
 
-from nemo_speechlm.parts.audio_decoding import audio_source_name, read_cut_audio
 from nemo_speechlm.data.feature_cache import FeatureCache
-from nemo_speechlm.errors import InputError, WorkerInputError
 from nemo_speechlm.data.utterance import (  # noqa: F401  (speech_span, source_utterance: their home is data.utterance)
     SPAN_SOURCE_DURATION,
     SPAN_SOURCE_START,
@@ -31,6 +29,8 @@ from nemo_speechlm.data.utterance import (  # noqa: F401  (speech_span, source_u
     speech_span,
     utterance_key,
 )
+from nemo_speechlm.errors import InputError, WorkerInputError
+from nemo_speechlm.parts.audio_decoding import audio_source_name, read_cut_audio
 from nemo_speechlm.parts.prompting import encode_messages
 
 def as_text_messages(conversation) -> list[dict]:

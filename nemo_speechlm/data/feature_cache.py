@@ -35,10 +35,10 @@ from tqdm import tqdm
 
 from nemo.utils import logging
 
-from nemo_speechlm.parts.audio_decoding import read_cut_audio
 from nemo_speechlm.data.split_config import input_entries, loader_configs
 from nemo_speechlm.data.utterance import source_utterance, utterance_key
 from nemo_speechlm.errors import ConfigError
+from nemo_speechlm.parts.audio_decoding import read_cut_audio
 
 # Filled in after the encoder is built or restored: not part of what it computes.
 _NON_ARCHITECTURE_KEYS = ("load_pretrained_weights",)
